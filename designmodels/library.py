@@ -1,0 +1,99 @@
+"""The named design models: each published layer, declared (not implemented).
+
+Each docstring gives the run-time parameterization the compiled filter takes; `docs/unification.md`
+derives why each declaration reduces to the published recurrence and when that reduction is exact.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from designmodels import components as c
+from designmodels.model import DesignModel
+
+
+def linear_attention() -> DesignModel:
+    """``M_t = M_{t-1} + v_t k_t^T`` (Katharopoulos et al. 2020): identity transition, latent input."""
+    return DesignModel(transition=c.Identity(), observation=c.LatentInput(), name="linear_attention")
+
+
+def retnet(gamma: float = 1 - 2 ** -5) -> DesignModel:
+    """``M_t = gamma M_{t-1} + v_t k_t^T`` (Sun et al. 2023): fixed scalar decay ``gamma in (0, 1]``."""
+    return DesignModel(transition=c.ScalarDecay(gamma), observation=c.LatentInput(), name="retnet")
+
+
+def gla() -> DesignModel:
+    """``M_t = M_{t-1} diag(alpha_t) + v_t k_t^T`` (Yang et al. 2024). Run time: ``log_decay`` ``[B,T,H,K]``."""
+    return DesignModel(transition=c.DiagonalDecay(None), observation=c.LatentInput(), name="gla")
+
+
+def mamba2() -> DesignModel:
+    """Mamba-2 / SSD (Dao & Gu 2024): ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t``.
+
+    Run time: ``q = C``, ``k = B``, ``v = x``, ``log_decay = dt * A`` ``[B,T,H]``, ``input_scale = dt``.
+    """
+    return DesignModel(transition=c.ScalarDecay(None), observation=c.LatentInput(scaled=True), name="mamba2")
+
+
+def deltanet() -> DesignModel:
+    """The delta rule ``M_t = M_{t-1} + beta_t (v_t - M_{t-1} k_t) k_t^T`` (Schlag et al. 2021).
+
+    Run time: ``beta`` ``[B,T,H]``, the write strength, with ``beta_t |k_t|^2 < 1`` (unit keys:
+    ``beta in (0, 1)``); a covariance reset with ``sigma_t^2 = beta_t / (1 - beta_t |k_t|^2)``.
+    """
+    return DesignModel(transition=c.Identity(), observation=c.KeyValueObservation(None),
+                       covariance=c.Reset(write_strength=True), name="deltanet")
+
+
+def gated_deltanet() -> DesignModel:
+    """Gated DeltaNet (Yang, Kautz & Hatamizadeh 2025): ``M_t = alpha_t M_{t-1} (I - beta_t k_t k_t^T)
+    + beta_t v_t k_t^T``. Run time: ``log_decay = log alpha_t`` ``[B,T,H]`` and ``beta`` as in `deltanet`."""
+    return DesignModel(transition=c.ScalarDecay(None), observation=c.KeyValueObservation(None),
+                       covariance=c.Reset(write_strength=True), name="gated_deltanet")
+
+
+def longhorn() -> DesignModel:
+    """Longhorn (Liu et al. 2024), the closed-form online-regression update: ``eps_t = beta_t /
+    (1 + beta_t |k_t|^2)``, ``M_t = M_{t-1} (I - eps_t k_t k_t^T) + eps_t v_t k_t^T``: a reset to unit
+    prior variance with observation precision ``beta > 0`` (run time, ``[B,T,H]``)."""
+    return DesignModel(transition=c.Identity(), observation=c.KeyValueObservation(None),
+                       covariance=c.Reset(variance=1.0), name="longhorn")
+
+
+def bayesian(prior_variance: float = 1.0, process_noise: Optional[float] = None,
+             noise: Literal["random_walk", "stationary"] = "random_walk",
+             decay: Union[Literal["input", "none"], float] = "input") -> DesignModel:
+    """The Bayesian Layer: the exact Kalman filter of an isotropic-prior memory.
+
+    Args:
+      prior_variance: ``l^2`` in ``P_0 = l^2 I``.
+      process_noise: with ``noise="random_walk"``, ``q`` in ``Q = q I`` (None or 0: no noise);
+        with ``noise="stationary"``, the stationary variance ``l_s^2`` in ``Q_t = l_s^2 (1 - a_t^2) I``
+        (None: the prior variance, so the prior stays stationary).
+      noise: ``"random_walk"`` or ``"stationary"``.
+      decay: ``"input"``: an optional run-time ``log_decay`` ``[B,T,H]`` (omitted: no decay);
+        ``"none"``: no decay; a number in (0, 1]: a fixed scalar decay.
+
+    Run time: ``beta`` ``[B,T,H]``, the observation precision ``> 0``.
+    """
+    if noise == "random_walk":
+        noise_component = c.NoProcessNoise() if not process_noise else c.RandomWalk(process_noise)
+    elif noise == "stationary":
+        noise_component = c.Stationary(process_noise)
+    else:
+        raise c.DesignModelError(f"bayesian(noise=...): got {noise!r}; accepted: 'random_walk' or 'stationary'.")
+    if decay == "input":
+        transition = c.ScalarDecay(None, required=False)
+    elif decay == "none":
+        transition = c.Identity()
+    elif isinstance(decay, (int, float)):
+        transition = c.ScalarDecay(float(decay))
+    else:
+        raise c.DesignModelError(
+            f"bayesian(decay=...): got {decay!r}; accepted: 'input', 'none' or a number in (0, 1].")
+    return DesignModel(prior=c.Prior(c.IsotropicCovariance(prior_variance)), transition=transition,
+                       noise=noise_component, observation=c.KeyValueObservation(None),
+                       covariance=c.Exact(), name="bayesian")
+
+
+NAMED_MODELS = {f.__name__: f for f in (
+    linear_attention, retnet, gla, mamba2, deltanet, gated_deltanet, longhorn, bayesian)}

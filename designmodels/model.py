@@ -1,0 +1,139 @@
+"""`DesignModel`: the composition of the components, checked as a whole, and its run-time interface."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from designmodels import components as c
+from designmodels.components import DesignModelError
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A quantity the compiled filter takes at run time.
+
+    ``trailing`` is the shape after ``[B, T, H]``: ``()`` per head, ``("K",)`` per key channel,
+    ``("K", "K")`` a matrix. ``accepted`` says which values are valid, in words.
+    """
+
+    name: str
+    trailing: tuple
+    accepted: str
+    required: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DesignModel:
+    """A declared model of memory; `filters.compile` derives the filter from its structure.
+
+    The three families follow from the declaration, never from ``name``:
+
+    * ``additive``: a `LatentInput`; ``M_t = M_{t-1} A_t^T + s_t v_t k_t^T`` (linear attention, RetNet,
+      GLA, Mamba-2);
+    * ``reset``: a `KeyValueObservation` under `Reset`; the delta rule (DeltaNet, Gated DeltaNet,
+      Longhorn);
+    * ``exact``: a `KeyValueObservation` under `Exact`; the Kalman filter (the Bayesian Layer).
+    """
+
+    prior: c.Prior = c.Prior()
+    transition: c.Transition = c.Identity()
+    noise: c.ProcessNoise = c.NoProcessNoise()
+    observation: c.Observation = c.KeyValueObservation()
+    covariance: c.CovarianceMode = c.Exact()
+    name: Optional[str] = None
+
+    def __post_init__(self):
+        _check_type("DesignModel.prior", self.prior, (c.Prior,))
+        _check_type("DesignModel.transition", self.transition,
+                    (c.Identity, c.ScalarDecay, c.DiagonalDecay, c.DenseTransition))
+        _check_type("DesignModel.noise", self.noise, (c.NoProcessNoise, c.RandomWalk, c.Stationary))
+        _check_type("DesignModel.observation", self.observation, (c.KeyValueObservation, c.LatentInput))
+        _check_type("DesignModel.covariance", self.covariance, (c.Exact, c.Reset))
+        if isinstance(self.observation, c.LatentInput) and isinstance(self.covariance, c.Reset):
+            raise DesignModelError(
+                "DesignModel.covariance: Reset needs an observation to update on, but the observation is a "
+                "LatentInput (the additive family); accepted: Exact() with LatentInput, or Reset with "
+                "KeyValueObservation.")
+        if isinstance(self.covariance, c.Reset):
+            if not isinstance(self.noise, c.NoProcessNoise):
+                raise DesignModelError(
+                    f"DesignModel.noise: got {self.noise!r}, but Reset overwrites the predicted covariance, so "
+                    "process noise would be ignored; accepted: NoProcessNoise() with Reset.")
+            if self.covariance.write_strength and self.observation.precision is not None:
+                raise DesignModelError(
+                    "DesignModel.observation.precision: Reset(write_strength=True) takes the write strength "
+                    f"at run time as `beta`, so a fixed precision ({self.observation.precision}) would be "
+                    "ignored; accepted: KeyValueObservation(precision=None).")
+        if isinstance(self.noise, c.Stationary):
+            if isinstance(self.transition, c.DenseTransition):
+                raise DesignModelError(
+                    "DesignModel.noise: Stationary noise Q = P_s - A P_s A^T is positive semi-definite only "
+                    "when A contracts P_s, which a dense transition does not guarantee; accepted: Stationary "
+                    "with Identity, ScalarDecay or DiagonalDecay, or RandomWalk with DenseTransition.")
+            if (isinstance(self.transition, c.DiagonalDecay) and self.noise.variance is None
+                    and isinstance(self.prior.covariance, c.FullCovariance)):
+                raise DesignModelError(
+                    "DesignModel.noise: Stationary noise P_0 - D P_0 D is not positive semi-definite for "
+                    "every full P_0 and diagonal decay D; accepted: an isotropic or diagonal prior, or "
+                    "Stationary(variance=...).")
+        dims = {f: getattr(obj, "key_dim", None) for f, obj in (
+            ("prior.covariance", self.prior.covariance), ("transition", self.transition))}
+        fixed = {f: d for f, d in dims.items() if d is not None}
+        if len(set(fixed.values())) > 1:
+            raise DesignModelError(
+                f"DesignModel: the components fix different key dimensions {fixed}; accepted: one K for all.")
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def family(self) -> c.Family:
+        if isinstance(self.observation, c.LatentInput):
+            return "additive"
+        return "reset" if isinstance(self.covariance, c.Reset) else "exact"
+
+    @property
+    def key_dim(self) -> Optional[int]:
+        """The key dimension fixed by the declaration, or None if any ``K`` works."""
+        for obj in (self.prior.covariance, self.transition):
+            if getattr(obj, "key_dim", None) is not None:
+                return obj.key_dim
+        return None
+
+    @property
+    def runtime_inputs(self) -> dict[str, InputSpec]:
+        """The gates the compiled filter takes besides ``q, k, v``, by keyword."""
+        specs = []
+        t = self.transition
+        if isinstance(t, c.ScalarDecay) and t.decay is None:
+            specs.append(InputSpec("log_decay", (), "log a_t <= 0 (a decay in (0, 1])", t.required))
+        elif isinstance(t, c.DiagonalDecay) and t.decays is None:
+            specs.append(InputSpec("log_decay", ("K",), "log a_t <= 0 (decays in (0, 1])"))
+        elif isinstance(t, c.DenseTransition) and t.matrix is None:
+            specs.append(InputSpec("transition", ("K", "K"), "finite K x K matrices"))
+        if isinstance(self.noise, c.RandomWalk) and self.noise.variance is None:
+            specs.append(InputSpec("process_noise", (), "finite q_t >= 0"))
+        obs = self.observation
+        if isinstance(obs, c.LatentInput) and obs.scaled:
+            specs.append(InputSpec("input_scale", (), "finite s_t"))
+        if isinstance(obs, c.KeyValueObservation) and obs.precision is None:
+            if isinstance(self.covariance, c.Reset) and self.covariance.write_strength:
+                specs.append(InputSpec("beta", (), "write strength with 0 < beta_t |k_t|^2 < 1"))
+            else:
+                specs.append(InputSpec("beta", (), "precision beta_t > 0, finite"))
+        return {s.name: s for s in specs}
+
+    def describe(self) -> str:
+        """One line per component, as declared."""
+        return "\n".join([
+            f"DesignModel {self.name or '(user-declared)'}: {self.family} family",
+            f"  prior       {self.prior.covariance}",
+            f"  transition  {self.transition}",
+            f"  noise       {self.noise}",
+            f"  observation {self.observation}",
+            f"  covariance  {self.covariance}",
+        ])
+
+
+def _check_type(field: str, value, accepted: tuple) -> None:
+    if not isinstance(value, accepted):
+        names = ", ".join(t.__name__ for t in accepted)
+        raise DesignModelError(f"{field}: got {value!r}; accepted: an instance of {names}.")

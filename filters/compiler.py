@@ -1,0 +1,163 @@
+"""`compile`: the one dispatch point from a design model to a filter.
+
+The compiler analyses the declared structure (`filters.structure`), checks that the requested lowering
+applies, and returns a `Filter` whose call, step and state have the same form on every backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+import designmodels as dm
+from filters import associative, kalman, sequential
+from filters.inputs import FilterInputError, FilterState, check_qkv, compute_dtype, initial_state, prepare
+from filters.structure import Structure, analyze
+
+
+class BackendError(ValueError):
+    """A lowering that does not exist, or does not apply to this design model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    name: str
+    run: Callable
+    summary: str            # what it computes and its cost, for `explain`
+    supports_diagnostics: bool = False
+
+    def reason_not_applicable(self, structure: Structure) -> Optional[str]:
+        return None         # both lowerings of this module apply to every structure
+
+
+LOWERINGS = {
+    "sequential": Lowering(
+        "sequential", sequential.run,
+        "lax.scan over the exact step; O(T) depth, O(T K^2 V) work (exact family: + O(T K^3) for A P A^T "
+        "with a dense A); the float64 oracle", supports_diagnostics=True),
+    "associative": Lowering(
+        "associative",
+        lambda structure, x, state, diagnostics=False: associative.run(structure, x, state),
+        "lax.associative_scan; O(log T) depth; additive: affine elements (A_t, U_t); reset: matrix-affine "
+        "elements (G_t, B_t), O(T K^3); exact: Sarkka & Garcia-Fernandez elements, O(T K^3) with a K x K "
+        "solve per composition"),
+}
+
+
+def _auto_backend(structure: Structure) -> str:
+    """The fastest lowering that applies here: on CPU the sequential scan (no parallel hardware to use
+    the associative scan's extra work); on accelerators the associative scan."""
+    return "sequential" if jax.default_backend() == "cpu" else "associative"
+
+
+def _lowering(structure: Structure, backend: str, diagnostics: bool) -> Lowering:
+    if backend == "auto":
+        backend = "sequential" if diagnostics else _auto_backend(structure)
+    if backend not in LOWERINGS:
+        raise BackendError(
+            f"backend={backend!r}: unknown; accepted: 'auto', {', '.join(repr(b) for b in LOWERINGS)}.")
+    lowering = LOWERINGS[backend]
+    reason = lowering.reason_not_applicable(structure)
+    if reason:
+        applicable = [n for n, l in LOWERINGS.items() if not l.reason_not_applicable(structure)]
+        raise BackendError(f"backend={backend!r} does not apply to this design model: {reason}; "
+                           f"accepted here: {', '.join(applicable)}.")
+    if diagnostics and not lowering.supports_diagnostics:
+        raise BackendError(
+            f"diagnostics=True: the {backend!r} backend does not report per-step diagnostics; accepted: "
+            "backend='sequential' (or 'auto').")
+    return lowering
+
+
+class Filter:
+    """A compiled filter. Call it on a whole sequence, or `step` it one token at a time.
+
+    ``y, state = f(q, k, v, initial_state=None, **gates)``; with ``diagnostics=True`` (at compile or
+    call time) ``y, state, Diagnostics``. ``y [B,T,H,V]`` has the dtype of ``v``; the state is a
+    `FilterState` in the compute dtype (float32, or float64 when the inputs are).
+    """
+
+    def __init__(self, model: dm.DesignModel, backend: str = "auto", diagnostics: bool = False):
+        self.model = model
+        self.structure = analyze(model)
+        self.requested_backend = backend
+        self.diagnostics = diagnostics
+        self.lowering = _lowering(self.structure, backend, diagnostics)
+
+    @property
+    def backend(self) -> str:
+        return self.lowering.name
+
+    def __repr__(self):
+        return f"Filter({self.model.name or 'user-declared'}, family={self.structure.family}, backend={self.backend})"
+
+    def init_state(self, batch: int, heads: int, key_dim: int, value_dim: int, dtype=jnp.float32) -> FilterState:
+        """The prior state: ``M_0 = 0`` and, for the exact family, ``P_0`` from the prior."""
+        return initial_state(self.structure, None, batch=batch, heads=heads, key_dim=key_dim,
+                             value_dim=value_dim, dtype=dtype)
+
+    def _state(self, state, q, v, dtype, time_axis):
+        batch, heads = (q.shape[0], q.shape[2]) if time_axis else q.shape[:2]
+        return initial_state(self.structure, state, batch=batch, heads=heads, key_dim=q.shape[-1],
+                             value_dim=v.shape[-1], dtype=dtype)
+
+    def __call__(self, q, k, v, *, initial_state=None, diagnostics: Optional[bool] = None, **gates):
+        lowering = self.lowering
+        if diagnostics is None:
+            diagnostics = self.diagnostics
+        elif diagnostics != self.diagnostics:
+            lowering = _lowering(self.structure, self.requested_backend, diagnostics)
+        x = prepare(self.structure, q, k, v, gates)
+        state = self._state(initial_state, q, v, x.q.dtype, time_axis=True)
+        out = lowering.run(self.structure, x, state, diagnostics=diagnostics)
+        return (out[0].astype(v.dtype),) + tuple(out[1:])
+
+    def step(self, state, q, k, v, **gates):
+        """One decoding step: ``q, k [B,H,K]``, ``v [B,H,V]``, gates ``[B,H]``; returns ``(y, state)``.
+
+        Agrees with the parallel forms: ``f(q, k, v)`` equals stepping through ``t = 0 .. T-1``.
+        """
+        x = prepare(self.structure, q, k, v, gates, time_axis=False)
+        state = self._state(state, q, v, x.q.dtype, time_axis=False)
+        stationary = self.structure.stationary_covariance(q.shape[-1])
+        stationary = None if stationary is None else jnp.asarray(stationary, x.q.dtype)
+        y, state, _ = kalman.step(self.structure, state, x, stationary)
+        return y.astype(v.dtype), state
+
+
+def compile(model: dm.DesignModel, backend: str = "auto", *, diagnostics: bool = False) -> Filter:  # noqa: A001
+    """Lower a design model to a `Filter`.
+
+    Args:
+      model: any `designmodels.DesignModel` (a named one or one you declare).
+      backend: ``"sequential"``, ``"associative"`` or ``"auto"`` (the fastest that applies here).
+      diagnostics: also return the per-step `Diagnostics` (write gain, predictive variance).
+
+    Raises:
+      BackendError: the backend is unknown or does not apply; the message lists those that do.
+    """
+    return Filter(model, backend, diagnostics)
+
+
+def explain(model: dm.DesignModel) -> str:
+    """A readable account of the structure analysis and of the lowerings that apply."""
+    structure = analyze(model)
+    lines = [model.describe(), "", "Structure analysis:",
+             f"  family      {structure.family}",
+             f"  transition  {structure.transition}",
+             f"  noise       {structure.noise}"]
+    if structure.family == "reset":
+        lines.append("  reset       " + ("run-time write strength eta = beta" if structure.write_strength
+                                         else f"sigma^2 = {structure.reset_variance}"))
+    inputs = model.runtime_inputs
+    lines.append("  run-time    " + (", ".join(
+        f"{s.name} [B,T,H{''.join(', ' + d for d in s.trailing)}]{'' if s.required else ' (optional)'}"
+        for s in inputs.values()) or "none besides q, k, v"))
+    lines += ["", "Lowerings:"]
+    for name, lowering in LOWERINGS.items():
+        reason = lowering.reason_not_applicable(structure)
+        lines.append(f"  {name:12s}{'applies' if not reason else 'does not apply: ' + reason}: {lowering.summary}")
+    lines.append(f"  auto        -> {_auto_backend(structure)} on {jax.default_backend()}")
+    return "\n".join(lines)

@@ -1,0 +1,250 @@
+"""Run-time inputs: checked once at the boundary, then normalized so that every lowering sees one form.
+
+Shape legend (the layout of the PyTorch peer ``flash-linear-attention``)::
+
+    q, k   [B, T, H, K]      queries and keys (Mamba-2: C and B)
+    v      [B, T, H, V]      values (Mamba-2: x)
+    gates  [B, T, H]         per step and head (``log_decay`` of a diagonal transition: [B, T, H, K])
+    M      [B, H, V, K]      the memory mean; the readout is ``y_t = M_t q_t``
+    P      [B, H, K, K]      the key-space covariance shared by every value row (exact family only)
+
+Values are checked whenever they are concrete (eager calls); under ``jit`` only shapes can be checked,
+so layers produce gates that are valid by construction.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from filters.structure import Structure
+
+
+class FilterInputError(ValueError):
+    """A run-time input with a wrong shape, rank, dtype or value. The message says what is accepted."""
+
+
+class FilterState(NamedTuple):
+    """The state of a filter: ``mean`` ``M [B,H,V,K]`` and, for the exact family, ``covariance``
+    ``P [B,H,K,K]`` (None for the additive and reset families, whose covariance drops out)."""
+
+    mean: jax.Array
+    covariance: Optional[jax.Array] = None
+
+
+class StepInputs(NamedTuple):
+    """Normalized per-step quantities, all ``[B, T, H, ...]`` in the compute dtype.
+
+    ``transition``: None (identity), log decays (scalar or diagonal kind) or matrices (dense kind).
+    ``write_strength``: the reset family's ``eta_t`` (the delta-rule step), ``reset_variance`` its
+    ``sigma_t^2``. ``precision``: the exact family's ``beta_t``. ``input_scale``: the additive ``s_t``.
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    transition: Optional[jax.Array] = None
+    process_noise: Optional[jax.Array] = None
+    precision: Optional[jax.Array] = None
+    write_strength: Optional[jax.Array] = None
+    reset_variance: Optional[jax.Array] = None
+    input_scale: Optional[jax.Array] = None
+
+
+def is_concrete(x) -> bool:
+    return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def compute_dtype(*arrays):
+    """float64 if any input is float64 (x64 on), else float32: accumulation never happens in bf16."""
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def _shape_error(name, got, expected):
+    raise FilterInputError(f"{name}: got shape {tuple(got)}; expected {expected}.")
+
+
+def _check_values(name: str, x, ok, accepted: str):
+    """Raise if a concrete ``x`` has entries outside ``ok(x)`` (a boolean mask)."""
+    if not is_concrete(x):
+        return
+    x = np.asarray(x, dtype=np.float64)
+    bad = ~np.asarray(ok(x))
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise FilterInputError(
+            f"{name}: {int(bad.sum())} invalid entries, first at index {index} = {x[index]!r}; "
+            f"accepted: {accepted}.")
+
+
+def check_qkv(q, k, v, *, key_dim: Optional[int], time_axis: bool = True):
+    """Check the ranks and shapes of ``q, k, v`` and return ``(B, T, H, K, V)`` (T is None per step)."""
+    rank = 4 if time_axis else 3
+    layout = "[B, T, H, {}]" if time_axis else "[B, H, {}]"
+    for name, x, last in (("q", q, "K"), ("k", k, "K"), ("v", v, "V")):
+        if not hasattr(x, "shape") or len(x.shape) != rank:
+            raise FilterInputError(
+                f"{name}: got {'rank ' + str(len(x.shape)) if hasattr(x, 'shape') else type(x).__name__}; "
+                f"expected an array of rank {rank} with layout {layout.format(last)}.")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise FilterInputError(f"{name}: got dtype {x.dtype}; accepted: a floating dtype.")
+    if k.shape != q.shape:
+        _shape_error("k", k.shape, f"the shape of q {tuple(q.shape)}")
+    if v.shape[:-1] != q.shape[:-1]:
+        _shape_error("v", v.shape, f"{layout.format('V')} with {layout[1:-5]} = {tuple(q.shape[:-1])} as in q")
+    if key_dim is not None and q.shape[-1] != key_dim:
+        _shape_error("q", q.shape, f"key dimension K = {key_dim}, which the design model fixes")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_values(name, x, np.isfinite, "finite values")
+    if time_axis:
+        batch, time, heads, kd = q.shape
+    else:
+        (batch, heads, kd), time = q.shape, None
+    return batch, time, heads, kd, v.shape[-1]
+
+
+def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = True) -> StepInputs:
+    """Check the gates against the model's declared run-time inputs and normalize everything.
+
+    With ``time_axis=False`` the inputs are one step (``[B, H, ...]``), as `Filter.step` takes them.
+    """
+    model = structure.model
+    batch, time, heads, key_dim, _ = check_qkv(q, k, v, key_dim=model.key_dim, time_axis=time_axis)
+    specs = structure.runtime_inputs
+    unknown = sorted(set(gates) - set(specs))
+    if unknown:
+        raise FilterInputError(
+            f"{', '.join(unknown)}: not an input of this design model ({model.name or 'user-declared'}); "
+            f"accepted keyword inputs: {', '.join(specs) or 'none'}.")
+    lead = (batch, time, heads) if time_axis else (batch, heads)
+    lead_text = "[B, T, H" if time_axis else "[B, H"
+    dtype = compute_dtype(q, k, v)
+    values = {}
+    for name, spec in specs.items():
+        x = gates.get(name)
+        if x is None:
+            if spec.required:
+                raise FilterInputError(
+                    f"{name}: missing; this design model ({model.name or 'user-declared'}) takes it at run "
+                    f"time with shape {lead_text}{''.join(', ' + d for d in spec.trailing)}] ({spec.accepted}).")
+            continue
+        x = jnp.asarray(x)
+        expected = (*lead, *(key_dim for _ in spec.trailing))
+        if x.shape != expected:
+            _shape_error(name, x.shape,
+                         f"{lead_text}{''.join(', ' + d for d in spec.trailing)}] = {expected} ({spec.accepted})")
+        values[name] = x.astype(dtype)
+
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    ones = jnp.ones(lead, dtype)
+    transition = _transition(structure, values, ones, key_dim)
+    fields = dict(q=q, k=k, v=v, transition=transition)
+
+    noise = model.noise
+    if structure.noise == "random_walk":
+        fields["process_noise"] = values.get("process_noise", noise.variance * ones)
+        _check_values("process_noise", fields["process_noise"], lambda x: np.isfinite(x) & (x >= 0),
+                      "finite values >= 0")
+
+    if structure.family == "additive":
+        fields["input_scale"] = values.get("input_scale")
+        _check_values("input_scale", fields["input_scale"], np.isfinite, "finite values")
+        return StepInputs(**fields)
+
+    beta = values.get("beta")
+    if beta is None:
+        beta = model.observation.precision * ones
+    key_norm2 = jnp.sum(k * k, axis=-1)
+    if structure.family == "exact":
+        _check_values("beta", beta, lambda x: np.isfinite(x) & (x > 0), "finite precisions beta > 0")
+        fields["precision"] = beta
+    elif structure.write_strength:
+        if is_concrete(beta) and is_concrete(k):
+            _check_values("beta", beta * key_norm2, lambda x: np.isfinite(x) & (x >= 0) & (x < 1),
+                          "write strengths with 0 <= beta_t |k_t|^2 < 1 (a delta-rule step is a covariance "
+                          "reset only then: sigma^2 = beta / (1 - beta |k|^2) > 0; with unit keys, beta in "
+                          "[0, 1)); larger steps are not representable as a design model")
+        fields["write_strength"] = beta
+        fields["reset_variance"] = beta / (1 - beta * key_norm2)
+    else:
+        _check_values("beta", beta, lambda x: np.isfinite(x) & (x > 0), "finite precisions beta > 0")
+        sigma2 = structure.reset_variance
+        fields["write_strength"] = sigma2 * beta / (1 + sigma2 * beta * key_norm2)
+        fields["reset_variance"] = sigma2 * ones
+    return StepInputs(**fields)
+
+
+def _transition(structure: Structure, values: dict, ones, key_dim: int):
+    """The transition in normalized form (see `filters.transitions`), fixed values broadcast."""
+    t = structure.model.transition
+    kind = structure.transition
+    dtype = ones.dtype
+    if kind == "identity":
+        return None
+    if kind == "scalar":
+        if t.decay is not None:
+            return float(np.log(t.decay)) * ones
+        x = values.get("log_decay")
+        _check_values("log_decay", x, lambda x: np.isfinite(x) & (x <= 0),
+                      "finite log decays <= 0 (decays in (0, 1])")
+        return x
+    if kind == "diagonal":
+        if t.decays is not None:
+            return ones[..., None] * jnp.log(jnp.asarray(t.decays, dtype))
+        x = values["log_decay"]
+        _check_values("log_decay", x, lambda x: np.isfinite(x) & (x <= 0),
+                      "finite log decays <= 0 (decays in (0, 1])")
+        return x
+    if t.matrix is not None:
+        return ones[..., None, None] * jnp.asarray(t.matrix, dtype)
+    x = values["transition"]
+    _check_values("transition", x, np.isfinite, "finite matrices")
+    return x
+
+
+def initial_state(structure: Structure, state, *, batch: int, heads: int, key_dim: int, value_dim: int,
+                  dtype) -> FilterState:
+    """Check a user's initial state, or build the prior one: ``M_0 = 0``, ``P_0`` from the prior."""
+    exact = structure.family == "exact"
+    if state is None:
+        mean = jnp.zeros((batch, heads, value_dim, key_dim), dtype)
+        cov = None
+        if exact:
+            p0 = jnp.asarray(structure.prior_covariance(key_dim), dtype)
+            cov = jnp.broadcast_to(p0, (batch, heads, key_dim, key_dim))
+        return FilterState(mean, cov)
+    if isinstance(state, (tuple, list)):
+        mean, cov = (tuple(state) + (None,))[:2]
+    else:
+        mean, cov = state, None
+    expected = (batch, heads, value_dim, key_dim)
+    if tuple(getattr(mean, "shape", ())) != expected:
+        _shape_error("initial_state.mean", getattr(mean, "shape", ()), f"M [B, H, V, K] = {expected}")
+    mean = jnp.asarray(mean).astype(dtype)
+    if not exact:
+        if cov is not None:
+            raise FilterInputError(
+                f"initial_state.covariance: the {structure.family} family carries no covariance (it drops "
+                "out of the mean recursion); accepted: FilterState(mean, None) or the mean alone.")
+        return FilterState(mean, None)
+    if cov is None:
+        cov = jnp.broadcast_to(jnp.asarray(structure.prior_covariance(key_dim), dtype),
+                               (batch, heads, key_dim, key_dim))
+    expected = (batch, heads, key_dim, key_dim)
+    if tuple(getattr(cov, "shape", ())) != expected:
+        _shape_error("initial_state.covariance", getattr(cov, "shape", ()), f"P [B, H, K, K] = {expected}")
+    cov = jnp.asarray(cov).astype(dtype)
+    if is_concrete(cov):
+        p = np.asarray(cov, dtype=np.float64)
+        scale = max(1.0, float(np.abs(p).max()))
+        if not np.all(np.isfinite(p)) or np.abs(p - np.swapaxes(p, -1, -2)).max() > 1e-6 * scale:
+            raise FilterInputError("initial_state.covariance: not symmetric (or not finite); accepted: "
+                                   "symmetric positive semi-definite K x K matrices.")
+        smallest = float(np.linalg.eigvalsh(p).min())
+        if smallest < -1e-6 * scale:
+            raise FilterInputError(
+                f"initial_state.covariance: not positive semi-definite (smallest eigenvalue {smallest:.3g}); "
+                "accepted: symmetric positive semi-definite K x K matrices.")
+    return FilterState(mean, cov)

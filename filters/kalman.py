@@ -1,0 +1,99 @@
+"""One exact filter step, per family: the oracle that every lowering is proven against.
+
+All arrays are one time step: ``M [B,H,V,K]``, ``P [B,H,K,K]``, ``q, k [B,H,K]``, ``v [B,H,V]``, gates
+``[B,H]``. The exact (Kalman) step, predict then update, for the shared key-space covariance::
+
+    M_bar = M A^T                     P_bar = A P A^T + Q
+    u     = P_bar k                   (the write direction)
+    s     = k^T u + 1/beta            (innovation variance)
+    Kg    = u / s                     (gain; equals beta P k after the update)
+    M     = M_bar + (v - M_bar k) Kg^T
+    P     = P_bar - u Kg^T
+    y     = M q
+
+The reset family replaces ``P_bar`` by ``sigma^2 I``, so ``Kg = eta k`` with
+``eta = sigma^2 beta / (1 + sigma^2 beta |k|^2)``: the delta rule. The additive family has no
+observation: ``M = M_bar + s v k^T``, and ``P`` evolves without the data.
+
+Diagnostics, per step: the write gain ``g = k^T Kg`` (the fraction by which the readout at ``k`` moves
+to ``v``; ``beta k^T P k`` for the exact family, ``eta |k|^2`` for a reset, ``s |k|^2`` for a latent input)
+and the predictive variance ``q^T P q`` of the readout.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from filters import transitions
+from filters.inputs import FilterState, StepInputs
+
+
+class Diagnostics(NamedTuple):
+    """Per-step diagnostics ``[B, T, H]``: ``write_gain`` ``g_t`` and ``predictive_variance``
+    ``q_t^T P_t q_t``."""
+
+    write_gain: jax.Array
+    predictive_variance: jax.Array
+
+
+def _dot(a, b):
+    return jnp.sum(a * b, axis=-1)
+
+
+def _outer(a, b):
+    return a[..., :, None] * b[..., None, :]
+
+
+def _matvec(m, x):
+    return jnp.einsum("...ij,...j->...i", m, x)
+
+
+def symmetrize(p):
+    return 0.5 * (p + jnp.swapaxes(p, -1, -2))
+
+
+def predict_covariance(structure, p, x: StepInputs, stationary_cov):
+    """``P_bar = A P A^T + Q`` with ``Q`` as declared (stationary: ``A (P - P_s) A^T + P_s``)."""
+    kind = structure.transition
+    if structure.noise == "stationary":
+        return transitions.congruence(p - stationary_cov, kind, x.transition) + stationary_cov
+    p_bar = transitions.congruence(p, kind, x.transition)
+    if structure.noise == "random_walk":
+        p_bar = p_bar + x.process_noise[..., None, None] * jnp.eye(p.shape[-1], dtype=p.dtype)
+    return p_bar
+
+
+def step(structure, state: FilterState, x: StepInputs, stationary_cov=None):
+    """Advance the filter by one step. Returns ``(y, new_state, Diagnostics or None)``.
+
+    ``state.covariance`` is carried for the exact family; for the others it may be carried only to
+    report the predictive variance (then it is propagated, never used by the mean).
+    """
+    mean = transitions.right_apply(state.mean, structure.transition, x.transition)
+    cov = state.covariance
+    if structure.family == "additive":
+        write = x.k if x.input_scale is None else x.k * x.input_scale[..., None]
+        mean = mean + _outer(x.v, write)
+        gain = _dot(x.k, write)
+        if cov is not None:
+            cov = predict_covariance(structure, cov, x, stationary_cov)
+        variance = None if cov is None else _dot(x.q, _matvec(cov, x.q))
+    elif structure.family == "reset":
+        eta = x.write_strength[..., None]
+        mean = mean + _outer(x.v - _matvec(mean, x.k), eta * x.k)
+        gain = x.write_strength * _dot(x.k, x.k)
+        variance = x.reset_variance * (_dot(x.q, x.q) - x.write_strength * _dot(x.k, x.q) ** 2)
+    else:
+        p_bar = predict_covariance(structure, cov, x, stationary_cov)
+        u = _matvec(p_bar, x.k)
+        s = _dot(x.k, u) + 1.0 / x.precision
+        gain_vector = u / s[..., None]
+        mean = mean + _outer(x.v - _matvec(mean, x.k), gain_vector)
+        cov = symmetrize(p_bar - _outer(u, gain_vector))
+        gain = _dot(x.k, gain_vector)
+        variance = _dot(x.q, _matvec(cov, x.q))
+    y = _matvec(mean, x.q)
+    diagnostics = Diagnostics(gain, variance) if variance is not None else None
+    return y, FilterState(mean, cov), diagnostics
