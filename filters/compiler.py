@@ -6,6 +6,7 @@ applies, and returns a `Filter` whose call, step and state have the same form on
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -85,6 +86,13 @@ class Filter:
         self.requested_backend = backend
         self.diagnostics = diagnostics
         self.lowering = _lowering(self.structure, backend, diagnostics)
+        # The lowerings are pure functions of the structure: compile them once per filter. Inputs are
+        # checked eagerly (outside jit), so bad values still raise.
+        self._run = jax.jit(self._lower, static_argnames=("backend", "diagnostics"))
+        self._step = jax.jit(functools.partial(kalman.step, self.structure))
+
+    def _lower(self, x, state, *, backend, diagnostics):
+        return LOWERINGS[backend].run(self.structure, x, state, diagnostics=diagnostics)
 
     @property
     def backend(self) -> str:
@@ -111,7 +119,7 @@ class Filter:
             lowering = _lowering(self.structure, self.requested_backend, diagnostics)
         x = prepare(self.structure, q, k, v, gates)
         state = self._state(initial_state, q, v, x.q.dtype, time_axis=True)
-        out = lowering.run(self.structure, x, state, diagnostics=diagnostics)
+        out = self._run(x, state, backend=lowering.name, diagnostics=diagnostics)
         return (out[0].astype(v.dtype),) + tuple(out[1:])
 
     def step(self, state, q, k, v, **gates):
@@ -123,7 +131,7 @@ class Filter:
         state = self._state(state, q, v, x.q.dtype, time_axis=False)
         stationary = self.structure.stationary_covariance(q.shape[-1])
         stationary = None if stationary is None else jnp.asarray(stationary, x.q.dtype)
-        y, state, _ = kalman.step(self.structure, state, x, stationary)
+        y, state, _ = self._step(state, x, stationary)
         return y.astype(v.dtype), state
 
 

@@ -144,7 +144,7 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
 
     noise = model.noise
     if structure.noise == "random_walk":
-        fields["process_noise"] = values.get("process_noise", noise.variance * ones)
+        fields["process_noise"] = values["process_noise"] if noise.variance is None else noise.variance * ones
         _check_values("process_noise", fields["process_noise"], lambda x: np.isfinite(x) & (x >= 0),
                       "finite values >= 0")
 
@@ -153,9 +153,7 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
         _check_values("input_scale", fields["input_scale"], np.isfinite, "finite values")
         return StepInputs(**fields)
 
-    beta = values.get("beta")
-    if beta is None:
-        beta = model.observation.precision * ones
+    beta = values["beta"] if model.observation.precision is None else model.observation.precision * ones
     key_norm2 = jnp.sum(k * k, axis=-1)
     if structure.family == "exact":
         _check_values("beta", beta, lambda x: np.isfinite(x) & (x > 0), "finite precisions beta > 0")

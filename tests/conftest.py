@@ -1,0 +1,5 @@
+"""Tests run with float64 available: every lowering is proven against the float64 sequential oracle.
+Arrays created as float32 stay float32, so the reduced-precision paths are tested too."""
+import jax
+
+jax.config.update("jax_enable_x64", True)

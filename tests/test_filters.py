@@ -1,0 +1,193 @@
+"""Every lowering against the float64 sequential oracle, and the exact family against the dense joint
+Gaussian; user-declared models compile and run with no filter code."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import designmodels as dm
+import filters
+from tests import joint_gaussian
+from tests.support import random_inputs, relative_error
+
+BACKENDS = ["sequential", "associative"]
+
+
+def _spd(key_dim, seed):
+    a = np.random.default_rng(seed).normal(size=(key_dim, key_dim))
+    return a @ a.T / key_dim + 0.3 * np.eye(key_dim)
+
+
+# Exact-family models nobody ships: the compiler must handle them from their declaration alone.
+USER_EXACT_MODELS = {
+    "diagonal_decay_full_covariance": dm.DesignModel(
+        prior=dm.Prior(dm.FullCovariance(_spd(4, 1))), transition=dm.DiagonalDecay(None),
+        noise=dm.RandomWalk(0.05), observation=dm.KeyValueObservation(None)),
+    "stationary_diagonal_prior": dm.DesignModel(
+        prior=dm.Prior(dm.DiagonalCovariance((0.5, 1.0, 2.0, 1.5))), transition=dm.ScalarDecay(None),
+        noise=dm.Stationary(), observation=dm.KeyValueObservation(2.0)),
+    "dense_transition_input_noise": dm.DesignModel(
+        prior=dm.Prior(dm.IsotropicCovariance(0.5)), transition=dm.DenseTransition(None),
+        noise=dm.RandomWalk(None), observation=dm.KeyValueObservation(None)),
+    "fixed_dense_full_prior": dm.DesignModel(
+        prior=dm.Prior(dm.FullCovariance(_spd(4, 2))),
+        transition=dm.DenseTransition(0.3 * np.random.default_rng(3).normal(size=(4, 4)) + 0.6 * np.eye(4)),
+        observation=dm.KeyValueObservation(None)),
+    "fixed_channel_decay_stationary": dm.DesignModel(
+        transition=dm.DiagonalDecay((0.9, 0.5, 0.99, 0.7)), noise=dm.Stationary(0.7),
+        observation=dm.KeyValueObservation(None)),
+    "bayesian_random_walk": dm.bayesian(prior_variance=0.8, process_noise=0.05),
+    "bayesian_stationary": dm.bayesian(prior_variance=2.0, noise="stationary"),
+    "bayesian_no_decay": dm.bayesian(decay="none"),
+}
+# Additive and reset models nobody ships.
+USER_OTHER_MODELS = {
+    "kda_style_channel_reset": dm.DesignModel(
+        transition=dm.DiagonalDecay(None), observation=dm.KeyValueObservation(None),
+        covariance=dm.Reset(write_strength=True)),
+    "dense_additive": dm.DesignModel(transition=dm.DenseTransition(None), observation=dm.LatentInput()),
+    "fixed_variance_reset_with_decay": dm.DesignModel(
+        transition=dm.ScalarDecay(0.9), observation=dm.KeyValueObservation(3.0), covariance=dm.Reset(0.5)),
+}
+NAMED = {name: factory() for name, factory in dm.NAMED_MODELS.items()}
+ALL_MODELS = {**NAMED, **USER_EXACT_MODELS, **USER_OTHER_MODELS}
+
+
+def _random_state(model, batch, heads, key_dim, value_dim, seed):
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=(batch, heads, value_dim, key_dim))
+    if model.family != "exact":
+        return filters.FilterState(mean, None)
+    cov = np.stack([np.stack([_spd(key_dim, seed + 10 * b + h) for h in range(heads)]) for b in range(batch)])
+    return filters.FilterState(mean, cov)
+
+
+@pytest.mark.parametrize("name", sorted(USER_EXACT_MODELS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_family_equals_dense_joint_gaussian(name, backend):
+    model = USER_EXACT_MODELS[name]
+    q, k, v, gates = random_inputs(model, batch=2, time=5, heads=2, key_dim=4, value_dim=3, seed=7,
+                                   unit_keys=False)
+    state = _random_state(model, 2, 2, 4, 3, seed=5)
+    y, final = filters.compile(model, backend=backend)(q, k, v, initial_state=state, **gates)
+    y_ref, mean_ref, cov_ref = joint_gaussian.filtered_moments(model, q, k, v, gates, *state)
+    assert relative_error(y, y_ref) < 1e-10
+    assert relative_error(final.mean, mean_ref) < 1e-10
+    assert relative_error(final.covariance, cov_ref) < 1e-10
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+@pytest.mark.parametrize("time", [1, 6, 13])
+def test_backends_agree_and_step_matches(name, time):
+    model = ALL_MODELS[name]
+    q, k, v, gates = random_inputs(model, batch=2, time=time, heads=3, key_dim=4, value_dim=5, seed=time)
+    state = _random_state(model, 2, 3, 4, 5, seed=time + 1)
+    y_ref, final_ref = filters.compile(model, backend="sequential")(q, k, v, initial_state=state, **gates)
+    y, final = filters.compile(model, backend="associative")(q, k, v, initial_state=state, **gates)
+    assert relative_error(y, y_ref) < 1e-10
+    for a, b in zip(final, final_ref):
+        assert (a is None) == (b is None) and (a is None or relative_error(a, b) < 1e-10)
+
+    f = filters.compile(model)
+    stepped, ys = state, []
+    for t in range(time):
+        y_t, stepped = f.step(stepped, q[:, t], k[:, t], v[:, t], **{n: g[:, t] for n, g in gates.items()})
+        ys.append(y_t)
+    assert relative_error(jnp.stack(ys, 1), y_ref) < 1e-12
+    assert relative_error(stepped.mean, final_ref.mean) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "bayesian", "stationary_diagonal_prior"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_final_state_continues_the_sequence(name, backend):
+    model = ALL_MODELS[name]
+    q, k, v, gates = random_inputs(model, time=9, seed=3)
+    f = filters.compile(model, backend=backend)
+    y_full, final_full = f(q, k, v, **gates)
+    cut = lambda a, s: a[:, s]
+    y1, state = f(cut(q, slice(0, 4)), cut(k, slice(0, 4)), cut(v, slice(0, 4)),
+                  **{n: cut(g, slice(0, 4)) for n, g in gates.items()})
+    y2, final = f(cut(q, slice(4, None)), cut(k, slice(4, None)), cut(v, slice(4, None)), initial_state=state,
+                  **{n: cut(g, slice(4, None)) for n, g in gates.items()})
+    assert relative_error(jnp.concatenate([y1, y2], 1), y_full) < 1e-12
+    assert relative_error(final.mean, final_full.mean) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["mamba2", "gla", "deltanet", "longhorn", "bayesian",
+                                  "dense_transition_input_noise"])
+def test_gradients_agree_across_backends_and_match_finite_differences(name):
+    model = ALL_MODELS[name]
+    q, k, v, gates = random_inputs(model, batch=1, time=5, heads=2, key_dim=3, value_dim=2, seed=11)
+
+    def loss(backend):
+        f = filters.compile(model, backend=backend)
+
+        def fn(q, k, v, gates):
+            y, state = f(q, k, v, **gates)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(state.mean ** 2)
+        return fn
+
+    grads = {b: jax.grad(loss(b), argnums=(0, 1, 2, 3))(q, k, v, gates) for b in BACKENDS}
+    for a, b in zip(jax.tree_util.tree_leaves(grads["associative"]), jax.tree_util.tree_leaves(grads["sequential"])):
+        assert relative_error(a, b) < 1e-9
+    # Keys stay fixed for finite differences: a write strength is valid only for the keys it was drawn for.
+    check_grads(lambda q, v, gates: loss("sequential")(q, k, v, gates), (q, v, gates), order=1,
+                modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_diagnostics_match_the_joint_gaussian():
+    model = dm.bayesian(prior_variance=0.7, process_noise=0.1)
+    q, k, v, gates = random_inputs(model, batch=1, time=6, heads=2, key_dim=3, value_dim=2, seed=2)
+    y, state, diag = filters.compile(model, backend="sequential", diagnostics=True)(q, k, v, **gates)
+    assert diag.write_gain.shape == diag.predictive_variance.shape == (1, 6, 2)
+    for t in range(6):
+        _, _, cov = joint_gaussian.filtered_moments(model, q[:, :t + 1], k[:, :t + 1], v[:, :t + 1],
+                                                    {n: g[:, :t + 1] for n, g in gates.items()})
+        gain = gates["beta"][:, t] * np.einsum("bhk,bhkj,bhj->bh", k[:, t], cov, k[:, t])
+        variance = np.einsum("bhk,bhkj,bhj->bh", q[:, t], cov, q[:, t])
+        np.testing.assert_allclose(diag.write_gain[:, t], gain, rtol=1e-10)
+        np.testing.assert_allclose(diag.predictive_variance[:, t], variance, rtol=1e-10)
+    assert np.all((diag.write_gain >= 0) & (diag.write_gain < 1))
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "deltanet", "longhorn"])
+def test_diagnostics_of_other_families(name):
+    model = NAMED[name]
+    q, k, v, gates = random_inputs(model, batch=1, time=4, heads=1, key_dim=3, value_dim=2, seed=4)
+    *_, diag = filters.compile(model, diagnostics=True)(q, k, v, **gates)
+    key_norm2 = np.sum(k * k, -1)
+    if name == "linear_attention":  # write gain |k|^2, prior variance never shrinks
+        np.testing.assert_allclose(diag.write_gain, key_norm2, rtol=1e-12)
+        np.testing.assert_allclose(diag.predictive_variance, np.sum(q * q, -1), rtol=1e-12)
+    else:  # a reset's gain is eta |k|^2 in [0, 1)
+        assert np.all((diag.write_gain >= 0) & (diag.write_gain < 1))
+        assert np.all(np.asarray(diag.predictive_variance) >= 0)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-4), (jnp.bfloat16, 5e-2)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reduced_precision_inputs(dtype, tolerance, backend):
+    model = dm.gated_deltanet()
+    q, k, v, gates = random_inputs(model, time=16, seed=1)
+    y_ref, _ = filters.compile(model, backend="sequential")(q, k, v, **gates)
+    cast = lambda x: jnp.asarray(x, dtype)
+    y, state = filters.compile(model, backend=backend)(cast(q), cast(k), cast(v),
+                                                       **{n: cast(g) for n, g in gates.items()})
+    assert y.dtype == dtype and state.mean.dtype == jnp.float32  # accumulation in f32, never bf16
+    assert relative_error(y, y_ref) < tolerance
+
+
+def test_jit_compiles_every_backend():
+    model = dm.bayesian(process_noise=0.01)
+    q, k, v, gates = random_inputs(model, time=8, seed=2)
+    for backend in BACKENDS:
+        f = filters.compile(model, backend=backend)
+        y, _ = jax.jit(lambda q, k, v, g: f(q, k, v, **g))(q, k, v, gates)
+        assert np.all(np.isfinite(y))
+
+
+def test_explain_reports_structure_and_lowerings():
+    text = filters.explain(USER_EXACT_MODELS["diagonal_decay_full_covariance"])
+    assert "family      exact" in text and "transition  diagonal" in text
+    assert "log_decay [B,T,H, K]" in text and "associative applies" in text
