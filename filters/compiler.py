@@ -76,7 +76,8 @@ class Filter:
     """A compiled filter. Call it on a whole sequence, or `step` it one token at a time.
 
     ``y, state = f(q, k, v, initial_state=None, **gates)``; with ``diagnostics=True`` (at compile or
-    call time) ``y, state, Diagnostics``. ``y [B,T,H,V]`` has the dtype of ``v``; the state is a
+    call time) ``y, state, Diagnostics``. Values are checked when concrete; ``validate=False`` skips
+    that for inputs valid by construction (shapes are always checked). ``y [B,T,H,V]`` has the dtype of ``v``; the state is a
     `FilterState` in the compute dtype (float32, or float64 when the inputs are).
     """
 
@@ -111,28 +112,34 @@ class Filter:
         return initial_state(self.structure, state, batch=batch, heads=heads, key_dim=q.shape[-1],
                              value_dim=v.shape[-1], dtype=dtype)
 
-    def __call__(self, q, k, v, *, initial_state=None, diagnostics: Optional[bool] = None, **gates):
+    def __call__(self, q, k, v, *, initial_state=None, diagnostics: Optional[bool] = None,
+                 validate: bool = True, **gates):
         lowering = self.lowering
         if diagnostics is None:
             diagnostics = self.diagnostics
         elif diagnostics != self.diagnostics:
             lowering = _lowering(self.structure, self.requested_backend, diagnostics)
-        x = prepare(self.structure, q, k, v, gates)
+        x = prepare(self.structure, q, k, v, gates, validate=validate)
         state = self._state(initial_state, q, v, x.q.dtype, time_axis=True)
         out = self._run(x, state, backend=lowering.name, diagnostics=diagnostics)
         return (out[0].astype(v.dtype),) + tuple(out[1:])
 
-    def step(self, state, q, k, v, **gates):
+    def step(self, state, q, k, v, *, validate: bool = True, **gates):
         """One decoding step: ``q, k [B,H,K]``, ``v [B,H,V]``, gates ``[B,H]``; returns ``(y, state)``.
 
         Agrees with the parallel forms: ``f(q, k, v)`` equals stepping through ``t = 0 .. T-1``.
         """
-        x = prepare(self.structure, q, k, v, gates, time_axis=False)
+        x = prepare(self.structure, q, k, v, gates, time_axis=False, validate=validate)
         state = self._state(state, q, v, x.q.dtype, time_axis=False)
         stationary = self.structure.stationary_covariance(q.shape[-1])
         stationary = None if stationary is None else jnp.asarray(stationary, x.q.dtype)
         y, state, _ = self._step(state, x, stationary)
         return y.astype(v.dtype), state
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_cached(model, backend, diagnostics):
+    return Filter(model, backend, diagnostics)
 
 
 def compile(model: dm.DesignModel, backend: str = "auto", *, diagnostics: bool = False) -> Filter:  # noqa: A001
@@ -146,7 +153,9 @@ def compile(model: dm.DesignModel, backend: str = "auto", *, diagnostics: bool =
     Raises:
       BackendError: the backend is unknown or does not apply; the message lists those that do.
     """
-    return Filter(model, backend, diagnostics)
+    analyze(model)  # type check before hashing
+    # Filters are immutable: one per (model, backend, diagnostics), so jit caches are reused.
+    return _compile_cached(model, backend, diagnostics)
 
 
 def explain(model: dm.DesignModel) -> str:

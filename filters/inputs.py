@@ -66,7 +66,7 @@ def _shape_error(name, got, expected):
     raise FilterInputError(f"{name}: got shape {tuple(got)}; expected {expected}.")
 
 
-def _check_values(name: str, x, ok, accepted: str):
+def _value_checker(name: str, x, ok, accepted: str):
     """Raise if a concrete ``x`` has entries outside ``ok(x)`` (a boolean mask)."""
     if not is_concrete(x):
         return
@@ -79,7 +79,7 @@ def _check_values(name: str, x, ok, accepted: str):
             f"accepted: {accepted}.")
 
 
-def check_qkv(q, k, v, *, key_dim: Optional[int], time_axis: bool = True):
+def check_qkv(q, k, v, *, key_dim: Optional[int], time_axis: bool = True, validate: bool = True):
     """Check the ranks and shapes of ``q, k, v`` and return ``(B, T, H, K, V)`` (T is None per step)."""
     rank = 4 if time_axis else 3
     layout = "[B, T, H, {}]" if time_axis else "[B, H, {}]"
@@ -96,8 +96,9 @@ def check_qkv(q, k, v, *, key_dim: Optional[int], time_axis: bool = True):
         _shape_error("v", v.shape, f"{layout.format('V')} with {layout[1:-5]} = {tuple(q.shape[:-1])} as in q")
     if key_dim is not None and q.shape[-1] != key_dim:
         _shape_error("q", q.shape, f"key dimension K = {key_dim}, which the design model fixes")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_values(name, x, np.isfinite, "finite values")
+    if validate:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            _value_checker(name, x, np.isfinite, "finite values")
     if time_axis:
         batch, time, heads, kd = q.shape
     else:
@@ -105,13 +106,18 @@ def check_qkv(q, k, v, *, key_dim: Optional[int], time_axis: bool = True):
     return batch, time, heads, kd, v.shape[-1]
 
 
-def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = True) -> StepInputs:
+def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = True,
+            validate: bool = True) -> StepInputs:
     """Check the gates against the model's declared run-time inputs and normalize everything.
 
     With ``time_axis=False`` the inputs are one step (``[B, H, ...]``), as `Filter.step` takes them.
+    ``validate=False`` skips the value checks (never the shape checks): for callers whose inputs are
+    valid by construction, such as the layers.
     """
     model = structure.model
-    batch, time, heads, key_dim, _ = check_qkv(q, k, v, key_dim=model.key_dim, time_axis=time_axis)
+    batch, time, heads, key_dim, _ = check_qkv(q, k, v, key_dim=model.key_dim, time_axis=time_axis,
+                                               validate=validate)
+    check = _value_checker if validate else (lambda *args: None)
     specs = structure.runtime_inputs
     unknown = sorted(set(gates) - set(specs))
     if unknown:
@@ -139,42 +145,42 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
 
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     ones = jnp.ones(lead, dtype)
-    transition = _transition(structure, values, ones, key_dim)
+    transition = _transition(structure, values, ones, key_dim, check)
     fields = dict(q=q, k=k, v=v, transition=transition)
 
     noise = model.noise
     if structure.noise == "random_walk":
         fields["process_noise"] = values["process_noise"] if noise.variance is None else noise.variance * ones
-        _check_values("process_noise", fields["process_noise"], lambda x: np.isfinite(x) & (x >= 0),
+        check("process_noise", fields["process_noise"], lambda x: np.isfinite(x) & (x >= 0),
                       "finite values >= 0")
 
     if structure.family == "additive":
         fields["input_scale"] = values.get("input_scale")
-        _check_values("input_scale", fields["input_scale"], np.isfinite, "finite values")
+        check("input_scale", fields["input_scale"], np.isfinite, "finite values")
         return StepInputs(**fields)
 
     beta = values["beta"] if model.observation.precision is None else model.observation.precision * ones
     key_norm2 = jnp.sum(k * k, axis=-1)
     if structure.family == "exact":
-        _check_values("beta", beta, lambda x: np.isfinite(x) & (x > 0), "finite precisions beta > 0")
+        check("beta", beta, lambda x: np.isfinite(x) & (x > 0), "finite precisions beta > 0")
         fields["precision"] = beta
     elif structure.write_strength:
         if is_concrete(beta) and is_concrete(k):
-            _check_values("beta", beta * key_norm2, lambda x: np.isfinite(x) & (x >= 0) & (x < 1),
+            check("beta", beta * key_norm2, lambda x: np.isfinite(x) & (x >= 0) & (x < 1),
                           "write strengths with 0 <= beta_t |k_t|^2 < 1 (a delta-rule step is a covariance "
                           "reset only then: sigma^2 = beta / (1 - beta |k|^2) > 0; with unit keys, beta in "
                           "[0, 1)); larger steps are not representable as a design model")
         fields["write_strength"] = beta
         fields["reset_variance"] = beta / (1 - beta * key_norm2)
     else:
-        _check_values("beta", beta, lambda x: np.isfinite(x) & (x > 0), "finite precisions beta > 0")
+        check("beta", beta, lambda x: np.isfinite(x) & (x > 0), "finite precisions beta > 0")
         sigma2 = structure.reset_variance
         fields["write_strength"] = sigma2 * beta / (1 + sigma2 * beta * key_norm2)
         fields["reset_variance"] = sigma2 * ones
     return StepInputs(**fields)
 
 
-def _transition(structure: Structure, values: dict, ones, key_dim: int):
+def _transition(structure: Structure, values: dict, ones, key_dim: int, check):
     """The transition in normalized form (see `filters.transitions`), fixed values broadcast."""
     t = structure.model.transition
     kind = structure.transition
@@ -185,20 +191,20 @@ def _transition(structure: Structure, values: dict, ones, key_dim: int):
         if t.decay is not None:
             return float(np.log(t.decay)) * ones
         x = values.get("log_decay")
-        _check_values("log_decay", x, lambda x: np.isfinite(x) & (x <= 0),
+        check("log_decay", x, lambda x: np.isfinite(x) & (x <= 0),
                       "finite log decays <= 0 (decays in (0, 1])")
         return x
     if kind == "diagonal":
         if t.decays is not None:
             return ones[..., None] * jnp.log(jnp.asarray(t.decays, dtype))
         x = values["log_decay"]
-        _check_values("log_decay", x, lambda x: np.isfinite(x) & (x <= 0),
+        check("log_decay", x, lambda x: np.isfinite(x) & (x <= 0),
                       "finite log decays <= 0 (decays in (0, 1])")
         return x
     if t.matrix is not None:
         return ones[..., None, None] * jnp.asarray(t.matrix, dtype)
     x = values["transition"]
-    _check_values("transition", x, np.isfinite, "finite matrices")
+    check("transition", x, np.isfinite, "finite matrices")
     return x
 
 
