@@ -1,0 +1,1 @@
+"""ml_collections configs, one per experiment; each docstring names what it reproduces and the command."""

@@ -1,0 +1,1 @@
+"""Run: absl apps, one per experiment, configured by the files in configs/."""
