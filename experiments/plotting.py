@@ -1,0 +1,50 @@
+"""Small plotting helpers shared by the experiments: headless backend, one colour per model, saving."""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {
+    "linear_attention": "tab:gray",
+    "deltanet": "tab:orange",
+    "gated_deltanet": "tab:red",
+    "mamba2": "tab:green",
+    "bayesian": "tab:blue",
+    "bayesian_noise": "tab:purple",
+}
+
+PREDICTED = dict(linestyle="--", linewidth=1.2, alpha=0.9)   # closed forms: dashed lines
+MEASURED = dict(marker="o", markersize=3.0, linestyle="none")  # measurements: markers
+
+
+def color(name: str, default: str = "black") -> str:
+    return COLORS.get(name, default)
+
+
+def figure(ncols: int = 1, width: float = 5.2, height: float = 3.8):
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def every(length: int, points: int = 40):
+    """Indices of about ``points`` evenly spaced markers in a trace of ``length`` steps."""
+    stride = max(1, length // points)
+    return slice(0, length, stride)
+
+
+def log_marks(length: int, points: int = 40):
+    """Indices of about ``points`` markers evenly spaced on a log axis over ``1..length``."""
+    return np.unique(np.geomspace(1, length, points).astype(int)) - 1
+
+
+def save(fig, workdir: str, name: str) -> str:
+    path = os.path.join(workdir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
