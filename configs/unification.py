@@ -11,7 +11,7 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.models = ("linear_attention", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet", "longhorn",
                      "bayesian")
-    config.backends = ("sequential", "associative")
+    config.backends = ("sequential", "associative", "chunked")
     # (batch, time, heads, key_dim, value_dim): T = 1, odd lengths, several heads, K != V.
     config.shapes = ((1, 1, 1, 4, 4), (2, 17, 3, 8, 6), (2, 64, 2, 16, 16), (1, 129, 4, 8, 12))
     # The Bayesian Layer has no published recurrence: its oracle is the dense joint Gaussian, O(T^3 K^3),

@@ -24,10 +24,6 @@ from experiments import common
 from tests import joint_gaussian, published_recurrences as published
 from tests.support import random_inputs, relative_error
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/unification.py", "Experiment config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where results.json and table.md are written.")
-
-
 def _published(name: str, model: dm.DesignModel, q, k, v, gates, mean0):
     """The published recurrence of ``name``, called with its own paper's parameterization."""
     if name == "linear_attention":
@@ -106,11 +102,11 @@ def table(records) -> str:
 
 def main(argv):
     del argv
-    if not _WORKDIR.value:
+    if not flags.FLAGS.workdir:
         raise app.UsageError("--workdir is required: the folder for results.json and table.md.")
     jax.config.update("jax_enable_x64", True)
-    config = common.resolve(_CONFIG.value)
-    workdir = common.prepare_workdir(_WORKDIR.value)
+    config = common.resolve(flags.FLAGS.config)
+    workdir = common.prepare_workdir(flags.FLAGS.workdir)
     records = run(config)
     text = table(records)
     common.write_json(os.path.join(workdir, "results.json"), records)
@@ -124,4 +120,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so tests can import several experiments.
+    config_flags.DEFINE_config_file("config", "configs/unification.py", "Experiment config.")
+    flags.DEFINE_string("workdir", None, "Where results.json and table.md are written.")
     app.run(main)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import designmodels as dm
-from filters import associative, kalman, sequential
+from filters import associative, chunked, kalman, sequential
 from filters.inputs import FilterInputError, FilterState, check_qkv, compute_dtype, initial_state, prepare
 from filters.structure import Structure, analyze
 
@@ -24,38 +24,54 @@ class BackendError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Lowering:
+    """One way to evaluate a filter. ``run(structure, x, state, *, diagnostics, **options)``."""
+
     name: str
     run: Callable
-    summary: str            # what it computes and its cost, for `explain`
-    supports_diagnostics: bool = False
+    summary: str                                       # what it computes and its cost, for `explain`
+    not_applicable: Callable = lambda structure: None  # structure -> reason it does not apply, or None
+    diagnostics: Callable = lambda structure: False    # structure -> whether it reports diagnostics
+    options: tuple = ()                                # the compile options it takes
 
     def reason_not_applicable(self, structure: Structure) -> Optional[str]:
-        return None         # both lowerings of this module apply to every structure
+        return self.not_applicable(structure)
 
 
 LOWERINGS = {
     "sequential": Lowering(
         "sequential", sequential.run,
         "lax.scan over the exact step; O(T) depth, O(T K^2 V) work (exact family: + O(T K^3) for A P A^T "
-        "with a dense A); the float64 oracle", supports_diagnostics=True),
+        "with a dense A); the float64 oracle", diagnostics=lambda structure: True),
     "associative": Lowering(
         "associative",
         lambda structure, x, state, diagnostics=False: associative.run(structure, x, state),
         "lax.associative_scan; O(log T) depth; additive: affine elements (A_t, U_t); reset: matrix-affine "
         "elements (G_t, B_t), O(T K^3); exact: Sarkka & Garcia-Fernandez elements, O(T K^3) with a K x K "
         "solve per composition"),
+    "chunked": Lowering(
+        "chunked", chunked.run,
+        "chunks of C steps: C x C masked products and a triangular solve per chunk, a scan over T / C "
+        "chunks; additive: SSD / GLA; reset: WY / UT transform; exact: one C x C Cholesky and a rank-C "
+        "update of P per chunk, then the mean as a delta rule; O(T C (K + V) + T K V) work, "
+        "exact family + O(T K^2)",
+        not_applicable=chunked.reason_not_applicable, diagnostics=chunked.supports_diagnostics,
+        options=("chunk_size",)),
 }
 
 
 def _auto_backend(structure: Structure) -> str:
-    """The fastest lowering that applies here: on CPU the sequential scan (no parallel hardware to use
-    the associative scan's extra work); on accelerators the associative scan."""
+    """The fastest lowering that applies here: the chunked form (matmuls) where it applies, else the
+    sequential scan on CPU and the associative scan on accelerators."""
+    if not LOWERINGS["chunked"].reason_not_applicable(structure):
+        return "chunked"
     return "sequential" if jax.default_backend() == "cpu" else "associative"
 
 
 def _lowering(structure: Structure, backend: str, diagnostics: bool) -> Lowering:
     if backend == "auto":
-        backend = "sequential" if diagnostics else _auto_backend(structure)
+        backend = _auto_backend(structure)
+        if diagnostics and not LOWERINGS[backend].diagnostics(structure):
+            backend = "sequential"
     if backend not in LOWERINGS:
         raise BackendError(
             f"backend={backend!r}: unknown; accepted: 'auto', {', '.join(repr(b) for b in LOWERINGS)}.")
@@ -65,10 +81,12 @@ def _lowering(structure: Structure, backend: str, diagnostics: bool) -> Lowering
         applicable = [n for n, l in LOWERINGS.items() if not l.reason_not_applicable(structure)]
         raise BackendError(f"backend={backend!r} does not apply to this design model: {reason}; "
                            f"accepted here: {', '.join(applicable)}.")
-    if diagnostics and not lowering.supports_diagnostics:
+    if diagnostics and not lowering.diagnostics(structure):
+        accepted = [n for n, l in LOWERINGS.items()
+                    if not l.reason_not_applicable(structure) and l.diagnostics(structure)]
         raise BackendError(
-            f"diagnostics=True: the {backend!r} backend does not report per-step diagnostics; accepted: "
-            "backend='sequential' (or 'auto').")
+            f"diagnostics=True: the {backend!r} backend does not report per-step diagnostics for the "
+            f"{structure.family} family; accepted: backend={' or '.join(map(repr, accepted))} (or 'auto').")
     return lowering
 
 
@@ -81,19 +99,30 @@ class Filter:
     `FilterState` in the compute dtype (float32, or float64 when the inputs are).
     """
 
-    def __init__(self, model: dm.DesignModel, backend: str = "auto", diagnostics: bool = False):
+    def __init__(self, model: dm.DesignModel, backend: str = "auto", diagnostics: bool = False,
+                 options: tuple = ()):
         self.model = model
         self.structure = analyze(model)
         self.requested_backend = backend
         self.diagnostics = diagnostics
         self.lowering = _lowering(self.structure, backend, diagnostics)
+        self.options = dict(options)
+        for name, value in self.options.items():
+            owners = [n for n, l in LOWERINGS.items() if name in l.options]
+            if not owners:
+                raise BackendError(f"{name}={value!r}: not a compile option; accepted: "
+                                   f"{sorted({o for l in LOWERINGS.values() for o in l.options})}.")
+            if name == "chunk_size" and not (isinstance(value, int) and value >= 1):
+                raise BackendError(f"chunk_size={value!r}: accepted: a positive integer (typically 16-128).")
         # The lowerings are pure functions of the structure: compile them once per filter. Inputs are
         # checked eagerly (outside jit), so bad values still raise.
         self._run = jax.jit(self._lower, static_argnames=("backend", "diagnostics"))
         self._step = jax.jit(functools.partial(kalman.step, self.structure))
 
     def _lower(self, x, state, *, backend, diagnostics):
-        return LOWERINGS[backend].run(self.structure, x, state, diagnostics=diagnostics)
+        lowering = LOWERINGS[backend]
+        options = {n: v for n, v in self.options.items() if n in lowering.options}
+        return lowering.run(self.structure, x, state, diagnostics=diagnostics, **options)
 
     @property
     def backend(self) -> str:
@@ -138,24 +167,27 @@ class Filter:
 
 
 @functools.lru_cache(maxsize=256)
-def _compile_cached(model, backend, diagnostics):
-    return Filter(model, backend, diagnostics)
+def _compile_cached(model, backend, diagnostics, options):
+    return Filter(model, backend, diagnostics, options)
 
 
-def compile(model: dm.DesignModel, backend: str = "auto", *, diagnostics: bool = False) -> Filter:  # noqa: A001
+def compile(model: dm.DesignModel, backend: str = "auto", *, diagnostics: bool = False,  # noqa: A001
+            **options) -> Filter:
     """Lower a design model to a `Filter`.
 
     Args:
       model: any `designmodels.DesignModel` (a named one or one you declare).
-      backend: ``"sequential"``, ``"associative"`` or ``"auto"`` (the fastest that applies here).
+      backend: ``"sequential"``, ``"associative"``, ``"chunked"`` or ``"auto"`` (the fastest that applies
+        here).
       diagnostics: also return the per-step `Diagnostics` (write gain, predictive variance).
+      **options: lowering options, e.g. ``chunk_size`` (default 64) for ``"chunked"``.
 
     Raises:
       BackendError: the backend is unknown or does not apply; the message lists those that do.
     """
     analyze(model)  # type check before hashing
     # Filters are immutable: one per (model, backend, diagnostics), so jit caches are reused.
-    return _compile_cached(model, backend, diagnostics)
+    return _compile_cached(model, backend, diagnostics, tuple(sorted(options.items())))
 
 
 def explain(model: dm.DesignModel) -> str:

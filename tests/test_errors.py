@@ -42,7 +42,7 @@ def test_bad_declarations_name_the_field(build, match):
 
 
 def test_unknown_backend_lists_the_accepted_ones():
-    with pytest.raises(filters.BackendError, match=r"backend='pallas': unknown; accepted: 'auto', 'sequential', 'associative'"):
+    with pytest.raises(filters.BackendError, match=r"backend='pallas': unknown; accepted: 'auto', 'sequential', 'associative', 'chunked'"):
         filters.compile(dm.deltanet(), backend="pallas")
 
 

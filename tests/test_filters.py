@@ -11,7 +11,18 @@ import filters
 from tests import joint_gaussian
 from tests.support import random_inputs, relative_error
 
-BACKENDS = ["sequential", "associative"]
+BACKENDS = ["sequential", "associative", "chunked"]
+PARALLEL = ["associative", "chunked"]
+
+
+def _compile(model, backend, **kw):
+    """Chunked with small chunks, so that short tests cross several chunk boundaries and padding."""
+    options = {"chunk_size": 4} if backend == "chunked" else {}
+    return filters.compile(model, backend=backend, **options, **kw)
+
+
+def _applies(model, backend):
+    return not filters.LOWERINGS[backend].reason_not_applicable(filters.analyze(model))
 
 
 def _spd(key_dim, seed):
@@ -67,10 +78,12 @@ def _random_state(model, batch, heads, key_dim, value_dim, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_exact_family_equals_dense_joint_gaussian(name, backend):
     model = USER_EXACT_MODELS[name]
+    if not _applies(model, backend):
+        pytest.skip(f"{backend} does not apply (tested in test_inapplicable_backends_say_why)")
     q, k, v, gates = random_inputs(model, batch=2, time=5, heads=2, key_dim=4, value_dim=3, seed=7,
                                    unit_keys=False)
     state = _random_state(model, 2, 2, 4, 3, seed=5)
-    y, final = filters.compile(model, backend=backend)(q, k, v, initial_state=state, **gates)
+    y, final = _compile(model, backend)(q, k, v, initial_state=state, **gates)
     y_ref, mean_ref, cov_ref = joint_gaussian.filtered_moments(model, q, k, v, gates, *state)
     assert relative_error(y, y_ref) < 1e-10
     assert relative_error(final.mean, mean_ref) < 1e-10
@@ -84,10 +97,11 @@ def test_backends_agree_and_step_matches(name, time):
     q, k, v, gates = random_inputs(model, batch=2, time=time, heads=3, key_dim=4, value_dim=5, seed=time)
     state = _random_state(model, 2, 3, 4, 5, seed=time + 1)
     y_ref, final_ref = filters.compile(model, backend="sequential")(q, k, v, initial_state=state, **gates)
-    y, final = filters.compile(model, backend="associative")(q, k, v, initial_state=state, **gates)
-    assert relative_error(y, y_ref) < 1e-10
-    for a, b in zip(final, final_ref):
-        assert (a is None) == (b is None) and (a is None or relative_error(a, b) < 1e-10)
+    for backend in [b for b in PARALLEL if _applies(model, b)]:
+        y, final = _compile(model, backend)(q, k, v, initial_state=state, **gates)
+        assert relative_error(y, y_ref) < 1e-10, backend
+        for a, b in zip(final, final_ref):
+            assert (a is None) == (b is None) and (a is None or relative_error(a, b) < 1e-10), backend
 
     f = filters.compile(model)
     stepped, ys = state, []
@@ -102,8 +116,10 @@ def test_backends_agree_and_step_matches(name, time):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_final_state_continues_the_sequence(name, backend):
     model = ALL_MODELS[name]
+    if not _applies(model, backend):
+        pytest.skip(f"{backend} does not apply (tested in test_inapplicable_backends_say_why)")
     q, k, v, gates = random_inputs(model, time=9, seed=3)
-    f = filters.compile(model, backend=backend)
+    f = _compile(model, backend)
     y_full, final_full = f(q, k, v, **gates)
     cut = lambda a, s: a[:, s]
     y1, state = f(cut(q, slice(0, 4)), cut(k, slice(0, 4)), cut(v, slice(0, 4)),
@@ -121,25 +137,28 @@ def test_gradients_agree_across_backends_and_match_finite_differences(name):
     q, k, v, gates = random_inputs(model, batch=1, time=5, heads=2, key_dim=3, value_dim=2, seed=11)
 
     def loss(backend):
-        f = filters.compile(model, backend=backend)
+        f = _compile(model, backend)
 
         def fn(q, k, v, gates):
             y, state = f(q, k, v, **gates)
             return jnp.sum(jnp.sin(y)) + jnp.sum(state.mean ** 2)
         return fn
 
-    grads = {b: jax.grad(loss(b), argnums=(0, 1, 2, 3))(q, k, v, gates) for b in BACKENDS}
-    for a, b in zip(jax.tree_util.tree_leaves(grads["associative"]), jax.tree_util.tree_leaves(grads["sequential"])):
-        assert relative_error(a, b) < 1e-9
+    backends = [b for b in BACKENDS if _applies(model, b)]
+    grads = {b: jax.grad(loss(b), argnums=(0, 1, 2, 3))(q, k, v, gates) for b in backends}
+    for backend in backends[1:]:
+        for a, b in zip(jax.tree_util.tree_leaves(grads[backend]), jax.tree_util.tree_leaves(grads["sequential"])):
+            assert relative_error(a, b) < 1e-9, backend
     # Keys stay fixed for finite differences: a write strength is valid only for the keys it was drawn for.
     check_grads(lambda q, v, gates: loss("sequential")(q, k, v, gates), (q, v, gates), order=1,
                 modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
-def test_diagnostics_match_the_joint_gaussian():
+@pytest.mark.parametrize("backend", ["sequential", "chunked"])
+def test_diagnostics_match_the_joint_gaussian(backend):
     model = dm.bayesian(prior_variance=0.7, process_noise=0.1)
     q, k, v, gates = random_inputs(model, batch=1, time=6, heads=2, key_dim=3, value_dim=2, seed=2)
-    y, state, diag = filters.compile(model, backend="sequential", diagnostics=True)(q, k, v, **gates)
+    y, state, diag = _compile(model, backend, diagnostics=True)(q, k, v, **gates)
     assert diag.write_gain.shape == diag.predictive_variance.shape == (1, 6, 2)
     for t in range(6):
         _, _, cov = joint_gaussian.filtered_moments(model, q[:, :t + 1], k[:, :t + 1], v[:, :t + 1],
@@ -172,8 +191,7 @@ def test_reduced_precision_inputs(dtype, tolerance, backend):
     q, k, v, gates = random_inputs(model, time=16, seed=1)
     y_ref, _ = filters.compile(model, backend="sequential")(q, k, v, **gates)
     cast = lambda x: jnp.asarray(x, dtype)
-    y, state = filters.compile(model, backend=backend)(cast(q), cast(k), cast(v),
-                                                       **{n: cast(g) for n, g in gates.items()})
+    y, state = _compile(model, backend)(cast(q), cast(k), cast(v), **{n: cast(g) for n, g in gates.items()})
     assert y.dtype == dtype and state.mean.dtype == jnp.float32  # accumulation in f32, never bf16
     assert relative_error(y, y_ref) < tolerance
 
@@ -182,7 +200,7 @@ def test_jit_compiles_every_backend():
     model = dm.bayesian(process_noise=0.01)
     q, k, v, gates = random_inputs(model, time=8, seed=2)
     for backend in BACKENDS:
-        f = filters.compile(model, backend=backend)
+        f = _compile(model, backend)
         y, _ = jax.jit(lambda q, k, v, g: f(q, k, v, **g))(q, k, v, gates)
         assert np.all(np.isfinite(y))
 
@@ -191,3 +209,18 @@ def test_explain_reports_structure_and_lowerings():
     text = filters.explain(USER_EXACT_MODELS["diagonal_decay_full_covariance"])
     assert "family      exact" in text and "transition  diagonal" in text
     assert "log_decay [B,T,H, K]" in text and "associative applies" in text
+
+
+@pytest.mark.parametrize("name", ["dense_transition_input_noise", "diagonal_decay_full_covariance",
+                                  "dense_additive"])
+def test_inapplicable_backends_say_why(name):
+    model = ALL_MODELS[name]
+    with pytest.raises(filters.BackendError, match=r"backend='chunked' does not apply to this design model: "
+                                                   r".*; accepted here: sequential, associative"):
+        filters.compile(model, backend="chunked")
+    assert filters.compile(model, backend="auto").backend in ("sequential", "associative")
+
+
+def test_auto_picks_chunked_where_it_applies():
+    assert filters.compile(dm.gated_deltanet()).backend == "chunked"
+    assert filters.compile(dm.bayesian(process_noise=0.1)).backend == "chunked"
