@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from filters import kalman, transitions
+from filters import kalman, linalg, transitions
 from filters.inputs import FilterState, StepInputs
 
 
@@ -136,7 +136,7 @@ def exact(structure, x: StepInputs, state: FilterState):
     def combine(e_i, e_j):
         f_i, b_i, c_i, n_i, j_i = e_i
         f_j, b_j, c_j, n_j, j_j = e_j
-        w = jnp.linalg.solve(eye + c_i @ j_j, jnp.broadcast_to(eye, c_i.shape))
+        w = linalg.inverse(eye + c_i @ j_j)
         f_jw = f_j @ w
         return (
             f_jw @ f_i,

@@ -53,10 +53,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
-
 import designmodels as dm
-from filters import kalman
+from filters import kalman, linalg
 from filters.inputs import FilterState, StepInputs
 
 DEFAULT_CHUNK_SIZE = 64
@@ -169,27 +167,26 @@ def delta_rule(q, k, w, v, b, mean0, time):
     ``q, k, w [B,H,N,C,K]``, ``v [B,H,N,C,V]``, cumulative log decays ``b [B,H,N,C,1|K]``,
     ``mean0 [B,H,V,K]``. Returns ``(y [B,T,H,V], M_final)``.
     """
-    chunk = k.shape[-2]
-    eye = jnp.eye(chunk, dtype=k.dtype)
+    chunk, value_dim = k.shape[-2], v.shape[-1]
     lower = _pairwise(k, w, b, strict=True)                               # L
-    solve = lambda rhs: solve_triangular(eye + lower, rhs, lower=True, unit_diagonal=True)
     gamma = jnp.exp(b)
-    u_values = solve(v)                                                   # T V
-    u_keys = solve(k * gamma)                                             # T (K * gamma)
+    # One triangular solve for both right-hand sides: T V and T (K * gamma).
+    solved = linalg.unit_lower_inverse(lower) @ jnp.concatenate([v, k * gamma], -1)
+    # Stack the rows that read M_0 (the innovations' correction and the queries) into one product.
+    readers = jnp.concatenate([solved[..., value_dim:], q * gamma], -2)  # [2C, K]
     attend = _pairwise(q, w, b, strict=False)                             # [q_i . w_j decayed]_{j<=i}
-    q_decayed = q * gamma
     w_to_end = w * jnp.exp(b[..., -1:, :] - b)
     end_decay = jnp.exp(b[..., -1, :])
 
     def body(mean, inputs):
-        u_v, u_k, attend_c, q_c, w_end, end_c = inputs
-        mean_t = jnp.swapaxes(mean, -1, -2)                               # M_0^T [K, V]
-        innovations = u_v - u_k @ mean_t                                  # U [C, V]
-        y = q_c @ mean_t + attend_c @ innovations
+        u_v, readers_c, attend_c, w_end, end_c = inputs
+        read = readers_c @ jnp.swapaxes(mean, -1, -2)                     # [2C, V]: (T K gamma) M_0^T, (Q gamma) M_0^T
+        innovations = u_v - read[..., :chunk, :]                          # U [C, V]
+        y = read[..., chunk:, :] + attend_c @ innovations
         new_mean = mean * end_c[..., None, :] + jnp.swapaxes(innovations, -1, -2) @ w_end
         return new_mean, y
 
-    final, y = _scan_chunks(body, mean0, (u_values, u_keys, attend, q_decayed, w_to_end, end_decay))
+    final, y = _scan_chunks(body, mean0, (solved[..., :value_dim], readers, attend, w_to_end, end_decay))
     return _from_chunks(y, time), final
 
 
@@ -219,7 +216,9 @@ def _isotropic_noise(structure, x: StepInputs):
 
 
 def covariance_pass(structure, x: StepInputs, cov0, chunk: int):
-    """The gains ``Kg [B,H,N,C,K]``, the final ``P``, and per-step diagnostics (module doc)."""
+    """The covariance pass (module doc). Returns the gains ``Kg [B,H,N,C,K]``, the final ``P``, the
+    predictive variances ``[B,H,N,C]``, the cumulative log decays ``b [B,H,N,C]`` and the covariance at
+    the start of every chunk ``[B,H,N,K,K]`` (for numerical checks)."""
     q, k = _to_chunks(x.q, chunk), _to_chunks(x.k, chunk)
     b = jnp.cumsum(_log_decays(x, structure, chunk), axis=-2)[..., 0]    # [B,H,N,C]
     noise = _to_chunks(_isotropic_noise(structure, x), chunk)             # q_t; pads add none
@@ -248,8 +247,8 @@ def covariance_pass(structure, x: StepInputs, cov0, chunk: int):
     def body(cov, inputs):
         k_g, noise_c, k_a, k_e, f_c, r_l, gam, q_c, alpha_c = inputs
         sigma = k_g @ cov @ jnp.swapaxes(k_g, -1, -2) + noise_c
-        chol = jnp.linalg.cholesky(kalman.symmetrize(sigma))
-        whiten = solve_triangular(chol, jnp.broadcast_to(eye_c, chol.shape), lower=True)   # X
+        chol = linalg.cholesky(kalman.symmetrize(sigma))
+        whiten = linalg.lower_inverse(chol)                               # X = L^{-1}
         k_t = whiten @ k_g                                                # Kt = X (K * gamma)
         kt_p = k_t @ cov
         pivots = jnp.diagonal(chol, axis1=-2, axis2=-1)
@@ -263,16 +262,16 @@ def covariance_pass(structure, x: StepInputs, cov0, chunk: int):
         e = jnp.where(lower_incl, e, 0.0)
         variance = (gam ** 2 * jnp.einsum("...ik,...kl,...il->...i", q_c, cov, q_c)
                     + alpha_c * jnp.sum(q_c * q_c, -1) - jnp.sum(e * e, -1))
-        return new_cov, (gains, variance)
+        return new_cov, (gains, variance, cov)
 
-    final_cov, (gains, variance) = _scan_chunks(
+    final_cov, (gains, variance, boundaries) = _scan_chunks(
         body, cov0, (k_gamma, noise_part, k_alpha, k_end, f_matrix, r_lower, gamma, q, alpha))
-    return gains, final_cov, variance, b
+    return gains, final_cov, variance, b, boundaries
 
 
 def exact(structure, x: StepInputs, state: FilterState, chunk: int, diagnostics: bool = False):
     time = x.k.shape[1]
-    gains, final_cov, variance, b = covariance_pass(structure, x, state.covariance, chunk)
+    gains, final_cov, variance, b, _ = covariance_pass(structure, x, state.covariance, chunk)
     q, k, v = (_to_chunks(z, chunk) for z in (x.q, x.k, x.v))
     y, final_mean = delta_rule(q, k, gains, v, b[..., None], state.mean, time)
     out = (y, FilterState(final_mean, final_cov))
