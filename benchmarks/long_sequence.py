@@ -43,7 +43,8 @@ def check(model, args):
         gates["log_decay"] = gates["log_decay"] / 70.0
     structure = filters.analyze(model)
     start = time.perf_counter()
-    reference = np.asarray(filters.compile(model, backend="sequential")(q, k, v, validate=False, **gates)[0])
+    reference, reference_state = filters.compile(model, backend="sequential")(q, k, v, validate=False, **gates)
+    reference = np.asarray(reference)
     t_reference = time.perf_counter() - start
 
     f32 = lambda x: np.asarray(x, np.float32)
@@ -60,15 +61,20 @@ def check(model, args):
     t_chunked = time.perf_counter() - start
 
     p = np.asarray(boundaries, np.float64)                                    # [B, H, N, K, K]
-    scale = np.abs(p).max(axis=(-2, -1))
+    scale = np.maximum(np.abs(p).max(axis=(-2, -1)), np.finfo(np.float64).tiny)
     asymmetry = float((np.abs(p - np.swapaxes(p, -1, -2)).max(axis=(-2, -1)) / scale).max())
     smallest = np.linalg.eigvalsh(0.5 * (p + np.swapaxes(p, -1, -2)))[..., 0]
+    oracle_scale = float(np.abs(np.asarray(reference_state.covariance)).max())
     return {
         "finite": bool(np.all(np.isfinite(y)) and np.all(np.isfinite(p))),
         "min_eigenvalue": float(smallest.min()),
         "min_eigenvalue_relative": float((smallest / scale).min()),
         "max_asymmetry_relative": asymmetry,
         "output_relative_error": float(np.abs(y - reference).max() / np.abs(reference).max()),
+        # Decay without process noise contracts the exact P to zero (A P A^T, nothing added back): then
+        # the float64 oracle's P is below float32's range too, and P >= 0 is all that can hold.
+        "oracle_final_covariance_max": oracle_scale,
+        "covariance_vanishes": oracle_scale < np.finfo(np.float32).tiny,
         "seconds_f64_sequential": t_reference, "seconds_f32_chunked": t_chunked,
     }
 
@@ -87,16 +93,18 @@ def main():
     header = (f"T={args.time}, H={args.heads}, K=V={args.dim}, chunk {args.chunk_size}, float32 chunked vs "
               f"float64 sequential, jax {jax.__version__} on {jax.default_backend()}")
     print(header, flush=True)
-    lines = ["| model | finite | min eigenvalue of P (relative) | max asymmetry (relative) | "
-             "output rel. error | pass |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | finite | min eigenvalue of P (relative) | max asymmetry (relative) | f64 oracle: max of "
+             "final P | output rel. error | pass |", "| --- | --- | --- | --- | --- | --- | --- |"]
     failed = False
     for name, model in MODELS.items():
         r = check(model, args)
-        ok = (r["finite"] and r["min_eigenvalue"] > 0 and r["max_asymmetry_relative"] < 1e-5
+        definite = r["min_eigenvalue"] > 0 or (r["covariance_vanishes"] and r["min_eigenvalue"] >= 0)
+        ok = (r["finite"] and definite and r["max_asymmetry_relative"] < 1e-5
               and r["output_relative_error"] < args.tolerance)
         failed |= not ok
         line = (f"| {name} | {r['finite']} | {r['min_eigenvalue']:.2e} ({r['min_eigenvalue_relative']:.1e}) | "
-                f"{r['max_asymmetry_relative']:.1e} | {r['output_relative_error']:.1e} | {'yes' if ok else 'NO'} |")
+                f"{r['max_asymmetry_relative']:.1e} | {r['oracle_final_covariance_max']:.1e} | "
+                f"{r['output_relative_error']:.1e} | {'yes' if ok else 'NO'} |")
         lines.append(line)
         print(line, flush=True)
     if args.out:
