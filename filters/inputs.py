@@ -53,8 +53,14 @@ class StepInputs(NamedTuple):
     input_scale: Optional[jax.Array] = None
 
 
+try:  # jax.core.Tracer is public in jax 0.10; keep working if a later release moves it
+    _Tracer = jax.core.Tracer
+except AttributeError:  # pragma: no cover
+    from jax._src.core import Tracer as _Tracer
+
+
 def is_concrete(x) -> bool:
-    return x is not None and not isinstance(x, jax.core.Tracer)
+    return x is not None and not isinstance(x, _Tracer)
 
 
 def compute_dtype(*arrays):
