@@ -1,0 +1,75 @@
+"""Learned associative recall (DESIGN.md section 5): a 2-layer model per sequence layer, trained to recall
+the value token bound to a random key vector, then evaluated beyond its training regime: more pairs
+than it was trained on (up to and past the key dimension), a longer wait between writing and recall,
+and colliding keys (pairs of keys with a fixed overlap rho). Reproduces the table and figure of
+docs/experiments.md, "Learned associative recall".
+
+    python -m experiments.recall --config=configs/recall.py --workdir=runs/recall
+    python -m experiments.recall --config=configs/recall.py --config.smoke=True --workdir=/tmp/recall
+
+Writes runs/<model>/d<d_model>_lr<lr>/ (checkpoints, metrics.csv, eval.csv, results.json) and, over every
+finished run of the workdir, results.csv, table.md and accuracy_by_condition.png.
+"""
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.models = ("attention", "linear_attention", "mamba2", "deltanet", "gated_deltanet", "bayesian",
+                     "bayesian_no_conv")
+    config.d_models = (64,)
+    config.learning_rates = (1e-3, 3e-3)
+    # data (experiments.tasks.recall): keys are unit vectors in key_dim dimensions, values are tokens.
+    config.key_dim = 16
+    config.num_values = 64
+    config.train_pairs = 8
+    config.train_seq_len = 64
+    config.train_collision_fraction = 0.0
+    config.train_collision_overlap = 0.0
+    # (name, num_kv_pairs, seq_len, collision_fraction, collision_overlap)
+    config.eval_conditions = (
+        ("train", 8, 64, 0.0, 0.0),
+        ("pairs_12", 12, 64, 0.0, 0.0),
+        ("pairs_16", 16, 64, 0.0, 0.0),
+        ("pairs_24", 24, 96, 0.0, 0.0),
+        ("wait_256", 8, 256, 0.0, 0.0),
+        ("wait_1024", 8, 1024, 0.0, 0.0),
+        ("collide_0.5", 8, 64, 1.0, 0.5),
+        ("collide_0.9", 8, 64, 1.0, 0.9),
+        ("collide_0.99", 8, 64, 1.0, 0.99),
+    )
+    config.num_train_examples = 50_000
+    config.num_eval_examples = 1_000
+    config.data_seed = 0
+    # model
+    config.num_layers = 2
+    config.head_dim = 64
+    config.conv_size = 4
+    config.mlp_ratio = 0
+    config.backend = "auto"
+    # training
+    config.num_steps = 2000
+    config.batch_size = 128
+    config.warmup_steps = 200
+    config.weight_decay = 0.1
+    config.grad_clip = 1.0
+    config.final_lr_fraction = 0.0
+    config.seed = 0
+    config.log_every = 50
+    config.eval_every = 0
+    config.checkpoint_every = 500
+    config.eval_batch_size = 256
+    config.throughput_steps = 10
+    config.progress = True
+    config.kill_at_step = 0
+    config.smoke = False
+    config.smoke_settings = ml_collections.ConfigDict({
+        "models": ("attention", "bayesian"), "d_models": (16,), "learning_rates": (3e-3,), "key_dim": 8,
+        "num_values": 8, "train_pairs": 2, "train_seq_len": 16,
+        "eval_conditions": (("train", 2, 16, 0.0, 0.0), ("pairs_4", 4, 16, 0.0, 0.0),
+                            ("collide_0.9", 2, 16, 1.0, 0.9)),
+        "num_train_examples": 32, "num_eval_examples": 16, "head_dim": 8, "backend": "sequential",
+        "num_steps": 4, "batch_size": 8, "warmup_steps": 1, "log_every": 2, "checkpoint_every": 2,
+        "eval_batch_size": 16, "throughput_steps": 1, "progress": False,
+    })
+    return config

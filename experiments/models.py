@@ -1,0 +1,161 @@
+"""The model of the recall experiments: a small language model whose sequence layer is the one under test.
+
+::
+
+    tokens [B,T] -> embedding (+ W vectors [B,T,F], the learned-recall study)
+                 -> n_layers x [ x + mixer(LayerNorm(x)); optionally x + MLP(LayerNorm(x)) ]
+                 -> LayerNorm -> tied head (embedding^T) -> logits [B,T,vocab]
+
+The mixer is a `layers.DesignLayer` (any named design model) or, as the baseline that is not a design
+model, `CausalAttention`. Parameters and activations are float32 whatever the global default.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import designmodels as dm
+import layers
+
+F32 = jnp.float32
+
+# name -> (named layer, or "attention"; overrides of the layer's options)
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "attention": ("attention", {}),
+    "linear_attention": ("linear_attention", {}),
+    "retnet": ("retnet", {}),
+    "gla": ("gla", {}),
+    "mamba2": ("mamba2", {}),
+    "deltanet": ("deltanet", {}),
+    "gated_deltanet": ("gated_deltanet", {}),
+    "longhorn": ("longhorn", {}),
+    "bayesian": ("bayesian", {}),
+    "bayesian_no_conv": ("bayesian", {"conv_size": 0}),
+}
+
+
+_MODEL_OPTIONS = {"gamma", "prior_variance", "process_noise", "noise", "decay"}
+
+
+def check_models(names) -> None:
+    bad = [n for n in names if n not in MODELS]
+    if bad:
+        raise ValueError(f"config.models: {bad} not known; accepted: {', '.join(MODELS)}.")
+
+
+def heads_for(d_model: int, head_dim: int) -> tuple[int, int]:
+    """``(num_heads, key_dim)``: heads of width ``head_dim`` (one head when ``d_model <= head_dim``)."""
+    heads = max(1, d_model // head_dim)
+    return heads, d_model // heads
+
+
+def rope(x: jax.Array, base: float = 10000.0) -> jax.Array:
+    """Rotary position embedding over the last axis of ``x [B, T, H, D]`` (D even; rotate-half form)."""
+    time, dim = x.shape[1], x.shape[-1]
+    freqs = base ** (-jnp.arange(0, dim // 2, dtype=F32) * 2 / dim)
+    angle = jnp.arange(time, dtype=F32)[:, None] * freqs                       # [T, D/2]
+    cos, sin = jnp.cos(angle)[None, :, None], jnp.sin(angle)[None, :, None]
+    x1, x2 = x[..., :dim // 2], x[..., dim // 2:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+class CausalAttention(nn.Module):
+    """Causal multi-head softmax attention (the baseline): q, k, v projections, the same short causal
+    convolution as the design layers (``conv_size``, 0 disables), rotary positions, output projection."""
+
+    d_model: int
+    num_heads: int = 1
+    head_dim: int = 64
+    conv_size: int = 4
+    use_rope: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        batch, time, _ = x.shape
+        width = self.num_heads * self.head_dim
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=F32, param_dtype=F32, name=name)
+        q, k, v = dense(width, "q_proj")(x), dense(width, "k_proj")(x), dense(width, "v_proj")(x)
+        if self.conv_size:
+            q, k, v = (layers.ShortConv(self.conv_size, name=f"{n}_conv")(z)[0] for n, z in zip("qkv", (q, k, v)))
+        split = lambda z: z.reshape(batch, time, self.num_heads, self.head_dim).astype(F32)
+        q, k, v = split(q), split(k), split(v)
+        if self.use_rope:
+            q, k = rope(q), rope(k)
+        scores = jnp.einsum("bthd,bshd->bhts", q, k) * self.head_dim ** -0.5
+        mask = jnp.tril(jnp.ones((time, time), bool))
+        weights = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
+        y = jnp.einsum("bhts,bshd->bthd", weights, v).reshape(batch, time, width)
+        return dense(self.d_model, "out_proj")(y)
+
+
+def sequence_layer(name: str, d_model: int, head_dim: int, backend: str, conv_size: int,
+                   layer_name: Optional[str] = None) -> nn.Module:
+    """The mixer for model ``name`` of `MODELS` (heads of width ``head_dim``)."""
+    check_models([name])
+    kind, overrides = MODELS[name]
+    heads, key_dim = heads_for(d_model, head_dim)
+    options = {"conv_size": conv_size, **overrides}
+    if kind == "attention":
+        return CausalAttention(d_model, num_heads=heads, head_dim=key_dim, name=layer_name, **options)
+    # `layers.named_layer`, with a module name: design-model options go to the model, the rest to the layer
+    model_options = {k: options.pop(k) for k in list(options) if k in _MODEL_OPTIONS}
+    return layers.DesignLayer(dm.NAMED_MODELS[kind](**model_options), d_model, num_heads=heads, key_dim=key_dim,
+                              backend=backend, dtype=F32, name=layer_name, **options)
+
+
+class Mlp(nn.Module):
+    d_model: int
+    ratio: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.ratio * self.d_model, dtype=F32, param_dtype=F32, name="up")(x)
+        return nn.Dense(self.d_model, dtype=F32, param_dtype=F32, name="down")(jax.nn.gelu(h))
+
+
+class Block(nn.Module):
+    model: str
+    d_model: int
+    head_dim: int
+    backend: str
+    conv_size: int
+    mlp_ratio: int
+
+    @nn.compact
+    def __call__(self, x):
+        norm = lambda name: nn.LayerNorm(dtype=F32, param_dtype=F32, name=name)
+        x = x + sequence_layer(self.model, self.d_model, self.head_dim, self.backend, self.conv_size,
+                               layer_name="mixer")(norm("mixer_norm")(x))
+        if self.mlp_ratio:
+            x = x + Mlp(self.d_model, self.mlp_ratio, name="mlp")(norm("mlp_norm")(x))
+        return x
+
+
+class LanguageModel(nn.Module):
+    """``(tokens [B,T], vectors [B,T,F] or None) -> logits [B,T,vocab_size]`` (float32)."""
+
+    model: str
+    vocab_size: int
+    d_model: int
+    num_layers: int = 2
+    head_dim: int = 64
+    backend: str = "auto"
+    conv_size: int = 4
+    mlp_ratio: int = 0
+
+    @nn.compact
+    def __call__(self, tokens, vectors=None):
+        embed = nn.Embed(self.vocab_size, self.d_model, embedding_init=nn.initializers.normal(0.02),
+                         dtype=F32, param_dtype=F32, name="embed")
+        x = embed(tokens)
+        if vectors is not None:
+            x = x + nn.Dense(self.d_model, use_bias=False, dtype=F32, param_dtype=F32,
+                             name="vector_proj")(vectors.astype(F32))
+        for i in range(self.num_layers):
+            x = Block(self.model, self.d_model, self.head_dim, self.backend, self.conv_size, self.mlp_ratio,
+                      name=f"block_{i}")(x)
+        x = nn.LayerNorm(dtype=F32, param_dtype=F32, name="final_norm")(x)
+        return embed.attend(x)

@@ -1,0 +1,247 @@
+"""MQAR and its variants, trained: accuracy against d_model per sequence layer, as in Zoology.
+
+    python -m experiments.mqar --config=configs/mqar.py --workdir=runs/mqar
+    python -m experiments.mqar --config=configs/mqar.py --config.smoke=True --workdir=/tmp/mqar
+
+For every (variant, training shape, model, d_model, learning rate) of the config, a 2-layer model
+(`experiments.models`) is trained on `experiments.tasks.mqar` data (`experiments.training`: AdamW,
+warm-up + cosine, data-parallel over the local devices, orbax checkpoints) in its own folder under
+``workdir/runs``, then evaluated at its training shape and beyond (longer sequences, more pairs); the
+throughput of its training step is measured. Finished runs are skipped, so an interrupted sweep resumes.
+Then every finished run of the workdir is collected into ``results.csv`` (one row per run),
+``table.md`` (best learning rate per variant, shape, model and d_model) and ``accuracy_vs_d_model.png``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import common, models, sweep, tasks, training
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """``--config`` and ``--workdir``; defined only when run as a program, so that tests and other
+    experiments can import this module."""
+    config_flags.DEFINE_config_file("config", "configs/mqar.py", "Experiment config.")
+    flags.DEFINE_string("workdir", None, "Where the runs, results.csv, table.md and figures go.")
+
+
+def set_name(seq_len: int, pairs: int) -> str:
+    return f"L{seq_len}_P{pairs}"
+
+
+def _task_kwargs(config) -> dict:
+    return {"num_updates": config.num_updates or None, "block_gap": config.block_gap, "power_a": config.power_a,
+            "random_filler": config.random_filler}
+
+
+def eval_shapes(config, variant: str, seq_len: int, pairs: int) -> list[tuple[int, int]]:
+    """The evaluation shapes of a training shape that the variant's layout fits."""
+    shapes = []
+    for length_x, pairs_x in config.eval_multipliers:
+        shape = (seq_len * length_x, pairs * pairs_x)
+        try:
+            tasks.mqar_layout(*shape, variant, num_updates=_task_kwargs(config)["num_updates"],
+                              block_gap=config.block_gap)
+        except tasks.TaskError as e:
+            logging.info("evaluation shape %s skipped for %s: %s", shape, variant, e)
+            continue
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+def check(config) -> None:
+    """Fail before any training on a config that cannot run."""
+    common.check_choice("variants", config.variants, tasks.MQAR_VARIANTS)
+    models.check_models(config.models)
+    if not config.d_models or min(config.d_models) < 1 or not config.learning_rates:
+        raise ValueError("config.d_models and config.learning_rates must be non-empty, d_model positive.")
+    for variant in config.variants:
+        for seq_len, pairs in config.train_shapes:
+            try:
+                tasks.mqar_layout(seq_len, pairs, variant, num_updates=config.num_updates or None,
+                                  block_gap=config.block_gap)
+            except tasks.TaskError as e:
+                raise ValueError(f"config.train_shapes: {(seq_len, pairs)} does not fit variant {variant!r}: {e}")
+            if seq_len >= config.vocab_size:
+                raise ValueError(f"config.vocab_size={config.vocab_size} must exceed seq_len={seq_len}.")
+    if config.variants and "block" in config.variants and config.block_gap + 1 <= config.num_layers * (
+            config.conv_size - 1):
+        logging.warning("block_gap=%d: a value is %d positions after its key, which %d stacked short "
+                        "convolutions of size %d can reach; Block-MQAR needs block_gap + 1 > %d.",
+                        config.block_gap, config.block_gap + 1, config.num_layers, config.conv_size,
+                        config.num_layers * (config.conv_size - 1))
+
+
+def datasets(config, variant: str, seq_len: int, pairs: int):
+    """The training set and the evaluation sets of one (variant, training shape)."""
+    kwargs = _task_kwargs(config)
+    x, y = tasks.mqar(config.vocab_size, seq_len, pairs, config.num_train_examples,
+                      sweep.derive_seed(config.data_seed, variant, seq_len, pairs, "train"), variant, **kwargs)
+    evals = {}
+    for shape in eval_shapes(config, variant, seq_len, pairs):
+        ex, ey = tasks.mqar(config.vocab_size, *shape, config.num_eval_examples,
+                            sweep.derive_seed(config.data_seed, variant, *shape, "eval"), variant, **kwargs)
+        evals[set_name(*shape)] = {"tokens": ex, "labels": ey}
+    return {"tokens": x, "labels": y}, evals
+
+
+def run_dir(workdir: str, variant: str, model: str, seq_len: int, pairs: int, d_model: int, lr: float) -> str:
+    return os.path.join(workdir, "runs", variant, model, set_name(seq_len, pairs), f"d{d_model}_lr{lr:.2e}")
+
+
+def run(config, workdir: str) -> list[dict]:
+    """Train every run of the grid that has not finished; return the records of the grid."""
+    check(config)
+    sweep.quiet_orbax()
+    mesh = training.data_mesh()
+    grid = [(v, s, m, d, lr) for v in config.variants for s in config.train_shapes for m in config.models
+            for d in config.d_models for lr in config.learning_rates]
+    records, cache = [], {}
+    for i, (variant, (seq_len, pairs), name, d_model, lr) in enumerate(grid):
+        folder = run_dir(workdir, variant, name, seq_len, pairs, d_model, lr)
+        description = {"experiment": "mqar", "variant": variant, "model": name, "d_model": d_model,
+                       "learning_rate": lr, "seq_len": seq_len, "num_kv_pairs": pairs,
+                       "vocab_size": config.vocab_size, "backend": config.backend, "conv_size": config.conv_size,
+                       "mlp_ratio": config.mlp_ratio, "num_layers": config.num_layers, "head_dim": config.head_dim,
+                       "data_seed": config.data_seed, "task": _task_kwargs(config)}
+
+        def train_run():
+            key = (variant, seq_len, pairs)
+            if key not in cache:
+                cache.clear()
+                cache[key] = datasets(config, variant, seq_len, pairs)
+            train_data, evals = cache[key]
+            logging.info("[%d/%d] %s", i + 1, len(grid), os.path.relpath(folder, workdir))
+            model = sweep.model_from_config(config, name, config.vocab_size, d_model)
+            training.train(model, sweep.settings_from_config(config, lr), train_data, evals, folder, mesh=mesh,
+                           description=description, on_step=sweep.kill_hook(config),
+                           desc=f"{variant} {name} d{d_model} lr{lr:.0e}")
+
+        records.append(sweep.run_once(folder, train_run))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------
+# the report
+# ----------------------------------------------------------------------------------------------------
+
+def rows(records: list[dict]) -> list[dict]:
+    """One flat row per run."""
+    out = []
+    for r in records:
+        d = r["description"]
+        row = {k: d[k] for k in ("variant", "model", "d_model", "learning_rate", "seq_len", "num_kv_pairs")}
+        for name, metrics in r["eval"].items():
+            row[f"accuracy_{name}"] = metrics["accuracy"]
+        row.update({"train_loss": r["final_train"].get("loss"), "train_accuracy": r["final_train"].get("accuracy"),
+                    "tokens_per_second": r["throughput"].get("tokens_per_second"),
+                    "seconds_per_step": r["throughput"].get("seconds_per_step"),
+                    "tokens_per_step": r["throughput"].get("tokens_per_step"), "num_params": r["num_params"],
+                    "steps": r["steps"], "platform": r.get("platform"), "devices": r.get("devices"),
+                    "backend": d.get("backend"), "run_dir": r["run_dir"]})
+        out.append(row)
+    return out
+
+
+def _in_distribution(record: dict) -> float:
+    d = record["description"]
+    return record["eval"][set_name(d["seq_len"], d["num_kv_pairs"])]["accuracy"]
+
+
+def best_records(records: list[dict]) -> dict:
+    key = lambda r: tuple(r["description"][k] for k in ("variant", "seq_len", "num_kv_pairs", "model", "d_model"))
+    return sweep.best_by(records, key, _in_distribution)
+
+
+def table(records: list[dict]) -> str:
+    best = best_records(records)
+    header = ["variant", "train (L, P)", "model", "d_model", "best lr", "accuracy", "beyond training",
+              "tokens/s", "params"]
+    out = []
+    for (variant, seq_len, pairs, model, d_model), r in sorted(best.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], kv[0][2], list(models.MODELS).index(kv[0][3]), kv[0][4])):
+        own = set_name(seq_len, pairs)
+        beyond = ", ".join(f"{n.replace('_', ' ')}: {m['accuracy']:.3f}" for n, m in r["eval"].items() if n != own)
+        out.append([variant, f"({seq_len}, {pairs})", model, d_model, f"{r['description']['learning_rate']:.1e}",
+                    f"{r['eval'][own]['accuracy']:.3f}", beyond or "-",
+                    sweep.fmt_rate(r["throughput"].get("tokens_per_second")), r["num_params"]])
+    return common.markdown_table(header, out)
+
+
+def plot(records: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = best_records(records)
+    variants = [v for v in tasks.MQAR_VARIANTS if any(k[0] == v for k in best)]
+    shapes = sorted(dict.fromkeys((k[1], k[2]) for k in best))
+    fig, axes = plt.subplots(len(shapes), len(variants), figsize=(3.6 * len(variants), 3.0 * len(shapes)),
+                             squeeze=False, sharey=True)
+    for i, shape in enumerate(shapes):
+        for j, variant in enumerate(variants):
+            ax = axes[i][j]
+            for model in models.MODELS:
+                points = sorted((k[4], _in_distribution(r)) for k, r in best.items()
+                                if k[0] == variant and (k[1], k[2]) == shape and k[3] == model)
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=model)
+            ax.set_xscale("log", base=2)
+            ds = sorted({k[4] for k in best})
+            ax.set_xticks(ds, [str(d) for d in ds])
+            ax.minorticks_off()
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{variant}, L={shape[0]}, P={shape[1]}", fontsize=9)
+            ax.set_xlabel("d_model")
+            if j == 0:
+                ax.set_ylabel("accuracy (best lr)")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for row in axes:
+        for ax in row:
+            h, l = ax.get_legend_handles_labels()
+            for hh, ll in zip(h, l):
+                if ll not in labels:
+                    handles.append(hh)
+                    labels.append(ll)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(workdir: str) -> list[dict]:
+    """Collect every finished MQAR run of ``workdir`` into results.csv, table.md and the figure."""
+    records = [r for r in sweep.collect(workdir) if r["description"].get("experiment") == "mqar"]
+    if not records:
+        return records
+    sweep.write_csv(os.path.join(workdir, "results.csv"), rows(records))
+    text = table(records)
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write("MQAR: accuracy at the training shape (best learning rate), beyond it (longer sequences, more "
+                "pairs), and the training step's throughput.\n\n" + text + "\n")
+    plot(records, os.path.join(workdir, "accuracy_vs_d_model.png"))
+    print(text)
+    return records
+
+
+def main(argv):
+    del argv
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required: the folder for the runs and the results.")
+    config = sweep.resolve_flags(FLAGS)
+    workdir = common.prepare_workdir(FLAGS.workdir)
+    run(config, workdir)
+    report(workdir)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,166 @@
+"""Learned associative recall: trained on one regime, evaluated beyond it.
+
+    python -m experiments.recall --config=configs/recall.py --workdir=runs/recall
+    python -m experiments.recall --config=configs/recall.py --config.smoke=True --workdir=/tmp/recall
+
+Each (model, d_model, learning rate) is trained on `experiments.tasks.recall` data (random unit key
+vectors, value tokens; ``train_pairs`` pairs in ``train_seq_len`` tokens), then evaluated on every
+condition of ``config.eval_conditions``: the training regime, more pairs (the memory crowds as the pair
+count passes the key dimension), a longer wait before recall, and colliding keys of overlap rho.
+Writes ``results.csv``, ``table.md`` (best learning rate per model and d_model; chance is
+``1 / num_values``) and ``accuracy_by_condition.png``.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import common, models, sweep, tasks, training
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """``--config`` and ``--workdir``; defined only when run as a program, so that tests and other
+    experiments can import this module."""
+    config_flags.DEFINE_config_file("config", "configs/recall.py", "Experiment config.")
+    flags.DEFINE_string("workdir", None, "Where the runs, results.csv, table.md and figures go.")
+
+
+def check(config) -> None:
+    models.check_models(config.models)
+    names = [c[0] for c in config.eval_conditions]
+    if len(set(names)) != len(names) or "train" not in names:
+        raise ValueError(f"config.eval_conditions: names must be distinct and include 'train'; got {names}.")
+    for name, pairs, seq_len, fraction, overlap in config.eval_conditions:
+        if seq_len < 3 * pairs:
+            raise ValueError(f"config.eval_conditions[{name!r}]: seq_len={seq_len} < 3 * pairs = {3 * pairs}.")
+        if not 0 <= fraction <= 1 or not -1 < overlap < 1:
+            raise ValueError(f"config.eval_conditions[{name!r}]: collision fraction in [0, 1], overlap in (-1, 1).")
+
+
+def datasets(config):
+    vocab = tasks.recall_vocab_size(config.num_values)
+    train = tasks.recall(config.num_train_examples, config.train_seq_len, config.train_pairs, config.key_dim,
+                         config.num_values, sweep.derive_seed(config.data_seed, "recall", "train"),
+                         collision_fraction=config.train_collision_fraction,
+                         collision_overlap=config.train_collision_overlap)
+    evals = {name: tasks.recall(config.num_eval_examples, seq_len, pairs, config.key_dim, config.num_values,
+                                sweep.derive_seed(config.data_seed, "recall", name, "eval"),
+                                collision_fraction=fraction, collision_overlap=overlap)
+             for name, pairs, seq_len, fraction, overlap in config.eval_conditions}
+    return vocab, train, evals
+
+
+def run(config, workdir: str) -> list[dict]:
+    check(config)
+    sweep.quiet_orbax()
+    mesh = training.data_mesh()
+    grid = [(m, d, lr) for m in config.models for d in config.d_models for lr in config.learning_rates]
+    data, records = None, []
+    for i, (name, d_model, lr) in enumerate(grid):
+        folder = os.path.join(workdir, "runs", name, f"d{d_model}_lr{lr:.2e}")
+        description = {"experiment": "recall", "model": name, "d_model": d_model, "learning_rate": lr,
+                       "key_dim": config.key_dim, "num_values": config.num_values,
+                       "train_pairs": config.train_pairs, "train_seq_len": config.train_seq_len,
+                       "backend": config.backend, "conv_size": config.conv_size, "mlp_ratio": config.mlp_ratio,
+                       "num_layers": config.num_layers, "head_dim": config.head_dim, "data_seed": config.data_seed,
+                       "eval_conditions": [list(c) for c in config.eval_conditions]}
+
+        def train_run():
+            nonlocal data
+            data = data or datasets(config)
+            vocab, train_data, evals = data
+            logging.info("[%d/%d] %s", i + 1, len(grid), os.path.relpath(folder, workdir))
+            training.train(sweep.model_from_config(config, name, vocab, d_model),
+                           sweep.settings_from_config(config, lr), train_data, evals, folder, mesh=mesh,
+                           description=description, on_step=sweep.kill_hook(config),
+                           desc=f"recall {name} d{d_model} lr{lr:.0e}")
+
+        records.append(sweep.run_once(folder, train_run))
+    return records
+
+
+def _best(records):
+    key = lambda r: (r["description"]["model"], r["description"]["d_model"])
+    return sweep.best_by(records, key, lambda r: r["eval"]["train"]["accuracy"])
+
+
+def _conditions(records) -> list[str]:
+    return list(dict.fromkeys(n for r in records for n in r["eval"]))
+
+
+def table(records) -> str:
+    best = _best(records)
+    conditions = _conditions(records)
+    rows = []
+    for (model, d_model), r in sorted(best.items(), key=lambda kv: (list(models.MODELS).index(kv[0][0]), kv[0][1])):
+        rows.append([model, d_model, f"{r['description']['learning_rate']:.1e}"]
+                    + [f"{r['eval'][c]['accuracy']:.3f}" if c in r["eval"] else "-" for c in conditions]
+                    + [sweep.fmt_rate(r["throughput"].get("tokens_per_second")), r["num_params"]])
+    return common.markdown_table(["model", "d_model", "best lr"] + conditions + ["tokens/s", "params"], rows)
+
+
+def plot(records, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    best = _best(records)
+    conditions = _conditions(records)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(conditions) + 2), 3.6))
+    width = 0.8 / max(len(best), 1)
+    for i, ((model, d_model), r) in enumerate(sorted(best.items(), key=lambda kv: (
+            list(models.MODELS).index(kv[0][0]), kv[0][1]))):
+        acc = [r["eval"].get(c, {}).get("accuracy", np.nan) for c in conditions]
+        ax.bar(np.arange(len(conditions)) + i * width - 0.4 + width / 2, acc, width, label=f"{model} (d={d_model})")
+    chance = 1.0 / records[0]["description"]["num_values"]
+    ax.axhline(chance, color="k", lw=0.8, ls=":", label="chance")
+    ax.set_xticks(np.arange(len(conditions)), conditions, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (best lr)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(workdir: str) -> list[dict]:
+    records = [r for r in sweep.collect(workdir) if r["description"].get("experiment") == "recall"]
+    if not records:
+        return records
+    out = []
+    for r in records:
+        row = {k: r["description"][k] for k in ("model", "d_model", "learning_rate")}
+        row.update({f"accuracy_{n}": m["accuracy"] for n, m in r["eval"].items()})
+        row.update({"tokens_per_second": r["throughput"].get("tokens_per_second"), "num_params": r["num_params"],
+                    "steps": r["steps"], "platform": r.get("platform"), "backend": r["description"]["backend"],
+                    "run_dir": r["run_dir"]})
+        out.append(row)
+    sweep.write_csv(os.path.join(workdir, "results.csv"), out)
+    text = table(records)
+    chance = 1.0 / records[0]["description"]["num_values"]
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(f"Learned associative recall: accuracy per evaluation condition (best learning rate by the "
+                f"training condition); chance {chance:.3f}.\n\n{text}\n")
+    plot(records, os.path.join(workdir, "accuracy_by_condition.png"))
+    print(text)
+    return records
+
+
+def main(argv):
+    del argv
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required: the folder for the runs and the results.")
+    config = sweep.resolve_flags(FLAGS)
+    workdir = common.prepare_workdir(FLAGS.workdir)
+    run(config, workdir)
+    report(workdir)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

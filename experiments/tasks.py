@@ -1,0 +1,262 @@
+"""Synthetic recall tasks: Zoology's multi-query associative recall (MQAR) and its variants, and the
+key-value recall task of the learned-recall study. Every generator is deterministic given its seed and
+vectorised over examples (numpy; no Python loop per token). The exact layouts are in docs/experiments.md.
+
+Shape legend::
+
+    N  examples        L  sequence length        P  key-value pairs        V  vocabulary size
+
+Labels are ``IGNORE`` (-100) wherever nothing is supervised; a supervised position holds a query key
+and its label is the value that key is bound to (for "update": the latest binding).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+IGNORE = -100
+MQAR_VARIANTS = ("base", "shared", "update", "block")
+SEPARATOR = 0   # token 0 is reserved: never a key, value or filler; the separator of Block-MQAR
+
+
+class TaskError(ValueError):
+    """A task argument that cannot produce the requested layout; the message says what is accepted."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# vectorised sampling helpers
+# ----------------------------------------------------------------------------------------------------
+
+def _subsets(rng: np.random.Generator, num_rows: int, low: int, high: int, size: int,
+             chunk: int = 4096) -> np.ndarray:
+    """``[num_rows, size]`` distinct integers from ``[low, high)`` per row, a uniformly random subset in
+    uniformly random order (the ``size`` smallest of i.i.d. uniform scores, then shuffled)."""
+    n = high - low
+    if size > n:
+        raise TaskError(f"cannot draw {size} distinct tokens from a range of {n}.")
+    out = np.empty((num_rows, size), np.int64)
+    for start in range(0, num_rows, chunk):      # a loop over chunks of examples, bounding memory
+        scores = rng.random((min(chunk, num_rows - start), n), dtype=np.float32)
+        part = np.argpartition(scores, size - 1, axis=1)[:, :size] if size < n else np.tile(
+            np.arange(n), (scores.shape[0], 1))
+        order = np.argsort(rng.random(part.shape), axis=1)
+        out[start:start + len(part)] = np.take_along_axis(part, order, 1) + low
+    return out
+
+
+def _power_law_slots(rng: np.random.Generator, num_rows: int, space: int, size: int,
+                     power_a: float) -> np.ndarray:
+    """Zoology's query placement: ``size`` distinct slots of ``range(space)`` drawn one after another
+    without replacement with ``p(i) ~ (i + 1)^(power_a - 1)`` (Gumbel top-k: the same distribution, in
+    the same draw order)."""
+    logp = (power_a - 1.0) * np.log(np.arange(1, space + 1))
+    scores = logp + rng.gumbel(size=(num_rows, space))
+    return np.argsort(-scores, axis=1, kind="stable")[:, :size]
+
+
+def _tokens_excluding(rng: np.random.Generator, shape, low: int, high: int,
+                      excluded_sorted: np.ndarray) -> np.ndarray:
+    """Uniform tokens of ``[low, high)`` minus each row's ``excluded_sorted`` (``[N, E]``, sorted, distinct,
+    inside the range): draw a rank ``r`` among the allowed tokens and map it to the token,
+    ``t = low + r + #{i : e_i - low - i <= r}``, with a batched ``searchsorted``."""
+    n_rows, n_excl = excluded_sorted.shape
+    allowed = high - low - n_excl
+    r = rng.integers(0, allowed, size=shape)
+    adjusted = excluded_sorted - low - np.arange(n_excl)               # non-decreasing per row
+    offset = (np.arange(n_rows) * (high - low + 1))[:, None]
+    flat = (adjusted + offset).ravel()
+    rr = r.reshape(n_rows, -1) + offset
+    count = np.searchsorted(flat, rr.ravel(), side="right").reshape(rr.shape) - np.arange(n_rows)[:, None] * n_excl
+    return (low + rr - offset + count).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MQAR
+# ----------------------------------------------------------------------------------------------------
+
+class MqarLayout(NamedTuple):
+    """Where things are, for one variant at one shape (the same for every example)."""
+
+    context: int            # C: tokens before the query region
+    bind_offset: int        # a value sits this many positions after its key
+    updates: int            # R: rebinding pairs (update variant)
+
+
+def mqar_layout(seq_len: int, num_kv_pairs: int, variant: str = "base", *, num_updates: Optional[int] = None,
+                block_gap: int = 6) -> MqarLayout:
+    """The layout of `mqar`, validated: raises `TaskError` when the pairs and queries do not fit."""
+    if variant not in MQAR_VARIANTS:
+        raise TaskError(f"variant={variant!r}: unknown; accepted: {', '.join(MQAR_VARIANTS)}.")
+    if num_kv_pairs < 1:
+        raise TaskError(f"num_kv_pairs={num_kv_pairs}: must be at least 1.")
+    updates = 0
+    if variant == "update":
+        updates = num_kv_pairs if num_updates is None else num_updates
+        if updates < 1:
+            raise TaskError(f"num_updates={updates}: the update variant needs at least one rebinding.")
+    if variant == "block":
+        if block_gap < 1:
+            raise TaskError(f"block_gap={block_gap}: must be at least 1 separator.")
+        context, offset = num_kv_pairs * (block_gap + 2), block_gap + 1
+    else:
+        context, offset = 2 * (num_kv_pairs + updates), 1
+    if context + 2 * num_kv_pairs > seq_len:
+        raise TaskError(
+            f"seq_len={seq_len} is too short for variant {variant!r} with {num_kv_pairs} pairs: the context "
+            f"takes {context} tokens and the {num_kv_pairs} queries need {2 * num_kv_pairs} more "
+            f"(seq_len >= {context + 2 * num_kv_pairs}).")
+    return MqarLayout(context, offset, updates)
+
+
+def mqar(vocab_size: int, seq_len: int, num_kv_pairs: int, num_examples: int, seed: int,
+         variant: str = "base", *, num_updates: Optional[int] = None, block_gap: int = 6,
+         power_a: float = 0.01, random_filler: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-query associative recall (Zoology, Arora et al. 2024) and its variants.
+
+    Returns ``(inputs int32 [N, L], labels int32 [N, L])``. Layout (docs/experiments.md):
+
+    * ``base``: keys from ``[1, V/2)``, values from ``[V/2, V)``, all distinct within an example. The
+      context ``k_1 v_1 ... k_P v_P`` opens the sequence; in the query region after it, every key is
+      queried once, at an even offset drawn by Zoology's power law (``power_a``; small = near the
+      context). The query position is supervised with the key's value. All other positions are filler:
+      uniform tokens of ``[1, V)`` that are not a key of the example (``random_filler=False``: token 0).
+    * ``shared``: keys and values drawn together as ``2P`` distinct tokens of ``[1, V)``: a token's role
+      is given only by its position.
+    * ``update``: after the ``P`` pairs come ``R = num_updates`` (default ``P``) rebinding pairs
+      ``k_j v'`` with ``j`` uniform over the keys (a key may be rebound more than once); every value in
+      an example is distinct, so a rebinding never repeats an old value. The label is the latest value.
+    * ``block``: each key is followed by ``block_gap`` separator tokens (token 0), then its value:
+      ``k_i 0^g v_i``. The value sits ``g + 1`` positions after its key; with ``g + 1 > n_layers *
+      (conv_size - 1)`` no stack of the models' short convolutions reaches from a value to its key.
+    """
+    layout = mqar_layout(seq_len, num_kv_pairs, variant, num_updates=num_updates, block_gap=block_gap)
+    if vocab_size < 8:
+        raise TaskError(f"vocab_size={vocab_size}: too small (at least 8).")
+    rng = np.random.default_rng(seed)
+    n, p, r = num_examples, num_kv_pairs, layout.updates
+    half = vocab_size // 2
+    if variant == "shared":
+        drawn = _subsets(rng, n, 1, vocab_size, 2 * p)
+        keys, values = drawn[:, :p], drawn[:, p:]
+    else:
+        keys = _subsets(rng, n, 1, half, p)
+        values = _subsets(rng, n, half, vocab_size, p + r)
+
+    if random_filler:
+        inputs = _tokens_excluding(rng, (n, seq_len), 1, vocab_size, np.sort(keys, axis=1))
+    else:
+        inputs = np.full((n, seq_len), SEPARATOR, np.int64)
+    labels = np.full((n, seq_len), IGNORE, np.int64)
+    rows = np.arange(n)[:, None]
+
+    latest = values[:, :p].copy()
+    if variant == "block":
+        starts = np.arange(p) * (block_gap + 2)
+        inputs[:, :layout.context] = SEPARATOR
+        inputs[rows, starts] = keys
+        inputs[rows, starts + layout.bind_offset] = values[:, :p]
+    else:
+        inputs[:, 0:2 * p:2], inputs[:, 1:2 * p:2] = keys, values[:, :p]
+    if r:
+        which = rng.integers(0, p, size=(n, r))                       # the key rebound by update u
+        inputs[:, 2 * p::2][:, :r] = np.take_along_axis(keys, which, 1)
+        inputs[:, 2 * p + 1::2][:, :r] = values[:, p:]
+        hit = which[:, :, None] == np.arange(p)                        # [N, R, P]
+        last = np.where(hit, np.arange(r)[None, :, None], -1).max(axis=1)
+        latest = np.where(last >= 0, np.take_along_axis(values[:, p:], np.maximum(last, 0), 1), latest)
+
+    space = (seq_len - layout.context) // 2
+    slots = _power_law_slots(rng, n, space, p, power_a)                # slot of the i-th key's query
+    positions = layout.context + 2 * slots
+    inputs[rows, positions] = keys
+    labels[rows, positions] = latest
+    return inputs.astype(np.int32), labels.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the learned-recall study
+# ----------------------------------------------------------------------------------------------------
+
+KEY_TOKEN, BLANK_TOKEN, FIRST_VALUE_TOKEN = 0, 1, 2
+
+
+def recall_vocab_size(num_values: int) -> int:
+    return num_values + FIRST_VALUE_TOKEN
+
+
+def recall(num_examples: int, seq_len: int, num_kv_pairs: int, key_dim: int, num_values: int, seed: int, *,
+           collision_fraction: float = 0.0, collision_overlap: float = 0.0) -> dict[str, np.ndarray]:
+    """Key-value recall with random key *vectors* (so that their overlap is a knob) and value *tokens*.
+
+    Returns ``{"tokens": int32 [N, L], "vectors": float32 [N, L, key_dim], "labels": int32 [N, L]}``.
+    The model's input is ``embed(tokens) + W vectors``. Layout: ``P`` pairs ``(key, value)`` (a key
+    position has token `KEY_TOKEN` and the key vector; a value position the value's token
+    ``FIRST_VALUE_TOKEN + j``, ``j < num_values`` uniform, and a zero vector), blanks (`BLANK_TOKEN`,
+    zero vector), then the last ``P`` positions query every key once in random order (token `KEY_TOKEN`
+    and the key vector; label: its value token). Longer ``seq_len`` means a longer wait before recall.
+
+    Keys are i.i.d. uniform unit vectors. Collisions: ``round(collision_fraction * P / 2)`` disjoint
+    pairs of keys (random members of the example) are made to overlap exactly,
+    ``k_b = rho k_a + sqrt(1 - rho^2) z`` with ``z`` a unit vector orthogonal to ``k_a`` and
+    ``rho = collision_overlap``.
+    """
+    if seq_len < 3 * num_kv_pairs:
+        raise TaskError(f"seq_len={seq_len}: needs at least 3 * num_kv_pairs = {3 * num_kv_pairs}.")
+    if not 0.0 <= collision_fraction <= 1.0 or not -1.0 < collision_overlap < 1.0:
+        raise TaskError(f"collision_fraction={collision_fraction} must be in [0, 1] and collision_overlap="
+                        f"{collision_overlap} in (-1, 1).")
+    if key_dim < 2:
+        raise TaskError(f"key_dim={key_dim}: must be at least 2.")
+    rng = np.random.default_rng(seed)
+    n, p = num_examples, num_kv_pairs
+    unit = lambda z: z / np.linalg.norm(z, axis=-1, keepdims=True)
+    keys = unit(rng.normal(size=(n, p, key_dim)))
+    collisions = int(round(collision_fraction * p / 2))
+    if collisions:
+        members = np.argsort(rng.random((n, p)), axis=1)[:, :2 * collisions]
+        a_idx, b_idx = members[:, 0::2], members[:, 1::2]
+        k_a = np.take_along_axis(keys, a_idx[..., None], 1)
+        z = rng.normal(size=k_a.shape)
+        z = unit(z - np.sum(z * k_a, -1, keepdims=True) * k_a)
+        k_b = collision_overlap * k_a + math.sqrt(1 - collision_overlap ** 2) * z
+        np.put_along_axis(keys, b_idx[..., None], k_b, 1)
+    values = rng.integers(0, num_values, size=(n, p))
+    order = np.argsort(rng.random((n, p)), axis=1)                     # query order
+
+    tokens = np.full((n, seq_len), BLANK_TOKEN, np.int64)
+    vectors = np.zeros((n, seq_len, key_dim), np.float32)
+    labels = np.full((n, seq_len), IGNORE, np.int64)
+    tokens[:, 0:2 * p:2] = KEY_TOKEN
+    tokens[:, 1:2 * p:2] = values + FIRST_VALUE_TOKEN
+    vectors[:, 0:2 * p:2] = keys
+    q0 = seq_len - p
+    tokens[:, q0:] = KEY_TOKEN
+    vectors[:, q0:] = np.take_along_axis(keys, order[..., None], 1)
+    labels[:, q0:] = np.take_along_axis(values, order, 1) + FIRST_VALUE_TOKEN
+    return {"tokens": tokens.astype(np.int32), "vectors": vectors, "labels": labels.astype(np.int32)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# batching helpers
+# ----------------------------------------------------------------------------------------------------
+
+def pad_to(data: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """Right-pad every ``[N, L, ...]`` array to ``seq_len`` (labels with ``IGNORE``, tokens with 0, vectors
+    with 0). Padding at the end changes nothing before it in a causal model."""
+    out = {}
+    for name, x in data.items():
+        extra = seq_len - x.shape[1]
+        if extra < 0:
+            raise TaskError(f"pad_to: {name} has length {x.shape[1]} > {seq_len}.")
+        fill = IGNORE if name == "labels" else 0
+        out[name] = np.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return out
+
+
+def concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack datasets of possibly different lengths, right-padded to the longest."""
+    length = max(part["labels"].shape[1] for part in parts)
+    padded = [pad_to(part, length) for part in parts]
+    return {name: np.concatenate([part[name] for part in padded]) for name in padded[0]}

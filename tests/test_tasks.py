@@ -1,0 +1,182 @@
+"""The recall tasks: every supervised label is the value bound to its query key (checked by an independent
+scan of each sequence), the layouts of the variants, determinism, and clear errors."""
+import numpy as np
+import pytest
+
+from experiments import tasks
+
+V, L, P = 64, 64, 4
+VARIANTS = tasks.MQAR_VARIANTS
+
+
+def _binding_offset(variant, gap=6):
+    return gap + 1 if variant == "block" else 1
+
+
+def _check_labels_bound_to_keys(inputs, labels, variant, pairs, gap=6):
+    """Independent of the generator: for each supervised position ``p``, the key ``x[p]`` must occur
+    before ``p``, and the label must be the token ``offset`` positions after its latest occurrence."""
+    offset = _binding_offset(variant, gap)
+    for x, y in zip(inputs, labels):
+        positions = np.flatnonzero(y != tasks.IGNORE)
+        assert len(positions) == pairs
+        assert len(set(x[positions])) == pairs            # every key is queried once
+        for p in positions:
+            earlier = np.flatnonzero(x[:p] == x[p])
+            assert len(earlier), "a query key that never occurred before"
+            assert y[p] == x[earlier[-1] + offset]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_labels_are_the_values_bound_to_the_query_keys(variant):
+    seq_len = 96 if variant in ("update", "block") else L
+    inputs, labels = tasks.mqar(V, seq_len, P, 200, seed=3, variant=variant)
+    assert inputs.shape == labels.shape == (200, seq_len)
+    assert inputs.dtype == labels.dtype == np.int32
+    assert inputs.min() >= 0 and inputs.max() < V
+    _check_labels_bound_to_keys(inputs, labels, variant, P)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_deterministic_from_the_seed(variant):
+    a = tasks.mqar(V, 96, P, 50, seed=7, variant=variant)
+    b = tasks.mqar(V, 96, P, 50, seed=7, variant=variant)
+    c = tasks.mqar(V, 96, P, 50, seed=8, variant=variant)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_base_layout_is_zoology_s():
+    inputs, labels = tasks.mqar(V, L, P, 300, seed=0)
+    keys, values = inputs[:, 0:2 * P:2], inputs[:, 1:2 * P:2]
+    assert np.all((keys >= 1) & (keys < V // 2)) and np.all(values >= V // 2)
+    assert all(len(set(row)) == P for row in keys) and all(len(set(row)) == P for row in values)
+    assert np.all(labels[:, :2 * P] == tasks.IGNORE)                 # nothing supervised in the context
+    supervised = np.argwhere(labels != tasks.IGNORE)
+    assert np.all((supervised[:, 1] - 2 * P) % 2 == 0)               # queries at even offsets
+    # fillers: never token 0, never a key of the example
+    for x, k, y in zip(inputs, keys, labels):
+        filler = x[2 * P:][y[2 * P:] == tasks.IGNORE]
+        assert np.all(filler != 0) and not np.isin(filler, k).any()
+
+
+def test_query_slots_follow_zoology_s_sequential_power_law_draws():
+    """The i-th key's query slot is the i-th draw without replacement of p(s) ~ (s + 1)^(a - 1), as
+    numpy's sequential ``choice`` (Zoology) draws it: compare the mean slot of each draw."""
+    n, power_a = 3000, 0.01
+    space = (L - 2 * P) // 2
+    inputs, labels = tasks.mqar(V, L, P, n, seed=11, power_a=power_a)
+    keys = inputs[:, 0:2 * P:2]
+    slots = np.empty((n, P))
+    for i, (x, k) in enumerate(zip(inputs, keys)):
+        for j in range(P):
+            slots[i, j] = (np.flatnonzero(x[2 * P:] == k[j])[0]) // 2
+    p = power_a * np.arange(1, space + 1) ** (power_a - 1)
+    rng = np.random.default_rng(0)
+    reference = np.array([rng.choice(space, size=P, replace=False, p=p / p.sum()) for _ in range(n)])
+    np.testing.assert_allclose(slots.mean(0), reference.mean(0), atol=0.8)
+    assert slots.mean() < (space - 1) / 2 - 3            # early slots dominate
+
+
+def test_power_law_one_is_uniform_and_zero_filler():
+    inputs, labels = tasks.mqar(V, L, P, 2000, seed=1, power_a=1.0, random_filler=False)
+    offsets = (np.argwhere(labels != tasks.IGNORE)[:, 1] - 2 * P) // 2
+    space = (L - 2 * P) // 2
+    assert abs(np.mean(offsets) - (space - 1) / 2) < 0.5
+    assert np.all(inputs[:, 2 * P:][labels[:, 2 * P:] == tasks.IGNORE] == 0)
+
+
+def test_shared_vocabulary():
+    inputs, _ = tasks.mqar(V, L, P, 500, seed=2, variant="shared")
+    keys, values = inputs[:, 0:2 * P:2], inputs[:, 1:2 * P:2]
+    both = np.concatenate([keys, values], 1)
+    assert all(len(set(row)) == 2 * P for row in both)               # 2P distinct tokens per example
+    for tokens in (keys, values):                                    # both roles use both halves
+        assert np.mean(tokens < V // 2) > 0.3 and np.mean(tokens >= V // 2) > 0.3
+
+
+def test_update_rebinds_to_new_values_and_labels_the_latest():
+    pairs, seq_len = 6, 96
+    inputs, labels = tasks.mqar(V, seq_len, pairs, 300, seed=4, variant="update", num_updates=5)
+    context = 2 * (pairs + 5)
+    changed = 0
+    for x, y in zip(inputs, labels):
+        bound = {}
+        for t in range(0, context, 2):
+            k, v = x[t], x[t + 1]
+            if k in bound:
+                assert v not in bound[k], "a rebinding repeats an old value"
+            bound.setdefault(k, []).append(v)
+        assert len(bound) == pairs
+        for p in np.flatnonzero(y != tasks.IGNORE):
+            assert y[p] == bound[x[p]][-1]
+            changed += len(bound[x[p]]) > 1
+    assert changed > 300                           # many queries ask a rebound key
+
+
+def test_block_separates_keys_from_values_beyond_the_convolutions():
+    gap = 6
+    inputs, labels = tasks.mqar(V, 96, P, 100, seed=5, variant="block", block_gap=gap)
+    span = gap + 2
+    for i in range(P):
+        assert np.all((inputs[:, i * span] >= 1) & (inputs[:, i * span] < V // 2))       # key
+        assert np.all(inputs[:, i * span + 1:i * span + 1 + gap] == tasks.SEPARATOR)    # separators
+        assert np.all(inputs[:, i * span + gap + 1] >= V // 2)                          # its value
+    assert gap + 1 > 2 * (4 - 1)     # two stacked size-4 convolutions reach 6 positions back
+    _check_labels_bound_to_keys(inputs, labels, "block", P, gap)
+
+
+def test_layout_errors_are_clear():
+    with pytest.raises(tasks.TaskError, match="variant='nope': unknown; accepted: base, shared, update, block"):
+        tasks.mqar(V, L, P, 4, 0, variant="nope")
+    with pytest.raises(tasks.TaskError, match=r"seq_len=32 is too short .* \(seq_len >= 36\)"):
+        tasks.mqar(V, 32, 4, 4, 0, variant="block", block_gap=5)
+    with pytest.raises(tasks.TaskError, match="seq_len >= 24"):
+        tasks.mqar_layout(16, 4, "update")
+    assert tasks.mqar_layout(64, 4, "update") == tasks.MqarLayout(16, 1, 4)
+
+
+def test_large_sets_are_fast_enough():
+    """Vectorised: Zoology's largest evaluation shape, a thousand examples."""
+    import time
+    start = time.perf_counter()
+    inputs, labels = tasks.mqar(8192, 1024, 256, 1000, seed=0)
+    assert time.perf_counter() - start < 10
+    assert np.sum(labels != tasks.IGNORE) == 256 * 1000
+
+
+def test_recall_task():
+    n, seq_len, pairs, dim, values = 300, 40, 6, 8, 10
+    data = tasks.recall(n, seq_len, pairs, dim, values, seed=0)
+    tokens, vectors, labels = data["tokens"], data["vectors"], data["labels"]
+    assert tokens.shape == labels.shape == (n, seq_len) and vectors.shape == (n, seq_len, dim)
+    assert vectors.dtype == np.float32 and tokens.max() < tasks.recall_vocab_size(values)
+    for x, vec, y in zip(tokens, vectors, labels):
+        queries = np.flatnonzero(y != tasks.IGNORE)
+        np.testing.assert_array_equal(queries, np.arange(seq_len - pairs, seq_len))
+        for q in queries:   # the label is the token after the context position with the same key vector
+            match = [t for t in range(0, 2 * pairs, 2) if np.allclose(vec[t], vec[q])]
+            assert len(match) == 1 and x[match[0]] == tasks.KEY_TOKEN and y[q] == x[match[0] + 1]
+        assert np.all(x[2 * pairs:seq_len - pairs] == tasks.BLANK_TOKEN)
+        np.testing.assert_allclose(np.linalg.norm(vec[0:2 * pairs:2], axis=-1), 1, rtol=1e-5)
+
+
+def test_recall_collisions_have_the_requested_overlap():
+    pairs, rho = 8, 0.9
+    data = tasks.recall(50, 32, pairs, 16, 10, seed=1, collision_fraction=0.5, collision_overlap=rho)
+    keys = data["vectors"][:, 0:2 * pairs:2].astype(np.float64)
+    gram = np.einsum("nik,njk->nij", keys, keys)
+    close = np.abs(gram - rho) < 1e-5
+    assert np.all(close.sum((1, 2)) == 2 * 2)      # round(0.5 * 8 / 2) = 2 colliding pairs, counted twice
+    none = tasks.recall(50, 32, pairs, 16, 10, seed=1)["vectors"][:, 0:2 * pairs:2]
+    assert np.max(np.abs(np.einsum("nik,njk->nij", none, none) - np.eye(pairs))) < 0.95
+
+
+def test_concatenate_pads_on_the_right():
+    a = dict(zip(("tokens", "labels"), tasks.mqar(V, 32, 2, 3, 0)))
+    b = dict(zip(("tokens", "labels"), tasks.mqar(V, 48, 3, 2, 1)))
+    both = tasks.concatenate([a, b])
+    assert both["tokens"].shape == (5, 48)
+    np.testing.assert_array_equal(both["tokens"][:3, :32], a["tokens"])
+    assert np.all(both["labels"][:3, 32:] == tasks.IGNORE) and np.all(both["tokens"][:3, 32:] == 0)
