@@ -117,12 +117,19 @@ class Filter:
         # The lowerings are pure functions of the structure: compile them once per filter. Inputs are
         # checked eagerly (outside jit), so bad values still raise.
         self._run = jax.jit(self._lower, static_argnames=("backend", "diagnostics"))
-        self._step = jax.jit(functools.partial(kalman.step, self.structure))
+        self._step = jax.jit(self._one_step)
+
+    def _one_step(self, state, x, stationary):
+        with jax.default_matmul_precision("float32"):
+            return kalman.step(self.structure, state, x, stationary)
 
     def _lower(self, x, state, *, backend, diagnostics):
         lowering = LOWERINGS[backend]
         options = {n: v for n, v in self.options.items() if n in lowering.options}
-        return lowering.run(self.structure, x, state, diagnostics=diagnostics, **options)
+        # Full float32 products: GPUs otherwise multiply float32 in TF32 (10-bit mantissa), which costs
+        # the chunked and associative forms three digits against the sequential one.
+        with jax.default_matmul_precision("float32"):
+            return lowering.run(self.structure, x, state, diagnostics=diagnostics, **options)
 
     @property
     def backend(self) -> str:
