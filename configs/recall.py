@@ -18,7 +18,7 @@ def get_config():
     config.models = ("attention", "linear_attention", "mamba2", "deltanet", "gated_deltanet", "bayesian",
                      "bayesian_no_conv")
     config.d_models = (64,)
-    config.learning_rates = (1e-3, 3e-3)
+    config.learning_rates = (3e-3, 1e-2)
     # data (experiments.tasks.recall): keys are unit vectors in key_dim dimensions, values are tokens.
     config.key_dim = 16
     config.num_values = 64

@@ -111,7 +111,7 @@ def plot(records, path: str) -> None:
 
     best = _best(records)
     conditions = _conditions(records)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(conditions) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(conditions) + 2), 4.2))
     width = 0.8 / max(len(best), 1)
     for i, ((model, d_model), r) in enumerate(sorted(best.items(), key=lambda kv: (
             list(models.MODELS).index(kv[0][0]), kv[0][1]))):
@@ -122,7 +122,7 @@ def plot(records, path: str) -> None:
     ax.set_xticks(np.arange(len(conditions)), conditions, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (best lr)")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.28))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
