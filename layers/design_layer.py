@@ -33,7 +33,8 @@ class ShortConv(nn.Module):
         """``x [B, T, C]``, ``history [B, size - 1, C]`` (the previous inputs; zeros at the start).
         Returns ``(y, new_history)``."""
         channels = x.shape[-1]
-        weight = self.param("kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=1), (self.size, channels))
+        weight = self.param("kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=1), (self.size, channels),
+                            jnp.float32)
         if history is None:
             history = jnp.zeros((x.shape[0], self.size - 1, channels), x.dtype)
         padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)

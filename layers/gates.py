@@ -61,7 +61,7 @@ class Gates(nn.Module):
             if "input_scale" in specs:
                 gates["input_scale"] = dt
             if "log_decay" in specs and specs["log_decay"].trailing == ():
-                a_log = self.param("A_log", lambda k, s: jnp.log(jax.random.uniform(k, s, minval=1, maxval=16)),
+                a_log = self.param("A_log", lambda k, s: jnp.log(jax.random.uniform(k, s, jnp.float32, 1, 16)),
                                    (heads,))
                 gates["log_decay"] = -jnp.exp(a_log) * dt
         if "log_decay" in specs and specs["log_decay"].trailing == ("K",):

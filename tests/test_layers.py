@@ -73,3 +73,10 @@ def test_gates_are_in_range_by_construction():
 def test_named_layer_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown layer 'mamba3'; accepted: linear_attention"):
         layers.named_layer("mamba3", d_model=8)
+
+
+def test_parameters_are_float32_even_with_x64():
+    layer = _layer(dm.mamba2(), "sequential")
+    params = layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 12), jnp.float32))
+    dtypes = {jax.tree_util.keystr(p): leaf.dtype for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    assert all(d == jnp.float32 for d in dtypes.values()), dtypes
