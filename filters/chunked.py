@@ -119,18 +119,72 @@ def _log_decays(x: StepInputs, structure, chunk):
     return _to_chunks(log_a, chunk)
 
 
-def _pairwise(x, y, b, *, strict: bool):
-    """``P_ij = sum_c x_ic y_jc exp(b_ic - b_jc)`` for ``j <= i`` (``j < i`` if strict), else 0.
+_BASE_BLOCK = 4   # the channel-wise pairwise product recurses down to diagonal blocks of this size
+_PAD_MULTIPLE = 8
 
-    ``b`` is ``[..., C, 1]`` (one decay for all channels: a masked product) or ``[..., C, K]``.
-    """
+
+def _pairwise_dense(x, y, b, strict):
+    """``_pairwise`` from the full ``[..., C, C, 1 or K]`` decay tensor."""
     chunk = x.shape[-2]
     mask = jnp.tril(jnp.ones((chunk, chunk), bool), -1 if strict else 0)
     diff = b[..., :, None, :] - b[..., None, :, :]                     # [..., C, C, 1 or K]
     decay = jnp.exp(jnp.where(mask[..., None], diff, -jnp.inf))
     if b.shape[-1] == 1:
         return (x @ jnp.swapaxes(y, -1, -2)) * decay[..., 0]
-    return jnp.einsum("...ic,...jc,...ijc->...ij", x, y, decay)
+    return jnp.einsum("...ijc,...jc->...ij", x[..., :, None, :] * decay, y)
+
+
+def _pairwise_bisect(x, y, b, strict):
+    """``_pairwise`` on blocks ``x, y, b [n, m, h, K] -> [n, m, h, h]``, by halving ``h``.
+
+    With ``r = b_{h/2}`` (the last row of the first half) the lower-left quadrant is
+    ``(x_2 * exp(b_2 - r)) (y_1 * exp(r - b_1))^T`` (both exponents <= 0: ``b`` is non-increasing);
+    the two diagonal quadrants recurse, all blocks of one level in one batch.
+    """
+    h = x.shape[-2]
+    if h <= _BASE_BLOCK or h % 2:
+        return _pairwise_dense(x, y, b, strict)
+    half = h // 2
+    halves = lambda z: z.reshape(*z.shape[:-3], 2 * z.shape[-3], half, z.shape[-1])
+    inner = _pairwise_bisect(halves(x), halves(y), halves(b), strict)    # [n, 2m, h/2, h/2]
+    inner = inner.reshape(*inner.shape[:-3], -1, 2, half, half)
+    ref = b[..., half - 1:half, :]
+    x_decayed = x[..., half:, :] * jnp.exp(b[..., half:, :] - ref)
+    y_decayed = y[..., :half, :] * jnp.exp(ref - b[..., :half, :])
+    lower = x_decayed @ jnp.swapaxes(y_decayed, -1, -2)                  # [n, m, h/2, h/2]
+    top = jnp.concatenate([inner[..., 0, :, :], jnp.zeros_like(lower)], -1)
+    bottom = jnp.concatenate([lower, inner[..., 1, :, :]], -1)
+    return jnp.concatenate([top, bottom], -2)
+
+
+def _pairwise_channels(x, y, b, strict):
+    """``_pairwise`` for a channel-wise ``b [..., C, K]`` without a ``[C, C, K]`` tensor: recursive
+    halving (``_pairwise_bisect``), so the off-diagonal blocks are matmuls of decayed ``x`` and ``y`` and
+    only ``[4, 4, K]`` diagonal blocks are formed. ``C`` is padded to a multiple of 8 with steps that are
+    zero in ``x, y`` and repeat the last ``b`` (exponents stay <= 0); their rows and columns are cut."""
+    x, y, b = jnp.broadcast_arrays(x, y, b)
+    lead, (chunk, channels) = x.shape[:-2], x.shape[-2:]
+    padded = -(-chunk // _PAD_MULTIPLE) * _PAD_MULTIPLE
+    # One flat batch axis (XLA CPU in jaxlib 0.10 crashed on some of these products' gradients when the
+    # batch had a leading unit axis, e.g. [1, 2, N, C, K]).
+    x, y, b = (z.reshape(-1, 1, chunk, channels) for z in (x, y, b))
+    if padded != chunk:
+        rows = [(0, 0), (0, 0), (0, padded - chunk), (0, 0)]
+        x, y, b = jnp.pad(x, rows), jnp.pad(y, rows), jnp.pad(b, rows, mode="edge")
+    out = _pairwise_bisect(x, y, b, strict)[:, 0, :chunk, :chunk]
+    return out.reshape(*lead, chunk, chunk)
+
+
+def _pairwise(x, y, b, *, strict: bool):
+    """``P_ij = sum_c x_ic y_jc exp(b_ic - b_jc)`` for ``j <= i`` (``j < i`` if strict), else 0.
+
+    ``b`` is ``[..., C, 1]`` (one decay for all channels: a masked product) or ``[..., C, K]`` (by
+    recursive halving, ``_pairwise_channels``). ``b`` is the cumulative log decay (non-increasing along
+    ``C``): every exponent taken is <= 0, whatever the decays' strength.
+    """
+    if b.shape[-1] == 1 or x.shape[-2] <= _BASE_BLOCK:
+        return _pairwise_dense(x, y, b, strict)
+    return _pairwise_channels(x, y, b, strict)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,8 +301,7 @@ def covariance_pass(structure, x: StepInputs, cov0, chunk: int):
     def body(cov, inputs):
         k_g, noise_c, k_a, k_e, f_c, r_l, gam, q_c, alpha_c = inputs
         sigma = k_g @ cov @ jnp.swapaxes(k_g, -1, -2) + noise_c
-        chol = linalg.cholesky(kalman.symmetrize(sigma))
-        whiten = linalg.lower_inverse(chol)                               # X = L^{-1}
+        chol, whiten = linalg.cholesky_with_inverse(kalman.symmetrize(sigma))   # L and X = L^{-1}
         k_t = whiten @ k_g                                                # Kt = X (K * gamma)
         kt_p = k_t @ cov
         pivots = jnp.diagonal(chol, axis1=-2, axis2=-1)

@@ -3,14 +3,17 @@
 Why not ``jnp.linalg``: on CPU, jaxlib 0.10's LAPACK kernels (triangular solve, Cholesky, LU) fan a
 batch out to XLA's intra-op thread pool and block on it; when several such calls run at once (a chunked
 filter issues them side by side) they can exhaust the pool and deadlock (seen on 2 cores: a 20 ms
-call never returning). The factorizations here are loops of batched vector operations, which XLA runs
-on any platform, and their derivatives are the implicit ones of the factorization (a few triangular
-products), not the loop unrolled:
+call never returning). The factorizations here are batched vector operations and matmuls, which XLA
+runs on any platform (triangular inverses and Cholesky recurse on 2 x 2 blocks, whose off-diagonal
+blocks and Schur complements are matmuls, down to blocks of 8 factorized by unrolled loops), and their
+derivatives are the implicit ones of the factorization (a few triangular products), not the
+recursion differentiated:
 
 * ``X = (I + N)^{-1}`` (``N`` strictly lower):  ``N_bar = tril(-X^T X_bar X^T, -1)``;
 * ``X = L^{-1}`` (``L`` lower):                  ``L_bar = tril(-X^T X_bar X^T)``;
 * ``L = chol(A)``:  ``A_bar = sym(L^{-T} Phi(L^T L_bar) L^{-1})``, ``Phi`` = lower triangle with half
   the diagonal (the transpose of ``dL = L Phi(L^{-1} dA L^{-T})``);
+* ``(L, X) = (chol(A), chol(A)^{-1})``: the Cholesky formula with ``L_bar + tril(-X^T X_bar X^T)``;
 * ``X = A^{-1}`` (Gauss-Jordan with partial pivoting): ``A_bar = -X^T X_bar X^T``.
 """
 from __future__ import annotations
@@ -31,27 +34,85 @@ def _set_row(x, row, i):
     return jax.lax.dynamic_update_index_in_dim(x, row[..., None, :], i, axis=-2)
 
 
-def _forward_substitution(strict):
-    """``(I + N)^{-1}`` for strictly lower ``N [..., C, C]``, one row at a time."""
-    size = strict.shape[-1]
-    eye = jnp.eye(size, dtype=strict.dtype)
+_BASE = 8   # blocks of at most this size are factorized by unrolled vector loops, larger ones recursively
 
-    def body(i, inverse):
-        # Row i of (I + N) X = I: X_i = e_i - sum_{j < i} N_ij X_j (rows j >= i of X are still zero).
-        row = eye[i] - jnp.einsum("...j,...jc->...c", _row(strict, i), inverse)
-        return _set_row(inverse, row, i)
 
-    return jax.lax.fori_loop(0, size, body, jnp.zeros_like(strict))
+def _join(top_left, bottom_left, bottom_right):
+    """The block lower-triangular matrix ``[[TL, 0], [BL, BR]]``."""
+    zeros = jnp.zeros(top_left.shape[:-1] + bottom_right.shape[-1:], top_left.dtype)
+    return jnp.concatenate([jnp.concatenate([top_left, zeros], -1),
+                            jnp.concatenate([bottom_left, bottom_right], -1)], -2)
+
+
+def _split(size):
+    """Where a recursive block split cuts ``size``: about half, on a multiple of ``_BASE``."""
+    half = (size + 1) // 2
+    return half if half <= _BASE else -(-half // _BASE) * _BASE
+
+
+def _base_lower_inverse(lower):
+    """``L^{-1}`` of a small lower ``L``, forward substitution unrolled row by row."""
+    size = lower.shape[-1]
+    eye = jnp.eye(size, dtype=lower.dtype)
+    rows = []
+    for i in range(size):
+        # Row i of L X = I: X_i = (e_i - sum_{j < i} L_ij X_j) / L_ii.
+        row = jnp.broadcast_to(eye[i], lower.shape[:-2] + (size,))
+        for j in range(i):
+            row = row - lower[..., i, j, None] * rows[j]
+        rows.append(row / lower[..., i, i, None])
+    return jnp.stack(rows, -2)
+
+
+def _triangular_inverse(lower):
+    """``L^{-1}`` for a lower ``L [..., C, C]``, recursively: ``[[X11, 0], [-X22 L21 X11, X22]]``."""
+    size = lower.shape[-1]
+    if size <= _BASE:
+        return _base_lower_inverse(lower)
+    n1 = _split(size)
+    x11 = _triangular_inverse(lower[..., :n1, :n1])
+    x22 = _triangular_inverse(lower[..., n1:, n1:])
+    return _join(x11, -(x22 @ (lower[..., n1:, :n1] @ x11)), x22)
+
+
+def _base_cholesky(matrix):
+    """Lower Cholesky factor of a small matrix, right-looking, unrolled column by column."""
+    size = matrix.shape[-1]
+    work, columns = matrix, []
+    for j in range(size):
+        pivot = jnp.sqrt(work[..., 0, 0])
+        column = work[..., :, 0] / pivot[..., None]                        # L[j:, j]
+        columns.append(jnp.pad(column, [(0, 0)] * (column.ndim - 1) + [(j, 0)]))
+        work = work[..., 1:, 1:] - column[..., 1:, None] * column[..., None, 1:]
+    return jnp.stack(columns, -1)
+
+
+def _cholesky_and_inverse(matrix):
+    """``(L, L^{-1})`` for a symmetric positive-definite ``A [..., C, C]``, recursively by blocks::
+
+        L11 = chol(A11),  L21 = A21 L11^{-T},  L22 = chol(A22 - L21 L21^T),  X21 = -X22 L21 X11
+
+    Only blocks of at most ``_BASE`` are factorized by (unrolled) loops; the rest is matmuls.
+    """
+    size = matrix.shape[-1]
+    if size <= _BASE:
+        factor = _base_cholesky(matrix)
+        return factor, _base_lower_inverse(factor)
+    n1 = _split(size)
+    l11, x11 = _cholesky_and_inverse(matrix[..., :n1, :n1])
+    l21 = matrix[..., n1:, :n1] @ _mT(x11)
+    l22, x22 = _cholesky_and_inverse(matrix[..., n1:, n1:] - l21 @ _mT(l21))
+    return _join(l11, l21, l22), _join(x11, -(x22 @ (l21 @ x11)), x22)
 
 
 @jax.custom_vjp
 def unit_lower_inverse(strict):
     """``(I + N)^{-1}`` for a strictly lower-triangular ``N [..., C, C]``."""
-    return _forward_substitution(strict)
+    return _triangular_inverse(jnp.tril(strict, -1) + jnp.eye(strict.shape[-1], dtype=strict.dtype))
 
 
 def _unit_lower_inverse_fwd(strict):
-    inverse = _forward_substitution(strict)
+    inverse = _triangular_inverse(jnp.tril(strict, -1) + jnp.eye(strict.shape[-1], dtype=strict.dtype))
     return inverse, inverse
 
 
@@ -62,20 +123,14 @@ def _unit_lower_inverse_bwd(inverse, cotangent):
 unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
-def _lower_inverse_forward(lower):
-    diagonal = jnp.diagonal(lower, axis1=-2, axis2=-1)
-    unit = lower / diagonal[..., None, :]                      # L = (I + N) diag(d)
-    return _forward_substitution(jnp.tril(unit, -1)) / diagonal[..., :, None]
-
-
 @jax.custom_vjp
 def lower_inverse(lower):
     """``L^{-1}`` for a lower-triangular ``L [..., C, C]`` with a non-zero diagonal."""
-    return _lower_inverse_forward(lower)
+    return _triangular_inverse(jnp.tril(lower))
 
 
 def _lower_inverse_fwd(lower):
-    inverse = _lower_inverse_forward(lower)
+    inverse = _triangular_inverse(jnp.tril(lower))
     return inverse, inverse
 
 
@@ -86,42 +141,52 @@ def _lower_inverse_bwd(inverse, cotangent):
 lower_inverse.defvjp(_lower_inverse_fwd, _lower_inverse_bwd)
 
 
-def _cholesky_forward(matrix):
-    size = matrix.shape[-1]
-    index = jnp.arange(size)
-
-    def body(j, carry):
-        work, factor = carry
-        column = jax.lax.dynamic_index_in_dim(work, j, axis=-1, keepdims=False)   # A[:, j]
-        pivot = jnp.sqrt(jax.lax.dynamic_index_in_dim(column, j, axis=-1, keepdims=False))
-        column = jnp.where(index >= j, column / pivot[..., None], 0.0)
-        factor = jax.lax.dynamic_update_index_in_dim(factor, column[..., :, None], j, axis=-1)
-        return work - column[..., :, None] * column[..., None, :], factor
-
-    _, factor = jax.lax.fori_loop(0, size, body, (matrix, jnp.zeros_like(matrix)))
-    return factor
+def _cholesky_cotangent(factor, inverse, cotangent):
+    """``A_bar = sym(L^{-T} Phi(L^T L_bar) L^{-1})``."""
+    phi = _mT(factor) @ cotangent
+    phi = jnp.tril(phi) - 0.5 * jnp.eye(phi.shape[-1], dtype=phi.dtype) * phi
+    grad = _mT(inverse) @ phi @ inverse
+    return 0.5 * (grad + _mT(grad))
 
 
 @jax.custom_vjp
 def cholesky(matrix):
-    """Lower Cholesky factor of a symmetric positive-definite ``A [..., C, C]`` (right-looking)."""
-    return _cholesky_forward(matrix)
+    """Lower Cholesky factor of a symmetric positive-definite ``A [..., C, C]`` (recursive blocks)."""
+    return _cholesky_and_inverse(matrix)[0]
 
 
 def _cholesky_fwd(matrix):
-    factor = _cholesky_forward(matrix)
-    return factor, factor
+    factor, inverse = _cholesky_and_inverse(matrix)
+    return factor, (factor, inverse)
 
 
-def _cholesky_bwd(factor, cotangent):
-    inverse = _lower_inverse_forward(factor)
-    phi = _mT(factor) @ cotangent
-    phi = jnp.tril(phi) - 0.5 * jnp.eye(phi.shape[-1], dtype=phi.dtype) * phi
-    grad = _mT(inverse) @ phi @ inverse
-    return (0.5 * (grad + _mT(grad)),)
+def _cholesky_bwd(residuals, cotangent):
+    return (_cholesky_cotangent(*residuals, cotangent),)
 
 
 cholesky.defvjp(_cholesky_fwd, _cholesky_bwd)
+
+
+@jax.custom_vjp
+def cholesky_with_inverse(matrix):
+    """``(L, L^{-1})`` for a symmetric positive-definite ``A [..., C, C]``, from one recursion."""
+    return _cholesky_and_inverse(matrix)
+
+
+def _cholesky_with_inverse_fwd(matrix):
+    factor, inverse = _cholesky_and_inverse(matrix)
+    return (factor, inverse), (factor, inverse)
+
+
+def _cholesky_with_inverse_bwd(residuals, cotangents):
+    factor, inverse = residuals
+    factor_bar, inverse_bar = cotangents
+    # X = L^{-1} adds L_bar += tril(-X^T X_bar X^T); then the Cholesky formula.
+    factor_bar = factor_bar + jnp.tril(-_mT(inverse) @ inverse_bar @ _mT(inverse))
+    return (_cholesky_cotangent(factor, inverse, factor_bar),)
+
+
+cholesky_with_inverse.defvjp(_cholesky_with_inverse_fwd, _cholesky_with_inverse_bwd)
 
 
 def _inverse_forward(matrix):
