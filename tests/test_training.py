@@ -82,7 +82,8 @@ def test_cli_run_resumes_after_a_real_kill(tmp_path):
              "--config.models=('bayesian',)", "--config.num_steps=8", "--config.checkpoint_every=3",
              "--config.log_every=1", "--config.kill_at_step=7", f"--workdir={tmp_path / 'cli'}"]
     killed = subprocess.run([sys.executable, "-m", "experiments.mqar", *flags], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                            text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": jax.default_backend(),
+                                                             "JAX_DEFAULT_MATMUL_PRECISION": "float32"})
     assert killed.returncode == -9, killed.stderr[-2000:]
 
     config = _smoke(mqar_config, variants=("update",), models=("bayesian",), num_steps=8, checkpoint_every=3,
