@@ -13,7 +13,9 @@ the component's docstring. Components check their own values; `DesignModel` chec
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import numbers
 from typing import Literal, Optional, Union
 
 import numpy as np
@@ -23,26 +25,69 @@ class DesignModelError(ValueError):
     """A design model that is impossible or badly parameterized. The message names the field."""
 
 
+def did_you_mean(word, choices) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` to a misspelled ``word``, else ``""``."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
 def _fail(field: str, got, accepted: str) -> None:
+    """``field: got <repr of got>; accepted: ...``."""
     raise DesignModelError(f"{field}: got {got!r}; accepted: {accepted}.")
 
 
+def _fail_as(field: str, description: str, accepted: str) -> None:
+    """``field: got <description>; accepted: ...`` (``description`` in words, not a value)."""
+    raise DesignModelError(f"{field}: got {description}; accepted: {accepted}.")
+
+
+def _is_number(value) -> bool:
+    """A real number (Python or numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _number(value, field: str, ok, accepted: str) -> float:
+    """``value`` as a float if it is a finite real number (not a bool) with ``ok(value)``, else fail."""
+    if not (_is_number(value) and math.isfinite(value) and ok(float(value))):
+        _fail(field, value, accepted)
+    return float(value)
+
+
+def _flag(value, field: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        _fail(field, value, "True or False")
+    return bool(value)
+
+
+def _as_array(value, field: str, what: str) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        _fail(field, value, what + " of real numbers")
+
+
 def _as_matrix(value, field: str) -> tuple:
-    array = np.asarray(value, dtype=np.float64)
+    array = _as_array(value, field, "a square K x K matrix")
     if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] == 0:
-        _fail(field, f"array of shape {array.shape}", "a square K x K matrix")
+        _fail_as(field, f"an array of shape {array.shape}", "a square K x K matrix (K >= 1)")
     if not np.all(np.isfinite(array)):
-        _fail(field, "a matrix with non-finite entries", "finite entries")
+        _fail_as(field, f"a matrix with non-finite entries, first at {_first(~np.isfinite(array))}",
+                 "finite entries")
     return tuple(tuple(float(x) for x in row) for row in array)
 
 
 def _as_vector(value, field: str) -> tuple:
-    array = np.asarray(value, dtype=np.float64)
+    array = _as_array(value, field, "a vector of length K")
     if array.ndim != 1 or array.shape[0] == 0:
-        _fail(field, f"array of shape {array.shape}", "a non-empty vector of length K")
+        _fail_as(field, f"an array of shape {array.shape}", "a non-empty vector of length K, e.g. (1.0, 0.5)")
     if not np.all(np.isfinite(array)):
-        _fail(field, "a vector with non-finite entries", "finite entries")
+        _fail_as(field, f"a non-finite entry at {_first(~np.isfinite(array))}", "finite entries")
     return tuple(float(x) for x in array)
+
+
+def _first(mask: np.ndarray) -> str:
+    index = tuple(int(i) for i in np.argwhere(mask)[0])
+    return f"index {index[0] if len(index) == 1 else index}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -56,8 +101,8 @@ class IsotropicCovariance:
     variance: float = 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.variance, (int, float)) and math.isfinite(self.variance) and self.variance > 0):
-            _fail("IsotropicCovariance.variance", self.variance, "a finite number > 0")
+        object.__setattr__(self, "variance", _number(self.variance, "IsotropicCovariance.variance",
+                                                     lambda x: x > 0, "a finite number > 0"))
 
     key_dim = None
 
@@ -74,7 +119,9 @@ class DiagonalCovariance:
     def __post_init__(self):
         variances = _as_vector(self.variances, "DiagonalCovariance.variances")
         if min(variances) <= 0:
-            _fail("DiagonalCovariance.variances", f"minimum {min(variances)}", "every variance > 0")
+            bad = np.asarray(variances) <= 0
+            _fail_as("DiagonalCovariance.variances", f"{variances} with {int(bad.sum())} entries <= 0, first at "
+                     f"{_first(bad)}", "every variance > 0 (a variance of 0 would fix that key channel forever)")
         object.__setattr__(self, "variances", variances)
 
     @property
@@ -94,11 +141,14 @@ class FullCovariance:
     def __post_init__(self):
         matrix = np.asarray(_as_matrix(self.matrix, "FullCovariance.matrix"))
         if not np.allclose(matrix, matrix.T, rtol=1e-10, atol=1e-12):
-            _fail("FullCovariance.matrix", "a non-symmetric matrix", "a symmetric positive-definite matrix")
+            gap = np.abs(matrix - matrix.T)
+            _fail_as("FullCovariance.matrix", f"a non-symmetric matrix (P[i, j] != P[j, i], largest difference "
+                     f"{gap.max():.3g} at {_first(gap == gap.max())})",
+                     "a symmetric positive-definite matrix; symmetrize it with (P + P.T) / 2 if that was meant")
         smallest = float(np.linalg.eigvalsh(matrix).min())
         if smallest <= 0:
-            _fail("FullCovariance.matrix", f"smallest eigenvalue {smallest:.3g}",
-                  "a positive-definite matrix (every eigenvalue > 0)")
+            _fail_as("FullCovariance.matrix", f"a matrix with smallest eigenvalue {smallest:.3g}",
+                     "a positive-definite matrix (every eigenvalue > 0), e.g. L @ L.T + eps * I")
         object.__setattr__(self, "matrix", _as_matrix(matrix, "FullCovariance.matrix"))
 
     @property
@@ -122,7 +172,8 @@ class Prior:
     def __post_init__(self):
         if not isinstance(self.covariance, (IsotropicCovariance, DiagonalCovariance, FullCovariance)):
             _fail("Prior.covariance", self.covariance,
-                  "IsotropicCovariance, DiagonalCovariance or FullCovariance")
+                  "an instance of IsotropicCovariance, DiagonalCovariance or FullCovariance, e.g. "
+                  "Prior(IsotropicCovariance(1.0))")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,8 +202,11 @@ class ScalarDecay:
     key_dim = None
 
     def __post_init__(self):
-        if self.decay is not None and not (isinstance(self.decay, (int, float)) and 0 < self.decay <= 1):
-            _fail("ScalarDecay.decay", self.decay, "a number in (0, 1], or None for an input-dependent decay")
+        if self.decay is not None:
+            object.__setattr__(self, "decay", _number(
+                self.decay, "ScalarDecay.decay", lambda a: 0 < a <= 1,
+                "a number in (0, 1], or None for an input-dependent decay (given at run time as log_decay)"))
+        object.__setattr__(self, "required", _flag(self.required, "ScalarDecay.required"))
         if self.decay is not None and not self.required:
             _fail("ScalarDecay.required", False, "True when the decay is fixed (only run-time decays are optional)")
 
@@ -170,8 +224,10 @@ class DiagonalDecay:
     def __post_init__(self):
         if self.decays is not None:
             decays = _as_vector(self.decays, "DiagonalDecay.decays")
-            if not all(0 < a <= 1 for a in decays):
-                _fail("DiagonalDecay.decays", decays, "every decay in (0, 1]")
+            bad = ~((np.asarray(decays) > 0) & (np.asarray(decays) <= 1))
+            if bad.any():
+                _fail_as("DiagonalDecay.decays", f"{decays}, entry {_first(bad)} outside (0, 1]",
+                         "every decay in (0, 1] (decays, not log decays), or None for run-time log_decay")
             object.__setattr__(self, "decays", decays)
 
     @property
@@ -219,10 +275,10 @@ class RandomWalk:
     variance: Optional[float] = 0.0
 
     def __post_init__(self):
-        if self.variance is not None and not (
-            isinstance(self.variance, (int, float)) and math.isfinite(self.variance) and self.variance >= 0
-        ):
-            _fail("RandomWalk.variance", self.variance, "a finite number >= 0, or None for an input-dependent one")
+        if self.variance is not None:
+            object.__setattr__(self, "variance", _number(
+                self.variance, "RandomWalk.variance", lambda x: x >= 0,
+                "a finite number >= 0, or None for an input-dependent one (given at run time as process_noise)"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,10 +292,10 @@ class Stationary:
     variance: Optional[float] = None
 
     def __post_init__(self):
-        if self.variance is not None and not (
-            isinstance(self.variance, (int, float)) and math.isfinite(self.variance) and self.variance > 0
-        ):
-            _fail("Stationary.variance", self.variance, "a finite number > 0, or None for the prior covariance")
+        if self.variance is not None:
+            object.__setattr__(self, "variance", _number(
+                self.variance, "Stationary.variance", lambda x: x > 0,
+                "a finite number > 0, or None for the prior covariance"))
 
 
 ProcessNoise = Union[NoProcessNoise, RandomWalk, Stationary]
@@ -260,11 +316,10 @@ class KeyValueObservation:
     precision: Optional[float] = None
 
     def __post_init__(self):
-        if self.precision is not None and not (
-            isinstance(self.precision, (int, float)) and math.isfinite(self.precision) and self.precision > 0
-        ):
-            _fail("KeyValueObservation.precision", self.precision,
-                  "a finite number > 0, or None for an input-dependent precision")
+        if self.precision is not None:
+            object.__setattr__(self, "precision", _number(
+                self.precision, "KeyValueObservation.precision", lambda x: x > 0,
+                "a finite number > 0, or None for an input-dependent precision (given at run time as beta)"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +332,9 @@ class LatentInput:
     """
 
     scaled: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "scaled", _flag(self.scaled, "LatentInput.scaled"))
 
 
 Observation = Union[KeyValueObservation, LatentInput]
@@ -308,8 +366,9 @@ class Reset:
     write_strength: bool = False
 
     def __post_init__(self):
-        if not (isinstance(self.variance, (int, float)) and math.isfinite(self.variance) and self.variance > 0):
-            _fail("Reset.variance", self.variance, "a finite number > 0")
+        object.__setattr__(self, "variance", _number(self.variance, "Reset.variance", lambda x: x > 0,
+                                                     "a finite number > 0"))
+        object.__setattr__(self, "write_strength", _flag(self.write_strength, "Reset.write_strength"))
 
 
 CovarianceMode = Union[Exact, Reset]

@@ -5,10 +5,21 @@ derives why each declaration reduces to the published recurrence and when that r
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Literal, Optional, Union
 
 from designmodels import components as c
 from designmodels.model import DesignModel
+
+
+@contextlib.contextmanager
+def _argument(function: str, **arguments):
+    """Prefix a component's error with the argument of the named model that caused it."""
+    try:
+        yield
+    except c.DesignModelError as e:
+        given = ", ".join(f"{k}={v!r}" for k, v in arguments.items())
+        raise c.DesignModelError(f"{function}({given}): {e}") from None
 
 
 def linear_attention() -> DesignModel:
@@ -18,7 +29,9 @@ def linear_attention() -> DesignModel:
 
 def retnet(gamma: float = 1 - 2 ** -5) -> DesignModel:
     """``M_t = gamma M_{t-1} + v_t k_t^T`` (Sun et al. 2023): fixed scalar decay ``gamma in (0, 1]``."""
-    return DesignModel(transition=c.ScalarDecay(gamma), observation=c.LatentInput(), name="retnet")
+    with _argument("retnet", gamma=gamma):
+        transition = c.ScalarDecay(gamma)
+    return DesignModel(transition=transition, observation=c.LatentInput(), name="retnet")
 
 
 def gla() -> DesignModel:
@@ -76,24 +89,46 @@ def bayesian(prior_variance: float = 1.0, process_noise: Optional[float] = None,
     Run time: ``beta`` ``[B,T,H]``, the observation precision ``> 0``.
     """
     if noise == "random_walk":
-        noise_component = c.NoProcessNoise() if not process_noise else c.RandomWalk(process_noise)
+        with _argument("bayesian", process_noise=process_noise):
+            noise_component = c.NoProcessNoise() if not process_noise else c.RandomWalk(process_noise)
     elif noise == "stationary":
-        noise_component = c.Stationary(process_noise)
+        with _argument("bayesian", process_noise=process_noise):
+            noise_component = c.Stationary(process_noise)
     else:
-        raise c.DesignModelError(f"bayesian(noise=...): got {noise!r}; accepted: 'random_walk' or 'stationary'.")
+        hint = c.did_you_mean(noise, ("random_walk", "stationary"))
+        raise c.DesignModelError(f"bayesian(noise=...): got {noise!r}{hint}; accepted: 'random_walk' or 'stationary'.")
     if decay == "input":
         transition = c.ScalarDecay(None, required=False)
     elif decay == "none":
         transition = c.Identity()
-    elif isinstance(decay, (int, float)):
-        transition = c.ScalarDecay(float(decay))
+    elif c._is_number(decay):
+        with _argument("bayesian", decay=decay):
+            transition = c.ScalarDecay(float(decay))
     else:
+        hint = c.did_you_mean(decay, ("input", "none")) if isinstance(decay, str) else ""
         raise c.DesignModelError(
-            f"bayesian(decay=...): got {decay!r}; accepted: 'input', 'none' or a number in (0, 1].")
-    return DesignModel(prior=c.Prior(c.IsotropicCovariance(prior_variance)), transition=transition,
+            f"bayesian(decay=...): got {decay!r}{hint}; accepted: 'input', 'none' or a number in (0, 1].")
+    with _argument("bayesian", prior_variance=prior_variance):
+        prior = c.Prior(c.IsotropicCovariance(prior_variance))
+    return DesignModel(prior=prior, transition=transition,
                        noise=noise_component, observation=c.KeyValueObservation(None),
                        covariance=c.Exact(), name="bayesian")
 
 
-NAMED_MODELS = {f.__name__: f for f in (
-    linear_attention, retnet, gla, mamba2, deltanet, gated_deltanet, longhorn, bayesian)}
+class _Named(dict):
+    """name -> model constructor; an unknown name raises a `DesignModelError` (also a ``KeyError``) that lists
+    the names and the closest one."""
+
+    def __missing__(self, name):
+        raise UnknownModelError(f"{name!r}: not a named design model{c.did_you_mean(name, self)}; accepted: "
+                                f"{', '.join(self)}. Declare any other model with DesignModel(...).")
+
+
+class UnknownModelError(c.DesignModelError, KeyError):
+    """A name that is not in `NAMED_MODELS`."""
+
+    __str__ = c.DesignModelError.__str__
+
+
+NAMED_MODELS = _Named({f.__name__: f for f in (
+    linear_attention, retnet, gla, mamba2, deltanet, gated_deltanet, longhorn, bayesian)})

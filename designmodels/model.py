@@ -76,12 +76,16 @@ class DesignModel:
                     "DesignModel.noise: Stationary noise P_0 - D P_0 D is not positive semi-definite for "
                     "every full P_0 and diagonal decay D; accepted: an isotropic or diagonal prior, or "
                     "Stationary(variance=...).")
+        if self.name is not None and not isinstance(self.name, str):
+            raise DesignModelError(f"DesignModel.name: got {self.name!r}; accepted: a string or None.")
         dims = {f: getattr(obj, "key_dim", None) for f, obj in (
             ("prior.covariance", self.prior.covariance), ("transition", self.transition))}
         fixed = {f: d for f, d in dims.items() if d is not None}
         if len(set(fixed.values())) > 1:
+            said = " but ".join(f"{f} fixes K = {d}" for f, d in fixed.items())
             raise DesignModelError(
-                f"DesignModel: the components fix different key dimensions {fixed}; accepted: one K for all.")
+                f"DesignModel: the components fix different key dimensions ({said}); accepted: one key "
+                "dimension K for every component that fixes one (give them vectors / matrices of one length).")
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -116,7 +120,7 @@ class DesignModel:
             specs.append(InputSpec("input_scale", (), "finite s_t"))
         if isinstance(obs, c.KeyValueObservation) and obs.precision is None:
             if isinstance(self.covariance, c.Reset) and self.covariance.write_strength:
-                specs.append(InputSpec("beta", (), "write strength with 0 < beta_t |k_t|^2 < 1"))
+                specs.append(InputSpec("beta", (), "write strength with 0 <= beta_t |k_t|^2 < 1"))
             else:
                 specs.append(InputSpec("beta", (), "precision beta_t > 0, finite"))
         return {s.name: s for s in specs}
@@ -136,4 +140,10 @@ class DesignModel:
 def _check_type(field: str, value, accepted: tuple) -> None:
     if not isinstance(value, accepted):
         names = ", ".join(t.__name__ for t in accepted)
-        raise DesignModelError(f"{field}: got {value!r}; accepted: an instance of {names}.")
+        hint = ""
+        if isinstance(value, type) and issubclass(value, accepted):
+            hint = f" (the class itself: make an instance, {value.__name__}(...))"
+        elif field == "DesignModel.prior" and isinstance(value, (c.IsotropicCovariance, c.DiagonalCovariance,
+                                                                  c.FullCovariance)):
+            hint = f" (wrap the covariance: prior=Prior({value!r}))"
+        raise DesignModelError(f"{field}: got {value!r}; accepted: an instance of {names}{hint}.")

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 
 import designmodels as dm
 from filters import associative, chunked, kalman, sequential
-from filters.inputs import FilterInputError, FilterState, check_qkv, compute_dtype, initial_state, prepare
+from filters.inputs import (
+    FilterInputError, FilterState, _value_checker, check_qkv, compute_dtype, initial_state, prepare,
+)
 from filters.structure import Structure, analyze
 
 
@@ -72,9 +74,10 @@ def _lowering(structure: Structure, backend: str, diagnostics: bool) -> Lowering
         backend = _auto_backend(structure)
         if diagnostics and not LOWERINGS[backend].diagnostics(structure):
             backend = "sequential"
-    if backend not in LOWERINGS:
+    if not isinstance(backend, str) or backend not in LOWERINGS:
+        hint = dm.did_you_mean(backend.lower(), ["auto", *LOWERINGS]) if isinstance(backend, str) else ""
         raise BackendError(
-            f"backend={backend!r}: unknown; accepted: 'auto', {', '.join(repr(b) for b in LOWERINGS)}.")
+            f"backend={backend!r}: unknown{hint}; accepted: 'auto', {', '.join(repr(b) for b in LOWERINGS)}.")
     lowering = LOWERINGS[backend]
     reason = lowering.reason_not_applicable(structure)
     if reason:
@@ -110,9 +113,15 @@ class Filter:
         for name, value in self.options.items():
             owners = [n for n, l in LOWERINGS.items() if name in l.options]
             if not owners:
-                raise BackendError(f"{name}={value!r}: not a compile option; accepted: "
-                                   f"{sorted({o for l in LOWERINGS.values() for o in l.options})}.")
-            if name == "chunk_size" and not (isinstance(value, int) and value >= 1):
+                known = sorted({o for l in LOWERINGS.values() for o in l.options})
+                raise BackendError(f"{name}={value!r}: not a compile option{dm.did_you_mean(name, known)}; "
+                                   f"accepted: {', '.join(known)}.")
+            if backend != "auto" and self.lowering.name not in owners:
+                raise BackendError(f"{name}={value!r}: an option of the {' and '.join(map(repr, owners))} "
+                                   f"lowering, which backend={backend!r} does not use; accepted: "
+                                   f"backend={' or '.join(map(repr, owners))} (or 'auto'), or drop {name}.")
+            if name == "chunk_size" and not (isinstance(value, int) and not isinstance(value, bool)
+                                             and value >= 1):
                 raise BackendError(f"chunk_size={value!r}: accepted: a positive integer (typically 16-128).")
         # The lowerings are pure functions of the structure: compile them once per filter. Inputs are
         # checked eagerly (outside jit), so bad values still raise.
@@ -146,7 +155,16 @@ class Filter:
     def _state(self, state, q, v, dtype, time_axis):
         batch, heads = (q.shape[0], q.shape[2]) if time_axis else q.shape[:2]
         return initial_state(self.structure, state, batch=batch, heads=heads, key_dim=q.shape[-1],
-                             value_dim=v.shape[-1], dtype=dtype)
+                             value_dim=v.shape[-1], dtype=dtype, name="initial_state" if time_axis else "state")
+
+    def _check_output(self, y, backend: str):
+        """Finite inputs must give a finite readout: a lowering that lost its numerics says so, never a
+        silent NaN."""
+        _value_checker(
+            "output y", y, lambda x, xp: xp.isfinite(x),
+            f"finite readouts; the {backend!r} lowering produced non-finite values from finite, valid inputs "
+            f"(in {y.dtype}), a loss of precision (e.g. very large precisions beta); use float64 inputs, "
+            "a smaller range of beta, or backend='sequential'")
 
     def __call__(self, q, k, v, *, initial_state=None, diagnostics: Optional[bool] = None,
                  validate: bool = True, **gates):
@@ -158,6 +176,8 @@ class Filter:
         x = prepare(self.structure, q, k, v, gates, validate=validate)
         state = self._state(initial_state, q, v, x.q.dtype, time_axis=True)
         out = self._run(x, state, backend=lowering.name, diagnostics=diagnostics)
+        if validate:
+            self._check_output(out[0], lowering.name)
         return (out[0].astype(v.dtype),) + tuple(out[1:])
 
     def step(self, state, q, k, v, *, validate: bool = True, **gates):
@@ -170,6 +190,8 @@ class Filter:
         stationary = self.structure.stationary_covariance(q.shape[-1])
         stationary = None if stationary is None else jnp.asarray(stationary, x.q.dtype)
         y, state, _ = self._step(state, x, stationary)
+        if validate:
+            self._check_output(y, "step")
         return y.astype(v.dtype), state
 
 

@@ -8,17 +8,22 @@ Shape legend (the layout of the PyTorch peer ``flash-linear-attention``)::
     M      [B, H, V, K]      the memory mean; the readout is ``y_t = M_t q_t``
     P      [B, H, K, K]      the key-space covariance shared by every value row (exact family only)
 
-Values are checked whenever they are concrete (eager calls); under ``jit`` only shapes can be checked,
-so layers produce gates that are valid by construction.
+Shapes and dtypes are always checked. Values are checked on the host when they are concrete (eager
+calls); under a transformation (``jit``, ``grad``, ``vmap``, ``scan``) a device-side count of the invalid
+entries goes to a host callback that raises when the computation runs (under ``jit`` it arrives wrapped in
+jax's runtime error, with this module's message inside). ``validate=False`` skips the value checks; the
+layers use it, since their gates are valid by construction.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from designmodels import did_you_mean
 from filters.structure import Structure
 
 
@@ -72,17 +77,46 @@ def _shape_error(name, got, expected):
     raise FilterInputError(f"{name}: got shape {tuple(got)}; expected {expected}.")
 
 
-def _value_checker(name: str, x, ok, accepted: str):
-    """Raise if a concrete ``x`` has entries outside ``ok(x)`` (a boolean mask)."""
-    if not is_concrete(x):
+def _report_invalid(name: str, shape: tuple, accepted: str, labels: tuple, count, flat, *values) -> None:
+    """Raise the message of `_value_checker` (on the host: called directly, or from a device callback)."""
+    count = int(count)
+    if not count:
         return
-    x = np.asarray(x, dtype=np.float64)
-    bad = ~np.asarray(ok(x))
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise FilterInputError(
-            f"{name}: {int(bad.sum())} invalid entries, first at index {index} = {x[index]!r}; "
-            f"accepted: {accepted}.")
+    index = tuple(int(i) for i in np.unravel_index(int(flat), shape)) if shape else ()
+    shown = ", ".join(f"{label} = {float(value):.6g}" for label, value in zip(labels, values))
+    raise FilterInputError(f"{name}: {count} invalid entries, first at index {index}: {shown}; "
+                           f"accepted: {accepted}.")
+
+
+def _value_checker(name: str, x, ok, accepted: str, *, shown: Optional[dict] = None):
+    """Raise if ``x`` has entries outside ``ok(x, xp)`` (a boolean mask; ``xp`` is numpy or jax.numpy).
+
+    The message gives the count, the first bad index and the value there (and the values of ``shown``,
+    ``{label: array of x's shape}``, at that index). A concrete ``x`` is checked now; a traced one by a
+    device-side reduction and a host callback that raises when the computation runs.
+    """
+    if x is None:
+        return
+    shown = shown or {name: x}
+    arrays = [x, *shown.values()]
+    if all(is_concrete(a) for a in arrays):
+        host = [np.asarray(a, dtype=np.float64) for a in arrays]
+        bad = ~np.asarray(ok(host[0], np))
+        if bad.any():
+            flat = int(np.argmax(bad.reshape(-1)))
+            _report_invalid(name, bad.shape, accepted, tuple(shown), int(bad.sum()), flat,
+                            *(np.broadcast_to(a, bad.shape).reshape(-1)[flat] for a in host[1:]))
+        return
+    x = jnp.asarray(x)
+    bad = ~ok(x, jnp)
+    flat = jnp.argmax(bad.reshape(-1))
+    values = [jnp.broadcast_to(jnp.asarray(a), bad.shape).reshape(-1)[flat] for a in shown.values()]
+    jax.debug.callback(functools.partial(_report_invalid, name, bad.shape, accepted, tuple(shown)),
+                       jnp.sum(bad), flat, *values)
+
+
+def _finite(x, xp):
+    return xp.isfinite(x)
 
 
 def check_qkv(q, k, v, *, key_dim: Optional[int], time_axis: bool = True, validate: bool = True):
@@ -90,26 +124,44 @@ def check_qkv(q, k, v, *, key_dim: Optional[int], time_axis: bool = True, valida
     rank = 4 if time_axis else 3
     layout = "[B, T, H, {}]" if time_axis else "[B, H, {}]"
     for name, x, last in (("q", q, "K"), ("k", k, "K"), ("v", v, "V")):
-        if not hasattr(x, "shape") or len(x.shape) != rank:
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise FilterInputError(
-                f"{name}: got {'rank ' + str(len(x.shape)) if hasattr(x, 'shape') else type(x).__name__}; "
-                f"expected an array of rank {rank} with layout {layout.format(last)}.")
+                f"{name}: got {type(x).__name__}; expected an array (numpy or jax) of rank {rank} with layout "
+                f"{layout.format(last)}; convert it with jnp.asarray.")
+        if len(x.shape) != rank:
+            step = "" if time_axis else " (a decoding step has no time axis; the whole sequence goes to f(...))"
+            raise FilterInputError(
+                f"{name}: got rank {len(x.shape)}, shape {tuple(x.shape)}; expected an array of rank {rank} with "
+                f"layout {layout.format(last)}{step}.")
         if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise FilterInputError(f"{name}: got dtype {x.dtype}; accepted: a floating dtype.")
+            raise FilterInputError(f"{name}: got dtype {x.dtype}; accepted: a floating dtype (float32, float64, "
+                                   "bfloat16, float16); cast it with .astype(jnp.float32).")
     if k.shape != q.shape:
-        _shape_error("k", k.shape, f"the shape of q {tuple(q.shape)}")
+        _shape_error("k", k.shape, f"the shape of q {tuple(q.shape)} (keys and queries share {layout.format('K')})")
     if v.shape[:-1] != q.shape[:-1]:
         _shape_error("v", v.shape, f"{layout.format('V')} with {layout[1:-5]} = {tuple(q.shape[:-1])} as in q")
     if key_dim is not None and q.shape[-1] != key_dim:
         _shape_error("q", q.shape, f"key dimension K = {key_dim}, which the design model fixes")
     if validate:
         for name, x in (("q", q), ("k", k), ("v", v)):
-            _value_checker(name, x, np.isfinite, "finite values")
+            _value_checker(name, x, _finite, "finite values")
     if time_axis:
         batch, time, heads, kd = q.shape
     else:
         (batch, heads, kd), time = q.shape, None
     return batch, time, heads, kd, v.shape[-1]
+
+
+def _as_gate(name: str, x):
+    """A run-time gate as a floating jax array, or a clear error."""
+    try:
+        x = jnp.asarray(x)
+    except (TypeError, ValueError):
+        raise FilterInputError(f"{name}: got {type(x).__name__} {x!r:.60}; accepted: a floating array.") from None
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise FilterInputError(f"{name}: got dtype {x.dtype}; accepted: a floating dtype (float32, float64, "
+                               "bfloat16, float16); cast it with .astype(jnp.float32).")
+    return x
 
 
 def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = True,
@@ -123,30 +175,34 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
     model = structure.model
     batch, time, heads, key_dim, _ = check_qkv(q, k, v, key_dim=model.key_dim, time_axis=time_axis,
                                                validate=validate)
-    check = _value_checker if validate else (lambda *args: None)
+    check = _value_checker if validate else (lambda *args, **kwargs: None)
     specs = structure.runtime_inputs
     unknown = sorted(set(gates) - set(specs))
     if unknown:
+        keywords = ("initial_state", "diagnostics", "validate") if time_axis else ("validate",)
+        hints = "".join(did_you_mean(u, [*specs, *keywords]) for u in unknown)
         raise FilterInputError(
-            f"{', '.join(unknown)}: not an input of this design model ({model.name or 'user-declared'}); "
-            f"accepted keyword inputs: {', '.join(specs) or 'none'}.")
+            f"{', '.join(unknown)}: not an input of this design model ({model.name or 'user-declared'})"
+            f"{hints}; accepted keyword inputs: {', '.join(specs) or 'none besides q, k, v'} "
+            f"(and the options {', '.join(keywords)}).")
     lead = (batch, time, heads) if time_axis else (batch, heads)
     lead_text = "[B, T, H" if time_axis else "[B, H"
     dtype = compute_dtype(q, k, v)
     values = {}
     for name, spec in specs.items():
         x = gates.get(name)
+        layout = f"{lead_text}{''.join(', ' + d for d in spec.trailing)}]"
         if x is None:
             if spec.required:
                 raise FilterInputError(
                     f"{name}: missing; this design model ({model.name or 'user-declared'}) takes it at run "
-                    f"time with shape {lead_text}{''.join(', ' + d for d in spec.trailing)}] ({spec.accepted}).")
+                    f"time with shape {layout} ({spec.accepted}); pass it by keyword, {name}=...")
             continue
-        x = jnp.asarray(x)
+        x = _as_gate(name, x)
         expected = (*lead, *(key_dim for _ in spec.trailing))
         if x.shape != expected:
-            _shape_error(name, x.shape,
-                         f"{lead_text}{''.join(', ' + d for d in spec.trailing)}] = {expected} ({spec.accepted})")
+            _shape_error(name, x.shape, f"{layout} = {expected} ({spec.accepted}); {lead_text[1:]} are read from "
+                                        f"q of shape {tuple(q.shape)}, layout {lead_text}, K]")
         values[name] = x.astype(dtype)
 
     q, k, v = (x.astype(dtype) for x in (q, k, v))
@@ -157,33 +213,44 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
     noise = model.noise
     if structure.noise == "random_walk":
         fields["process_noise"] = values["process_noise"] if noise.variance is None else noise.variance * ones
-        check("process_noise", fields["process_noise"], lambda x: np.isfinite(x) & (x >= 0),
-                      "finite values >= 0")
+        check("process_noise", fields["process_noise"], lambda x, xp: xp.isfinite(x) & (x >= 0),
+              "finite values >= 0")
 
     if structure.family == "additive":
         fields["input_scale"] = values.get("input_scale")
-        check("input_scale", fields["input_scale"], np.isfinite, "finite values")
+        check("input_scale", fields["input_scale"], _finite, "finite values")
         return StepInputs(**fields)
 
     beta = values["beta"] if model.observation.precision is None else model.observation.precision * ones
     key_norm2 = jnp.sum(k * k, axis=-1)
     if structure.family == "exact":
-        check("beta", beta, lambda x: np.isfinite(x) & (x > 0), "finite precisions beta > 0")
+        check("beta", beta, _positive, "finite precisions beta > 0 (beta is the precision 1 / noise variance)")
         fields["precision"] = beta
     elif structure.write_strength:
-        if is_concrete(beta) and is_concrete(k):
-            check("beta", beta * key_norm2, lambda x: np.isfinite(x) & (x >= 0) & (x < 1),
-                          "write strengths with 0 <= beta_t |k_t|^2 < 1 (a delta-rule step is a covariance "
-                          "reset only then: sigma^2 = beta / (1 - beta |k|^2) > 0; with unit keys, beta in "
-                          "[0, 1)); larger steps are not representable as a design model")
+        check("beta", beta * key_norm2, lambda x, xp: xp.isfinite(x) & (x >= 0) & (x < 1),
+              "write strengths with 0 <= beta_t |k_t|^2 < 1 (a delta-rule step is a covariance "
+              "reset only then: sigma^2 = beta / (1 - beta |k|^2) > 0; with unit keys, beta in "
+              "[0, 1), e.g. beta = sigmoid(x)); larger steps are not representable as a design model",
+              shown={"beta_t |k_t|^2": beta * key_norm2, "beta_t": beta, "|k_t|^2": key_norm2})
         fields["write_strength"] = beta
         fields["reset_variance"] = beta / (1 - beta * key_norm2)
     else:
-        check("beta", beta, lambda x: np.isfinite(x) & (x > 0), "finite precisions beta > 0")
+        check("beta", beta, _positive, "finite precisions beta > 0 (beta is the precision 1 / noise variance)")
         sigma2 = structure.reset_variance
         fields["write_strength"] = sigma2 * beta / (1 + sigma2 * beta * key_norm2)
         fields["reset_variance"] = sigma2 * ones
     return StepInputs(**fields)
+
+
+def _positive(x, xp):
+    return xp.isfinite(x) & (x > 0)
+
+
+_LOG_DECAY = "finite log decays <= 0 (decays in (0, 1]; pass log a_t, e.g. -softplus(x), not a_t itself)"
+
+
+def _log_decay(x, xp):
+    return xp.isfinite(x) & (x <= 0)
 
 
 def _transition(structure: Structure, values: dict, ones, key_dim: int, check):
@@ -197,26 +264,26 @@ def _transition(structure: Structure, values: dict, ones, key_dim: int, check):
         if t.decay is not None:
             return float(np.log(t.decay)) * ones
         x = values.get("log_decay")
-        check("log_decay", x, lambda x: np.isfinite(x) & (x <= 0),
-                      "finite log decays <= 0 (decays in (0, 1])")
+        check("log_decay", x, _log_decay, _LOG_DECAY)
         return x
     if kind == "diagonal":
         if t.decays is not None:
             return ones[..., None] * jnp.log(jnp.asarray(t.decays, dtype))
         x = values["log_decay"]
-        check("log_decay", x, lambda x: np.isfinite(x) & (x <= 0),
-                      "finite log decays <= 0 (decays in (0, 1])")
+        check("log_decay", x, _log_decay, _LOG_DECAY)
         return x
     if t.matrix is not None:
         return ones[..., None, None] * jnp.asarray(t.matrix, dtype)
     x = values["transition"]
-    check("transition", x, np.isfinite, "finite matrices")
+    check("transition", x, _finite, "finite matrices")
     return x
 
 
 def initial_state(structure: Structure, state, *, batch: int, heads: int, key_dim: int, value_dim: int,
-                  dtype) -> FilterState:
-    """Check a user's initial state, or build the prior one: ``M_0 = 0``, ``P_0`` from the prior."""
+                  dtype, name: str = "initial_state") -> FilterState:
+    """Check a user's initial state, or build the prior one: ``M_0 = 0``, ``P_0`` from the prior.
+
+    ``name`` is the argument as the user wrote it (``state`` for `Filter.step`), for the messages."""
     exact = structure.family == "exact"
     if state is None:
         mean = jnp.zeros((batch, heads, value_dim, key_dim), dtype)
@@ -225,18 +292,25 @@ def initial_state(structure: Structure, state, *, batch: int, heads: int, key_di
             p0 = jnp.asarray(structure.prior_covariance(key_dim), dtype)
             cov = jnp.broadcast_to(p0, (batch, heads, key_dim, key_dim))
         return FilterState(mean, cov)
+    accepted = ("FilterState(mean, covariance) as a filter returns it, a (mean, covariance) tuple, or the "
+                "mean M [B, H, V, K] alone")
     if isinstance(state, (tuple, list)):
+        if len(state) not in (1, 2):
+            raise FilterInputError(f"{name}: got a {type(state).__name__} of {len(state)} items; accepted: "
+                                   f"{accepted}.")
         mean, cov = (tuple(state) + (None,))[:2]
-    else:
+    elif hasattr(state, "shape"):
         mean, cov = state, None
+    else:
+        raise FilterInputError(f"{name}: got {type(state).__name__}; accepted: {accepted}.")
     expected = (batch, heads, value_dim, key_dim)
-    if tuple(getattr(mean, "shape", ())) != expected:
-        _shape_error("initial_state.mean", getattr(mean, "shape", ()), f"M [B, H, V, K] = {expected}")
+    if not hasattr(mean, "shape") or tuple(mean.shape) != expected:
+        _shape_error(f"{name}.mean", getattr(mean, "shape", ()), f"M [B, H, V, K] = {expected}")
     mean = jnp.asarray(mean).astype(dtype)
     if not exact:
         if cov is not None:
             raise FilterInputError(
-                f"initial_state.covariance: the {structure.family} family carries no covariance (it drops "
+                f"{name}.covariance: the {structure.family} family carries no covariance (it drops "
                 "out of the mean recursion); accepted: FilterState(mean, None) or the mean alone.")
         return FilterState(mean, None)
     if cov is None:
@@ -244,17 +318,17 @@ def initial_state(structure: Structure, state, *, batch: int, heads: int, key_di
                                (batch, heads, key_dim, key_dim))
     expected = (batch, heads, key_dim, key_dim)
     if tuple(getattr(cov, "shape", ())) != expected:
-        _shape_error("initial_state.covariance", getattr(cov, "shape", ()), f"P [B, H, K, K] = {expected}")
+        _shape_error(f"{name}.covariance", getattr(cov, "shape", ()), f"P [B, H, K, K] = {expected}")
     cov = jnp.asarray(cov).astype(dtype)
     if is_concrete(cov):
         p = np.asarray(cov, dtype=np.float64)
         scale = max(1.0, float(np.abs(p).max()))
         if not np.all(np.isfinite(p)) or np.abs(p - np.swapaxes(p, -1, -2)).max() > 1e-6 * scale:
-            raise FilterInputError("initial_state.covariance: not symmetric (or not finite); accepted: "
+            raise FilterInputError(f"{name}.covariance: not symmetric (or not finite); accepted: "
                                    "symmetric positive semi-definite K x K matrices.")
         smallest = float(np.linalg.eigvalsh(p).min())
         if smallest < -1e-6 * scale:
             raise FilterInputError(
-                f"initial_state.covariance: not positive semi-definite (smallest eigenvalue {smallest:.3g}); "
+                f"{name}.covariance: not positive semi-definite (smallest eigenvalue {smallest:.3g}); "
                 "accepted: symmetric positive semi-definite K x K matrices.")
     return FilterState(mean, cov)

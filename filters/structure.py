@@ -49,7 +49,14 @@ class Structure:
 def analyze(model: dm.DesignModel) -> Structure:
     """Reduce a (validated) design model to its `Structure`."""
     if not isinstance(model, dm.DesignModel):
-        raise TypeError(f"filters.compile: expected a designmodels.DesignModel, got {type(model).__name__}.")
+        hint = ""
+        if isinstance(model, str):
+            hint = (f"; for the named model write dm.NAMED_MODELS[{model!r}]()" if model in dm.NAMED_MODELS
+                    else f"{dm.did_you_mean(model, dm.NAMED_MODELS)}; named models: {', '.join(dm.NAMED_MODELS)}")
+        elif callable(model) and getattr(model, "__name__", None) in dm.NAMED_MODELS:
+            hint = f"; call it: dm.{model.__name__}()"
+        raise TypeError(f"filters.compile: expected a designmodels.DesignModel, got {type(model).__name__} "
+                        f"{model!r:.80}{hint}.")
     transition = {
         dm.Identity: "identity", dm.ScalarDecay: "scalar", dm.DiagonalDecay: "diagonal",
         dm.DenseTransition: "dense",

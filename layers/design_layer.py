@@ -12,15 +12,27 @@ it is below one, and a precision bounds the write gain away from one. Decoding u
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import designmodels as dm
 import filters
 from layers.gates import Gates
+
+
+class LayerError(ValueError):
+    """A layer built with impossible attributes, or called on an input of the wrong shape or dtype."""
+
+
+def _positive_int(owner: str, field: str, value, *, zero: bool = False) -> None:
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and (value >= 0 if zero else value >= 1)
+    if not ok:
+        raise LayerError(f"{owner}.{field}: got {value!r}; accepted: an integer {'>= 0' if zero else '>= 1'}.")
 
 
 class ShortConv(nn.Module):
@@ -70,6 +82,32 @@ class DesignLayer(nn.Module):
     output_norm: bool = True
     dtype: Any = jnp.float32
 
+    def __post_init__(self):
+        if not isinstance(self.model, dm.DesignModel):
+            hint = (f"; for the named model write dm.NAMED_MODELS[{self.model!r}]() or layers.named_layer"
+                    if isinstance(self.model, str) and self.model in dm.NAMED_MODELS else "")
+            raise LayerError(f"DesignLayer.model: got {type(self.model).__name__} {self.model!r:.80}; accepted: a "
+                             f"designmodels.DesignModel{hint}.")
+        for field in ("d_model", "num_heads", "key_dim"):
+            _positive_int("DesignLayer", field, getattr(self, field))
+        if self.value_dim is not None:
+            _positive_int("DesignLayer", "value_dim", self.value_dim)
+        _positive_int("DesignLayer", "conv_size", self.conv_size, zero=True)
+        fixed = self.model.key_dim
+        if fixed is not None and fixed != self.key_dim:
+            raise LayerError(f"DesignLayer.key_dim: got {self.key_dim}, but the design model fixes K = {fixed} "
+                             f"(its prior covariance or transition has that size); accepted: key_dim={fixed}.")
+        super().__post_init__()
+
+    def _check_input(self, x, rank: int, layout: str):
+        if not hasattr(x, "shape") or len(x.shape) != rank or x.shape[-1] != self.d_model:
+            got = f"shape {tuple(x.shape)}" if hasattr(x, "shape") else type(x).__name__
+            raise LayerError(f"x: got {got}; expected {layout} with D = d_model = {self.d_model}"
+                             + ("." if rank == 3 else " (one decoding step; the whole sequence goes to __call__)."))
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise LayerError(f"x: got dtype {x.dtype}; accepted: a floating dtype (embed token ids first, e.g. "
+                             "with nn.Embed).")
+
     def setup(self):
         heads, kd, vd = self.num_heads, self.key_dim, self.value_dim or self.key_dim
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
@@ -118,6 +156,7 @@ class DesignLayer(nn.Module):
 
     def __call__(self, x, cache=None, *, return_cache: bool = False):
         """``x [B, T, D] -> y [B, T, D]``; with ``return_cache`` also the cache for decoding onwards."""
+        self._check_input(x, 3, "[B, T, D]")
         cache = cache or {}
         q, k, v, gates, conv = self._features(x, cache.get("conv"))
         y, state = self.filter(q, k, v, initial_state=cache.get("filter"), validate=False, **gates)
@@ -126,6 +165,7 @@ class DesignLayer(nn.Module):
 
     def step(self, x, cache=None):
         """One decoding step: ``x [B, D] -> (y [B, D], cache)``."""
+        self._check_input(x, 2, "[B, D]")
         cache = cache or {}
         q, k, v, gates, conv = self._features(x[:, None], cache.get("conv"))
         y, state = self.filter.step(cache.get("filter"), q[:, 0], k[:, 0], v[:, 0], validate=False,

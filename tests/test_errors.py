@@ -61,7 +61,7 @@ def _inputs(model, **kw):
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda q, k, v, g: (q[0], k, v, g), r"q: got rank 3; expected an array of rank 4 with layout \[B, T, H, K\]"),
+    (lambda q, k, v, g: (q[0], k, v, g), r"q: got rank 3, shape \(3, 2, 4\); expected an array of rank 4 with layout \[B, T, H, K\]"),
     (lambda q, k, v, g: (q, k[:, :2], v, g), r"k: got shape \(2, 2, 2, 4\); expected the shape of q"),
     (lambda q, k, v, g: (q, k, v[:, :, :1], g), r"v: got shape \(2, 3, 1, 5\); expected \[B, T, H, V\]"),
     (lambda q, k, v, g: (q, k, v, {**g, "beta": g["beta"][..., None]}), r"beta: got shape \(2, 3, 2, 1\); expected \[B, T, H\]"),
@@ -119,5 +119,5 @@ def test_initial_state_is_checked():
 
 def test_step_checks_its_shapes():
     f = filters.compile(dm.gated_deltanet())
-    with pytest.raises(filters.FilterInputError, match=r"q: got rank 4; expected an array of rank 3 with layout \[B, H, K\]"):
+    with pytest.raises(filters.FilterInputError, match=r"q: got rank 4, shape \(1, 1, 2, 4\); expected an array of rank 3 with layout \[B, H, K\]"):
         f.step(None, np.zeros((1, 1, 2, 4)), np.zeros((1, 1, 2, 4)), np.zeros((1, 1, 2, 4)))
