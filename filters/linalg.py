@@ -1,6 +1,6 @@
-"""Small dense factorizations in plain XLA ops, differentiated implicitly.
+"""Small dense factorizations, differentiated implicitly: plain XLA ops on CPU, the vendor library elsewhere.
 
-Why not ``jnp.linalg``: on CPU, jaxlib 0.10's LAPACK kernels (triangular solve, Cholesky, LU) fan a
+Why not ``jnp.linalg`` on CPU: jaxlib 0.10's LAPACK kernels (triangular solve, Cholesky, LU) fan a
 batch out to XLA's intra-op thread pool and block on it; when several such calls run at once (a chunked
 filter issues them side by side) they can exhaust the pool and deadlock (seen on 2 cores: a 20 ms
 call never returning). The factorizations here are batched vector operations and matmuls, which XLA
@@ -15,6 +15,11 @@ recursion differentiated:
   the diagonal (the transpose of ``dL = L Phi(L^{-1} dA L^{-T})``);
 * ``(L, X) = (chol(A), chol(A)^{-1})``: the Cholesky formula with ``L_bar + tril(-X^T X_bar X^T)``;
 * ``X = A^{-1}`` (Gauss-Jordan with partial pivoting): ``A_bar = -X^T X_bar X^T``.
+
+On GPUs and TPUs the forward factorizations dispatch (``jax.lax.platform_dependent``, resolved when the
+function is lowered, so a CPU program never contains a LAPACK call) to ``jax.lax.linalg`` (cuSOLVER /
+cuBLAS on a GPU): one library call instead of the unrolled recursion, which is faster to run and much
+faster to compile. The derivatives are the same implicit formulas on every platform.
 """
 from __future__ import annotations
 
@@ -105,14 +110,34 @@ def _cholesky_and_inverse(matrix):
     return _join(l11, l21, l22), _join(x11, -(x22 @ (l21 @ x11)), x22)
 
 
+def _library_lower_inverse(lower):
+    """``L^{-1}`` by the platform's triangular solve (``L X = I``)."""
+    eye = jnp.broadcast_to(jnp.eye(lower.shape[-1], dtype=lower.dtype), lower.shape)
+    return jax.lax.linalg.triangular_solve(lower, eye, left_side=True, lower=True)
+
+
+def _library_cholesky_and_inverse(matrix):
+    """``(L, L^{-1})`` by the platform's Cholesky and triangular solve."""
+    factor = jnp.tril(jax.lax.linalg.cholesky(matrix, symmetrize_input=False))
+    return factor, _library_lower_inverse(factor)
+
+
+def _lower_inverse_any(lower):
+    return jax.lax.platform_dependent(lower, cpu=_triangular_inverse, default=_library_lower_inverse)
+
+
+def _cholesky_and_inverse_any(matrix):
+    return jax.lax.platform_dependent(matrix, cpu=_cholesky_and_inverse, default=_library_cholesky_and_inverse)
+
+
 @jax.custom_vjp
 def unit_lower_inverse(strict):
     """``(I + N)^{-1}`` for a strictly lower-triangular ``N [..., C, C]``."""
-    return _triangular_inverse(jnp.tril(strict, -1) + jnp.eye(strict.shape[-1], dtype=strict.dtype))
+    return _lower_inverse_any(jnp.tril(strict, -1) + jnp.eye(strict.shape[-1], dtype=strict.dtype))
 
 
 def _unit_lower_inverse_fwd(strict):
-    inverse = _triangular_inverse(jnp.tril(strict, -1) + jnp.eye(strict.shape[-1], dtype=strict.dtype))
+    inverse = _lower_inverse_any(jnp.tril(strict, -1) + jnp.eye(strict.shape[-1], dtype=strict.dtype))
     return inverse, inverse
 
 
@@ -126,11 +151,11 @@ unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 @jax.custom_vjp
 def lower_inverse(lower):
     """``L^{-1}`` for a lower-triangular ``L [..., C, C]`` with a non-zero diagonal."""
-    return _triangular_inverse(jnp.tril(lower))
+    return _lower_inverse_any(jnp.tril(lower))
 
 
 def _lower_inverse_fwd(lower):
-    inverse = _triangular_inverse(jnp.tril(lower))
+    inverse = _lower_inverse_any(jnp.tril(lower))
     return inverse, inverse
 
 
@@ -152,11 +177,11 @@ def _cholesky_cotangent(factor, inverse, cotangent):
 @jax.custom_vjp
 def cholesky(matrix):
     """Lower Cholesky factor of a symmetric positive-definite ``A [..., C, C]`` (recursive blocks)."""
-    return _cholesky_and_inverse(matrix)[0]
+    return _cholesky_and_inverse_any(matrix)[0]
 
 
 def _cholesky_fwd(matrix):
-    factor, inverse = _cholesky_and_inverse(matrix)
+    factor, inverse = _cholesky_and_inverse_any(matrix)
     return factor, (factor, inverse)
 
 
@@ -170,11 +195,11 @@ cholesky.defvjp(_cholesky_fwd, _cholesky_bwd)
 @jax.custom_vjp
 def cholesky_with_inverse(matrix):
     """``(L, L^{-1})`` for a symmetric positive-definite ``A [..., C, C]``, from one recursion."""
-    return _cholesky_and_inverse(matrix)
+    return _cholesky_and_inverse_any(matrix)
 
 
 def _cholesky_with_inverse_fwd(matrix):
-    factor, inverse = _cholesky_and_inverse(matrix)
+    factor, inverse = _cholesky_and_inverse_any(matrix)
     return (factor, inverse), (factor, inverse)
 
 
@@ -210,14 +235,18 @@ def _inverse_forward(matrix):
     return jax.lax.fori_loop(0, size, body, augmented)[..., size:]
 
 
+def _inverse_any(matrix):
+    return jax.lax.platform_dependent(matrix, cpu=_inverse_forward, default=jnp.linalg.inv)
+
+
 @jax.custom_vjp
 def inverse(matrix):
-    """``A^{-1}`` for a non-singular ``A [..., K, K]`` (Gauss-Jordan with partial pivoting)."""
-    return _inverse_forward(matrix)
+    """``A^{-1}`` for a non-singular ``A [..., K, K]`` (Gauss-Jordan with partial pivoting on CPU, LU elsewhere)."""
+    return _inverse_any(matrix)
 
 
 def _inverse_fwd(matrix):
-    result = _inverse_forward(matrix)
+    result = _inverse_any(matrix)
     return result, result
 
 

@@ -76,6 +76,19 @@ def test_recursive_factorizations_match_numpy(size):
     np.testing.assert_allclose(factor32, lower, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [1, 9, 64])
+def test_library_factorizations_match_numpy(size):
+    """The branch that GPUs and TPUs take (jax.lax.linalg), called directly so that it runs here too
+    (one call at a time: jaxlib 0.10's CPU LAPACK only deadlocks when several run at once)."""
+    rng = np.random.default_rng(size)
+    spd = _spd(rng, 2, size)
+    lower = np.linalg.cholesky(spd)
+    factor, inverse = jax.jit(linalg._library_cholesky_and_inverse)(spd)
+    np.testing.assert_allclose(factor, lower, atol=1e-12)
+    np.testing.assert_allclose(inverse, np.linalg.inv(lower), atol=1e-10)
+    np.testing.assert_allclose(jax.jit(linalg._library_lower_inverse)(lower), np.linalg.inv(lower), atol=1e-10)
+
+
 def test_recursive_factorizations_gradients():
     rng = np.random.default_rng(3)
     spd = _spd(rng, 2, 11)                                       # 11 > 8: through the recursion
