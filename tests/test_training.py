@@ -81,9 +81,11 @@ def test_cli_run_resumes_after_a_real_kill(tmp_path):
     flags = ["--config=configs/mqar.py", "--config.smoke=True", "--config.variants=('update',)",
              "--config.models=('bayesian',)", "--config.num_steps=8", "--config.checkpoint_every=3",
              "--config.log_every=1", "--config.kill_at_step=7", f"--workdir={tmp_path / 'cli'}"]
+    env = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "float32"}     # as in this session (conftest.py)
+    if jax.default_backend() == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"     # the same platform as the resumed half below
     killed = subprocess.run([sys.executable, "-m", "experiments.mqar", *flags], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": jax.default_backend(),
-                                                             "JAX_DEFAULT_MATMUL_PRECISION": "float32"})
+                            text=True, timeout=300, env=env)
     assert killed.returncode == -9, killed.stderr[-2000:]
 
     config = _smoke(mqar_config, variants=("update",), models=("bayesian",), num_steps=8, checkpoint_every=3,
