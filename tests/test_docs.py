@@ -448,6 +448,11 @@ def test_shell_command(command, tmp_path):
         assert tokens[1:2] in (["build"], ["serve"]), f"{command.where}: mkdocs {tokens[1:2]}?"
     elif head == "bash":
         assert os.path.exists(os.path.join(ROOT, tokens[1])), f"{command.where}: no file {tokens[1]}"
+    elif head.endswith(".sh"):                    # a shell script of the repo: present, executable, parses
+        path = os.path.join(ROOT, head)
+        assert os.path.exists(path) and os.access(path, os.X_OK), f"{command.where}: no executable {head}"
+        syntax = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+        assert syntax.returncode == 0, f"{command.where}: {head} does not parse: {syntax.stderr}"
     else:
         pytest.fail(f"{command.where}: no rule to check `{' '.join(tokens)}`; add one to tests/test_docs.py")
 
