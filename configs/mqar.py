@@ -17,6 +17,8 @@ the interrupted one restarts from its checkpoint).
 """
 import ml_collections
 
+from configs import training
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -39,34 +41,12 @@ def get_config():
     config.num_updates = 0            # update variant: rebinding pairs; 0 means num_kv_pairs
     config.block_gap = 6              # block variant: separators between a key and its value (> 2 * (4 - 1) - 1)
     config.data_seed = 0
-    # model (experiments.models.LanguageModel)
-    config.num_layers = 2
-    config.head_dim = 64              # heads = max(1, d_model // head_dim)
-    config.conv_size = 4
-    config.mlp_ratio = 0              # Zoology's figure 2 has no MLP
-    config.backend = "auto"           # a filters.compile backend for the design layers
-    # training (experiments.training.TrainSettings)
-    config.num_steps = 3000
-    config.batch_size = 256
-    config.warmup_steps = 300
-    config.weight_decay = 0.1
-    config.grad_clip = 1.0
-    config.final_lr_fraction = 0.0
-    config.seed = 0
-    config.log_every = 50
-    config.eval_every = 0
-    config.checkpoint_every = 500
-    config.eval_batch_size = 256
-    config.throughput_steps = 10
-    config.progress = True
-    config.kill_at_step = 0           # debugging: SIGKILL the process after this step of each run (0: never)
+    training.add_model_and_training(config, num_steps=3000, batch_size=256, warmup_steps=300)
     config.smoke = False
     config.smoke_settings = ml_collections.ConfigDict({
         "variants": ("base", "update", "block"), "models": ("attention", "gated_deltanet", "bayesian_no_conv"),
         "d_models": (16,), "learning_rates": (3e-3,), "train_shapes": ((32, 2),),
         "eval_multipliers": ((1, 1), (2, 2)), "vocab_size": 64, "num_train_examples": 64,
-        "num_eval_examples": 16, "head_dim": 8, "backend": "sequential", "num_steps": 4, "batch_size": 8,
-        "warmup_steps": 1, "log_every": 2, "checkpoint_every": 2, "eval_batch_size": 16,
-        "throughput_steps": 1, "progress": False,
+        "num_eval_examples": 16, **training.SMOKE,
     })
     return config

@@ -12,6 +12,8 @@ finished run of the workdir, results.csv, table.md and accuracy_by_condition.png
 """
 import ml_collections
 
+from configs import training
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -41,35 +43,13 @@ def get_config():
     config.num_train_examples = 50_000
     config.num_eval_examples = 1_000
     config.data_seed = 0
-    # model
-    config.num_layers = 2
-    config.head_dim = 64
-    config.conv_size = 4
-    config.mlp_ratio = 0
-    config.backend = "auto"
-    # training
-    config.num_steps = 2000
-    config.batch_size = 128
-    config.warmup_steps = 200
-    config.weight_decay = 0.1
-    config.grad_clip = 1.0
-    config.final_lr_fraction = 0.0
-    config.seed = 0
-    config.log_every = 50
-    config.eval_every = 0
-    config.checkpoint_every = 500
-    config.eval_batch_size = 256
-    config.throughput_steps = 10
-    config.progress = True
-    config.kill_at_step = 0
+    training.add_model_and_training(config, num_steps=2000, batch_size=128, warmup_steps=200)
     config.smoke = False
     config.smoke_settings = ml_collections.ConfigDict({
         "models": ("attention", "bayesian"), "d_models": (16,), "learning_rates": (3e-3,), "key_dim": 8,
         "num_values": 8, "train_pairs": 2, "train_seq_len": 16,
         "eval_conditions": (("train", 2, 16, 0.0, 0.0), ("pairs_4", 4, 16, 0.0, 0.0),
                             ("collide_0.9", 2, 16, 1.0, 0.9)),
-        "num_train_examples": 32, "num_eval_examples": 16, "head_dim": 8, "backend": "sequential",
-        "num_steps": 4, "batch_size": 8, "warmup_steps": 1, "log_every": 2, "checkpoint_every": 2,
-        "eval_batch_size": 16, "throughput_steps": 1, "progress": False,
+        "num_train_examples": 32, "num_eval_examples": 16, **training.SMOKE,
     })
     return config

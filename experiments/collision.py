@@ -17,10 +17,8 @@ from __future__ import annotations
 import os
 import time
 
-import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 import designmodels as dm
 import filters
@@ -206,10 +204,15 @@ def plot_write_gain(config, gain_traces, traces, workdir):
 # ----------------------------------------------------------------------------------------------------
 
 
+def check(config) -> None:
+    """Fail before measuring on a config that names unknown models."""
+    common.check_choice("models", config.models, dynamics.MODEL_NAMES)
+
+
 def run(config, workdir=None) -> list[dict]:
     """All records; with a ``workdir``, also ``results.json``, ``table.md`` and the figures there."""
     config = common.resolve(config)
-    common.check_choice("models", config.models, dynamics.MODEL_NAMES)
+    check(config)
     records, traces, rhos = collision(config)
     gain_records, gain_traces = write_gain_study(config)
     records += gain_records
@@ -225,20 +228,11 @@ def run(config, workdir=None) -> list[dict]:
     return records
 
 
-def main(argv):
-    del argv
-    if not flags.FLAGS.workdir:
-        raise app.UsageError("--workdir is required: the folder for results.json, table.md and the figures.")
-    jax.config.update("jax_enable_x64", True)
-    records = run(flags.FLAGS.config, flags.FLAGS.workdir)
-    print(dynamics.records_table(records))
-    bad = [f"{r['quantity']}/{r['model']}" for r in records if r["agrees"] is False]
-    if bad:
-        raise SystemExit(f"closed form and measurement disagree beyond tolerance: {', '.join(bad)}")
+def main(config, workdir: str) -> None:
+    """Run, write the files, print the table; exit non-zero if a closed form and its measurement disagree."""
+    dynamics.print_and_check(run(config, workdir))
 
 
 if __name__ == "__main__":
-    # Flags are defined only when run as a program, so that tests can import several experiments.
-    config_flags.DEFINE_config_file("config", "configs/collision.py", "Experiment config.")
-    flags.DEFINE_string("workdir", None, "Where results.json, table.md and the figures are written.")
-    app.run(main)
+    common.run_app(main, config="configs/collision.py", outputs="results.json, table.md and the figures", check=check,
+                   x64=True)

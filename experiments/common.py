@@ -1,29 +1,183 @@
-"""What every experiment shares: config resolution, the workdir, result files, the printed table."""
+"""What every experiment shares: the absl app (``--config``, ``--workdir``), config resolution, the workdir,
+result files, the printed table."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-from typing import Iterable, Sequence
+import sys
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import ml_collections
 
+from designmodels import did_you_mean
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Apply ``config.smoke_settings`` when ``config.smoke`` is set; return a locked copy."""
+# ----------------------------------------------------------------------------------------------------
+# config: smoke settings, command-line overrides, typos
+# ----------------------------------------------------------------------------------------------------
+
+
+class ConfigFieldError(KeyError):
+    """A config field that does not exist (a typo on the command line or in ``smoke_settings``)."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
+def unknown_field(config: ml_collections.ConfigDict, path: str, *, prefix: str = "config") -> Optional[str]:
+    """None if the dotted ``path`` names a field of ``config``, else a message naming the first unknown part,
+    the closest fields and every field at that level."""
+    node, walked = config, prefix
+    for part in path.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+            fields = sorted(node) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+            where = f"{walked} has no field {part!r}" if fields else f"{walked} is not a group of fields"
+            return (f"{prefix}.{path}: {where}{did_you_mean(part, fields)}"
+                    + (f"; its fields: {', '.join(fields)}." if fields else "."))
+        node, walked = node[part], f"{walked}.{part}"
+    return None
+
+
+def _set_path(config: ml_collections.ConfigDict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        config = config[part]
+    config[last] = value
+
+
+def resolve(config: ml_collections.ConfigDict,
+            overrides: Optional[Mapping[str, Any]] = None) -> ml_collections.ConfigDict:
+    """The config an experiment runs with, as a locked copy: ``config.smoke_settings`` first (when
+    ``config.smoke`` is set), then ``overrides`` (``{"dotted.path": value}``, the command line's
+    ``--config.x=...``), which win: ``--config.smoke=True --config.models=...`` runs those models in smoke
+    mode.
+
+    The smoke settings are applied once: the copy keeps ``smoke`` and an emptied ``smoke_settings``, so
+    resolving a resolved config changes nothing.
+    """
     config = ml_collections.ConfigDict(config.to_dict())
-    if config.get("smoke"):
+    overrides = {k: v for k, v in (overrides or {}).items() if k != "smoke" and k.split(".")[0] != "smoke_settings"}
+    for path in overrides:
+        message = unknown_field(config, path)
+        if message:
+            raise ConfigFieldError(message)
+    if config.get("smoke") and config.get("smoke_settings"):
         for key, value in config.smoke_settings.items():
             if key not in config:
-                raise KeyError(f"smoke_settings.{key}: not a key of the config; accepted: {sorted(config)}.")
+                raise ConfigFieldError(f"config.smoke_settings.{key}: not a field of the config"
+                                       f"{did_you_mean(key, config)}; its fields: {', '.join(sorted(config))}.")
             config[key] = value
+        config.smoke_settings = ml_collections.ConfigDict()
+    for path, value in overrides.items():
+        _set_path(config, path, value)
     config.lock()
     return config
+
+
+def resolve_flags(flag_values=None, name: str = "config") -> ml_collections.ConfigDict:
+    """`resolve` of the parsed ``--config`` flag with its command-line overrides."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    return resolve(flag_values[name].value, config_flags.get_override_values(flag_values[name]))
 
 
 def check_choice(field: str, values: Iterable[str], accepted: Sequence[str]) -> None:
     bad = [v for v in values if v not in accepted]
     if bad:
-        raise ValueError(f"config.{field}: {bad} not known; accepted: {', '.join(accepted)}.")
+        hints = "".join(did_you_mean(b, accepted) for b in bad)
+        raise ValueError(f"config.{field}: {bad} not known{hints}; accepted: {', '.join(accepted)}.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the app
+# ----------------------------------------------------------------------------------------------------
+
+
+def _load_config(spec: str) -> Optional[ml_collections.ConfigDict]:
+    """``get_config()`` of a config file (``path`` or ``path:argument``), or None if it cannot be loaded
+    here (ml_collections then reports why)."""
+    path, _, argument = spec.partition(":") if not os.path.exists(spec) else (spec, "", "")
+    try:
+        module_spec = importlib.util.spec_from_file_location("_experiment_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(argument) if argument else module.get_config()
+    except Exception:  # noqa: BLE001: whatever fails here fails again, explained, in ml_collections
+        return None
+
+
+def check_command_line(argv: Sequence[str], default_config: str, name: str = "config") -> None:
+    """Raise `ConfigFieldError` for a ``--config.x=...`` whose field the config does not have (ml_collections
+    would raise an ``AttributeError`` with a traceback from inside absl's flag parsing)."""
+    paths = []
+    spec = default_config
+    for arg in argv[1:]:
+        if arg in ("--", "-"):
+            break
+        flag = arg.lstrip("-").split("=", 1)[0]
+        if flag == name:
+            spec = arg.split("=", 1)[1] if "=" in arg else spec
+        for prefix in (f"{name}.", f"no{name}."):
+            if arg.startswith("-") and flag.startswith(prefix):
+                paths.append(flag[len(prefix):])
+    if not paths:
+        return
+    config = _load_config(spec)
+    if config is None:
+        return
+    for path in paths:
+        message = unknown_field(config, path)
+        if message:
+            raise ConfigFieldError(f"--{message} (in {spec}); set a field as --{name}.<field>=<value>")
+
+
+def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, config: str, outputs: str,
+            check: Optional[Callable[[ml_collections.ConfigDict], None]] = None, x64: bool = False) -> None:
+    """Run ``experiment(config, workdir)`` as an absl program with the flags ``--config`` (default the file
+    ``config``; override any field with ``--config.field=value``) and ``--workdir`` (required: where
+    ``outputs`` go).
+
+    Before anything runs, a misspelled field, a stray argument, a missing workdir, or a config that
+    ``check(config)`` refuses (a ``ValueError``) is a usage error that says what to write instead, without a
+    traceback. ``x64`` enables float64 first."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    try:   # before the flags are defined: ml_collections applies the overrides to a default config then
+        check_command_line(flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False), config)
+    except ConfigFieldError as error:
+        sys.stderr.write(f"FATAL Flags parsing error: {error}\nPass --helpshort or --helpfull to see help on "
+                         "flags.\n")
+        sys.exit(1)
+    config_flags.DEFINE_config_file("config", config, "Experiment config; override a field with "
+                                                      "--config.field=value.")
+    flags.DEFINE_string("workdir", None, f"Where {outputs} go.")
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}; the config file is --config=PATH and a field "
+                                 "is --config.field=value.")
+        if not flags.FLAGS.workdir:
+            raise app.UsageError(f"--workdir is required: the folder for {outputs}.")
+        resolved = resolve_flags(flags.FLAGS)
+        if check is not None:
+            try:
+                check(resolved)
+            except ValueError as error:
+                raise app.UsageError(str(error)) from None
+        if x64:
+            import jax
+            jax.config.update("jax_enable_x64", True)
+        experiment(resolved, prepare_workdir(flags.FLAGS.workdir))
+
+    app.run(main)
+
+
+# ----------------------------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------------------------
 
 
 def prepare_workdir(workdir: str) -> str:

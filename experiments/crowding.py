@@ -18,10 +18,8 @@ import math
 import os
 import time
 
-import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from experiments import common, dynamics, plotting
 
@@ -57,10 +55,15 @@ def measure(memory, n: int, config, seed: int):
     return np.mean(np.sum((readout - values) ** 2, axis=-1), axis=-1)
 
 
+def check(config) -> None:
+    """Fail before measuring on a config that names unknown models."""
+    common.check_choice("models", config.models, dynamics.MODEL_NAMES)
+
+
 def run(config, workdir=None) -> list[dict]:
     """All records; with a ``workdir``, also ``results.json``, ``table.md`` and ``crowding.png`` there."""
     config = common.resolve(config)
-    common.check_choice("models", config.models, dynamics.MODEL_NAMES)
+    check(config)
     records = []
     sizes = [max(2, int(round(r * config.key_dim))) for r in config.ratios]
     for memory in dynamics.memories(config):
@@ -119,20 +122,11 @@ def plot(config, records, workdir):
     return plotting.save(fig, workdir, "crowding.png")
 
 
-def main(argv):
-    del argv
-    if not flags.FLAGS.workdir:
-        raise app.UsageError("--workdir is required: the folder for results.json, table.md and crowding.png.")
-    jax.config.update("jax_enable_x64", True)
-    records = run(flags.FLAGS.config, flags.FLAGS.workdir)
-    print(dynamics.records_table(records))
-    bad = [f"{r['quantity']}/{r['model']}/n={r['n']}" for r in records if r["agrees"] is False]
-    if bad:
-        raise SystemExit(f"closed form and measurement disagree beyond tolerance: {', '.join(bad)}")
+def main(config, workdir: str) -> None:
+    """Run, write the files, print the table; exit non-zero if a closed form and its measurement disagree."""
+    dynamics.print_and_check(run(config, workdir), lambda r: f"{r['quantity']}/{r['model']}/n={r['n']}")
 
 
 if __name__ == "__main__":
-    # Flags are defined only when run as a program, so that tests can import several experiments.
-    config_flags.DEFINE_config_file("config", "configs/crowding.py", "Experiment config.")
-    flags.DEFINE_string("workdir", None, "Where results.json, table.md and crowding.png are written.")
-    app.run(main)
+    common.run_app(main, config="configs/crowding.py", outputs="results.json, table.md and crowding.png", check=check,
+                   x64=True)

@@ -348,3 +348,12 @@ def records_table(records, context_keys=("rho", "step", "n", "n_over_D", "beta",
         rows.append([r["quantity"], r["model"]] + [_number(r.get(k)) for k in keys] +
                     [_number(r["predicted"]), _number(r["measured"]), error, verdict])
     return common.markdown_table(["quantity", "model", *keys, "predicted", "measured", "rel. error", ""], rows)
+
+
+def print_and_check(records, name=lambda r: f"{r['quantity']}/{r['model']}") -> None:
+    """Print `records_table`; exit non-zero, naming each, if any measurement disagrees with its closed form
+    beyond the tolerance (the end of `experiments.collision` and `experiments.crowding`)."""
+    print(records_table(records))
+    bad = [name(r) for r in records if r["agrees"] is False]
+    if bad:
+        raise SystemExit(f"closed form and measurement disagree beyond tolerance: {', '.join(bad)}")

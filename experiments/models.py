@@ -43,7 +43,8 @@ _MODEL_OPTIONS = {"gamma", "prior_variance", "process_noise", "noise", "decay"}
 def check_models(names) -> None:
     bad = [n for n in names if n not in MODELS]
     if bad:
-        raise ValueError(f"config.models: {bad} not known; accepted: {', '.join(MODELS)}.")
+        hints = "".join(dm.did_you_mean(b, MODELS) for b in bad)
+        raise ValueError(f"config.models: {bad} not known{hints}; accepted: {', '.join(MODELS)}.")
 
 
 def heads_for(d_model: int, head_dim: int) -> tuple[int, int]:

@@ -15,20 +15,9 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from experiments import common, models, sweep, tasks, training
-
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    """``--config`` and ``--workdir``; defined only when run as a program, so that tests and other
-    experiments can import this module."""
-    config_flags.DEFINE_config_file("config", "configs/mqar.py", "Experiment config.")
-    flags.DEFINE_string("workdir", None, "Where the runs, results.csv, table.md and figures go.")
-
 
 def set_name(seq_len: int, pairs: int) -> str:
     return f"L{seq_len}_P{pairs}"
@@ -221,26 +210,18 @@ def report(workdir: str) -> list[dict]:
     records = [r for r in sweep.collect(workdir) if r["description"].get("experiment") == "mqar"]
     if not records:
         return records
-    sweep.write_csv(os.path.join(workdir, "results.csv"), rows(records))
-    text = table(records)
-    with open(os.path.join(workdir, "table.md"), "w") as f:
-        f.write("MQAR: accuracy at the training shape (best learning rate), beyond it (longer sequences, more "
-                "pairs), and the training step's throughput.\n\n" + text + "\n")
-    plot(records, os.path.join(workdir, "accuracy_vs_d_model.png"))
-    print(text)
+    sweep.write_report(workdir, rows(records), "MQAR: accuracy at the training shape (best learning rate), beyond "
+                       "it (longer sequences, more pairs), and the training step's throughput.", table(records),
+                       lambda path: plot(records, path), "accuracy_vs_d_model.png")
     return records
 
 
-def main(argv):
-    del argv
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required: the folder for the runs and the results.")
-    config = sweep.resolve_flags(FLAGS)
-    workdir = common.prepare_workdir(FLAGS.workdir)
+def main(config, workdir: str) -> None:
+    """Train what has not finished, then report every finished run of the workdir."""
     run(config, workdir)
     report(workdir)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    common.run_app(main, config="configs/mqar.py", outputs="the runs, results.csv, table.md and the figures",
+                   check=check)

@@ -14,20 +14,9 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from experiments import common, models, sweep, tasks, training
-
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    """``--config`` and ``--workdir``; defined only when run as a program, so that tests and other
-    experiments can import this module."""
-    config_flags.DEFINE_config_file("config", "configs/recall.py", "Experiment config.")
-    flags.DEFINE_string("workdir", None, "Where the runs, results.csv, table.md and figures go.")
-
 
 def check(config) -> None:
     models.check_models(config.models)
@@ -140,27 +129,19 @@ def report(workdir: str) -> list[dict]:
                     "steps": r["steps"], "platform": r.get("platform"), "backend": r["description"]["backend"],
                     "run_dir": r["run_dir"]})
         out.append(row)
-    sweep.write_csv(os.path.join(workdir, "results.csv"), out)
-    text = table(records)
     chance = 1.0 / records[0]["description"]["num_values"]
-    with open(os.path.join(workdir, "table.md"), "w") as f:
-        f.write(f"Learned associative recall: accuracy per evaluation condition (best learning rate by the "
-                f"training condition); chance {chance:.3f}.\n\n{text}\n")
-    plot(records, os.path.join(workdir, "accuracy_by_condition.png"))
-    print(text)
+    sweep.write_report(workdir, out, f"Learned associative recall: accuracy per evaluation condition (best learning "
+                       f"rate by the training condition); chance {chance:.3f}.", table(records),
+                       lambda path: plot(records, path), "accuracy_by_condition.png")
     return records
 
 
-def main(argv):
-    del argv
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required: the folder for the runs and the results.")
-    config = sweep.resolve_flags(FLAGS)
-    workdir = common.prepare_workdir(FLAGS.workdir)
+def main(config, workdir: str) -> None:
+    """Train what has not finished, then report every finished run of the workdir."""
     run(config, workdir)
     report(workdir)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    common.run_app(main, config="configs/recall.py", outputs="the runs, results.csv, table.md and the figures",
+                   check=check)

@@ -14,9 +14,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from absl import logging
-from ml_collections import config_flags
 
-from experiments import common, models, training
+from experiments import models, training
 
 
 class _QuietOrbax(pylogging.Filter):
@@ -30,20 +29,6 @@ def quiet_orbax() -> None:
     logger = pylogging.getLogger("absl")
     if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
         logger.addFilter(_QuietOrbax())
-
-
-def resolve_flags(flag_values):
-    """``common.resolve`` of ``--config``, then the command line's own ``--config.x=...`` overrides again,
-    so that they win over ``smoke_settings`` (``--config.smoke=True --config.models=...`` runs those
-    models in smoke mode)."""
-    config = common.resolve(flag_values.config)
-    for key, value in config_flags.get_override_values(flag_values["config"]).items():
-        if key != "smoke" and not key.startswith("smoke_settings"):
-            target, *path = key.split(".")
-            if path:
-                continue          # this experiment has no nested fields besides smoke_settings
-            config[target] = value
-    return config
 
 
 def model_from_config(config, name: str, vocab_size: int, d_model: int) -> models.LanguageModel:
@@ -90,6 +75,17 @@ def collect(workdir: str) -> list[dict]:
         record["run_dir"] = os.path.relpath(os.path.dirname(path), workdir)
         records.append(record)
     return records
+
+
+def write_report(workdir: str, rows: Sequence[dict], title: str, text: str, plot: Callable[[str], None],
+                 figure: str) -> None:
+    """``results.csv`` (``rows``), ``table.md`` (``title``, then the table ``text``) and the figure
+    (``plot(path)``) into ``workdir``; print the table."""
+    write_csv(os.path.join(workdir, "results.csv"), rows)
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(f"{title}\n\n{text}\n")
+    plot(os.path.join(workdir, figure))
+    print(text)
 
 
 def write_csv(path: str, rows: Sequence[dict]) -> None:

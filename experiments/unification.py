@@ -13,10 +13,8 @@ from __future__ import annotations
 import os
 import time
 
-import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 import designmodels as dm
 import filters
@@ -67,9 +65,14 @@ def measure(name: str, backend: str, shape, seed: int) -> dict:
     return {"max_relative_error": max(errors)}
 
 
-def run(config) -> list[dict]:
+def check(config) -> None:
+    """Fail before measuring on a config that names unknown models or backends."""
     common.check_choice("models", config.models, list(dm.NAMED_MODELS))
     common.check_choice("backends", config.backends, list(filters.LOWERINGS))
+
+
+def run(config) -> list[dict]:
+    check(config)
     records = []
     cases = [(m, b) for m in config.models for b in config.backends]
     for i, (name, backend) in enumerate(cases):
@@ -100,13 +103,8 @@ def table(records) -> str:
     return common.markdown_table(["design model", "reference"] + [f"{b} (max rel. error)" for b in backends], rows)
 
 
-def main(argv):
-    del argv
-    if not flags.FLAGS.workdir:
-        raise app.UsageError("--workdir is required: the folder for results.json and table.md.")
-    jax.config.update("jax_enable_x64", True)
-    config = common.resolve(flags.FLAGS.config)
-    workdir = common.prepare_workdir(flags.FLAGS.workdir)
+def main(config, workdir: str) -> None:
+    """Measure, write ``results.json`` and ``table.md``, print the table; exit non-zero if a row is inexact."""
     records = run(config)
     text = table(records)
     common.write_json(os.path.join(workdir, "results.json"), records)
@@ -120,7 +118,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # Flags are defined only when run as a program, so tests can import several experiments.
-    config_flags.DEFINE_config_file("config", "configs/unification.py", "Experiment config.")
-    flags.DEFINE_string("workdir", None, "Where results.json and table.md are written.")
-    app.run(main)
+    common.run_app(main, config="configs/unification.py", outputs="results.json and table.md", check=check, x64=True)
