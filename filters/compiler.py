@@ -97,8 +97,10 @@ class Filter:
     """A compiled filter. Call it on a whole sequence, or `step` it one token at a time.
 
     ``y, state = f(q, k, v, initial_state=None, **gates)``; with ``diagnostics=True`` (at compile or
-    call time) ``y, state, Diagnostics``. Values are checked when concrete; ``validate=False`` skips
-    that for inputs valid by construction (shapes are always checked). ``y [B,T,H,V]`` has the dtype of ``v``; the state is a
+    call time) ``y, state, Diagnostics``. Shapes and dtypes are always checked; values (and a finite
+    readout) are checked too: now when they are concrete, and under ``jit``, ``grad``, ``vmap`` or ``scan``
+    by a host callback that raises when the computation runs. ``validate=False`` skips the value checks
+    for inputs valid by construction (the layers). ``y [B,T,H,V]`` has the dtype of ``v``; the state is a
     `FilterState` in the compute dtype (float32, or float64 when the inputs are).
     """
 
