@@ -6,8 +6,9 @@
                  -> n_layers x [ x + mixer(LayerNorm(x)); optionally x + MLP(LayerNorm(x)) ]
                  -> LayerNorm -> tied head (embedding^T) -> logits [B,T,vocab]
 
-The mixer is a `layers.DesignLayer` (any named design model) or, as the baseline that is not a design
-model, `CausalAttention`. Parameters and activations are float32 whatever the global default.
+The mixer is a `layers.DesignLayer` (a named design model, or any `designmodels.DesignModel` instance:
+``LanguageModel(my_model, vocab_size, d_model)`` trains a model of your own) or, as the baseline that is
+not a design model, `CausalAttention`. Parameters and activations are float32 whatever the global default.
 """
 from __future__ import annotations
 
@@ -92,9 +93,17 @@ class CausalAttention(nn.Module):
         return dense(self.d_model, "out_proj")(y)
 
 
-def sequence_layer(name: str, d_model: int, head_dim: int, backend: str, conv_size: int,
+def sequence_layer(name, d_model: int, head_dim: int, backend: str, conv_size: int,
                    layer_name: Optional[str] = None) -> nn.Module:
-    """The mixer for model ``name`` of `MODELS` (heads of width ``head_dim``)."""
+    """The mixer for model ``name`` of `MODELS` (heads of width ``head_dim``), or for a `dm.DesignModel`
+    (heads of width its key dimension where its prior fixes one, else ``head_dim``)."""
+    if isinstance(name, dm.DesignModel):
+        key_dim = name.key_dim or heads_for(d_model, head_dim)[1]
+        if d_model % key_dim:
+            raise ValueError(f"d_model={d_model}: must be a multiple of the key dimension K={key_dim} that the "
+                             f"design model {name.name or '(user-declared)'} fixes (heads of width K).")
+        return layers.DesignLayer(name, d_model, num_heads=d_model // key_dim, key_dim=key_dim, backend=backend,
+                                  dtype=F32, name=layer_name, conv_size=conv_size)
     check_models([name])
     kind, overrides = MODELS[name]
     heads, key_dim = heads_for(d_model, head_dim)
@@ -118,7 +127,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    model: str
+    model: Any          # a name of `MODELS` or a `dm.DesignModel`
     d_model: int
     head_dim: int
     backend: str
@@ -136,9 +145,11 @@ class Block(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """``(tokens [B,T], vectors [B,T,F] or None) -> logits [B,T,vocab_size]`` (float32)."""
+    """``(tokens [B,T], vectors [B,T,F] or None) -> logits [B,T,vocab_size]`` (float32).
 
-    model: str
+    ``model``: a name of `MODELS` or a `dm.DesignModel` instance."""
+
+    model: Any
     vocab_size: int
     d_model: int
     num_layers: int = 2

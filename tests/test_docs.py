@@ -326,6 +326,7 @@ def _parse_experiment_flags(module: str, config_path: str, args: list[str]):
 
     from experiments import common
 
+    common.check_command_line(["prog", *args], config_path)     # a misspelled field, as the app reports it
     values = flags.FlagValues()
     with warnings.catch_warnings():   # ml_collections loads config files with the deprecated load_module
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -334,7 +335,7 @@ def _parse_experiment_flags(module: str, config_path: str, args: list[str]):
                                         sys_argv=["prog", *args])
         flags.DEFINE_string("workdir", None, "Where results go.", flag_values=values)
         values(["prog", *args])
-    config = common.resolve(values.config)
+    config = common.resolve_flags(values)                       # smoke settings, then the overrides
     app = importlib.import_module(module)
     if hasattr(app, "check"):
         app.check(config)
