@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import numpy as np
+
 from designmodels import components as c
 from designmodels.components import DesignModelError
 
@@ -129,12 +131,21 @@ class DesignModel:
         """One line per component, as declared."""
         return "\n".join([
             f"DesignModel {self.name or '(user-declared)'}: {self.family} family",
-            f"  prior       {self.prior.covariance}",
+            f"  prior       {_short(self.prior.covariance)}",
             f"  transition  {self.transition}",
             f"  noise       {self.noise}",
             f"  observation {self.observation}",
             f"  covariance  {self.covariance}",
         ])
+
+
+def _short(covariance) -> str:
+    """A prior covariance in one readable line: a full matrix by its size and spectrum."""
+    if isinstance(covariance, c.FullCovariance):
+        eigenvalues = np.linalg.eigvalsh(np.asarray(covariance.matrix))
+        return (f"FullCovariance({len(covariance.matrix)} x {len(covariance.matrix)}, eigenvalues "
+                f"{eigenvalues.min():.4g} .. {eigenvalues.max():.4g})")
+    return str(covariance)
 
 
 def _check_type(field: str, value, accepted: tuple) -> None:

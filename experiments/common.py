@@ -145,6 +145,11 @@ def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, conf
     from absl import app, flags
     from ml_collections import config_flags
 
+    # An interrupted run resumes to the same bits only if every reduction is deterministic; on a GPU,
+    # XLA's scatter-add (the embedding gradient) is not by default. Set before any backend starts; an
+    # explicit --xla_gpu_deterministic_ops in XLA_FLAGS wins. No effect on a CPU.
+    if "--xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
     try:   # before the flags are defined: ml_collections applies the overrides to a default config then
         check_command_line(flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False), config)
     except ConfigFieldError as error:

@@ -233,11 +233,11 @@ def explain(model: dm.DesignModel) -> str:
                                          else f"sigma^2 = {structure.reset_variance}"))
     inputs = model.runtime_inputs
     lines.append("  run-time    " + (", ".join(
-        f"{s.name} [B,T,H{''.join(', ' + d for d in s.trailing)}]{'' if s.required else ' (optional)'}"
+        f"{s.name} [B,T,H{''.join(',' + d for d in s.trailing)}]{'' if s.required else ' (optional)'}"
         for s in inputs.values()) or "none besides q, k, v"))
     lines += ["", "Lowerings:"]
     for name, lowering in LOWERINGS.items():
         reason = lowering.reason_not_applicable(structure)
-        lines.append(f"  {name:12s}{'applies' if not reason else 'does not apply: ' + reason}: {lowering.summary}")
+        lines.append(f"  {name:12s}" + (f"applies: {lowering.summary}" if not reason else f"does not apply: {reason}"))
     lines.append(f"  auto        -> {_auto_backend(structure)} on {jax.default_backend()}")
     return "\n".join(lines)

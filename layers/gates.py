@@ -9,12 +9,12 @@ input                parameterization                                           
 scalar log_decay     ``-exp(A_log) * softplus(x W + dt_bias)`` (Mamba-2, Gated DeltaNet)     ``(-inf, 0)``
 input_scale          ``softplus(x W + dt_bias)``; Mamba-2's ``dt``, shared with the decay     ``> 0``
                      when both are declared (``log_decay = dt * A``)
-diagonal log_decay   ``log_sigmoid(x W) / 16`` (GLA's low-temperature gate)                  ``(-inf, 0)``
-beta, write strength ``sigmoid(x W)`` (DeltaNet); keys are unit, so ``beta |k|^2 < 1``        ``(0, 1)``
+diagonal log_decay   ``log_sigmoid(x W + b) / 16`` (GLA's low-temperature gate)              ``(-inf, 0)``
+beta, write strength ``sigmoid(x W + b)`` (DeltaNet); keys are unit, so ``beta |k|^2 < 1``    ``(0, 1)``
 beta, precision      ``beta_min + (beta_max - beta_min) sigmoid(x W + b)``: bounded, which     ``> 0``
                      keeps chunked factorizations well conditioned
-process_noise        ``softplus(x W + b)``                                                   ``>= 0``
-dense transition     ``Z / max(1, ||Z||_F)`` with ``Z = x W`` reshaped to ``K x K``           ``||A|| <= 1``
+process_noise        ``softplus(x W + b - 4)`` (starts small: about 0.018)                   ``>= 0``
+dense transition     ``Z / max(1, ||Z||_F)``, ``Z = I + (x W + b)`` reshaped to ``K x K``     ``||A|| <= 1``
 ===================  =====================================================================  ==========
 """
 from __future__ import annotations

@@ -208,7 +208,7 @@ def test_jit_compiles_every_backend():
 def test_explain_reports_structure_and_lowerings():
     text = filters.explain(USER_EXACT_MODELS["diagonal_decay_full_covariance"])
     assert "family      exact" in text and "transition  diagonal" in text
-    assert "log_decay [B,T,H, K]" in text and "associative applies" in text
+    assert "log_decay [B,T,H,K]" in text and "associative applies" in text
 
 
 @pytest.mark.parametrize("name", ["dense_transition_input_noise", "diagonal_decay_full_covariance",
