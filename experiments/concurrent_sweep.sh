@@ -9,22 +9,24 @@
 #   experiments/concurrent_sweep.sh SECONDS MQAR_WORKDIR RECALL_WORKDIR D_MODEL...
 #   experiments/concurrent_sweep.sh 500 runs/mqar runs/recall 64 128
 #
-# The MQAR grid: training shape (128, 8), learning rates 2.2e-3 and 1e-2, 1,000 steps, evaluated at the
-# training shape and at twice the length and pairs; the d_models one after another (smallest first).
+# The MQAR grid: training shapes $SHAPES (default "((128,8),)"), learning rates $LRS (default
+# "(2.2e-3,1e-2)"), 1,000 steps, evaluated at the training shape and at twice the length and pairs; the
+# d_models one after another (smallest first). RECALL=0 skips the recall process.
 set -u
-if [ $# -lt 4 ]; then sed -n 2,14p "$0"; exit 2; fi
+if [ $# -lt 4 ]; then sed -n 2,16p "$0"; exit 2; fi
+SHAPES=${SHAPES:-"((128,8),)"}; LRS=${LRS:-"(2.2e-3,1e-2)"}
 BUDGET=$1; MQAR_DIR=$2; RECALL_DIR=$3; shift 3
 MODELS="('bayesian','bayesian_no_conv','gated_deltanet','deltanet','mamba2','linear_attention','attention')"
 mkdir -p "$MQAR_DIR/logs" "$RECALL_DIR/logs"
 for variant in base shared update block; do
   timeout "$BUDGET" bash -c "for d in $*; do python -m experiments.mqar --config=configs/mqar.py \
     --workdir='$MQAR_DIR' --config.progress=False --config.variants=\"('$variant',)\" \
-    --config.train_shapes='((128,8),)' --config.d_models=\"(\$d,)\" --config.learning_rates='(2.2e-3,1e-2)' \
+    --config.train_shapes='$SHAPES' --config.d_models=\"(\$d,)\" --config.learning_rates='$LRS' \
     --config.num_steps=1000 --config.warmup_steps=100 --config.num_train_examples=50000 \
     --config.eval_multipliers='((1,1),(2,2))' --config.backend=chunked --config.models=\"$MODELS\" || exit; done" \
     > "$MQAR_DIR/logs/$variant.txt" 2>&1 &
 done
-timeout "$BUDGET" python -m experiments.recall --config=configs/recall.py --workdir="$RECALL_DIR" \
+[ "${RECALL:-1}" = 1 ] && timeout "$BUDGET" python -m experiments.recall --config=configs/recall.py --workdir="$RECALL_DIR" \
   --config.progress=False --config.backend=chunked --config.models="$MODELS" > "$RECALL_DIR/logs/recall.txt" 2>&1 &
 wait
 python -c "import sys; from experiments import mqar; mqar.report(sys.argv[1])" "$MQAR_DIR"
