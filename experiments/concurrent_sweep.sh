@@ -16,14 +16,23 @@ set -u
 if [ $# -lt 4 ]; then sed -n 2,16p "$0"; exit 2; fi
 SHAPES=${SHAPES:-"((128,8),)"}; LRS=${LRS:-"(2.2e-3,1e-2)"}
 BUDGET=$1; MQAR_DIR=$2; RECALL_DIR=$3; shift 3
-MODELS="('bayesian','bayesian_no_conv','gated_deltanet','deltanet','mamba2','linear_attention','attention')"
+NAMES=(bayesian bayesian_no_conv gated_deltanet deltanet mamba2 linear_attention attention)
+as_tuple() { local out="(" n; for n in "$@"; do out+="'$n',"; done; echo "$out)"; }
+MODELS=$(as_tuple "${NAMES[@]}")
+# One compilation cache for every process: the variants train the same models at the same shapes, and
+# each process starts at a different model (the list rotated by 2), so a step compiled by one is a
+# cache hit for the others when they reach that model.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-"$MQAR_DIR/jax_cache"}
 mkdir -p "$MQAR_DIR/logs" "$RECALL_DIR/logs"
+offset=0
 for variant in base shared update block; do
+  ROTATED=$(as_tuple "${NAMES[@]:offset}" "${NAMES[@]:0:offset}")
+  offset=$((offset + 2))
   timeout "$BUDGET" bash -c "for d in $*; do python -m experiments.mqar --config=configs/mqar.py \
     --workdir='$MQAR_DIR' --config.progress=False --config.variants=\"('$variant',)\" \
     --config.train_shapes='$SHAPES' --config.d_models=\"(\$d,)\" --config.learning_rates='$LRS' \
     --config.num_steps=1000 --config.warmup_steps=100 --config.num_train_examples=50000 \
-    --config.eval_multipliers='((1,1),(2,2))' --config.backend=chunked --config.models=\"$MODELS\" || exit; done" \
+    --config.eval_multipliers='((1,1),(2,2))' --config.backend=chunked --config.models=\"$ROTATED\" || exit; done" \
     > "$MQAR_DIR/logs/$variant.txt" 2>&1 &
 done
 [ "${RECALL:-1}" = 1 ] && timeout "$BUDGET" python -m experiments.recall --config=configs/recall.py --workdir="$RECALL_DIR" \
