@@ -105,3 +105,23 @@ def test_recursive_factorizations_gradients():
     separate = jax.grad(lambda a: jnp.sum(w1 * linalg.cholesky(a))
                         + jnp.sum(w2 * linalg.lower_inverse(linalg.cholesky(a))))(spd)
     np.testing.assert_allclose(pair, separate, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "bayesian"])
+@pytest.mark.parametrize("backend", ["sequential", "chunked"])
+def test_lowerings_keep_float32_products_under_a_lower_default_precision(name, backend):
+    """A user who sets a bf16 / TF32 default for matmuls (or a GPU's own default) still gets float32
+    filters: every lowering pins its products to full float32 (the tests otherwise run with a float32
+    default, conftest.py). On a CPU, XLA computes float32 products in full anyway; this bites on GPUs."""
+    import designmodels as dm
+    import filters
+    from tests.support import random_inputs, relative_error
+
+    model = dm.NAMED_MODELS[name]()
+    q, k, v, gates = random_inputs(model, batch=1, time=150, heads=2, key_dim=16, value_dim=16, seed=4)
+    reference = filters.compile(model, backend="sequential")(q, k, v, **gates)[0]
+    as32 = lambda x: jnp.asarray(x, jnp.float32)
+    with jax.default_matmul_precision("bfloat16"):
+        y = filters.compile(model, backend=backend)(as32(q), as32(k), as32(v),
+                                                    **{n: as32(g) for n, g in gates.items()})[0]
+    assert relative_error(y, reference) < 2e-5
