@@ -8,8 +8,8 @@ Shape legend (the layout of the PyTorch peer ``flash-linear-attention``)::
     M      [B, H, V, K]      the memory mean; the readout is ``y_t = M_t q_t``
     P      [B, H, K, K]      the key-space covariance shared by every value row (exact family only)
 
-Shapes and dtypes are always checked. Values are checked on the host when they are concrete (eager
-calls); under a transformation (``jit``, ``grad``, ``vmap``, ``scan``) a device-side count of the invalid
+Shapes and dtypes are always checked. Values are checked at once when they are concrete (eager calls:
+numpy arrays on the host, jax arrays by a reduction on their device, so only a count is transferred); under a transformation (``jit``, ``grad``, ``vmap``, ``scan``) a device-side count of the invalid
 entries goes to a host callback that raises when the computation runs (under ``jit`` it arrives wrapped in
 jax's runtime error, with this module's message inside). ``validate=False`` skips the value checks; the
 layers use it, since their gates are valid by construction.
@@ -100,12 +100,17 @@ def _value_checker(name: str, x, ok, accepted: str, *, shown: Optional[dict] = N
     shown = shown or {name: x}
     arrays = [x, *shown.values()]
     if all(is_concrete(a) for a in arrays):
-        host = [np.asarray(a, dtype=np.float64) for a in arrays]
-        bad = ~np.asarray(ok(host[0], np))
-        if bad.any():
-            flat = int(np.argmax(bad.reshape(-1)))
-            _report_invalid(name, bad.shape, accepted, tuple(shown), int(bad.sum()), flat,
-                            *(np.broadcast_to(a, bad.shape).reshape(-1)[flat] for a in host[1:]))
+        # Host arrays are checked with numpy; device arrays on the device, so that only a count (and,
+        # when something is wrong, one index and its values) crosses to the host, not the arrays.
+        on_host = all(isinstance(a, (np.ndarray, np.generic, int, float)) for a in arrays)
+        xp = np if on_host else jnp
+        data = [np.asarray(a, dtype=np.float64) if on_host else jnp.asarray(a) for a in arrays]
+        bad = ~xp.asarray(ok(data[0], xp))
+        count = int(bad.sum())
+        if count:
+            flat = int(xp.argmax(bad.reshape(-1)))
+            _report_invalid(name, tuple(bad.shape), accepted, tuple(shown), count, flat,
+                            *(float(xp.broadcast_to(a, bad.shape).reshape(-1)[flat]) for a in data[1:]))
         return
     x = jnp.asarray(x)
     bad = ~ok(x, jnp)
