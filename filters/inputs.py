@@ -9,9 +9,10 @@ Shape legend (the layout of the PyTorch peer ``flash-linear-attention``)::
     P      [B, H, K, K]      the key-space covariance shared by every value row (exact family only)
 
 Shapes and dtypes are always checked. Values are checked at once when they are concrete (eager calls:
-numpy arrays on the host, jax arrays by a reduction on their device, so only a count is transferred); under a transformation (``jit``, ``grad``, ``vmap``, ``scan``) a device-side count of the invalid
-entries goes to a host callback that raises when the computation runs (under ``jit`` it arrives wrapped in
-jax's runtime error, with this module's message inside). ``validate=False`` skips the value checks; the
+numpy arrays on the host, jax arrays by a reduction on their device, so only a count is transferred);
+under a transformation (``jit``, ``grad``, ``vmap``, ``scan``) a device-side count of the invalid entries
+goes to a host callback that raises when the computation runs (under ``jit`` it arrives wrapped in jax's
+runtime error, with this module's message inside). ``validate=False`` skips the value checks; the
 layers use it, since their gates are valid by construction.
 """
 from __future__ import annotations
