@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import filters  # noqa: E402,F401  (first: sets the BLAS threading before jax loads LAPACK)
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from experiments import models, tasks, training  # noqa: E402
 
@@ -40,15 +39,9 @@ def time_step(name: str, d_model: int, backend: str, batch_size: int, seq_len: i
     start = time.perf_counter()
     jax.block_until_ready(step(state, batch))
     compile_seconds = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = state
-        for _ in range(steps):
-            out, metrics = step(out, batch)
-        jax.block_until_ready((out, metrics))
-        times.append((time.perf_counter() - start) / steps)
-    seconds = statistics.median(times)
+    # the experiments' own timing (a warm-up step, then `steps` steps on a copy of the state), repeated
+    seconds = statistics.median(training.measure_throughput(step, state, batch, steps)["seconds_per_step"]
+                                for _ in range(repeats))
     return {"model": name, "d_model": d_model, "backend": backend if name != "attention" else "-",
             "ms_per_step": 1e3 * seconds, "tokens_per_second": batch_size * seq_len / seconds,
             "compile_s": compile_seconds}

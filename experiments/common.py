@@ -133,6 +133,16 @@ def check_command_line(argv: Sequence[str], default_config: str, name: str = "co
             raise ConfigFieldError(f"--{message} (in {spec}); set a field as --{name}.<field>=<value>")
 
 
+def deterministic_gpu_reductions() -> None:
+    """Ask XLA for deterministic reductions on GPUs (``--xla_gpu_deterministic_ops=true`` in ``XLA_FLAGS``),
+    unless ``XLA_FLAGS`` already sets that flag. An interrupted run resumes to the same bits only if every
+    reduction is deterministic, and XLA's GPU scatter-add (the embedding gradient) is not by default.
+    Takes effect only if called before jax starts a backend; no effect on a CPU."""
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    if "--xla_gpu_deterministic_ops" not in flags_now:
+        os.environ["XLA_FLAGS"] = (flags_now + " --xla_gpu_deterministic_ops=true").strip()
+
+
 def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, config: str, outputs: str,
             check: Optional[Callable[[ml_collections.ConfigDict], None]] = None, x64: bool = False) -> None:
     """Run ``experiment(config, workdir)`` as an absl program with the flags ``--config`` (default the file
@@ -145,11 +155,7 @@ def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, conf
     from absl import app, flags
     from ml_collections import config_flags
 
-    # An interrupted run resumes to the same bits only if every reduction is deterministic; on a GPU,
-    # XLA's scatter-add (the embedding gradient) is not by default. Set before any backend starts; an
-    # explicit --xla_gpu_deterministic_ops in XLA_FLAGS wins. No effect on a CPU.
-    if "--xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+    deterministic_gpu_reductions()
     try:   # before the flags are defined: ml_collections applies the overrides to a default config then
         check_command_line(flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False), config)
     except ConfigFieldError as error:

@@ -14,9 +14,7 @@ import jax.numpy as jnp
 
 import designmodels as dm
 from filters import associative, chunked, kalman, sequential
-from filters.inputs import (
-    FilterInputError, FilterState, _value_checker, check_qkv, compute_dtype, initial_state, prepare,
-)
+from filters.inputs import FilterState, _value_checker, initial_state, prepare
 from filters.structure import Structure, analyze
 
 

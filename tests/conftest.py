@@ -8,9 +8,11 @@ embedding gradient's scatter-add), which break the bit-exact resume checks. Both
 here; neither changes anything on a CPU."""
 import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see filters/__init__.py: before jax loads LAPACK
-if "--xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):      # before jax starts a backend
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see filters/__init__.py: before numpy loads OpenBLAS
+
+from experiments.common import deterministic_gpu_reductions  # noqa: E402
+
+deterministic_gpu_reductions()                        # before jax starts a backend
 
 import jax  # noqa: E402
 

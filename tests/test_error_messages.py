@@ -349,3 +349,32 @@ def test_the_app_reports_usage_errors_without_a_traceback(args, patterns):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     for pattern in patterns:
         assert re.search(pattern, proc.stderr), proc.stderr[-2000:]
+
+
+def test_deterministic_gpu_reductions_keeps_an_explicit_choice(monkeypatch):
+    from experiments.common import deterministic_gpu_reductions
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    deterministic_gpu_reductions()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_gpu_deterministic_ops=true"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")
+    deterministic_gpu_reductions()
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=false"
+
+
+def test_language_model_takes_a_declared_model_and_checks_its_key_dimension():
+    import jax
+    import jax.numpy as jnp
+
+    import designmodels as dm
+    from experiments.models import LanguageModel
+
+    model = dm.DesignModel(prior=dm.Prior(dm.DiagonalCovariance((1.0, 0.5, 0.5, 2.0))),
+                           transition=dm.ScalarDecay(None), noise=dm.NoProcessNoise(),
+                           observation=dm.KeyValueObservation(None))
+    tokens = jnp.zeros((2, 5), jnp.int32)
+    params = LanguageModel(model, 16, 8, backend="sequential").init(jax.random.PRNGKey(0), tokens)
+    mixer = params["params"]["block_0"]["mixer"]
+    assert mixer["q_proj"]["kernel"].shape == (8, 8)            # two heads of width K = 4
+    with pytest.raises(ValueError, match="multiple of the key dimension K=4"):
+        LanguageModel(model, 16, 6).init(jax.random.PRNGKey(0), tokens)
