@@ -1,17 +1,17 @@
 #!/bin/bash
 # The MQAR and recall sweeps as several processes sharing one accelerator: small models leave a GPU
-# mostly idle and spend much of a run compiling on the host, so one process per MQAR variant (plus one
-# for recall) keeps the device and the host cores busy where one process would not. Each process stops after
-# SECONDS (its unfinished run resumes from its checkpoint next time); then every finished run of the
-# workdirs is collected into results.csv, table.md and the figures. The tokens/s that the runs record are
+# mostly idle and spend much of a run compiling on the host, so one process per MQAR variant and d_model
+# (plus one for recall) keeps the device and the host cores busy where one process would not. Each
+# process stops after SECONDS (its unfinished run resumes from its checkpoint next time); then every
+# finished run of the workdirs is collected into results.csv, table.md and the figures. The tokens/s that the runs record are
 # then measured on a shared device: use benchmarks/training_throughput.py for throughput.
 #
 #   experiments/concurrent_sweep.sh SECONDS MQAR_WORKDIR RECALL_WORKDIR D_MODEL...
 #   experiments/concurrent_sweep.sh 500 runs/mqar runs/recall 64 128
 #
 # The MQAR grid: training shapes $SHAPES (default "((128,8),)"), learning rates $LRS (default
-# "(2.2e-3,1e-2)"), 1,000 steps, evaluated at the training shape and at twice the length and pairs; the
-# d_models one after another (smallest first). RECALL=0 skips the recall process.
+# "(2.2e-3,1e-2)"), 1,000 steps, evaluated at the training shape and at twice the length and pairs.
+# RECALL=0 skips the recall process. Size the host: 4 x (number of d_models) + 1 processes compile at once.
 set -u
 if [ $# -lt 4 ]; then sed -n 2,16p "$0"; exit 2; fi
 SHAPES=${SHAPES:-"((128,8),)"}; LRS=${LRS:-"(2.2e-3,1e-2)"}
@@ -28,12 +28,13 @@ offset=0
 for variant in base shared update block; do
   ROTATED=$(as_tuple "${NAMES[@]:offset}" "${NAMES[@]:0:offset}")
   offset=$((offset + 2))
-  timeout "$BUDGET" bash -c "for d in $*; do python -m experiments.mqar --config=configs/mqar.py \
-    --workdir='$MQAR_DIR' --config.progress=False --config.variants=\"('$variant',)\" \
-    --config.train_shapes='$SHAPES' --config.d_models=\"(\$d,)\" --config.learning_rates='$LRS' \
-    --config.num_steps=1000 --config.warmup_steps=100 --config.num_train_examples=50000 \
-    --config.eval_multipliers='((1,1),(2,2))' --config.backend=chunked --config.models=\"$ROTATED\" || exit; done" \
-    > "$MQAR_DIR/logs/$variant.txt" 2>&1 &
+  for d in "$@"; do
+    timeout "$BUDGET" python -m experiments.mqar --config=configs/mqar.py --workdir="$MQAR_DIR" \
+      --config.progress=False --config.variants="('$variant',)" --config.train_shapes="$SHAPES" \
+      --config.d_models="($d,)" --config.learning_rates="$LRS" --config.num_steps=1000 \
+      --config.warmup_steps=100 --config.num_train_examples=50000 --config.eval_multipliers='((1,1),(2,2))' \
+      --config.backend=chunked --config.models="$ROTATED" > "$MQAR_DIR/logs/${variant}_d$d.txt" 2>&1 &
+  done
 done
 [ "${RECALL:-1}" = 1 ] && timeout "$BUDGET" python -m experiments.recall --config=configs/recall.py --workdir="$RECALL_DIR" \
   --config.progress=False --config.backend=chunked --config.models="$MODELS" > "$RECALL_DIR/logs/recall.txt" 2>&1 &
