@@ -11,7 +11,9 @@
 #
 # The MQAR grid: training shapes $SHAPES (default "((128,8),)"), learning rates $LRS (default
 # "(2.2e-3,1e-2)"), 1,000 steps, evaluated at the training shape and at twice the length and pairs.
-# RECALL=0 skips the recall process. Size the host: 4 x (number of d_models) + 1 processes compile at once.
+# RECALL=0 skips the recall process. Size the machine: 4 x (number of d_models) + 1 processes compile
+# at once, and their steps' temporaries must fit the GPU together (on the H200, nineteen processes,
+# fifteen at d_model 256, ran out of memory: single allocations of up to 5.6 GiB).
 set -u
 if [ $# -lt 4 ]; then sed -n 2,16p "$0"; exit 2; fi
 SHAPES=${SHAPES:-"((128,8),)"}; LRS=${LRS:-"(2.2e-3,1e-2)"}

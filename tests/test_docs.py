@@ -424,6 +424,10 @@ def _check_script(command: Command) -> None:
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[_command_id(c) for c in COMMANDS])
 def test_shell_command(command, tmp_path):
+    env = []                                      # leading NAME=value assignments
+    while command.tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", command.tokens[0]):
+        env.append(command.tokens[0].split("=", 1)[0])
+        command = Command(command.where, command.tokens[1:])
     tokens = command.tokens
     head = tokens[0]
     if head in ("python", "python3") and tokens[1:2] == ["-m"]:
@@ -454,6 +458,10 @@ def test_shell_command(command, tmp_path):
         assert os.path.exists(path) and os.access(path, os.X_OK), f"{command.where}: no executable {head}"
         syntax = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
         assert syntax.returncode == 0, f"{command.where}: {head} does not parse: {syntax.stderr}"
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        for name in env:
+            assert "${" + name in source or "$" + name in source, f"{command.where}: {head} does not read ${name}"
     else:
         pytest.fail(f"{command.where}: no rule to check `{' '.join(tokens)}`; add one to tests/test_docs.py")
 
