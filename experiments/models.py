@@ -145,9 +145,12 @@ class Block(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """``(tokens [B,T], vectors [B,T,F] or None) -> logits [B,T,vocab_size]`` (float32).
+    """``(tokens [B,T], vectors [B,T,F] or None, positions [B,M] or None) -> logits [B,T,vocab_size]``,
+    or ``[B,M,vocab_size]`` at ``positions`` only (float32).
 
-    ``model``: a name of `MODELS` or a `dm.DesignModel` instance."""
+    ``model``: a name of `MODELS` or a `dm.DesignModel` instance. ``positions`` picks the positions whose
+    logits are wanted (the supervised ones, in training): the head is per position, so those logits are
+    the same as the full ones there, for M/T of the head's cost (recall tasks supervise 1/16 of them)."""
 
     model: Any
     vocab_size: int
@@ -159,7 +162,7 @@ class LanguageModel(nn.Module):
     mlp_ratio: int = 0
 
     @nn.compact
-    def __call__(self, tokens, vectors=None):
+    def __call__(self, tokens, vectors=None, positions=None):
         embed = nn.Embed(self.vocab_size, self.d_model, embedding_init=nn.initializers.normal(0.02),
                          dtype=F32, param_dtype=F32, name="embed")
         x = embed(tokens)
@@ -169,5 +172,7 @@ class LanguageModel(nn.Module):
         for i in range(self.num_layers):
             x = Block(self.model, self.d_model, self.head_dim, self.backend, self.conv_size, self.mlp_ratio,
                       name=f"block_{i}")(x)
+        if positions is not None:
+            x = jnp.take_along_axis(x, positions[..., None], axis=1)
         x = nn.LayerNorm(dtype=F32, param_dtype=F32, name="final_norm")(x)
         return embed.attend(x)

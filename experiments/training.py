@@ -128,8 +128,23 @@ def loss_and_metrics(logits: jax.Array, labels: jax.Array):
                   "count": count}
 
 
-def apply_model(model: nn.Module, params, batch):
-    return model.apply(params, batch["tokens"], batch.get("vectors"))
+def supervised_count(labels) -> int:
+    """The most supervised positions (``labels != IGNORE``) of any row: a static size for the steps."""
+    return int(np.max(np.sum(np.asarray(labels) != IGNORE, axis=-1), initial=0))
+
+
+def logits_and_labels(model: nn.Module, params, batch, supervised: Optional[int] = None):
+    """The model's logits and their labels. With ``supervised`` (at least the number of supervised
+    positions of every row), only the first ``supervised`` positions of each row that carry a label, in
+    order, get logits (rows with fewer are padded with unsupervised positions): the same loss and
+    accuracy as the full ``[B, T, vocab]`` logits without computing the others."""
+    labels = batch["labels"]
+    if supervised is None or supervised >= labels.shape[-1]:
+        return model.apply(params, batch["tokens"], batch.get("vectors")), labels
+    order = jnp.argsort(labels == IGNORE, axis=-1, stable=True)           # labelled positions first
+    positions = order[..., :max(supervised, 1)]
+    logits = model.apply(params, batch["tokens"], batch.get("vectors"), positions)
+    return logits, jnp.take_along_axis(labels, positions, axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,19 +196,22 @@ def init_state(model: nn.Module, settings: TrainSettings, example: Batch, mesh: 
     return jax.device_put(state, replicated)
 
 
-def make_train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: bool = True) -> Callable:
-    """``(state, batch) -> (state, metrics)``, compiled for the mesh; one compilation per model, mesh and
-    optimizer settings in a process (the learning rate and the seed are not compiled in)."""
-    return _train_step(model, _compile_key(settings), mesh, donate)
+def make_train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: bool = True,
+                    supervised: Optional[int] = None) -> Callable:
+    """``(state, batch) -> (state, metrics)``, compiled for the mesh; one compilation per model, mesh,
+    optimizer settings and ``supervised`` in a process (the learning rate and the seed are not
+    compiled in). ``supervised``: see `logits_and_labels` (`supervised_count` of the training set)."""
+    return _train_step(model, _compile_key(settings), mesh, donate, supervised)
 
 
 @functools.lru_cache(maxsize=64)
-def _train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: bool) -> Callable:
+def _train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: bool,
+                supervised: Optional[int]) -> Callable:
     tx, shape = optimizer(settings), schedule(settings)
 
     def step(state: TrainState, batch):
         def loss_fn(params):
-            return loss_and_metrics(apply_model(model, params, batch), batch["labels"])
+            return loss_and_metrics(*logits_and_labels(model, params, batch, supervised))
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -209,10 +227,11 @@ def _train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: b
 
 
 @functools.lru_cache(maxsize=64)
-def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable:
-    """``(params, batch) -> {"nll_sum", "correct", "count"}``, compiled for the mesh."""
+def make_eval_step(model: nn.Module, mesh: Mesh, supervised: Optional[int] = None) -> Callable:
+    """``(params, batch) -> {"nll_sum", "correct", "count"}``, compiled for the mesh (``supervised``:
+    see `logits_and_labels`)."""
     def step(params, batch):
-        _, metrics = loss_and_metrics(apply_model(model, params, batch), batch["labels"])
+        _, metrics = loss_and_metrics(*logits_and_labels(model, params, batch, supervised))
         return {k: metrics[k] for k in ("nll_sum", "correct", "count")}
 
     replicated, sharded = _shardings(mesh)
@@ -401,13 +420,13 @@ def train(model: nn.Module, settings: TrainSettings, train_data: Batch, eval_set
     eval_log.truncate(start)
     writer = _tensorboard(os.path.join(workdir, "tensorboard"))
 
-    train_step = make_train_step(model, settings, mesh)
-    eval_step = make_eval_step(model, mesh)
+    train_step = make_train_step(model, settings, mesh, supervised=supervised_count(train_data["labels"]))
     batches = BatchSchedule(train_data, settings.batch_size, settings.seed)
 
     def run_evals(step: int) -> dict:
         results = {}
         for name, data in eval_sets.items():
+            eval_step = make_eval_step(model, mesh, supervised_count(data["labels"]))
             results[name] = evaluate(eval_step, state.params, data, settings.eval_batch_size, mesh)
             eval_log.write({"step": step, "set": name, **results[name]})
             if writer is not None:

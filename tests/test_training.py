@@ -35,6 +35,35 @@ def test_loss_and_accuracy_count_only_supervised_positions():
     assert float(m["accuracy"]) == 0.5 and int(m["count"]) == 2
 
 
+def test_logits_at_supervised_positions_only_give_the_same_loss_and_gradients():
+    """The head at the labelled positions only (rows with different label counts, one with none) gives
+    the loss, accuracy, count and gradients of the full [B, T, vocab] logits."""
+    model = _tiny("gated_deltanet")
+    batch = _data(6, seq_len=16, pairs=3)
+    labels = np.array(batch["labels"])
+    labels[1, :] = tasks.IGNORE                                  # a row without supervision
+    labels[2, np.flatnonzero(labels[2] != tasks.IGNORE)[:1]] = tasks.IGNORE   # fewer labels
+    labels[3, 0] = 5                                             # a label at the first position
+    batch = {"tokens": jnp.asarray(batch["tokens"]), "labels": jnp.asarray(labels)}
+    params = model.init(jax.random.PRNGKey(0), batch["tokens"])
+    count = training.supervised_count(labels)
+    assert count == max(np.sum(labels != tasks.IGNORE, axis=1)) < labels.shape[1]
+
+    def loss(p, supervised):
+        return training.loss_and_metrics(*training.logits_and_labels(model, p, batch, supervised))
+
+    (full, full_m), full_g = jax.value_and_grad(loss, has_aux=True)(params, None)
+    (part, part_m), part_g = jax.value_and_grad(loss, has_aux=True)(params, count)
+    logits, _ = training.logits_and_labels(model, params, batch, count)
+    assert logits.shape == (6, count, 32)
+    np.testing.assert_allclose(part, full, rtol=1e-6)
+    for key in ("accuracy", "count", "correct", "nll_sum"):
+        np.testing.assert_allclose(part_m[key], full_m[key], rtol=1e-6)
+    # float32 sums in another order: equal to rounding, relative to each leaf's scale
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max()),
+                 part_g, full_g)
+
+
 def test_one_compiled_step_serves_every_learning_rate_and_seed():
     model, mesh = _tiny(), training.data_mesh()
     a = training.TrainSettings(num_steps=10, batch_size=8, learning_rate=1e-3, seed=0)
