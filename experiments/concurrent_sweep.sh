@@ -1,45 +1,62 @@
 #!/bin/bash
-# The MQAR and recall sweeps as several processes sharing one accelerator: small models leave a GPU
-# mostly idle and spend much of a run compiling on the host, so one process per MQAR variant and d_model
-# (plus one for recall) keeps the device and the host cores busy where one process would not. Each
-# process stops after SECONDS (its unfinished run resumes from its checkpoint next time); then every
-# finished run of the workdirs is collected into results.csv, table.md and the figures. The tokens/s that the runs record are
-# then measured on a shared device: use benchmarks/training_throughput.py for throughput.
+# The MQAR and recall sweeps as several processes sharing one accelerator. Small models leave a GPU
+# mostly idle and spend much of a run compiling on the host, so WORKERS processes (default 8) take the
+# runs of the grid from one queue, one run per process, plus one process for recall. Runs that finished
+# before are not queued; the whole sweep stops after SECONDS (an interrupted run resumes from its
+# checkpoint next time); then every finished run of the workdirs is collected into results.csv,
+# table.md and the figures. The tokens/s that the runs record are measured on a shared device: use
+# benchmarks/training_throughput.py for throughput.
 #
 #   experiments/concurrent_sweep.sh SECONDS MQAR_WORKDIR RECALL_WORKDIR D_MODEL...
-#   experiments/concurrent_sweep.sh 500 runs/mqar runs/recall 64 128
+#   WORKERS=12 LRS='(1e-2,)' experiments/concurrent_sweep.sh 500 runs/mqar runs/recall 128 256
 #
-# The MQAR grid: training shapes $SHAPES (default "((128,8),)"), learning rates $LRS (default
-# "(2.2e-3,1e-2)"), 1,000 steps, evaluated at the training shape and at twice the length and pairs.
-# RECALL=0 skips the recall process. Size the machine: 4 x (number of d_models) + 1 processes compile
-# at once, and their steps' temporaries must fit the GPU together (on the H200, nineteen processes,
-# fifteen at d_model 256, ran out of memory: single allocations of up to 5.6 GiB).
+# The MQAR grid: d_model x variant x training shape $SHAPES (default "((128,8),)") x learning rate $LRS
+# (default "(2.2e-3,1e-2)") x model, in that order, 1,000 steps, evaluated at the training shape and at
+# twice the length and pairs. RECALL=0 skips recall; EXTRA adds --config flags to every MQAR run (they
+# win over the ones above). The queue's order makes the first wave compile different models and the
+# later runs of a model load its step from the shared compilation cache. WORKERS bounds the processes
+# whose steps' temporaries must fit the GPU together.
 set -u
-if [ $# -lt 4 ]; then sed -n 2,16p "$0"; exit 2; fi
-SHAPES=${SHAPES:-"((128,8),)"}; LRS=${LRS:-"(2.2e-3,1e-2)"}
-BUDGET=$1; MQAR_DIR=$2; RECALL_DIR=$3; shift 3
+if [ $# -lt 4 ]; then sed -n 2,18p "$0"; exit 2; fi
+export SHAPES=${SHAPES:-"((128,8),)"} LRS=${LRS:-"(2.2e-3,1e-2)"} EXTRA=${EXTRA:-}
+BUDGET=$1; export MQAR_DIR=$2; RECALL_DIR=$3; shift 3
 NAMES=(bayesian bayesian_no_conv gated_deltanet deltanet mamba2 linear_attention attention)
-as_tuple() { local out="(" n; for n in "$@"; do out+="'$n',"; done; echo "$out)"; }
-MODELS=$(as_tuple "${NAMES[@]}")
-# One compilation cache for every process: the variants train the same models at the same shapes, and
-# each process starts at a different model (the list rotated by 2), so a step compiled by one is a
-# cache hit for the others when they reach that model.
+# One compilation cache for every process: the variants and learning rates of a model and d_model share
+# one compiled step (the learning rate is not compiled in).
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-"$MQAR_DIR/jax_cache"}
 mkdir -p "$MQAR_DIR/logs" "$RECALL_DIR/logs"
-offset=0
-for variant in base shared update block; do
-  ROTATED=$(as_tuple "${NAMES[@]:offset}" "${NAMES[@]:0:offset}")
-  offset=$((offset + 2))
-  for d in "$@"; do
-    timeout "$BUDGET" python -m experiments.mqar --config=configs/mqar.py --workdir="$MQAR_DIR" \
-      --config.progress=False --config.variants="('$variant',)" --config.train_shapes="$SHAPES" \
-      --config.d_models="($d,)" --config.learning_rates="$LRS" --config.num_steps=1000 \
-      --config.warmup_steps=100 --config.num_train_examples=50000 --config.eval_multipliers='((1,1),(2,2))' \
-      --config.backend=chunked --config.models="$ROTATED" > "$MQAR_DIR/logs/${variant}_d$d.txt" 2>&1 &
+
+run_one() {   # d_model variant seq_len pairs lr model
+  python -m experiments.mqar --config=configs/mqar.py --workdir="$MQAR_DIR" --config.progress=False \
+    --config.variants="('$2',)" --config.train_shapes="(($3,$4),)" --config.d_models="($1,)" \
+    --config.learning_rates="($5,)" --config.models="('$6',)" --config.num_steps=1000 \
+    --config.warmup_steps=100 --config.num_train_examples=50000 --config.eval_multipliers='((1,1),(2,2))' \
+    --config.backend=chunked $EXTRA > "$MQAR_DIR/logs/$2_L$3_P$4_d$1_lr$5_$6.txt" 2>&1
+}
+export -f run_one
+
+queue="$MQAR_DIR/logs/queue.txt"
+: > "$queue"
+for d in "$@"; do
+  for variant in base shared update block; do
+    for shape in $(echo "$SHAPES" | tr -d ' ' | grep -o '([0-9]*,[0-9]*)' | tr -d '()' | tr ',' '_'); do
+      for lr in $(echo "$LRS" | tr -d '() ' | tr ',' ' '); do
+        for model in "${NAMES[@]}"; do
+          L=${shape%_*}; P=${shape#*_}
+          folder="$MQAR_DIR/runs/$variant/$model/L${L}_P${P}/d${d}_lr$(printf '%.2e' "$lr")"
+          [ -f "$folder/results.json" ] || echo "$d $variant $L $P $lr $model" >> "$queue"
+        done
+      done
+    done
   done
 done
-[ "${RECALL:-1}" = 1 ] && timeout "$BUDGET" python -m experiments.recall --config=configs/recall.py --workdir="$RECALL_DIR" \
-  --config.progress=False --config.backend=chunked --config.models="$MODELS" > "$RECALL_DIR/logs/recall.txt" 2>&1 &
+echo "$(wc -l < "$queue") MQAR runs to do, ${WORKERS:-8} at a time (queue: $queue)"
+
+[ "${RECALL:-1}" = 1 ] && timeout "$BUDGET" python -m experiments.recall --config=configs/recall.py \
+  --workdir="$RECALL_DIR" --config.progress=False --config.backend=chunked \
+  --config.models="('bayesian','bayesian_no_conv','gated_deltanet','deltanet','mamba2','linear_attention','attention')" \
+  > "$RECALL_DIR/logs/recall.txt" 2>&1 &
+timeout "$BUDGET" xargs -P "${WORKERS:-8}" -L 1 bash -c 'run_one "$@"' _ < "$queue"
 wait
 python -c "import sys; from experiments import mqar; mqar.report(sys.argv[1])" "$MQAR_DIR"
 python -c "import sys; from experiments import recall; recall.report(sys.argv[1])" "$RECALL_DIR"
