@@ -197,8 +197,16 @@ def prepare_workdir(workdir: str) -> str:
 
 
 def write_json(path: str, payload) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+    """Write ``payload`` to ``path`` atomically: a process killed while writing (a sweep's time limit)
+    leaves the previous file or none, never a truncated one that would mark a run as finished."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:

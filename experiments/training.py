@@ -32,6 +32,7 @@ from absl import logging
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from experiments import common
 from experiments.tasks import IGNORE
 
 Batch = dict[str, np.ndarray]      # "tokens" [N, L] int, "labels" [N, L] int, optional "vectors" [N, L, F]
@@ -400,8 +401,7 @@ def train(model: nn.Module, settings: TrainSettings, train_data: Batch, eval_set
             raise ValueError(f"{workdir} holds a run with different settings ({run_path}); use a new workdir "
                              "or delete it.")
     else:
-        with open(run_path, "w") as f:
-            json.dump(identity, f, indent=2)
+        common.write_json(run_path, identity)
 
     state = init_state(model, settings, train_data, mesh)
     num_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params)))
@@ -476,8 +476,7 @@ def train(model: nn.Module, settings: TrainSettings, train_data: Batch, eval_set
     results = {"eval": evals, "final_train": last, "throughput": throughput, "num_params": num_params,
                "steps": settings.num_steps, "train_seconds_this_session": train_seconds,
                "devices": mesh.devices.size, "platform": jax.default_backend()}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump({**identity, **results}, f, indent=2)
+    common.write_json(os.path.join(workdir, "results.json"), {**identity, **results})
     return results
 
 

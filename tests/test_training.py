@@ -233,6 +233,18 @@ def test_recall_smoke_end_to_end(tmp_path):
         assert os.path.getsize(tmp_path / name) > 0
 
 
+def test_run_records_are_written_whole_or_not_at_all(tmp_path):
+    """A write that fails half-way (as a process killed by a sweep's time limit) leaves the previous
+    record intact and no partial file: a truncated results.json would mark an unfinished run finished."""
+    path = str(tmp_path / "results.json")
+    common.write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        common.write_json(path, {"b": [1, 2], "c": object()})   # json.dump fails after writing a prefix
+    with open(path) as f:
+        assert json.load(f) == {"a": 1}
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
 def test_config_typos_and_bad_choices_are_clear_errors():
     config = common.resolve(mqar_config.get_config())
     with pytest.raises(AttributeError):
