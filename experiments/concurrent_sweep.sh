@@ -21,6 +21,7 @@ if [ $# -lt 4 ]; then sed -n 2,18p "$0"; exit 2; fi
 export SHAPES=${SHAPES:-"((128,8),)"} LRS=${LRS:-"(2.2e-3,1e-2)"} EXTRA=${EXTRA:-}
 BUDGET=$1; export MQAR_DIR=$2; RECALL_DIR=$3; shift 3
 NAMES=(bayesian bayesian_no_conv gated_deltanet deltanet mamba2 linear_attention attention)
+RECALL_MODELS="($(printf "'%s'," "${NAMES[@]}"))"
 # One compilation cache for every process: the variants and learning rates of a model and d_model share
 # one compiled step (the learning rate is not compiled in).
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-"$MQAR_DIR/jax_cache"}
@@ -40,9 +41,9 @@ queue="$MQAR_DIR/logs/queue.txt"
 for d in "$@"; do
   for variant in base shared update block; do
     for shape in $(echo "$SHAPES" | tr -d ' ' | grep -o '([0-9]*,[0-9]*)' | tr -d '()' | tr ',' '_'); do
+      L=${shape%_*}; P=${shape#*_}
       for lr in $(echo "$LRS" | tr -d '() ' | tr ',' ' '); do
         for model in "${NAMES[@]}"; do
-          L=${shape%_*}; P=${shape#*_}
           folder="$MQAR_DIR/runs/$variant/$model/L${L}_P${P}/d${d}_lr$(printf '%.2e' "$lr")"
           [ -f "$folder/results.json" ] || echo "$d $variant $L $P $lr $model" >> "$queue"
         done
@@ -54,7 +55,7 @@ echo "$(wc -l < "$queue") MQAR runs to do, ${WORKERS:-8} at a time (queue: $queu
 
 [ "${RECALL:-1}" = 1 ] && timeout "$BUDGET" python -m experiments.recall --config=configs/recall.py \
   --workdir="$RECALL_DIR" --config.progress=False --config.backend=chunked \
-  --config.models="('bayesian','bayesian_no_conv','gated_deltanet','deltanet','mamba2','linear_attention','attention')" \
+  --config.models="$RECALL_MODELS" \
   > "$RECALL_DIR/logs/recall.txt" 2>&1 &
 timeout "$BUDGET" xargs -P "${WORKERS:-8}" -L 1 bash -c 'run_one "$@"' _ < "$queue"
 wait

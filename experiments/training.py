@@ -421,13 +421,14 @@ def train(model: nn.Module, settings: TrainSettings, train_data: Batch, eval_set
     writer = _tensorboard(os.path.join(workdir, "tensorboard"))
 
     train_step = make_train_step(model, settings, mesh, supervised=supervised_count(train_data["labels"]))
+    eval_steps = {name: make_eval_step(model, mesh, supervised_count(data["labels"]))
+                  for name, data in eval_sets.items()}
     batches = BatchSchedule(train_data, settings.batch_size, settings.seed)
 
     def run_evals(step: int) -> dict:
         results = {}
         for name, data in eval_sets.items():
-            eval_step = make_eval_step(model, mesh, supervised_count(data["labels"]))
-            results[name] = evaluate(eval_step, state.params, data, settings.eval_batch_size, mesh)
+            results[name] = evaluate(eval_steps[name], state.params, data, settings.eval_batch_size, mesh)
             eval_log.write({"step": step, "set": name, **results[name]})
             if writer is not None:
                 writer.add_scalar(f"eval/{name}/accuracy", results[name]["accuracy"], step)
