@@ -150,7 +150,7 @@ class LanguageModel(nn.Module):
 
     ``model``: a name of `MODELS` or a `dm.DesignModel` instance. ``positions`` picks the positions whose
     logits are wanted (the supervised ones, in training): the head is per position, so those logits are
-    the same as the full ones there, for M/T of the head's cost (recall tasks supervise 1/16 of them)."""
+    the same as the full ones there, for M/T of the head's cost (MQAR supervises 1/16 of the positions)."""
 
     model: Any
     vocab_size: int
