@@ -11,9 +11,10 @@ docs/experiments.md: "base", "shared", "update", "block".
         --config.variants='("update",)' --config.models='("gated_deltanet","bayesian")' --config.d_models='(64,)'
 
 Writes runs/<variant>/<model>/L<seq_len>_P<pairs>/d<d_model>_lr<lr>/ (checkpoints, metrics.csv,
-eval.csv, results.json) and, over every finished run in the workdir, results.csv, table.md and
-accuracy_vs_d_model.png. An interrupted sweep resumes where it stopped (finished runs are skipped,
-the interrupted one restarts from its checkpoint).
+eval.csv, results.json) and, over every finished run in the workdir, results.csv, table.md,
+accuracy_vs_d_model.png and (for cells trained at several shapes) accuracy_vs_seq_len.png. An
+interrupted sweep resumes where it stopped (finished runs are skipped, the interrupted one restarts
+from its checkpoint).
 """
 import ml_collections
 

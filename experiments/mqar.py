@@ -9,7 +9,8 @@ warm-up + cosine, data-parallel over the local devices, orbax checkpoints) in it
 ``workdir/runs``, then evaluated at its training shape and beyond (longer sequences, more pairs); the
 throughput of its training step is measured. Finished runs are skipped, so an interrupted sweep resumes.
 Then every finished run of the workdir is collected into ``results.csv`` (one row per run),
-``table.md`` (best learning rate per variant, shape, model and d_model) and ``accuracy_vs_d_model.png``.
+``table.md`` (best learning rate per variant, shape, model and d_model), ``accuracy_vs_d_model.png`` and,
+where cells were trained at several shapes, ``accuracy_vs_seq_len.png``.
 """
 from __future__ import annotations
 
@@ -163,6 +164,11 @@ def table(records: list[dict]) -> str:
     return common.markdown_table(header, out)
 
 
+def model_color(name: str) -> str:
+    """One colour per model in every panel and figure (the colour cycle would shift where a model is missing)."""
+    return f"C{list(models.MODELS).index(name) % 10}"
+
+
 def plot(records: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -180,7 +186,7 @@ def plot(records: list[dict], path: str) -> None:
                 points = sorted((k[4], _in_distribution(r)) for k, r in best.items()
                                 if k[0] == variant and (k[1], k[2]) == shape and k[3] == model)
                 if points:
-                    ax.plot(*zip(*points), marker="o", label=model)
+                    ax.plot(*zip(*points), marker="o", label=model, color=model_color(model))
             ax.set_xscale("log", base=2)
             ds = sorted({k[4] for k in best})
             ax.set_xticks(ds, [str(d) for d in ds])
@@ -205,6 +211,56 @@ def plot(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _shape_series(best: dict) -> dict:
+    """{(d_model, variant, model): [(seq_len, pairs, accuracy), ...]} for the cells trained at several shapes."""
+    series = {}
+    for (variant, seq_len, pairs, model, d_model), r in best.items():
+        series.setdefault((d_model, variant, model), []).append((seq_len, pairs, _in_distribution(r)))
+    return {k: sorted(v) for k, v in series.items() if len(v) > 1}
+
+
+def plot_shapes(records: list[dict], path: str) -> None:
+    """Accuracy against the training sequence length (and its number of pairs): one row of panels per d_model
+    that was trained at several shapes, one panel per variant, one line per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = _shape_series(best_records(records))
+    d_models = sorted({k[0] for k in series})
+    variants = [v for v in tasks.MQAR_VARIANTS if any(k[1] == v for k in series)]
+    fig, axes = plt.subplots(len(d_models), len(variants), figsize=(3.6 * len(variants), 3.0 * len(d_models)),
+                             squeeze=False, sharey=True)
+    for i, d_model in enumerate(d_models):
+        for j, variant in enumerate(variants):
+            ax = axes[i][j]
+            shapes = sorted({(L, P) for k, v in series.items() if k[:2] == (d_model, variant) for L, P, _ in v})
+            if not shapes:     # this d_model was trained at several shapes in another variant only
+                ax.set_visible(False)
+                continue
+            for model in models.MODELS:
+                points = series.get((d_model, variant, model))
+                if points:
+                    ax.plot([L for L, _, _ in points], [a for _, _, a in points], marker="o", label=model,
+                            color=model_color(model))
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([L for L, _ in shapes], [f"{L}\n(P={P})" for L, P in shapes])
+            ax.minorticks_off()
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{variant}, d_model={d_model}", fontsize=9)
+            ax.set_xlabel("training sequence length")
+            if j == 0:
+                ax.set_ylabel("accuracy (best lr)")
+            ax.grid(alpha=0.3)
+    labels = [m for m in models.MODELS if any(k[2] == m for k in series)]
+    handles = [next(h for row in axes for ax in row for h, l in zip(*ax.get_legend_handles_labels()) if l == m)
+               for m in labels]
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def report(workdir: str) -> list[dict]:
     """Collect every finished MQAR run of ``workdir`` into results.csv, table.md and the figure."""
     records = [r for r in sweep.collect(workdir) if r["description"].get("experiment") == "mqar"]
@@ -213,6 +269,8 @@ def report(workdir: str) -> list[dict]:
     sweep.write_report(workdir, rows(records), "MQAR: accuracy at the training shape (best learning rate), beyond "
                        "it (longer sequences, more pairs), and the training step's throughput.", table(records),
                        lambda path: plot(records, path), "accuracy_vs_d_model.png")
+    if _shape_series(best_records(records)):
+        plot_shapes(records, os.path.join(workdir, "accuracy_vs_seq_len.png"))
     return records
 
 

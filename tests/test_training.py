@@ -222,6 +222,15 @@ def test_mqar_smoke_end_to_end(tmp_path):
     assert rows[0]["model"] == "bayesian_no_conv" and float(rows[0]["tokens_per_second"]) > 0
     assert "bayesian_no_conv" in (tmp_path / "table.md").read_text()
     assert mqar.run(config, str(tmp_path))[0]["eval"] == records[0]["eval"]   # finished runs are skipped
+    assert not os.path.exists(tmp_path / "accuracy_vs_seq_len.png")           # one shape: no length figure
+    # a second training shape: the report adds accuracy against the training length
+    config.unlock()
+    config.train_shapes = ((16, 1),)
+    config.lock()
+    mqar.run(config, str(tmp_path))
+    mqar.report(str(tmp_path))
+    assert os.path.getsize(tmp_path / "accuracy_vs_seq_len.png") > 0
+    assert "| update | (16, 1) | bayesian_no_conv |" in (tmp_path / "table.md").read_text()
 
 
 def test_recall_smoke_end_to_end(tmp_path):
