@@ -169,46 +169,58 @@ def model_color(name: str) -> str:
     return f"C{list(models.MODELS).index(name) % 10}"
 
 
-def plot(records: list[dict], path: str) -> None:
+def _plot_panels(path: str, rows: list, variants: list[str], points, title, xlabel: str, ticks) -> None:
+    """A grid of accuracy panels, one row per entry of ``rows`` and one column per variant, one line per model
+    (``points(row, variant, model)`` -> [(x, accuracy), ...]); a panel without data is left out."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best = best_records(records)
-    variants = [v for v in tasks.MQAR_VARIANTS if any(k[0] == v for k in best)]
-    shapes = sorted(dict.fromkeys((k[1], k[2]) for k in best))
-    fig, axes = plt.subplots(len(shapes), len(variants), figsize=(3.6 * len(variants), 3.0 * len(shapes)),
+    fig, axes = plt.subplots(len(rows), len(variants), figsize=(3.6 * len(variants), 3.0 * len(rows)),
                              squeeze=False, sharey=True)
-    for i, shape in enumerate(shapes):
+    handles = {}
+    for i, row in enumerate(rows):
         for j, variant in enumerate(variants):
             ax = axes[i][j]
-            for model in models.MODELS:
-                points = sorted((k[4], _in_distribution(r)) for k, r in best.items()
-                                if k[0] == variant and (k[1], k[2]) == shape and k[3] == model)
-                if points:
-                    ax.plot(*zip(*points), marker="o", label=model, color=model_color(model))
+            lines = {m: points(row, variant, m) for m in models.MODELS}
+            if not any(lines.values()):
+                ax.set_visible(False)
+                continue
+            for model, xy in lines.items():
+                if xy:
+                    handles[model], = ax.plot(*zip(*xy), marker="o", label=model, color=model_color(model))
             ax.set_xscale("log", base=2)
-            ds = sorted({k[4] for k in best})
-            ax.set_xticks(ds, [str(d) for d in ds])
+            ax.set_xticks(*ticks(row, variant))
             ax.minorticks_off()
             ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{variant}, L={shape[0]}, P={shape[1]}", fontsize=9)
-            ax.set_xlabel("d_model")
+            ax.set_title(title(row, variant), fontsize=9)
+            ax.set_xlabel(xlabel)
             if j == 0:
                 ax.set_ylabel("accuracy (best lr)")
             ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for row in axes:
-        for ax in row:
-            h, l = ax.get_legend_handles_labels()
-            for hh, ll in zip(h, l):
-                if ll not in labels:
-                    handles.append(hh)
-                    labels.append(ll)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    names = [m for m in models.MODELS if m in handles]
+    fig.legend([handles[m] for m in names], names, loc="lower center", ncol=min(len(names), 5), fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _variants(keys, index: int) -> list[str]:
+    return [v for v in tasks.MQAR_VARIANTS if any(k[index] == v for k in keys)]
+
+
+def plot(records: list[dict], path: str) -> None:
+    """Accuracy against d_model: one row of panels per training shape, one panel per variant."""
+    best = best_records(records)
+    shapes = sorted(dict.fromkeys((k[1], k[2]) for k in best))
+    ds = sorted({k[4] for k in best})
+
+    def points(shape, variant, model):
+        return sorted((k[4], _in_distribution(r)) for k, r in best.items()
+                      if (k[0], (k[1], k[2]), k[3]) == (variant, shape, model))
+
+    _plot_panels(path, shapes, _variants(best, 0), points, lambda s, v: f"{v}, L={s[0]}, P={s[1]}", "d_model",
+                 lambda s, v: (ds, [str(d) for d in ds]))
 
 
 def _shape_series(best: dict) -> dict:
@@ -222,43 +234,15 @@ def _shape_series(best: dict) -> dict:
 def plot_shapes(records: list[dict], path: str) -> None:
     """Accuracy against the training sequence length (and its number of pairs): one row of panels per d_model
     that was trained at several shapes, one panel per variant, one line per model."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series = _shape_series(best_records(records))
-    d_models = sorted({k[0] for k in series})
-    variants = [v for v in tasks.MQAR_VARIANTS if any(k[1] == v for k in series)]
-    fig, axes = plt.subplots(len(d_models), len(variants), figsize=(3.6 * len(variants), 3.0 * len(d_models)),
-                             squeeze=False, sharey=True)
-    for i, d_model in enumerate(d_models):
-        for j, variant in enumerate(variants):
-            ax = axes[i][j]
-            shapes = sorted({(L, P) for k, v in series.items() if k[:2] == (d_model, variant) for L, P, _ in v})
-            if not shapes:     # this d_model was trained at several shapes in another variant only
-                ax.set_visible(False)
-                continue
-            for model in models.MODELS:
-                points = series.get((d_model, variant, model))
-                if points:
-                    ax.plot([L for L, _, _ in points], [a for _, _, a in points], marker="o", label=model,
-                            color=model_color(model))
-            ax.set_xscale("log", base=2)
-            ax.set_xticks([L for L, _ in shapes], [f"{L}\n(P={P})" for L, P in shapes])
-            ax.minorticks_off()
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{variant}, d_model={d_model}", fontsize=9)
-            ax.set_xlabel("training sequence length")
-            if j == 0:
-                ax.set_ylabel("accuracy (best lr)")
-            ax.grid(alpha=0.3)
-    labels = [m for m in models.MODELS if any(k[2] == m for k in series)]
-    handles = [next(h for row in axes for ax in row for h, l in zip(*ax.get_legend_handles_labels()) if l == m)
-               for m in labels]
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    def ticks(d_model, variant):
+        shapes = sorted({(L, P) for k, v in series.items() if k[:2] == (d_model, variant) for L, P, _ in v})
+        return [L for L, _ in shapes], [f"{L}\n(P={P})" for L, P in shapes]
+
+    _plot_panels(path, sorted({k[0] for k in series}), _variants(series, 1),
+                 lambda d, v, m: [(L, a) for L, _, a in series.get((d, v, m), [])],
+                 lambda d, v: f"{v}, d_model={d}", "training sequence length", ticks)
 
 
 def report(workdir: str) -> list[dict]:
