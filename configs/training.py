@@ -27,6 +27,9 @@ def add_model_and_training(config: ml_collections.ConfigDict, *, num_steps: int,
     config.eval_batch_size = 256
     config.throughput_steps = 10
     config.progress = True
+    # after training, collect every finished run of the workdir into results.csv, table.md and the figures
+    # (experiments/concurrent_sweep.sh turns it off in its one-run processes and reports once at the end)
+    config.report = True
     config.kill_at_step = 0           # debugging: SIGKILL the process after this step of each run (0: never)
     return config
 

@@ -133,6 +133,33 @@ def check_command_line(argv: Sequence[str], default_config: str, name: str = "co
             raise ConfigFieldError(f"--{message} (in {spec}); set a field as --{name}.<field>=<value>")
 
 
+def last_override_wins(argv: Sequence[str], name: str = "config") -> list[str]:
+    """``argv`` with only the last ``--config.<field>`` of each field (``=value``, ``value`` as the next
+    argument, or the boolean ``--config.<field>`` / ``--noconfig.<field>``), as absl treats every other flag
+    given twice. ml_collections would instead concatenate the values of a tuple field given twice
+    (``--config.d_models='(64,)' --config.d_models='(128,)'`` becomes ``(64, 128)``): a silently different
+    sweep, e.g. when a script's fixed flags are followed by a user's overrides."""
+    groups, fields = [], []            # each option with its value argument, if separate; its field or None
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--", "-"):
+            groups.append(list(argv[i:]))
+            fields.append(None)
+            break
+        flag = arg.lstrip("-").split("=", 1)[0]
+        field = next((flag[len(p):] for p in (f"{name}.", f"no{name}.") if arg.startswith("-") and
+                      flag.startswith(p)), None)
+        takes_next = (field is not None and "=" not in arg and not flag.startswith("no") and i + 1 < len(argv)
+                      and not argv[i + 1].startswith("-"))
+        groups.append(list(argv[i:i + 2]) if takes_next else [arg])
+        fields.append(field)
+        i += 2 if takes_next else 1
+    last = {field: k for k, field in enumerate(fields) if field is not None}
+    return [argv[0]] + [a for k, (group, field) in enumerate(zip(groups, fields))
+                        if field is None or last[field] == k for a in group]
+
+
 def deterministic_gpu_reductions() -> None:
     """Ask XLA for deterministic reductions on GPUs (``--xla_gpu_deterministic_ops=true`` in ``XLA_FLAGS``),
     unless ``XLA_FLAGS`` already sets that flag. An interrupted run resumes to the same bits only if every
@@ -149,13 +176,14 @@ def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, conf
     ``config``; override any field with ``--config.field=value``) and ``--workdir`` (required: where
     ``outputs`` go).
 
-    Before anything runs, a misspelled field, a stray argument, a missing workdir, or a config that
+    A field given twice takes its last value (`last_override_wins`). Before anything runs, a misspelled field, a stray argument, a missing workdir, or a config that
     ``check(config)`` refuses (a ``ValueError``) is a usage error that says what to write instead, without a
     traceback. ``x64`` enables float64 first."""
     from absl import app, flags
     from ml_collections import config_flags
 
     deterministic_gpu_reductions()
+    sys.argv[:] = last_override_wins(sys.argv)
     try:   # before the flags are defined: ml_collections applies the overrides to a default config then
         check_command_line(flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False), config)
     except ConfigFieldError as error:

@@ -15,9 +15,11 @@
 # twice the length and pairs. RECALL=0 skips recall; EXTRA adds --config flags to every MQAR run (they
 # win over the ones above). The queue's order makes the first wave compile different models and the
 # later runs of a model load its step from the shared compilation cache. WORKERS bounds the processes
-# whose steps' temporaries must fit the GPU together.
+# whose steps' temporaries must fit the GPU together, and the GPU time-slices between processes: on an H200
+# at d_model 512 ten processes together got about half the throughput of one run alone, so use 3-5 there;
+# at d_model 64, where compiling dominates, 8 (docs/results/mqar/README.md).
 set -u
-if [ $# -lt 4 ]; then sed -n 2,18p "$0"; exit 2; fi
+if [ $# -lt 4 ]; then sed -n 2,20p "$0"; exit 2; fi
 export SHAPES=${SHAPES:-"((128,8),)"} LRS=${LRS:-"(2.2e-3,1e-2)"} EXTRA=${EXTRA:-}
 BUDGET=$1; export MQAR_DIR=$2; RECALL_DIR=$3; shift 3
 NAMES=(bayesian bayesian_no_conv gated_deltanet deltanet mamba2 linear_attention attention)
@@ -28,7 +30,7 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-"$MQAR_DIR/jax_cac
 mkdir -p "$MQAR_DIR/logs" "$RECALL_DIR/logs"
 
 run_one() {   # d_model variant seq_len pairs lr model
-  python -m experiments.mqar --config=configs/mqar.py --workdir="$MQAR_DIR" --config.progress=False \
+  python -m experiments.mqar --config=configs/mqar.py --workdir="$MQAR_DIR" --config.progress=False --config.report=False \
     --config.variants="('$2',)" --config.train_shapes="(($3,$4),)" --config.d_models="($1,)" \
     --config.learning_rates="($5,)" --config.models="('$6',)" --config.num_steps=1000 \
     --config.warmup_steps=100 --config.num_train_examples=50000 --config.eval_multipliers='((1,1),(2,2))' \

@@ -259,9 +259,10 @@ def report(workdir: str) -> list[dict]:
 
 
 def main(config, workdir: str) -> None:
-    """Train what has not finished, then report every finished run of the workdir."""
+    """Train what has not finished, then (``config.report``) report every finished run of the workdir."""
     run(config, workdir)
-    report(workdir)
+    if config.report:
+        report(workdir)
 
 
 if __name__ == "__main__":

@@ -330,6 +330,24 @@ def test_a_misspelled_field_on_the_command_line_names_the_closest(arg, patterns)
     common.check_command_line(["prog", "--config.models=('gla',)"], os.path.join(ROOT, "configs/unification.py"))
 
 
+def test_a_field_given_twice_on_the_command_line_takes_its_last_value():
+    """As absl does for any flag; ml_collections alone would concatenate a tuple field's two values."""
+    argv = ["prog", "--config=configs/mqar.py", "--config.d_models=(64,)", "--config.smoke", "--workdir=w",
+            "--config.d_models", "(128,)", "--noconfig.smoke", "--config.models=('gla',)"]
+    assert common.last_override_wins(argv) == ["prog", "--config=configs/mqar.py", "--workdir=w",
+                                               "--config.d_models", "(128,)", "--noconfig.smoke",
+                                               "--config.models=('gla',)"]
+    assert common.last_override_wins(["prog", "--config.x=1", "--", "--config.x=2"]) == [
+        "prog", "--config.x=1", "--", "--config.x=2"]                  # after "--": not flags
+    # through absl and ml_collections, as the apps parse it (without the function: (64, 128))
+    script = ("import sys\nfrom absl import flags\nfrom ml_collections import config_flags\n"
+              "from experiments import common\nconfig_flags.DEFINE_config_file('config')\n"
+              "flags.FLAGS(common.last_override_wins(sys.argv))\nprint(flags.FLAGS.config.d_models)")
+    proc = subprocess.run([sys.executable, "-c", script, "--config=configs/mqar.py", "--config.d_models=(64,)",
+                           "--config.d_models=(128,)"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "(128,)", proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("args,patterns", [
     (["--config.modles=('gla',)", "--workdir=/tmp/unused"],
      [r"FATAL Flags parsing error: --config\.modles: config has no field 'modles' \(did you mean 'models'\?\)"]),

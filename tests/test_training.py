@@ -233,6 +233,14 @@ def test_mqar_smoke_end_to_end(tmp_path):
     assert "| update | (16, 1) | bayesian_no_conv |" in (tmp_path / "table.md").read_text()
 
 
+def test_report_false_trains_without_writing_the_report(tmp_path):
+    # concurrent_sweep.sh's one-run processes: no concurrent rewrites of the shared report files
+    config = _smoke(mqar_config, variants=("base",), models=("attention",), report=False)
+    mqar.main(config, str(tmp_path))
+    assert len(list(tmp_path.glob("runs/base/attention/*/*/results.json"))) == 1
+    assert not any(os.path.exists(tmp_path / n) for n in ("results.csv", "table.md", "accuracy_vs_d_model.png"))
+
+
 def test_recall_smoke_end_to_end(tmp_path):
     config = _smoke(recall_config, models=("gated_deltanet",))
     records = recall.run(config, str(tmp_path))
