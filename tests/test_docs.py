@@ -326,6 +326,7 @@ def _parse_experiment_flags(module: str, config_path: str, args: list[str]):
 
     from experiments import common
 
+    args = common.last_override_wins(["prog", *args])[1:]      # a field given twice: its last value
     common.check_command_line(["prog", *args], config_path)     # a misspelled field, as the app reports it
     values = flags.FlagValues()
     with warnings.catch_warnings():   # ml_collections loads config files with the deprecated load_module
