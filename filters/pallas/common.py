@@ -1,0 +1,152 @@
+"""What every Pallas kernel of the project shares: the launch, the products, the platform switch.
+
+The kernels are written for Pallas's Triton lowering (``jax.experimental.pallas.triton``): block
+programs with loads at dynamic offsets, ``lax.fori_loop`` over chunks with the state in registers, and
+``dot`` on tensor cores, the same model as flash-linear-attention's Triton kernels. Why Triton rather than
+Mosaic GPU is in docs/performance.md.
+
+A kernel runs where it was compiled for: `on_gpu` builds a function that holds the kernel for CUDA and
+its plain-JAX reference for every other platform, chosen when the program is lowered
+(``lax.platform_dependent``), so a program traced on a CPU and lowered for ``"cuda"`` holds the
+kernels. ``interpret=True`` runs the kernel itself on any platform in Pallas's interpreter (slow; for
+tests and for reading a kernel on a laptop).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # the Triton lowering's compiler parameters; deprecated in jax 0.11, present in 0.10 and 0.11
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover - a jax without the Triton lowering
+    pltriton = None
+
+SUB = 16   # rows of the sub-blocks inside a chunk: the smallest tensor-core product (m16n16)
+
+
+class Dots:
+    """How a kernel multiplies: the operand dtype and the product precision.
+
+    ``precision="default"``: operands in the input dtype on tensor cores (bf16 or f16 inputs), TF32 for
+    float32 inputs, float32 accumulation. ``"highest"``: float32 operands, IEEE float32 products. Either
+    way the triangular and Cholesky factors, Gram matrices and states are float32.
+    """
+
+    def __init__(self, input_dtype, precision: str = "default"):
+        low = jnp.dtype(input_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        self.highest = precision == "highest"
+        self.dtype = jnp.dtype(input_dtype) if (low and not self.highest) else jnp.dtype(jnp.float32)
+        self.precision = lax.Precision.HIGHEST if self.highest else lax.Precision.DEFAULT
+
+    def __call__(self, a, b, contract=((1,), (0,))):
+        """``a @ b`` (contracting ``contract``) with operands cast to the product dtype, float32 out."""
+        return lax.dot_general(a.astype(self.dtype), b.astype(self.dtype), (contract, ((), ())),
+                               precision=self.precision, preferred_element_type=jnp.float32)
+
+    def nt(self, a, b):
+        """``a @ b^T``."""
+        return self(a, b, ((1,), (1,)))
+
+    def tn(self, a, b):
+        """``a^T @ b``."""
+        return self(a, b, ((0,), (0,)))
+
+
+def exact_dot(a, b, contract=((1,), (0,))):
+    """A float32 product at full precision (IEEE), for the factorizations."""
+    return lax.dot_general(a, b, (contract, ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+
+
+def launch(kernel, *, grid, in_specs, out_specs, out_shape, interpret: bool, name: str,
+           num_warps: int = 4, num_stages: int = 1):
+    """``pl.pallas_call`` for the Triton lowering; the deprecation warning of jax 0.11 is expected."""
+    params = {} if pltriton is None else {
+        "compiler_params": pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Triton backend is deprecated.*")
+        return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                              out_shape=out_shape, interpret=interpret, name=name, **params)
+
+
+def on_gpu(kernel_fn, reference_fn, interpret: bool):
+    """``kernel_fn`` on CUDA (or everywhere in the interpreter), ``reference_fn`` elsewhere.
+
+    Both take the same arguments and return the same structure; ``kernel_fn`` takes ``interpret`` as a
+    keyword."""
+    if interpret:
+        return functools.partial(kernel_fn, interpret=True)
+    if pltriton is None:  # pragma: no cover
+        return reference_fn
+
+    def dispatch(*args):
+        return lax.platform_dependent(*args, cuda=functools.partial(kernel_fn, interpret=False),
+                                      default=reference_fn)
+    return dispatch
+
+
+def spec(block, index_map):
+    return pl.BlockSpec(block, index_map)
+
+
+def rows(ref, start, size):
+    """``ref[start:start + size]`` along the first axis (a load at a static or dynamic offset)."""
+    return ref[pl.ds(start, size)] if len(ref.shape) == 1 else ref[pl.ds(start, size), :]
+
+
+def masked_exp(diff, mask):
+    """``exp(diff)`` where ``mask``, 0 elsewhere, with no overflow where the mask is off."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
+
+
+def iota2(size):
+    """Row and column indices of a ``size x size`` tile."""
+    r = lax.broadcasted_iota(jnp.int32, (size, size), 0)
+    c = lax.broadcasted_iota(jnp.int32, (size, size), 1)
+    return r, c
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layout: the user's [B, T, H, ...] with T padded to a multiple of the chunk size, and the per-chunk
+# view [B, H, N, C, ...] that the plain-JAX references use.
+
+
+def pad_time(x, multiple, value=0.0):
+    """Pad the time axis (1) of ``x`` to a multiple of ``multiple`` with ``value``: padded steps have
+    zero keys, values and log decays, so they change no state."""
+    if x is None:
+        return None
+    pad = -x.shape[1] % multiple
+    if not pad:
+        return x
+    return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+
+def to_chunks(x, chunk):
+    """``[B, T, H, ...] -> [B, H, N, C, ...]`` (T a multiple of ``chunk``)."""
+    b, t, h = x.shape[:3]
+    return jnp.moveaxis(x.reshape(b, t // chunk, chunk, h, *x.shape[3:]), 3, 1)
+
+
+def from_chunks(x):
+    """``[B, H, N, C, ...] -> [B, T, H, ...]``."""
+    b, h, n, c = x.shape[:4]
+    return jnp.moveaxis(x, 1, 3).reshape(b, n * c, h, *x.shape[4:])
+
+
+def chunk_log_decay(log_decay, batch, time, heads, chunk):
+    """``b_t = sum of log a_m`` from the chunk start to ``t`` (inclusive), float32: ``[B, T, H]`` for a
+    scalar decay, ``[B, T, H, K]`` for a channel-wise one, zeros without decay.
+
+    Every exponent the kernels take is a difference ``b_i - b_j`` with ``j <= i`` (or ``b_C - b_j``), so
+    it is <= 0 however strong the decay."""
+    if log_decay is None:
+        return jnp.zeros((batch, time, heads), jnp.float32)
+    trailing = log_decay.shape[3:]          # () for a scalar decay, (K,) for a channel-wise one
+    b = log_decay.astype(jnp.float32).reshape(batch, time // chunk, chunk, heads, *trailing)
+    return jnp.cumsum(b, axis=2).reshape(batch, time, heads, *trailing)
