@@ -153,16 +153,16 @@ def main():
                 fn = ours(model, backend)
                 xs = tuple(inputs[n] for n in ("q", "k", "v", "log_decay", "beta"))
                 fwd_ms, fwd_compile, compiled = time_jax(fn, xs, args.repeats)
-                bwd_ms, bwd_compile, _ = time_jax(forward_backward(fn), xs + (dy,), args.repeats)
-                outputs[backend] = compiled(*xs)
+                bwd_ms, bwd_compile, compiled_grad = time_jax(forward_backward(fn), xs + (dy,), args.repeats)
+                outputs[backend] = compiled(*xs) + tuple(compiled_grad(*xs, dy))
                 rec = dict(shape=shape_text, model=model, backend=backend, fwd_ms=fwd_ms, fwdbwd_ms=bwd_ms,
                            compile_fwd_s=fwd_compile, compile_fwdbwd_s=bwd_compile)
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
             if "pallas" in outputs and "chunked" in outputs:
-                print(json.dumps(dict(shape=shape_text, model=model,
-                                      pallas_vs_chunked_y=relative(outputs["pallas"][0], outputs["chunked"][0]),
-                                      pallas_vs_chunked_state=relative(outputs["pallas"][1], outputs["chunked"][1]))),
+                names = ("y", "state", "dq", "dk", "dv", "dlog_decay", "dbeta")
+                print(json.dumps(dict(shape=shape_text, model=model, pallas_vs_chunked={
+                    n: relative(a, b) for n, a, b in zip(names, outputs["pallas"], outputs["chunked"])})),
                       flush=True)
     if args.json:
         with open(args.json, "w") as f:

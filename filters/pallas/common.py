@@ -56,6 +56,12 @@ class Dots:
         """``a^T @ b``."""
         return self(a, b, ((0,), (0,)))
 
+    def f32(self, a, b, contract=((1,), (0,))):
+        """A product of float32 factors (triangular factors, Gram matrices): TF32 by default, IEEE with
+        ``precision="highest"``."""
+        return lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), (contract, ((), ())),
+                               precision=self.precision, preferred_element_type=jnp.float32)
+
 
 def exact_dot(a, b, contract=((1,), (0,))):
     """A float32 product at full precision (IEEE), for the factorizations."""
@@ -63,11 +69,21 @@ def exact_dot(a, b, contract=((1,), (0,))):
                            preferred_element_type=jnp.float32)
 
 
-def launch(kernel, *, grid, in_specs, out_specs, out_shape, interpret: bool, name: str,
-           num_warps: int = 4, num_stages: int = 1):
-    """``pl.pallas_call`` for the Triton lowering; the deprecation warning of jax 0.11 is expected."""
-    params = {} if pltriton is None else {
-        "compiler_params": pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+# Launch settings per kernel (warps per program, software-pipelining stages of its loops), measured on
+# an H200 with benchmarks/gpu_kernels.py (``--tune name.key=value`` tries others).
+TUNING = {}
+DEFAULT_TUNING = dict(num_warps=4, num_stages=1)
+
+
+def tuning(name: str, key: str):
+    return TUNING.get(name, {}).get(key, DEFAULT_TUNING.get(key))
+
+
+def launch(kernel, *, grid, in_specs, out_specs, out_shape, interpret: bool, name: str):
+    """``pl.pallas_call`` for the Triton lowering, with the kernel's `TUNING`; the deprecation warning of
+    the Triton lowering in jax 0.11 is expected and silenced."""
+    params = {} if pltriton is None else {"compiler_params": pltriton.CompilerParams(
+        num_warps=tuning(name, "num_warps"), num_stages=tuning(name, "num_stages"))}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Triton backend is deprecated.*")
         return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,

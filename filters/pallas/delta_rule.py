@@ -1,28 +1,40 @@
-"""Pallas GPU kernels of the chunked delta rule and of the additive (linear attention) recursion.
+"""Pallas GPU kernels of the chunked delta rule and of the scalar-decay additive recursion.
 
 The generalized delta rule, with erase key ``k`` and write key ``w`` (reset family: ``w = eta k``; exact
 family: ``w = Kg``, the Kalman gains) and a scalar decay ``a_t = exp(log_decay_t)``::
 
     S_t = a_t S_{t-1} + w_t u_t^T,   u_t = v_t - (a_t S_{t-1})^T k_t,   y_t = S_t^T q_t      S [K, V]
 
-Inside a chunk of ``C`` steps (``b_i`` the log decay accumulated since the chunk start,
-``gamma_i = exp(b_i)``), with ``L_ij = (k_i . w_j) exp(b_i - b_j)`` for ``j < i`` and
-``T = (I + L)^{-1}`` (the UT transform)::
+Inside a chunk of ``C`` steps, with ``b_i`` the log decay accumulated since the chunk start,
+``gamma_i = exp(b_i)``, ``d_i = exp(b_C - b_i)``, ``D_ij = exp(b_i - b_j)`` (``j <= i``: every exponent
+is <= 0), ``L = strict_lower((K W^T) * D)`` and ``T = (I + L)^{-1}`` (the UT transform)::
 
-    W' = T (K * gamma),  U' = T V                          prepare    (parallel over chunks)
-    U  = U' - W' S_c                                       state pass (sequential over chunks)
-    S_{c+1} = gamma_C S_c + (W * exp(b_C - b))^T U
-    Y  = (Q * gamma) S_c + [(q_i . w_j) exp(b_i - b_j)]_{j<=i} U          output (parallel)
+    W' = T (K * gamma),  U' = T V                               prepare    (parallel over chunks)
+    U_c = U' - W' S_c,   S_{c+1} = gamma_C S_c + (W * d)^T U_c  state pass (sequential over chunks)
+    Y   = (Q * gamma) S_c + A U_c,  A = lower((Q W^T) * D)      output     (parallel over chunks)
 
 The additive family (``S_t = a_t S_{t-1} + k_t v_t^T``) is the same state pass and output with
-``U = V`` and ``w = k`` and no prepare.
+``U = V``, ``W = K`` and no prepare.
 
-Each stage is a Pallas kernel beside its plain-JAX reference of the same signature (``*_reference``);
-the stages are differentiated separately (`jax.custom_vjp`): the state pass by a reverse kernel (the
-only other sequential work), prepare and output by the reference's VJP, which is parallel over chunks.
-The chunk states ``S_c`` (``h``) are stored in the product dtype (bf16 for bf16 inputs, as
-flash-linear-attention stores them) and the triangular inverse is computed in float32 in the kernel:
-forward substitution on 16 x 16 diagonal blocks, then block products.
+The backward pass mirrors it, with cotangents written ``dX``::
+
+    output:  dS_c = (Q * gamma)^T dY,  dU_c = A^T dY,  P = lower(dY U_c^T) * D,
+             dQ = (dY S_c^T) * gamma + P W,  dW += P^T Q
+    state (reverse):  G_N = dS_final,  dU_c += (W * d) G_{c+1},
+             G_c = gamma_C G_{c+1} + dS_c - W'^T dU_c
+    chunk:   dU' = dU_c,  dW' = -dU_c S_c^T,  dW += (U_c G_{c+1}^T) * d,
+             dT = dW' (K * gamma)^T + dU' V^T,  dL = -strict_lower(T^T dT T^T),
+             dK = (T^T dW') * gamma + (dL * D) W,  dW += (dL * D)^T K,  dV = T^T dU'
+
+and the log decays collect ``db_i`` from every exponent (a matrix ``M = dA * A`` gives
+``db_i += sum_j M_ij - sum_j M_ji``), then ``d log a_m = sum_{i >= m in its chunk} db_i``.
+
+Each kernel sits beside its plain-JAX reference of the same signature (``*_reference``); on a platform
+without the kernels the references run (`filters.pallas.common.on_gpu`). Products take their operands in
+the input dtype (bf16 on tensor cores) with float32 accumulation; the triangular inverse (forward
+substitution on 16 x 16 diagonal blocks, then block products), the states and the cotangents of states
+are float32. The chunk states ``S_c`` are kept for the backward pass in the product dtype, as
+flash-linear-attention keeps them.
 """
 from __future__ import annotations
 
@@ -35,18 +47,29 @@ from jax.experimental import pallas as pl
 
 from filters import linalg
 from filters.pallas.common import (SUB, Dots, chunk_log_decay, exact_dot, from_chunks, iota2, launch,
-                                   masked_exp, on_gpu, pad_time, rows, spec, to_chunks)
+                                   masked_exp, on_gpu, pad_time, rows, spec, to_chunks, tuning)
 
 F32 = jnp.float32
 
 
-def _value_block(value_dim: int, key_dim: int) -> int:
-    """Columns of the state one program carries: ``K x BV`` float32 in registers."""
-    return min(value_dim, 64 if key_dim <= 128 else 32)
+def _value_block(name: str, value_dim: int, key_dim: int) -> int:
+    """Columns of the state one program carries (``K x BV`` float32 in registers)."""
+    return min(value_dim, tuning(name, "block_v") or (64 if key_dim <= 128 else 32))
+
+
+def _lower_terms(bs_i, bs_j, strict):
+    """``D`` on a tile of rows ``i`` and columns ``j`` (zero above the diagonal, and on it if strict)."""
+    r, c = iota2(bs_i.shape[0])
+    return masked_exp(bs_i[:, None] - bs_j[None, :], (c < r) if strict else (c <= r))
+
+
+def _exponent_cotangent(m):
+    """``db`` from a matrix ``m = dX * X`` of terms ``exp(b_i - b_j)``: ``rowsum - colsum``."""
+    return jnp.sum(m, axis=1) - jnp.sum(m, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Prepare: W' = T (K * gamma), U' = T V.
+# Prepare: W' = T (K * gamma), U' = T V; T is kept for the backward pass.
 
 
 def unit_lower_inverse_tile(strict):
@@ -63,19 +86,16 @@ def unit_lower_inverse_tile(strict):
     return lax.fori_loop(1, size, body, (r == c).astype(F32))
 
 
-def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, *, dots):
+def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots):
     chunk = k_ref.shape[0]
     n = chunk // SUB
     ks = [rows(k_ref, i * SUB, SUB) for i in range(n)]
     ws = [rows(w_ref, i * SUB, SUB) for i in range(n)]
     bs = [rows(b_ref, i * SUB, SUB) for i in range(n)]
-    r, c = iota2(SUB)
-    # L in 16 x 16 blocks (i >= j); every exponent b_i - b_j is <= 0.
-    lower = {}
-    for i in range(n):
-        for j in range(i + 1):
-            mask = (c < r) if i == j else (r >= 0)
-            lower[i, j] = dots.nt(ks[i], ws[j]) * masked_exp(bs[i][:, None] - bs[j][None, :], mask)
+    # L in 16 x 16 blocks (i >= j).
+    lower = {(i, j): dots.nt(ks[i], ws[j]) * (_lower_terms(bs[i], bs[j], True) if i == j
+                                              else jnp.exp(bs[i][:, None] - bs[j][None, :]))
+             for i in range(n) for j in range(i + 1)}
     # T = (I + L)^{-1}: diagonal blocks by substitution, then T_ij = -T_ii sum_{j<=m<i} L_im T_mj.
     inv = {}
     for i in range(n):
@@ -87,43 +107,49 @@ def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, *, dots):
             inv[i, j] = -exact_dot(inv[i, i], acc)
     k_gamma = [ks[j].astype(F32) * jnp.exp(bs[j])[:, None] for j in range(n)]
     vs = [rows(v_ref, j * SUB, SUB) for j in range(n)]
+    zero = jnp.zeros((SUB, SUB), F32)
     for i in range(n):
-        wp = sum(dots(inv[i, j], k_gamma[j]) for j in range(i + 1))
-        up = sum(dots(inv[i, j], vs[j]) for j in range(i + 1))
-        wp_ref[pl.ds(i * SUB, SUB), :] = wp.astype(wp_ref.dtype)
-        up_ref[pl.ds(i * SUB, SUB), :] = up.astype(up_ref.dtype)
+        block = pl.ds(i * SUB, SUB)
+        wp_ref[block, :] = sum(dots(inv[i, j], k_gamma[j]) for j in range(i + 1)).astype(wp_ref.dtype)
+        up_ref[block, :] = sum(dots(inv[i, j], vs[j]) for j in range(i + 1)).astype(up_ref.dtype)
+        for j in range(n):
+            inv_ref[block, pl.ds(j * SUB, SUB)] = inv[i, j] if j <= i else zero
 
 
 def prepare_kernel(k, w, v, b, *, chunk, dots, interpret=False):
-    """The prepare kernel: ``k, w [B,T,H,K]``, ``v [B,T,H,V]``, ``b [B,T,H]`` (T a multiple of
-    ``chunk``) -> ``W' [B,T,H,K]``, ``U' [B,T,H,V]`` in the product dtype."""
+    """``k, w [B,T,H,K]``, ``v [B,T,H,V]``, ``b [B,T,H]`` (T a multiple of ``chunk``) -> ``W' [B,T,H,K]``,
+    ``U' [B,T,H,V]`` in the product dtype and ``T [B,T,H,C]`` float32 (row ``i`` of each chunk's T)."""
     batch, time, heads, key_dim = k.shape
     value_dim = v.shape[-1]
-    grid = (batch, heads, time // chunk)
     block = lambda d: spec((None, chunk, None, d), lambda i, h, n: (i, n, h, 0))
     return launch(
-        functools.partial(_prepare_kernel, dots=dots), grid=grid,
+        functools.partial(_prepare_kernel, dots=dots), grid=(batch, heads, time // chunk),
         in_specs=[block(key_dim), block(key_dim), block(value_dim),
                   spec((None, chunk, None), lambda i, h, n: (i, n, h))],
-        out_specs=[block(key_dim), block(value_dim)],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, dots.dtype), jax.ShapeDtypeStruct(v.shape, dots.dtype)],
+        out_specs=[block(key_dim), block(value_dim), block(chunk)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, dots.dtype), jax.ShapeDtypeStruct(v.shape, dots.dtype),
+                   jax.ShapeDtypeStruct((batch, time, heads, chunk), F32)],
         interpret=interpret, name="delta_rule_prepare")(k, w, v, b)
 
 
+def _strict_lower(kc, wc, bc):
+    chunk = kc.shape[-2]
+    strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
+    return (kc @ jnp.swapaxes(wc, -1, -2)) * masked_exp(bc[..., :, None] - bc[..., None, :], strict)
+
+
 def prepare_reference(k, w, v, b, *, chunk, dots):
-    """Plain JAX, same signature and result as `prepare_kernel`."""
+    """Plain JAX, same signature and results as `prepare_kernel`."""
     kc, wc, vc = (to_chunks(x.astype(F32), chunk) for x in (k, w, v))
     bc = to_chunks(b, chunk)
-    strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
-    lower = (kc @ jnp.swapaxes(wc, -1, -2)) * masked_exp(bc[..., :, None] - bc[..., None, :], strict)
-    inverse = linalg.unit_lower_inverse(lower)
+    inverse = linalg.unit_lower_inverse(_strict_lower(kc, wc, bc))
     wp = inverse @ (kc * jnp.exp(bc)[..., None])
-    up = inverse @ vc
-    return from_chunks(wp).astype(dots.dtype), from_chunks(up).astype(dots.dtype)
+    return (from_chunks(wp).astype(dots.dtype), from_chunks(inverse @ vc).astype(dots.dtype),
+            from_chunks(inverse))
 
 
 # ----------------------------------------------------------------------------------------------------
-# The state pass: S_c for every chunk, the innovations U, the final state.
+# The state pass: S_c for every chunk, the innovations U, the final state; and its reverse.
 
 
 def _state_kernel(*refs, chunk, dots, erase):
@@ -149,36 +175,41 @@ def _state_kernel(*refs, chunk, dots, erase):
     sf_ref[...] = lax.fori_loop(0, n, body, s0_ref[...].astype(F32))
 
 
+def _state_specs(time, key_dim, bv, n):
+    seq = lambda d, j=False: spec((None, time, None, d), (lambda i, h, v: (i, 0, h, v)) if j
+                                  else (lambda i, h, v: (i, 0, h, 0)))
+    return dict(seq_k=seq(key_dim), seq_v=seq(bv, True),
+                state=spec((None, None, key_dim, bv), lambda i, h, v: (i, h, 0, v)),
+                states=spec((None, None, n * key_dim, bv), lambda i, h, v: (i, h, 0, v)),
+                b=spec((None, time, None), lambda i, h, v: (i, 0, h)))
+
+
 def state_kernel(wp, up, w, b, s0, *, chunk, dots, interpret=False):
-    """The state pass. ``wp [B,T,H,K]`` (None: the additive recursion, ``U = U'``), ``up [B,T,H,V]``,
-    ``w [B,T,H,K]``, ``b [B,T,H]``, ``s0 [B,H,K,V]`` -> ``h [B,H,N,K,V]`` (the state at every chunk
-    start, product dtype), ``U [B,T,H,V]`` (None when additive), ``S_final [B,H,K,V]`` float32."""
+    """The state pass. ``wp [B,T,H,K]`` (None: additive, ``U = U'``), ``up [B,T,H,V]``, ``w [B,T,H,K]``,
+    ``b [B,T,H]``, ``s0 [B,H,K,V]`` -> ``h [B,H,N,K,V]`` (the state at every chunk start, product
+    dtype), ``U [B,T,H,V]`` (None when additive) and the final state ``[B,H,K,V]`` float32."""
     batch, time, heads, key_dim = w.shape
     value_dim = up.shape[-1]
-    bv = _value_block(value_dim, key_dim)
+    name = "delta_rule_state" if wp is not None else "additive_state"
+    bv = _value_block(name, value_dim, key_dim)
     n = time // chunk
     erase = wp is not None
-    grid = (batch, heads, value_dim // bv)
-    seq = lambda d: spec((None, time, None, d), lambda i, h, j: (i, 0, h, 0))
-    seq_v = spec((None, time, None, bv), lambda i, h, j: (i, 0, h, j))
-    state = spec((None, None, key_dim, bv), lambda i, h, j: (i, h, 0, j))
-    states = spec((None, None, n * key_dim, bv), lambda i, h, j: (i, h, 0, j))
-    b_spec = spec((None, time, None), lambda i, h, j: (i, 0, h))
-    in_specs = ([seq(key_dim)] if erase else []) + [seq_v, seq(key_dim), b_spec, state]
-    out_specs = [states] + ([seq_v] if erase else []) + [state]
-    out_shape = ([jax.ShapeDtypeStruct((batch, heads, n * key_dim, value_dim), dots.dtype)]
-                 + ([jax.ShapeDtypeStruct(up.shape, dots.dtype)] if erase else [])
-                 + [jax.ShapeDtypeStruct(s0.shape, F32)])
-    args = ((wp,) if erase else ()) + (up, w, b, s0)
-    out = launch(functools.partial(_state_kernel, chunk=chunk, dots=dots, erase=erase), grid=grid,
-                 in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, interpret=interpret,
-                 name="delta_rule_state" if erase else "additive_state")(*args)
+    s = _state_specs(time, key_dim, bv, n)
+    out = launch(
+        functools.partial(_state_kernel, chunk=chunk, dots=dots, erase=erase),
+        grid=(batch, heads, value_dim // bv),
+        in_specs=([s["seq_k"]] if erase else []) + [s["seq_v"], s["seq_k"], s["b"], s["state"]],
+        out_specs=[s["states"]] + ([s["seq_v"]] if erase else []) + [s["state"]],
+        out_shape=([jax.ShapeDtypeStruct((batch, heads, n * key_dim, value_dim), dots.dtype)]
+                   + ([jax.ShapeDtypeStruct(up.shape, dots.dtype)] if erase else [])
+                   + [jax.ShapeDtypeStruct(s0.shape, F32)]),
+        interpret=interpret, name=name)(*((wp,) if erase else ()), up, w, b, s0)
     h = out[0].reshape(batch, heads, n, key_dim, value_dim)
     return (h, out[1], out[2]) if erase else (h, None, out[1])
 
 
 def chunk_update(wp, up, w, b, state):
-    """One chunk of the state pass, batched over chunks: ``(U, S_{c+1})`` from ``S_c``. Chunked layout:
+    """One chunk of the state pass, batched over chunks: ``(U_c, S_{c+1})`` from ``S_c``. Chunked layout:
     ``wp, w [..., C, K]`` (wp None: additive), ``up [..., C, V]``, ``b [..., C]``, ``state [..., K, V]``."""
     u = up if wp is None else up - wp @ state
     b_last = b[..., -1]
@@ -186,30 +217,30 @@ def chunk_update(wp, up, w, b, state):
     return u, jnp.exp(b_last)[..., None, None] * state + jnp.swapaxes(w_to_end, -1, -2) @ u
 
 
+def _chunks_first(*xs, chunk):
+    return [None if x is None else jnp.moveaxis(to_chunks(x.astype(F32), chunk), 2, 0) for x in xs]
+
+
 def state_reference(wp, up, w, b, s0, *, chunk, dots):
-    """Plain JAX, same signature and result as `state_kernel` (a scan over chunks)."""
+    """Plain JAX, same signature and results as `state_kernel` (a scan over chunks)."""
     erase = wp is not None
-    xs = [to_chunks(x.astype(F32), chunk) for x in ((wp,) if erase else ()) + (up, w)]
-    xs.append(to_chunks(b, chunk))
-    xs = [jnp.moveaxis(x, 2, 0) for x in xs]                              # chunks first
+    wp_, up_, w_, b_ = _chunks_first(wp, up, w, b, chunk=chunk)
 
     def body(state, x):
-        wp_c = x[0] if erase else None
-        up_c, w_c, b_c = x[-3:]
-        u, new = chunk_update(wp_c, up_c, w_c, b_c, state)
+        wp_c, up_c, w_c, b_c = x
+        u, new = chunk_update(wp_c if erase else None, up_c, w_c, b_c, state)
         return new, (state.astype(dots.dtype), u.astype(dots.dtype))
 
-    final, (h, u) = lax.scan(body, s0.astype(F32), xs)
-    h = jnp.moveaxis(h, 0, 2)
+    final, (h, u) = lax.scan(body, s0.astype(F32), (wp_ if erase else up_, up_, w_, b_))
     u = from_chunks(jnp.moveaxis(u, 0, 2)) if erase else None
-    return h, u, final
+    return jnp.moveaxis(h, 0, 2), u, final
 
 
 def _state_backward_kernel(*refs, chunk, dots, erase):
     if erase:
-        wp_ref, w_ref, b_ref, dh_ref, du_ref, dsf_ref, g_ref, ds0_ref = refs
+        wp_ref, w_ref, b_ref, dh_ref, du_ref, dsf_ref, g_ref, ubar_ref, ds0_ref = refs
     else:
-        w_ref, b_ref, dh_ref, dsf_ref, g_ref, ds0_ref = refs
+        w_ref, b_ref, dh_ref, du_ref, dsf_ref, g_ref, ubar_ref, ds0_ref = refs
     key_dim = w_ref.shape[1]
     n = w_ref.shape[0] // chunk
 
@@ -220,79 +251,77 @@ def _state_backward_kernel(*refs, chunk, dots, erase):
         g_ref[pl.ds(k0, key_dim), :] = grad
         b = rows(b_ref, t0, chunk)
         b_last = jnp.min(b)
+        w_to_end = rows(w_ref, t0, chunk).astype(F32) * jnp.exp(b_last - b)[:, None]
+        ubar = rows(du_ref, t0, chunk).astype(F32) + dots(w_to_end, grad)
+        ubar_ref[pl.ds(t0, chunk), :] = ubar
         new = jnp.exp(b_last) * grad + dh_ref[pl.ds(k0, key_dim), :].astype(F32)
         if erase:
-            w_to_end = rows(w_ref, t0, chunk).astype(F32) * jnp.exp(b_last - b)[:, None]
-            du = rows(du_ref, t0, chunk).astype(F32) + dots(w_to_end, grad)
-            new = new - dots.tn(rows(wp_ref, t0, chunk), du)
+            new = new - dots.tn(rows(wp_ref, t0, chunk), ubar)
         return new
 
     ds0_ref[...] = lax.fori_loop(0, n, body, dsf_ref[...].astype(F32))
 
 
 def state_backward_kernel(wp, w, b, dh, du, dsf, *, chunk, dots, interpret=False):
-    """The state pass in reverse: the cotangent ``G_{c+1}`` of the state after every chunk
-    ``[B,H,N,K,V]`` and of the initial state ``[B,H,K,V]``, from the cotangents of ``h`` (``dh``), of
-    ``U`` (``du``, None when additive) and of the final state (``dsf``).
-
-    ``G_c = gamma_C G_{c+1} + dh_c - W'^T (dU_c + (W * exp(b_C - b)) G_{c+1})``."""
+    """The state pass in reverse. From the cotangents of ``h`` (``dh [B,H,N,K,V]``), of ``U`` (``du
+    [B,T,H,V]``; of ``V`` when additive) and of the final state (``dsf``): the cotangent of the state
+    after every chunk ``G_{c+1} [B,H,N,K,V]``, the total cotangent of ``U`` ``[B,T,H,V]`` and that of the
+    initial state ``[B,H,K,V]``, all float32."""
     batch, time, heads, key_dim = w.shape
     value_dim = dsf.shape[-1]
-    bv = _value_block(value_dim, key_dim)
-    n = time // chunk
     erase = wp is not None
-    grid = (batch, heads, value_dim // bv)
-    seq = spec((None, time, None, key_dim), lambda i, h, j: (i, 0, h, 0))
-    seq_v = spec((None, time, None, bv), lambda i, h, j: (i, 0, h, j))
-    state = spec((None, None, key_dim, bv), lambda i, h, j: (i, h, 0, j))
-    states = spec((None, None, n * key_dim, bv), lambda i, h, j: (i, h, 0, j))
-    b_spec = spec((None, time, None), lambda i, h, j: (i, 0, h))
-    dh = dh.reshape(batch, heads, n * key_dim, value_dim)
-    in_specs = ([seq] if erase else []) + [seq, b_spec, states] + ([seq_v] if erase else []) + [state]
-    args = ((wp,) if erase else ()) + (w, b, dh) + ((du,) if erase else ()) + (dsf,)
-    g, ds0 = launch(
-        functools.partial(_state_backward_kernel, chunk=chunk, dots=dots, erase=erase), grid=grid,
-        in_specs=in_specs, out_specs=[states, state],
+    name = "delta_rule_state_backward" if erase else "additive_state_backward"
+    bv = _value_block(name, value_dim, key_dim)
+    n = time // chunk
+    s = _state_specs(time, key_dim, bv, n)
+    g, ubar, ds0 = launch(
+        functools.partial(_state_backward_kernel, chunk=chunk, dots=dots, erase=erase),
+        grid=(batch, heads, value_dim // bv),
+        in_specs=([s["seq_k"]] if erase else []) + [s["seq_k"], s["b"], s["states"], s["seq_v"], s["state"]],
+        out_specs=[s["states"], s["seq_v"], s["state"]],
         out_shape=[jax.ShapeDtypeStruct((batch, heads, n * key_dim, value_dim), F32),
-                   jax.ShapeDtypeStruct(dsf.shape, F32)],
-        interpret=interpret, name="delta_rule_state_backward" if erase else "additive_state_backward")(*args)
-    return g.reshape(batch, heads, n, key_dim, value_dim), ds0
+                   jax.ShapeDtypeStruct(du.shape, F32), jax.ShapeDtypeStruct(dsf.shape, F32)],
+        interpret=interpret, name=name)(
+            *((wp,) if erase else ()), w, b, dh.reshape(batch, heads, n * key_dim, value_dim), du, dsf)
+    return g.reshape(batch, heads, n, key_dim, value_dim), ubar, ds0
 
 
 def state_backward_reference(wp, w, b, dh, du, dsf, *, chunk, dots):
-    """Plain JAX, same signature and result as `state_backward_kernel` (a reverse scan)."""
+    """Plain JAX, same signature and results as `state_backward_kernel` (a reverse scan)."""
     erase = wp is not None
-    xs = [to_chunks(x.astype(F32), chunk) for x in ((wp,) if erase else ()) + (w,)]
-    xs += [to_chunks(b, chunk), dh.astype(F32)] + ([to_chunks(du.astype(F32), chunk)] if erase else [])
-    xs = [jnp.moveaxis(x, 2, 0) for x in xs]
+    wp_, w_, b_, du_ = _chunks_first(wp, w, b, du, chunk=chunk)
+    dh_ = jnp.moveaxis(dh.astype(F32), 2, 0)
 
     def body(grad, x):
-        if erase:
-            wp_c, w_c, b_c, dh_c, du_c = x
-        else:
-            w_c, b_c, dh_c = x
+        wp_c, w_c, b_c, dh_c, du_c = x
         b_last = b_c[..., -1]
+        ubar = du_c + (w_c * jnp.exp(b_last[..., None] - b_c)[..., None]) @ grad
         new = jnp.exp(b_last)[..., None, None] * grad + dh_c
         if erase:
-            w_to_end = w_c * jnp.exp(b_last[..., None] - b_c)[..., None]
-            new = new - jnp.swapaxes(wp_c, -1, -2) @ (du_c + w_to_end @ grad)
-        return new, grad
+            new = new - jnp.swapaxes(wp_c, -1, -2) @ ubar
+        return new, (grad, ubar)
 
-    ds0, g = lax.scan(body, dsf.astype(F32), xs, reverse=True)
-    return jnp.moveaxis(g, 0, 2), ds0
+    ds0, (g, ubar) = lax.scan(body, dsf.astype(F32), (wp_ if erase else w_, w_, b_, dh_, du_), reverse=True)
+    return jnp.moveaxis(g, 0, 2), from_chunks(jnp.moveaxis(ubar, 0, 2)), ds0
 
 
 # ----------------------------------------------------------------------------------------------------
-# Output: Y = (Q * gamma) S_c + [(q_i . w_j) exp(b_i - b_j)]_{j<=i} U.
+# Output: Y = (Q * gamma) S_c + A U_c, and its backward.
 
 
 def _output_kernel(q_ref, w_ref, b_ref, h_ref, u_ref, y_ref, *, dots):
     q = q_ref[...]
     b = b_ref[...]
-    r, c = iota2(q.shape[0])
-    attend = dots.nt(q, w_ref[...]) * masked_exp(b[:, None] - b[None, :], c <= r)
+    attend = dots.nt(q, w_ref[...]) * _lower_terms(b, b, False)
     y = dots(q.astype(F32) * jnp.exp(b)[:, None], h_ref[...]) + dots(attend, u_ref[...])
     y_ref[...] = y.astype(y_ref.dtype)
+
+
+def _output_specs(chunk, key_dim, value_dim, bv):
+    block = spec((None, chunk, None, key_dim), lambda i, h, c, j: (i, c, h, 0))
+    block_v = spec((None, chunk, None, bv), lambda i, h, c, j: (i, c, h, j))
+    return dict(k=block, v=block_v, b=spec((None, chunk, None), lambda i, h, c, j: (i, c, h)),
+                state=spec((None, None, key_dim, bv), lambda i, h, c, j: (i, h, c, j)))
 
 
 def output_kernel(q, w, b, h, u, *, chunk, dots, interpret=False):
@@ -300,16 +329,14 @@ def output_kernel(q, w, b, h, u, *, chunk, dots, interpret=False):
     batch, time, heads, key_dim = q.shape
     value_dim = u.shape[-1]
     n = time // chunk
-    bv = min(value_dim, 128)
-    grid = (batch, heads, n, value_dim // bv)
-    block = spec((None, chunk, None, key_dim), lambda i, h, c, j: (i, c, h, 0))
-    block_v = spec((None, chunk, None, bv), lambda i, h, c, j: (i, c, h, j))
+    bv = min(value_dim, tuning("delta_rule_output", "block_v") or 128)
+    s = _output_specs(chunk, key_dim, value_dim, bv)
     return launch(
-        functools.partial(_output_kernel, dots=dots), grid=grid,
-        in_specs=[block, block, spec((None, chunk, None), lambda i, h, c, j: (i, c, h)),
-                  spec((None, None, key_dim, bv), lambda i, h, c, j: (i, h, c, j)), block_v],
-        out_specs=block_v, out_shape=jax.ShapeDtypeStruct((batch, time, heads, value_dim), F32),
-        interpret=interpret, name="delta_rule_output")(q, w, b, h.reshape(batch, heads, n * key_dim, value_dim), u)
+        functools.partial(_output_kernel, dots=dots), grid=(batch, heads, n, value_dim // bv),
+        in_specs=[s["k"], s["k"], s["b"], s["state"], s["v"]], out_specs=s["v"],
+        out_shape=jax.ShapeDtypeStruct((batch, time, heads, value_dim), F32),
+        interpret=interpret, name="delta_rule_output")(
+            q, w, b, h.reshape(batch, heads, n * key_dim, value_dim), u)
 
 
 def output_reference(q, w, b, h, u, *, chunk, dots):
@@ -318,95 +345,243 @@ def output_reference(q, w, b, h, u, *, chunk, dots):
     bc = to_chunks(b, chunk)
     causal = jnp.tril(jnp.ones((chunk, chunk), bool))
     attend = (qc @ jnp.swapaxes(wc, -1, -2)) * masked_exp(bc[..., :, None] - bc[..., None, :], causal)
-    y = (qc * jnp.exp(bc)[..., None]) @ h.astype(F32) + attend @ uc
-    return from_chunks(y)
+    return from_chunks((qc * jnp.exp(bc)[..., None]) @ h.astype(F32) + attend @ uc)
+
+
+def _output_backward_kernel(q_ref, w_ref, b_ref, h_ref, u_ref, dy_ref,
+                            dq_ref, dw_ref, db_ref, dh_ref, du_ref, *, dots, block_v):
+    q, w, b = q_ref[...], w_ref[...], b_ref[...]
+    gamma = jnp.exp(b)
+    decay = _lower_terms(b, b, False)
+    attend = dots.nt(q, w) * decay
+    q_gamma = q.astype(F32) * gamma[:, None]
+    dqh = jnp.zeros(q.shape, F32)
+    dattend = jnp.zeros(attend.shape, F32)
+    for j in range(h_ref.shape[1] // block_v):      # value blocks: contractions over V accumulate
+        cols = pl.ds(j * block_v, block_v)
+        dy = dy_ref[:, cols]
+        h = h_ref[:, cols]
+        dh_ref[:, cols] = dots.tn(q_gamma, dy)
+        du_ref[:, cols] = dots.tn(attend, dy)
+        dqh = dqh + dots.nt(dy, h)
+        dattend = dattend + dots.nt(dy, u_ref[:, cols])
+    p = dattend * decay
+    dq_ref[...] = dqh * gamma[:, None] + dots(p, w)
+    dw_ref[...] = dots.tn(p, q)
+    db_ref[...] = jnp.sum(dqh * q_gamma, axis=1) + _exponent_cotangent(dattend * attend)
+
+
+def output_backward_kernel(q, w, b, h, u, dy, *, chunk, dots, interpret=False):
+    """The cotangents of `output_kernel`'s inputs from ``dy``: ``dq, dw [B,T,H,K]``, ``db [B,T,H]``,
+    ``dh [B,H,N,K,V]``, ``du [B,T,H,V]``, float32."""
+    batch, time, heads, key_dim = q.shape
+    value_dim = u.shape[-1]
+    n = time // chunk
+    s = _output_specs(chunk, key_dim, value_dim, value_dim)
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, F32)
+    dq, dw, db, dh, du = launch(
+        functools.partial(_output_backward_kernel, dots=dots, block_v=min(value_dim, 128)),
+        grid=(batch, heads, n, 1),
+        in_specs=[s["k"], s["k"], s["b"], s["state"], s["v"], s["v"]],
+        out_specs=[s["k"], s["k"], s["b"], s["state"], s["v"]],
+        out_shape=[f32(q.shape), f32(q.shape), f32(b.shape), f32((batch, heads, n * key_dim, value_dim)),
+                   f32(u.shape)],
+        interpret=interpret, name="delta_rule_output_backward")(
+            q, w, b, h.reshape(batch, heads, n * key_dim, value_dim), u, dy)
+    return dq, dw, db, dh.reshape(batch, heads, n, key_dim, value_dim), du
+
+
+def output_backward_reference(q, w, b, h, u, dy, *, chunk, dots):
+    """Plain JAX, same signature and results as `output_backward_kernel`."""
+    _, pull = jax.vjp(functools.partial(output_reference, chunk=chunk, dots=dots),
+                      *(x.astype(F32) for x in (q, w, b, h, u)))
+    return pull(dy.astype(F32))
 
 
 # ----------------------------------------------------------------------------------------------------
-# The stages with their derivatives, and the two recursions.
+# Chunk backward: the state update's parameters and the prepare stage, per chunk.
+
+
+def _chunk_backward_kernel(*refs, dots, erase, block_v):
+    if erase:
+        (k_ref, w_ref, v_ref, b_ref, inv_ref, h_ref, u_ref, ubar_ref, g_ref,
+         dk_ref, dw_ref, dv_ref, db_ref) = refs
+    else:
+        w_ref, v_ref, b_ref, h_ref, g_ref, dw_ref, db_ref = refs
+    w, b = w_ref[...].astype(F32), b_ref[...]
+    chunk, key_dim = w.shape
+    b_last = jnp.min(b)
+    d = jnp.exp(b_last - b)
+    dwd = jnp.zeros((chunk, key_dim), F32)          # cotangent of W * d
+    dwp = jnp.zeros((chunk, key_dim), F32)
+    d_end = jnp.zeros((), F32)                      # cotangent of gamma_C through gamma_C S_c
+    u_ref_ = u_ref if erase else v_ref
+    for j in range(h_ref.shape[1] // block_v):
+        cols = pl.ds(j * block_v, block_v)
+        g, h = g_ref[:, cols], h_ref[:, cols]
+        dwd = dwd + dots.nt(u_ref_[:, cols], g)
+        d_end = d_end + jnp.sum(g * h.astype(F32))
+        if erase:
+            dwp = dwp - dots.nt(ubar_ref[:, cols], h)
+    dd = jnp.sum(dwd * w, axis=1) * d               # d (b_C - b_j) through d_j
+    db = -dd
+    db_last = jnp.sum(dd) + d_end * jnp.exp(b_last)
+    last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+    dw = dwd * d[:, None]
+    if erase:
+        k = k_ref[...]
+        inv = inv_ref[...]
+        gamma = jnp.exp(b)
+        k_gamma = k.astype(F32) * gamma[:, None]
+        dtri = dots.nt(dwp, k_gamma)
+        dkg = dots.f32(inv, dwp, ((0,), (0,)))      # T^T dW'
+        for j in range(v_ref.shape[1] // block_v):
+            cols = pl.ds(j * block_v, block_v)
+            ubar = ubar_ref[:, cols]
+            dtri = dtri + dots.nt(ubar, v_ref[:, cols])
+            dv_ref[:, cols] = dots.f32(inv, ubar, ((0,), (0,)))
+        dl = -dots.f32(dots.f32(inv, dtri, ((0,), (0,))), inv, ((1,), (1,)))      # -T^T dT T^T
+        dgram = dl * _lower_terms(b, b, True)       # the cotangent of K W^T (strictly lower)
+        dk_ref[...] = dkg * gamma[:, None] + dots(dgram, w)
+        dw = dw + dots.tn(dgram, k)
+        db = db + jnp.sum(dkg * k_gamma, axis=1) + _exponent_cotangent(dgram * dots.nt(k, w))
+    dw_ref[...] = dw
+    db_ref[...] = db + jnp.where(last, db_last, 0.0)
+
+
+def chunk_backward_kernel(k, w, v, b, inv, h, u, ubar, g_next, *, chunk, dots, interpret=False):
+    """Per chunk, the cotangents of the state update's and the prepare stage's inputs, from the state
+    pass's reverse (``ubar``, the total cotangent of ``U``, and ``g_next`` = ``G_{c+1}``). With ``k``
+    None (additive: ``U = V``, ``W = K``) returns ``(dw, db)``; else ``(dk, dw, dv, db)``, float32."""
+    erase = k is not None
+    batch, time, heads, key_dim = w.shape
+    value_dim = v.shape[-1]
+    n = time // chunk
+    s = _output_specs(chunk, key_dim, value_dim, value_dim)
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, F32)
+    h = h.reshape(batch, heads, n * key_dim, value_dim)
+    g_next = g_next.reshape(batch, heads, n * key_dim, value_dim)
+    if erase:
+        in_specs = [s["k"], s["k"], s["v"], s["b"], spec((None, chunk, None, chunk), lambda i, hh, c, j: (i, c, hh, 0)),
+                    s["state"], s["v"], s["v"], s["state"]]
+        out_specs = [s["k"], s["k"], s["v"], s["b"]]
+        out_shape = [f32(w.shape), f32(w.shape), f32(v.shape), f32(b.shape)]
+        args = (k, w, v, b, inv, h, u, ubar, g_next)
+    else:
+        in_specs = [s["k"], s["v"], s["b"], s["state"], s["state"]]
+        out_specs = [s["k"], s["b"]]
+        out_shape = [f32(w.shape), f32(b.shape)]
+        args = (w, v, b, h, g_next)
+    return tuple(launch(
+        functools.partial(_chunk_backward_kernel, dots=dots, erase=erase, block_v=min(value_dim, 128)),
+        grid=(batch, heads, n, 1), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        interpret=interpret, name="delta_rule_chunk_backward" if erase else "additive_chunk_backward")(*args))
+
+
+def chunk_backward_reference(k, w, v, b, inv, h, u, ubar, g_next, *, chunk, dots):
+    """Plain JAX, same signature and results as `chunk_backward_kernel`: the VJP of prepare followed by
+    one chunk's update at the stored start states."""
+    del inv, u  # recomputed
+    erase = k is not None
+    wc, bc, ubar_c = (to_chunks(x.astype(F32), chunk) for x in (w, b, ubar))
+    h = h.astype(F32)
+    w_to_end = wc * jnp.exp(bc[..., -1:] - bc)[..., None]
+    du_external = ubar_c - w_to_end @ g_next                # ubar minus the path through S_{c+1}
+
+    def update(k_, w_, v_, b_):
+        kc, wc_, vc, bc_ = (to_chunks(x, chunk) for x in (k_, w_, v_, b_))
+        if erase:
+            inverse = linalg.unit_lower_inverse(_strict_lower(kc, wc_, bc_))
+            wp, up = inverse @ (kc * jnp.exp(bc_)[..., None]), inverse @ vc
+            return chunk_update(wp, up, wc_, bc_, h)
+        return chunk_update(None, vc, wc_, bc_, h)
+
+    primals = tuple(x.astype(F32) for x in ((w if k is None else k), w, v, b))
+    _, pull = jax.vjp(update, *primals)
+    dk, dw, dv, db = pull((du_external, g_next))
+    return (dk, dw, dv, db) if erase else (dw, db)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The recursions: the kernels composed, differentiated by the backward kernels.
+
+
+class _Stages:
+    """The six stage functions of one configuration: the kernels or their references."""
+
+    def __init__(self, kernels: bool, chunk: int, dots: Dots, interpret: bool = False):
+        opts = dict(chunk=chunk, dots=dots, **({"interpret": interpret} if kernels else {}))
+        pick = lambda name: functools.partial(globals()[name + ("_kernel" if kernels else "_reference")], **opts)
+        for name in ("prepare", "state", "output", "output_backward", "state_backward", "chunk_backward"):
+            setattr(self, name, pick(name))
+
+
+def _forward(stages, q, k, w, v, b, s0):
+    """``(y, S_final)`` and the residuals of the backward pass. ``k`` None: additive (``W = K = w``)."""
+    if k is not None:
+        wp, up, inv = stages.prepare(k, w, v, b)
+        h, u, final = stages.state(wp, up, w, b, s0)
+    else:
+        wp = inv = None
+        h, _, final = stages.state(None, v, w, b, s0)
+        u = v
+    y = stages.output(q, w, b, h, u)
+    return (y, final), (q, k, w, v, b, wp, inv, h, u)
+
+
+def _backward(stages, residuals, cotangents):
+    q, k, w, v, b, wp, inv, h, u = residuals
+    dy, dsf = cotangents
+    dq, dw, db, dh, du = stages.output_backward(q, w, b, h, u, dy)
+    g_next, ubar, ds0 = stages.state_backward(wp, w, b, dh, du, dsf)
+    if k is not None:
+        dk, dw_chunk, dv, db_chunk = stages.chunk_backward(k, w, v, b, inv, h, u, ubar, g_next)
+    else:
+        dw_chunk, db_chunk = stages.chunk_backward(None, w, v, b, None, h, None, ubar, g_next)
+        dk, dv = None, ubar
+    return dq, dk, dw + dw_chunk, dv, db + db_chunk, ds0
 
 
 @functools.lru_cache(maxsize=None)
-def _stages(chunk: int, dots_key: tuple, interpret: bool):
-    """The three stages for one configuration, each a `jax.custom_vjp` (cached: one per setting)."""
+def _recursion(erase: bool, chunk: int, dots_key: tuple, interpret: bool):
+    """The recursion for one configuration as a `jax.custom_vjp` of ``(q, k, w, v, b, s0)`` (erase) or
+    ``(q, k, v, b, s0)`` (additive); the kernels on CUDA, the references elsewhere."""
     dots = Dots(*dots_key)
-    opts = dict(chunk=chunk, dots=dots)
+    kernels = _Stages(True, chunk, dots, interpret)
+    references = _Stages(False, chunk, dots)
 
-    def parallel_stage(kernel, reference):
-        run = on_gpu(functools.partial(kernel, **opts), functools.partial(reference, **opts), interpret)
+    def run(function):
+        def call_kernels(*args, interpret):
+            del interpret
+            return function(kernels, *args)
+        return on_gpu(call_kernels, functools.partial(function, references), interpret)
 
-        @jax.custom_vjp
-        def stage(*args):
-            return run(*args)
+    forward, backward = run(_forward), run(_backward)
+    unpack = (lambda q, k, w, v, b, s0: (q, k, w, v, b, s0)) if erase else (
+        lambda q, k, v, b, s0: (q, None, k, v, b, s0))
 
-        def fwd(*args):
-            return run(*args), args
+    @jax.custom_vjp
+    def recursion(*args):
+        return forward(*unpack(*args))[0]
 
-        def bwd(args, cotangent):
-            return jax.vjp(functools.partial(reference, **opts), *args)[1](cotangent)
+    def fwd(*args):
+        out, residuals = forward(*unpack(*args))
+        return out, (args, residuals)
 
-        stage.defvjp(fwd, bwd)
-        return stage
+    def bwd(saved, cotangents):
+        args, residuals = saved
+        dq, dk, dw, dv, db, ds0 = backward(residuals, cotangents)
+        grads = (dq, dk, dw, dv, db, ds0) if erase else (dq, dw, dv, db, ds0)
+        return tuple(g.astype(a.dtype) for g, a in zip(grads, args))
 
-    prepare = parallel_stage(prepare_kernel, prepare_reference)
-    output = parallel_stage(output_kernel, output_reference)
-
-    def make_state_pass(erase):
-        forward = on_gpu(functools.partial(state_kernel, **opts), functools.partial(state_reference, **opts),
-                         interpret)
-        backward = on_gpu(functools.partial(state_backward_kernel, **opts),
-                          functools.partial(state_backward_reference, **opts), interpret)
-        # Without erase, wp and U are None: the functions below take and return only arrays.
-        if erase:
-            run = lambda wp, up, w, b, s0: forward(wp, up, w, b, s0)
-        else:
-            run = lambda up, w, b, s0: forward(None, up, w, b, s0)
-
-        @jax.custom_vjp
-        def state_pass(*args):
-            h, u, final = run(*args)
-            return (h, u, final) if erase else (h, final)
-
-        def fwd(*args):
-            out = state_pass(*args)
-            return out, (args, out[0])
-
-        def bwd(residuals, cotangents):
-            args, h = residuals
-            if erase:
-                wp, up, w, b, _ = args
-                dh, du, dsf = cotangents
-            else:
-                (up, w, b, _), wp = args, None
-                (dh, dsf), du = cotangents, None
-            grads_next, ds0 = backward(wp, w, b, dh, du, dsf)
-            # The parameters' cotangents: each chunk's update at its stored start state, pulled back
-            # with (dU_c, G_{c+1}); the path through S_c is the reverse kernel's.
-            chunks = lambda x: to_chunks(x.astype(F32), chunk)
-
-            def update(*params):
-                wp_, up_, w_, b_ = params if erase else (None, *params)
-                return chunk_update(None if wp_ is None else chunks(wp_), chunks(up_), chunks(w_),
-                                    to_chunks(b_, chunk), h.astype(F32))
-
-            params = (wp, up, w, b) if erase else (up, w, b)
-            _, pull = jax.vjp(update, *params)
-            du_chunks = chunks(du) if erase else jnp.zeros(to_chunks(up, chunk).shape, F32)
-            grads = pull((du_chunks, grads_next))
-            grads = tuple(g.astype(p.dtype) for g, p in zip(grads, params))
-            return grads + (ds0,)
-
-        state_pass.defvjp(fwd, bwd)
-        return state_pass
-
-    return prepare, make_state_pass(True), make_state_pass(False), output
+    recursion.defvjp(fwd, bwd)
+    return recursion
 
 
-def _setup(q, v, log_decay, chunk):
+def _prepare_inputs(q, log_decay, chunk):
     batch, time, heads, _ = q.shape
     padded = -(-time // chunk) * chunk
-    b = chunk_log_decay(pad_time(log_decay, chunk), batch, padded, heads, chunk)
-    return time, b
+    return time, chunk_log_decay(pad_time(log_decay, chunk), batch, padded, heads, chunk)
 
 
 def delta_rule(q, k, w, v, log_decay, initial_state, *, chunk_size=64, precision="default",
@@ -414,24 +589,21 @@ def delta_rule(q, k, w, v, log_decay, initial_state, *, chunk_size=64, precision
     """``S_t = a_t S_{t-1} + w_t (v_t - (a_t S_{t-1})^T k_t)^T``, ``y_t = S_t^T q_t`` (module doc).
 
     Same signature and results as `filters.chunked.delta_rule`: ``q, k, w [B,T,H,K]``, ``v [B,T,H,V]``,
-    ``log_decay`` None or ``[B,T,H]``, ``initial_state [B,H,K,V]``; returns ``y [B,T,H,V]`` float32 and
-    the final state ``[B,H,K,V]`` float32.
+    ``log_decay`` None or ``[B,T,H]``, ``initial_state [B,H,K,V]``; returns ``y [B,T,H,V]`` and the final
+    state ``[B,H,K,V]``, float32.
     """
-    prepare, state_pass, _, output = _stages(chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)
-    time, b = _setup(q, v, log_decay, chunk_size)
+    recursion = _recursion(True, chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)
+    time, b = _prepare_inputs(q, log_decay, chunk_size)
     q, k, w, v = (pad_time(x, chunk_size) for x in (q, k, w, v))
-    wp, up = prepare(k, w, v, b)
-    h, u, final = state_pass(wp, up, w, b, initial_state.astype(F32))
-    y = output(q, w, b, h, u)
+    y, final = recursion(q, k, w, v, b, initial_state.astype(F32))
     return y[:, :time], final
 
 
 def additive(q, k, v, log_decay, initial_state, *, chunk_size=64, precision="default", interpret=False):
     """``S_t = a_t S_{t-1} + k_t v_t^T``, ``y_t = S_t^T q_t``, scalar or no decay. Same signature and
     results as `filters.chunked.additive` (``k`` already scaled by any input scale)."""
-    _, _, state_pass, output = _stages(chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)
-    time, b = _setup(q, v, log_decay, chunk_size)
+    recursion = _recursion(False, chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)
+    time, b = _prepare_inputs(q, log_decay, chunk_size)
     q, k, v = (pad_time(x, chunk_size) for x in (q, k, v))
-    h, final = state_pass(v, k, b, initial_state.astype(F32))
-    y = output(q, k, b, h, v)
+    y, final = recursion(q, k, v, b, initial_state.astype(F32))
     return y[:, :time], final
