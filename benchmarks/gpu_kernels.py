@@ -133,6 +133,64 @@ def relative(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+KERNEL_CONFIGS = {
+    "delta_rule_prepare": [dict(num_warps=w) for w in (1, 2, 4, 8)],
+    "delta_rule_state": [dict(num_warps=w, num_stages=st, block_v=bv) for w in (2, 4, 8) for st in (1, 2, 3)
+                         for bv in (32, 64)],
+    "delta_rule_output": [dict(num_warps=w, num_stages=st, block_v=bv) for w in (4, 8) for st in (1, 2)
+                          for bv in (64, 128)],
+    "delta_rule_output_backward": [dict(num_warps=w) for w in (4, 8)],
+    "delta_rule_state_backward": [dict(num_warps=w, num_stages=st, block_v=bv) for w in (2, 4, 8)
+                                  for st in (1, 2) for bv in (32, 64)],
+    "delta_rule_chunk_backward": [dict(num_warps=w) for w in (4, 8)],
+}
+
+
+def sweep(shape, repeats):
+    """Time every delta-rule kernel alone under each launch setting of `KERNEL_CONFIGS`."""
+    import functools
+    from filters.pallas import common
+    inputs = make_inputs("gated_deltanet", shape)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    w = inputs["beta"][..., None] * k.astype(jnp.float32)
+    batch, time_, heads, dim = shape
+    b = common.chunk_log_decay(inputs["log_decay"], batch, time_, heads, 64)
+    s0 = jnp.zeros((batch, heads, dim, dim), jnp.float32)
+    dots = common.Dots(jnp.bfloat16)
+    interpret = jax.default_backend() == "cpu"   # a dry run of this script on a CPU
+    st = kernels._Stages(True, 64, dots, interpret)
+    wp, up, inv = st.prepare(k, w, v, b)
+    h, u, _ = st.state(wp, up, w, b, s0)
+    dy = jax.random.normal(jax.random.PRNGKey(3), v.shape, jnp.float32)
+    _, _, _, dh, du = st.output_backward(q, w, b, h, u, dy)
+    g_next, ubar, _ = st.state_backward(wp, w, b, dh, du, s0)
+    calls = {
+        "delta_rule_prepare": (kernels.prepare_kernel, (k, w, v, b)),
+        "delta_rule_state": (kernels.state_kernel, (wp, up, w, b, s0)),
+        "delta_rule_output": (kernels.output_kernel, (q, w, b, h, u)),
+        "delta_rule_output_backward": (kernels.output_backward_kernel, (q, w, b, h, u, dy)),
+        "delta_rule_state_backward": (kernels.state_backward_kernel, (wp, w, b, dh, du, s0)),
+        "delta_rule_chunk_backward": (kernels.chunk_backward_kernel, (k, w, v, b, inv, h, u, ubar, g_next)),
+    }
+    best = {}
+    for name, (fn, args) in calls.items():
+        results = []
+        for config in KERNEL_CONFIGS[name]:
+            common.TUNING[name] = config
+            try:
+                ms, _, _ = time_jax(functools.partial(fn, chunk=64, dots=dots, interpret=interpret), args, repeats)
+            except Exception as error:  # a setting the compiler refuses (e.g. out of registers)
+                print(json.dumps(dict(kernel=name, config=config, error=str(error)[:200])), flush=True)
+                continue
+            results.append((ms, config))
+            print(json.dumps(dict(kernel=name, config=config, ms=ms)), flush=True)
+        common.TUNING.pop(name, None)
+        if results:
+            best[name] = min(results, key=lambda r: r[0])
+    print("best:", json.dumps({n: dict(ms=round(m, 4), **c) for n, (m, c) in best.items()}), flush=True)
+    return best
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
@@ -140,7 +198,12 @@ def main():
     parser.add_argument("--backends", default="pallas,chunked")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--sweep", action="store_true", help="time each kernel alone under several launch "
+                        "settings (the first shape) and stop")
     args = parser.parse_args()
+    if args.sweep:
+        sweep(parse_shape(args.shapes.split(",")[0]), args.repeats)
+        return
     records = []
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     for shape_text in args.shapes.split(","):

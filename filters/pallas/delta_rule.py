@@ -105,13 +105,13 @@ def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots
             for m in range(j + 1, i):
                 acc = acc + exact_dot(lower[i, m], inv[m, j])
             inv[i, j] = -exact_dot(inv[i, i], acc)
-    k_gamma = [ks[j].astype(F32) * jnp.exp(bs[j])[:, None] for j in range(n)]
-    vs = [rows(v_ref, j * SUB, SUB) for j in range(n)]
+    k_gamma = [(ks[j].astype(F32) * jnp.exp(bs[j])[:, None]).astype(dots.dtype) for j in range(n)]
     zero = jnp.zeros((SUB, SUB), F32)
     for i in range(n):
         block = pl.ds(i * SUB, SUB)
         wp_ref[block, :] = sum(dots(inv[i, j], k_gamma[j]) for j in range(i + 1)).astype(wp_ref.dtype)
-        up_ref[block, :] = sum(dots(inv[i, j], vs[j]) for j in range(i + 1)).astype(up_ref.dtype)
+        up_ref[block, :] = sum(dots(inv[i, j], rows(v_ref, j * SUB, SUB))
+                               for j in range(i + 1)).astype(up_ref.dtype)
         for j in range(n):
             inv_ref[block, pl.ds(j * SUB, SUB)] = inv[i, j] if j <= i else zero
 
@@ -248,12 +248,12 @@ def _state_backward_kernel(*refs, chunk, dots, erase):
         c = n - 1 - i
         t0 = pl.multiple_of(c * chunk, chunk)
         k0 = pl.multiple_of(c * key_dim, key_dim)
-        g_ref[pl.ds(k0, key_dim), :] = grad
+        g_ref[pl.ds(k0, key_dim), :] = grad.astype(g_ref.dtype)
         b = rows(b_ref, t0, chunk)
         b_last = jnp.min(b)
         w_to_end = rows(w_ref, t0, chunk).astype(F32) * jnp.exp(b_last - b)[:, None]
         ubar = rows(du_ref, t0, chunk).astype(F32) + dots(w_to_end, grad)
-        ubar_ref[pl.ds(t0, chunk), :] = ubar
+        ubar_ref[pl.ds(t0, chunk), :] = ubar.astype(ubar_ref.dtype)
         new = jnp.exp(b_last) * grad + dh_ref[pl.ds(k0, key_dim), :].astype(F32)
         if erase:
             new = new - dots.tn(rows(wp_ref, t0, chunk), ubar)
@@ -265,8 +265,8 @@ def _state_backward_kernel(*refs, chunk, dots, erase):
 def state_backward_kernel(wp, w, b, dh, du, dsf, *, chunk, dots, interpret=False):
     """The state pass in reverse. From the cotangents of ``h`` (``dh [B,H,N,K,V]``), of ``U`` (``du
     [B,T,H,V]``; of ``V`` when additive) and of the final state (``dsf``): the cotangent of the state
-    after every chunk ``G_{c+1} [B,H,N,K,V]``, the total cotangent of ``U`` ``[B,T,H,V]`` and that of the
-    initial state ``[B,H,K,V]``, all float32."""
+    after every chunk ``G_{c+1} [B,H,N,K,V]`` and the total cotangent of ``U`` ``[B,T,H,V]`` in the
+    product dtype, and that of the initial state ``[B,H,K,V]`` float32."""
     batch, time, heads, key_dim = w.shape
     value_dim = dsf.shape[-1]
     erase = wp is not None
@@ -279,8 +279,8 @@ def state_backward_kernel(wp, w, b, dh, du, dsf, *, chunk, dots, interpret=False
         grid=(batch, heads, value_dim // bv),
         in_specs=([s["seq_k"]] if erase else []) + [s["seq_k"], s["b"], s["states"], s["seq_v"], s["state"]],
         out_specs=[s["states"], s["seq_v"], s["state"]],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, n * key_dim, value_dim), F32),
-                   jax.ShapeDtypeStruct(du.shape, F32), jax.ShapeDtypeStruct(dsf.shape, F32)],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, n * key_dim, value_dim), dots.dtype),
+                   jax.ShapeDtypeStruct(du.shape, dots.dtype), jax.ShapeDtypeStruct(dsf.shape, F32)],
         interpret=interpret, name=name)(
             *((wp,) if erase else ()), w, b, dh.reshape(batch, heads, n * key_dim, value_dim), du, dsf)
     return g.reshape(batch, heads, n, key_dim, value_dim), ubar, ds0
@@ -302,7 +302,8 @@ def state_backward_reference(wp, w, b, dh, du, dsf, *, chunk, dots):
         return new, (grad, ubar)
 
     ds0, (g, ubar) = lax.scan(body, dsf.astype(F32), (wp_ if erase else w_, w_, b_, dh_, du_), reverse=True)
-    return jnp.moveaxis(g, 0, 2), from_chunks(jnp.moveaxis(ubar, 0, 2)), ds0
+    return (jnp.moveaxis(g, 0, 2).astype(dots.dtype), from_chunks(jnp.moveaxis(ubar, 0, 2)).astype(dots.dtype),
+            ds0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -361,8 +362,8 @@ def _output_backward_kernel(q_ref, w_ref, b_ref, h_ref, u_ref, dy_ref,
         cols = pl.ds(j * block_v, block_v)
         dy = dy_ref[:, cols]
         h = h_ref[:, cols]
-        dh_ref[:, cols] = dots.tn(q_gamma, dy)
-        du_ref[:, cols] = dots.tn(attend, dy)
+        dh_ref[:, cols] = dots.tn(q_gamma, dy).astype(dh_ref.dtype)
+        du_ref[:, cols] = dots.tn(attend, dy).astype(du_ref.dtype)
         dqh = dqh + dots.nt(dy, h)
         dattend = dattend + dots.nt(dy, u_ref[:, cols])
     p = dattend * decay
@@ -372,20 +373,21 @@ def _output_backward_kernel(q_ref, w_ref, b_ref, h_ref, u_ref, dy_ref,
 
 
 def output_backward_kernel(q, w, b, h, u, dy, *, chunk, dots, interpret=False):
-    """The cotangents of `output_kernel`'s inputs from ``dy``: ``dq, dw [B,T,H,K]``, ``db [B,T,H]``,
-    ``dh [B,H,N,K,V]``, ``du [B,T,H,V]``, float32."""
+    """The cotangents of `output_kernel`'s inputs from ``dy``: ``dq, dw [B,T,H,K]``, ``db [B,T,H]``
+    float32, ``dh [B,H,N,K,V]``, ``du [B,T,H,V]`` in the product dtype (as the states are kept)."""
     batch, time, heads, key_dim = q.shape
     value_dim = u.shape[-1]
     n = time // chunk
     s = _output_specs(chunk, key_dim, value_dim, value_dim)
     f32 = lambda shape: jax.ShapeDtypeStruct(shape, F32)
+    low = lambda shape: jax.ShapeDtypeStruct(shape, dots.dtype)
     dq, dw, db, dh, du = launch(
         functools.partial(_output_backward_kernel, dots=dots, block_v=min(value_dim, 128)),
         grid=(batch, heads, n, 1),
         in_specs=[s["k"], s["k"], s["b"], s["state"], s["v"], s["v"]],
         out_specs=[s["k"], s["k"], s["b"], s["state"], s["v"]],
-        out_shape=[f32(q.shape), f32(q.shape), f32(b.shape), f32((batch, heads, n * key_dim, value_dim)),
-                   f32(u.shape)],
+        out_shape=[f32(q.shape), f32(q.shape), f32(b.shape), low((batch, heads, n * key_dim, value_dim)),
+                   low(u.shape)],
         interpret=interpret, name="delta_rule_output_backward")(
             q, w, b, h.reshape(batch, heads, n * key_dim, value_dim), u, dy)
     return dq, dw, db, dh.reshape(batch, heads, n, key_dim, value_dim), du
@@ -395,7 +397,8 @@ def output_backward_reference(q, w, b, h, u, dy, *, chunk, dots):
     """Plain JAX, same signature and results as `output_backward_kernel`."""
     _, pull = jax.vjp(functools.partial(output_reference, chunk=chunk, dots=dots),
                       *(x.astype(F32) for x in (q, w, b, h, u)))
-    return pull(dy.astype(F32))
+    dq, dw, db, dh, du = pull(dy.astype(F32))
+    return dq, dw, db, dh.astype(dots.dtype), du.astype(dots.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,45 +411,39 @@ def _chunk_backward_kernel(*refs, dots, erase, block_v):
          dk_ref, dw_ref, dv_ref, db_ref) = refs
     else:
         w_ref, v_ref, b_ref, h_ref, g_ref, dw_ref, db_ref = refs
-    w, b = w_ref[...].astype(F32), b_ref[...]
-    chunk, key_dim = w.shape
-    b_last = jnp.min(b)
-    d = jnp.exp(b_last - b)
-    dwd = jnp.zeros((chunk, key_dim), F32)          # cotangent of W * d
-    dwp = jnp.zeros((chunk, key_dim), F32)
-    d_end = jnp.zeros((), F32)                      # cotangent of gamma_C through gamma_C S_c
-    u_ref_ = u_ref if erase else v_ref
-    for j in range(h_ref.shape[1] // block_v):
-        cols = pl.ds(j * block_v, block_v)
-        g, h = g_ref[:, cols], h_ref[:, cols]
-        dwd = dwd + dots.nt(u_ref_[:, cols], g)
-        d_end = d_end + jnp.sum(g * h.astype(F32))
-        if erase:
-            dwp = dwp - dots.nt(ubar_ref[:, cols], h)
-    dd = jnp.sum(dwd * w, axis=1) * d               # d (b_C - b_j) through d_j
-    db = -dd
-    db_last = jnp.sum(dd) + d_end * jnp.exp(b_last)
-    last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
-    dw = dwd * d[:, None]
+    b = b_ref[...]
+    chunk, key_dim = w_ref.shape
+    value_blocks = [pl.ds(j * block_v, block_v) for j in range(h_ref.shape[1] // block_v)]
+    db = jnp.zeros((chunk,), F32)
+    dw = jnp.zeros((chunk, key_dim), F32)
     if erase:
-        k = k_ref[...]
+        # Prepare's inputs, from dW' = -dU S_c^T and dU' = dU (the order keeps few tiles alive).
+        k, w = k_ref[...], w_ref[...]
         inv = inv_ref[...]
         gamma = jnp.exp(b)
         k_gamma = k.astype(F32) * gamma[:, None]
+        dwp = -sum(dots.nt(ubar_ref[:, cols], h_ref[:, cols]) for cols in value_blocks)
+        dkg = dots.f32(inv, dwp, ((0,), (0,)))                         # T^T dW'
         dtri = dots.nt(dwp, k_gamma)
-        dkg = dots.f32(inv, dwp, ((0,), (0,)))      # T^T dW'
-        for j in range(v_ref.shape[1] // block_v):
-            cols = pl.ds(j * block_v, block_v)
+        for cols in value_blocks:
             ubar = ubar_ref[:, cols]
             dtri = dtri + dots.nt(ubar, v_ref[:, cols])
             dv_ref[:, cols] = dots.f32(inv, ubar, ((0,), (0,)))
         dl = -dots.f32(dots.f32(inv, dtri, ((0,), (0,))), inv, ((1,), (1,)))      # -T^T dT T^T
         dgram = dl * _lower_terms(b, b, True)       # the cotangent of K W^T (strictly lower)
         dk_ref[...] = dkg * gamma[:, None] + dots(dgram, w)
-        dw = dw + dots.tn(dgram, k)
-        db = db + jnp.sum(dkg * k_gamma, axis=1) + _exponent_cotangent(dgram * dots.nt(k, w))
-    dw_ref[...] = dw
-    db_ref[...] = db + jnp.where(last, db_last, 0.0)
+        dw = dots.tn(dgram, k)
+        db = jnp.sum(dkg * k_gamma, axis=1) + _exponent_cotangent(dgram * dots.nt(k, w))
+    # The state update S_{c+1} = gamma_C S_c + (W * d)^T U_c, pulled back with G_{c+1}.
+    u_ref_ = u_ref if erase else v_ref
+    dwd = sum(dots.nt(u_ref_[:, cols], g_ref[:, cols]) for cols in value_blocks)   # of W * d
+    d_end = sum(jnp.sum(g_ref[:, cols].astype(F32) * h_ref[:, cols].astype(F32)) for cols in value_blocks)
+    b_last = jnp.min(b)
+    d = jnp.exp(b_last - b)
+    dd = jnp.sum(dwd * w_ref[...].astype(F32), axis=1) * d         # through d_j = exp(b_C - b_j)
+    last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+    dw_ref[...] = dw + dwd * d[:, None]
+    db_ref[...] = db - dd + jnp.where(last, jnp.sum(dd) + d_end * jnp.exp(b_last), 0.0)
 
 
 def chunk_backward_kernel(k, w, v, b, inv, h, u, ubar, g_next, *, chunk, dots, interpret=False):
@@ -484,7 +481,7 @@ def chunk_backward_reference(k, w, v, b, inv, h, u, ubar, g_next, *, chunk, dots
     del inv, u  # recomputed
     erase = k is not None
     wc, bc, ubar_c = (to_chunks(x.astype(F32), chunk) for x in (w, b, ubar))
-    h = h.astype(F32)
+    h, g_next = h.astype(F32), g_next.astype(F32)
     w_to_end = wc * jnp.exp(bc[..., -1:] - bc)[..., None]
     du_external = ubar_c - w_to_end @ g_next                # ubar minus the path through S_{c+1}
 
@@ -594,6 +591,8 @@ def delta_rule(q, k, w, v, log_decay, initial_state, *, chunk_size=64, precision
     """
     recursion = _recursion(True, chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)
     time, b = _prepare_inputs(q, log_decay, chunk_size)
+    # The write key enters only products: it travels in the product dtype, as k does.
+    w = w.astype(Dots(v.dtype, precision).dtype)
     q, k, w, v = (pad_time(x, chunk_size) for x in (q, k, w, v))
     y, final = recursion(q, k, w, v, b, initial_state.astype(F32))
     return y[:, :time], final
