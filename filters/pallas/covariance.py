@@ -1,0 +1,197 @@
+"""The Pallas GPU kernel of the exact family's covariance pass (the Bayesian Layer).
+
+With a scalar (or no) decay and isotropic noise ``Q_t = q_t I`` the covariance recursion never sees the
+values, so it runs first and hands the gains ``Kg_t`` to the delta-rule kernels (erase key ``k``, write
+key ``Kg``). One program carries one head's ``P [K, K]`` (float32, in registers) through the sequence in
+blocks of 16 steps. For a block starting from ``P_c`` (``b_i`` the log decay accumulated in the block,
+``gamma_i = exp(b_i)``, ``R_ij = exp(b_i - b_j)`` for ``j <= i``, ``alpha_i = sum_{m<=i} q_m R_im^2``
+the noise accumulated since the block start)::
+
+    Sigma = (K gamma) P_c (K gamma)^T + (exp(-|b_i - b_j|) alpha_min(i,j)) * (K K^T) + diag(1 / beta)
+    Sigma = L L^T,  X = L^{-1}                         (the block's observations one by one)
+    Kg_i  = [gamma_i (X K gamma P_c)_i + sum_m X_im R_im alpha_m k_m] / L_ii
+    Z     = gamma_C X (K gamma) P_c + X (K * R_C. alpha)
+    P_C   = gamma_C^2 P_c + alpha_C I - Z^T Z
+
+(the derivation is the chunked lowering's, `filters.chunked`). The 16 x 16 Cholesky factor and its
+inverse are computed in the kernel (column by column, then forward substitution); every product is an
+IEEE float32 product: this recursion is where precision is spent.
+
+The derivative is the plain-JAX reference's (its scan over chunks, with the implicit derivatives of
+the Cholesky factor): a backward kernel for this pass does not exist yet.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from filters import linalg
+from filters.pallas.common import (SUB, exact_dot, iota2, launch, masked_exp, on_gpu, pad_time, rows, spec,
+                                   to_chunks, from_chunks)
+from filters.pallas.delta_rule import unit_lower_inverse_tile
+
+F32 = jnp.float32
+
+
+def cholesky_tile(matrix):
+    """``L`` with ``L L^T = A`` for a small symmetric positive definite tile, column by column:
+    ``l_j = A_{:, j} / sqrt(A_jj)`` (rows >= j), then ``A -= l_j l_j^T``."""
+    size = matrix.shape[0]
+    r, c = iota2(size)
+    index = lax.broadcasted_iota(jnp.int32, (size,), 0)
+
+    def body(j, carry):
+        rest, factor = carry
+        column = jnp.sum(jnp.where(c == j, rest, 0.0), axis=1)
+        pivot = jnp.sqrt(jnp.sum(jnp.where(index == j, column, 0.0)))
+        column = jnp.where(index >= j, column / pivot, 0.0)
+        factor = jnp.where(c == j, column[:, None], factor)
+        return rest - column[:, None] * column[None, :], factor
+
+    _, factor = lax.fori_loop(0, size, body, (matrix, jnp.zeros_like(matrix)))
+    return factor
+
+
+def block_terms(log_decay, noise):
+    """The block's decay and noise terms: ``b, gamma, R (lower), alpha``. Shapes ``[C]`` / ``[C, C]``."""
+    b = jnp.cumsum(log_decay)
+    r, c = iota2(b.shape[0])
+    decay = masked_exp(b[:, None] - b[None, :], c <= r)
+    alpha = jnp.sum(decay * decay * noise[None, :], axis=1)
+    return b, jnp.exp(b), decay, alpha
+
+
+def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref):
+    key_dim = k_ref.shape[1]
+    n = k_ref.shape[0] // SUB
+    r, c = iota2(SUB)
+    eye = (lax.broadcasted_iota(jnp.int32, (key_dim, key_dim), 0)
+           == lax.broadcasted_iota(jnp.int32, (key_dim, key_dim), 1)).astype(F32)
+    last = lax.broadcasted_iota(jnp.int32, (SUB,), 0) == SUB - 1
+
+    def body(i, cov):
+        t0 = pl.multiple_of(i * SUB, SUB)
+        k = rows(k_ref, t0, SUB).astype(F32)
+        b, gamma, decay, alpha = block_terms(rows(ld_ref, t0, SUB), rows(noise_ref, t0, SUB))
+        k_gamma = k * gamma[:, None]
+        kg_p = exact_dot(k_gamma, cov)                                         # (K gamma) P_c
+        alpha_min = jnp.where(c <= r, alpha[None, :], alpha[:, None])
+        sigma = (exact_dot(kg_p, k_gamma, ((1,), (1,)))
+                 + jnp.exp(-jnp.abs(b[:, None] - b[None, :])) * alpha_min * exact_dot(k, k, ((1,), (1,)))
+                 + jnp.where(r == c, rows(inv_beta_ref, t0, SUB)[:, None], 0.0))
+        sigma = 0.5 * (sigma + sigma.T)
+        factor = cholesky_tile(sigma)
+        pivots = jnp.sum(jnp.where(r == c, factor, 0.0), axis=1)
+        unit = factor / pivots[:, None]
+        whiten = unit_lower_inverse_tile(jnp.where(c < r, unit, 0.0)) / pivots[None, :]   # X = L^{-1}
+        kt_p = exact_dot(whiten, kg_p)
+        gains = (gamma[:, None] * kt_p + exact_dot(whiten * decay, k * alpha[:, None])) / pivots[:, None]
+        gains_ref[pl.ds(t0, SUB), :] = gains
+        b_last = jnp.min(b)
+        alpha_last = jnp.sum(jnp.where(last, alpha, 0.0))
+        z = jnp.exp(b_last) * kt_p + exact_dot(whiten, k * (jnp.exp(b_last - b) * alpha)[:, None])
+        return jnp.exp(2.0 * b_last) * cov + alpha_last * eye - exact_dot(z, z, ((0,), (0,)))
+
+    pf_ref[...] = lax.fori_loop(0, n, body, p0_ref[...])
+
+
+def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, interpret=False):
+    """``k [B,T,H,K]``, ``log_decay, noise, inv_beta [B,T,H]`` float32 (T a multiple of 16), ``p0
+    [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``, float32."""
+    batch, time, heads, key_dim = k.shape
+    seq = lambda *d: spec((None, time, None, *d), lambda i, h: (i, 0, h, *(0 for _ in d)))
+    cov = spec((None, None, key_dim, key_dim), lambda i, h: (i, h, 0, 0))
+    gains, final = launch(
+        _covariance_kernel, grid=(batch, heads),
+        in_specs=[seq(key_dim), seq(), seq(), seq(), cov], out_specs=[seq(key_dim), cov],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(p0.shape, F32)],
+        interpret=interpret, name="covariance_pass")(k, log_decay, noise, inv_beta, p0)
+    return gains, 0.5 * (final + jnp.swapaxes(final, -1, -2))
+
+
+def _block_update(cov, k, log_decay, noise, inv_beta):
+    """One block of ``C`` steps in plain JAX (any ``C``; batched leading axes): ``(gains, P_C)``."""
+    b = jnp.cumsum(log_decay, -1)
+    size = b.shape[-1]
+    lower = jnp.tril(jnp.ones((size, size), bool))
+    diff = b[..., :, None] - b[..., None, :]
+    decay = masked_exp(diff, lower)
+    alpha = jnp.sum(decay * decay * noise[..., None, :], -1)
+    gamma = jnp.exp(b)
+    k_gamma = k * gamma[..., None]
+    kg_p = k_gamma @ cov
+    alpha_min = jnp.where(lower, alpha[..., None, :], alpha[..., :, None])
+    sigma = (kg_p @ jnp.swapaxes(k_gamma, -1, -2) + jnp.exp(-jnp.abs(diff)) * alpha_min
+             * (k @ jnp.swapaxes(k, -1, -2)) + inv_beta[..., :, None] * jnp.eye(size, dtype=k.dtype))
+    factor, whiten = linalg.cholesky_with_inverse(0.5 * (sigma + jnp.swapaxes(sigma, -1, -2)))
+    pivots = jnp.diagonal(factor, axis1=-2, axis2=-1)
+    kt_p = whiten @ kg_p
+    gains = (gamma[..., None] * kt_p + (whiten * decay) @ (k * alpha[..., None])) / pivots[..., None]
+    b_last = b[..., -1]
+    z = (jnp.exp(b_last)[..., None, None] * kt_p
+         + whiten @ (k * (jnp.exp(b_last[..., None] - b) * alpha)[..., None]))
+    eye = jnp.eye(cov.shape[-1], dtype=cov.dtype)
+    new = (jnp.exp(2 * b_last)[..., None, None] * cov + alpha[..., -1, None, None] * eye
+           - jnp.swapaxes(z, -1, -2) @ z)
+    return gains, 0.5 * (new + jnp.swapaxes(new, -1, -2))
+
+
+def covariance_reference(k, log_decay, noise, inv_beta, p0, *, chunk=SUB):
+    """Plain JAX, same signature and results as `covariance_kernel` (a scan over blocks of ``chunk``
+    steps, each block recomputed in the backward pass: memory linear in T)."""
+    xs = [jnp.moveaxis(to_chunks(x.astype(F32), chunk), 2, 0) for x in (k, log_decay, noise, inv_beta)]
+
+    def body(cov, x):
+        gains, new = _block_update(cov, *x)
+        return new, gains
+
+    final, gains = lax.scan(jax.checkpoint(body, prevent_cse=False), p0.astype(F32), xs)
+    return from_chunks(jnp.moveaxis(gains, 0, 2)), final
+
+
+@functools.lru_cache(maxsize=None)
+def _pass(chunk: int, interpret: bool):
+    reference = functools.partial(covariance_reference, chunk=chunk)
+    forward = on_gpu(covariance_kernel, reference, interpret)
+
+    @jax.custom_vjp
+    def run(*args):
+        return forward(*args)
+
+    def fwd(*args):
+        return forward(*args), args
+
+    def bwd(args, cotangents):
+        return jax.vjp(reference, *args)[1](cotangents)
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
+def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, chunk_size=64,
+                    variance: bool = False, interpret: bool = False):
+    """The gains ``Kg [B,T,H,K]`` and the final covariance ``[B,H,K,K]`` (float32) of the exact family
+    with a scalar or no decay (``log_decay`` None or ``[B,T,H]``) and isotropic process noise ``noise_t
+    I`` (``[B,T,H]``, zeros without noise), precisions ``beta [B,T,H]``, from ``P_0 [B,H,K,K]``.
+
+    The GPU kernel works in blocks of 16 steps; the plain-JAX path (other platforms, and the derivative)
+    in chunks of ``chunk_size``: the filter is exact either way, only rounding differs. Same signature
+    as `filters.chunked.covariance_pass`; the predictive variance (``variance=True``, the diagnostics)
+    is not computed here: ``q`` is unused and the third result is None."""
+    del q
+    if variance:
+        raise ValueError("the Pallas covariance pass does not compute the predictive variance; "
+                         "use the chunked lowering for diagnostics")
+    batch, time, heads, _ = k.shape
+    multiple = max(chunk_size, SUB)
+    zeros = jnp.zeros((batch, time, heads), F32)
+    log_decay = zeros if log_decay is None else log_decay.astype(F32)
+    # Padded steps observe nothing (k = 0, unit noise) and neither decay nor add noise.
+    k, log_decay, noise = (pad_time(x, multiple) for x in (k, log_decay, noise.astype(F32)))
+    inv_beta = pad_time(1.0 / precision.astype(F32), multiple, 1.0)
+    gains, final = _pass(chunk_size, interpret)(k, log_decay, noise, inv_beta, initial_covariance.astype(F32))
+    return gains[:, :time], final, None
