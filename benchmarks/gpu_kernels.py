@@ -1,22 +1,29 @@
-"""The Pallas GPU kernels against the plain-XLA chunked lowering, flash-linear-attention and SDPA.
+"""Our Pallas GPU kernels beside the chunked XLA lowering, flash-linear-attention and SDPA, in one run.
 
-    python benchmarks/gpu_kernels.py                                   # every model, the three shapes
+    python benchmarks/gpu_kernels.py --out docs/results/gpu_kernels.md        # the whole table (H200)
     python benchmarks/gpu_kernels.py --shapes 4x4096x16x128 --models gated_deltanet --peers none
+    python benchmarks/gpu_kernels.py --sweep --shapes 4x4096x16x128            # launch settings, per kernel
 
-In one process, on the same bf16 inputs (gates float32): the median time of 20 calls after warm-up of the
-forward and of the forward+backward (the gradient of ``sum(y * dy)`` w.r.t. every input and gate), for
-ours (``--backends``: the Pallas kernels, ``pallas``, and the chunked XLA lowering, ``chunked``), for the
-matching flash-linear-attention 0.6 op (``--peers fla``: its own kernels, timed with CUDA events; on
-Triton 3.6 its gated backward needs ``fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True``, which we set
-for timing only) and for torch's scaled-dot-product attention (causal, same shape, ``--peers sdpa``).
-Also: compile time, peak GPU memory of one forward+backward, and the accuracy of our outputs and of
-fla's against a float64 oracle (our sequential filter on the same inputs, upcast) and against each
-other. Writes a markdown table (``--out``) and JSON lines (``--json``).
+For every shape ``BxTxHxD`` (K = V = D) and model, on the same inputs (q, k, v bf16; gates float32):
+the median time of ``--repeats`` calls after warm-up of the forward and of the forward+backward (the
+gradient of ``sum(y * dy)`` w.r.t. q, k, v and every gate) for ours (``--backends``: ``pallas``, the
+kernels; ``chunked``, the plain-XLA lowering; both through `filters.compile`, ``validate=False``), for
+the matching flash-linear-attention 0.6 op (``--peers fla``; its own Triton kernels, timed with CUDA
+events; on Triton < 3.7.1 fla refuses its gated backward on Hopper, so the script sets
+``fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True``: for timing only, its gradients are not used) and
+for torch's causal scaled-dot-product attention (``--peers sdpa``); the compile time (ours: lowering +
+compiling; fla: its first call, autotuning included); the peak GPU memory of one forward+backward; and
+the relative error (Frobenius) of our output and of fla's against a float64 oracle (our sequential
+filter on the same inputs, upcast) and against each other. The Bayesian Layer has no peer op; fla's
+MesaNet (another filter with a K x K state) is timed beside it. Also measured: the copy bandwidth and
+the bf16 matmul rate, for the floor of each row (bytes of q, k, v and y once over bandwidth; FLOPs of
+the chunked algorithm over the matmul rate). ``--out`` gets a markdown report, ``--json`` JSON lines.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -30,138 +37,272 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-jax.config.update("jax_enable_x64", True)   # for the float64 oracle only; inputs are bf16 / f32
+jax.config.update("jax_enable_x64", True)   # the float64 oracle only; every timed input is bf16 / f32
 
-from filters.pallas import delta_rule as kernels  # noqa: E402
+import designmodels as dm  # noqa: E402
+import filters  # noqa: E402
 
 SHAPES = ("4x4096x16x128", "8x2048x32x64", "1x32768x8x128")
-MODELS = ("gated_deltanet", "deltanet", "simple_gla", "gla", "bayesian")
+CHUNK = 64
+
+
+def _simple_gla():
+    return dm.DesignModel(transition=dm.ScalarDecay(None), observation=dm.LatentInput(), name="simple_gla")
+
+
+# name -> (our design model, its gates, the fla op, how fla takes the gates)
+MODELS = {
+    "gated_deltanet": (dm.gated_deltanet, ("log_decay", "beta"), "chunk_gated_delta_rule"),
+    "deltanet": (dm.deltanet, ("beta",), "chunk_delta_rule"),
+    "simple_gla": (_simple_gla, ("log_decay",), "chunk_simple_gla"),
+    "gla": (dm.gla, ("log_decay_k",), "chunk_gla"),
+    "bayesian": (functools.partial(dm.bayesian, process_noise=0.01), ("log_decay", "precision"), "chunk_mesa_net"),
+}
 
 
 def parse_shape(text):
-    batch, time_, heads, dim = (int(x) for x in text.split("x"))
-    return batch, time_, heads, dim
+    return tuple(int(x) for x in text.split("x"))
 
 
-def make_inputs(model, shape, seed=0):
-    """bf16 q, k (unit rows), v; float32 gates, in the peer's conventions and ours."""
+def make_inputs(shape, seed=0):
+    """numpy float32 arrays: q, k (unit rows), v, and every gate any model takes."""
     batch, time_, heads, dim = shape
-    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
-    q = jax.random.normal(keys[0], (batch, time_, heads, dim), jnp.float32)
-    k = jax.random.normal(keys[1], (batch, time_, heads, dim), jnp.float32)
-    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    v = jax.random.normal(keys[2], (batch, time_, heads, dim), jnp.float32)
-    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    log_decay = jax.nn.log_sigmoid(4.0 + jax.random.normal(keys[3], (batch, time_, heads)))
-    beta = 0.95 * jax.nn.sigmoid(jax.random.normal(keys[4], (batch, time_, heads)))
-    return dict(q=q, k=k, v=v, log_decay=log_decay, beta=beta)
+    rng = np.random.default_rng(seed)
+    lead = (batch, time_, heads)
+    k = rng.standard_normal((*lead, dim), np.float32)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    sig = lambda x: 1 / (1 + np.exp(-x))
+    return dict(
+        q=rng.standard_normal((*lead, dim), np.float32), k=k, v=rng.standard_normal((*lead, dim), np.float32),
+        log_decay=np.log(sig(4.0 + rng.standard_normal(lead, np.float32))),
+        log_decay_k=np.log(sig(4.0 + rng.standard_normal((*lead, dim), np.float32))),
+        beta=(0.95 * sig(rng.standard_normal(lead, np.float32))).astype(np.float32),
+        precision=(0.5 + 3.5 * sig(rng.standard_normal(lead, np.float32))).astype(np.float32),
+        dy=rng.standard_normal((*lead, dim), np.float32))
 
 
-def ours(model, backend):
-    """``(y, final_state) = f(q, k, v, log_decay, beta)`` for one of our backends."""
-    if model in ("gated_deltanet", "deltanet"):
-        def f(q, k, v, log_decay, beta):
-            ld = log_decay if model == "gated_deltanet" else None
-            w = beta[..., None] * k.astype(jnp.float32)
-            s0 = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
-            if backend == "pallas":
-                return kernels.delta_rule(q, k, w, v, ld, s0)
-            return kernels_reference_delta(q, k, w, v, ld, s0)
-        return f
-    if model == "simple_gla":
-        def f(q, k, v, log_decay, beta):
-            s0 = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
-            if backend == "pallas":
-                return kernels.additive(q, k, v, log_decay, s0)
-            return kernels_reference_additive(q, k, v, log_decay, s0)
-        return f
-    raise KeyError(model)
+def our_gates(name, inputs, cast):
+    names = MODELS[name][1]
+    rename = {"log_decay_k": "log_decay", "precision": "beta"}
+    return {rename.get(n, n): cast(inputs[n]) for n in names}
 
 
-def _chunked_filter(model):
-    import designmodels as dm
-    import filters
-    return filters.compile(getattr(dm, model)(), backend="chunked")
-
-
-def kernels_reference_delta(q, k, w, v, ld, s0):
-    import designmodels as dm
-    import filters
-    model = dm.gated_deltanet() if ld is not None else dm.deltanet()
-    f = filters.compile(model, backend="chunked")
-    beta = w[..., 0] / k[..., 0].astype(jnp.float32)
-    gates = {"beta": jnp.sum(w * k.astype(jnp.float32), -1) / jnp.sum(k.astype(jnp.float32) ** 2, -1)}
-    del beta
-    if ld is not None:
-        gates["log_decay"] = ld
-    y, state = f(q, k, v, initial_state=jnp.swapaxes(s0, -1, -2), validate=False, **gates)
-    return y, jnp.swapaxes(state.mean, -1, -2)
-
-
-def kernels_reference_additive(q, k, v, ld, s0):
-    import designmodels as dm
-    import filters
-    f = filters.compile(dm.DesignModel(transition=dm.ScalarDecay(None), observation=dm.LatentInput()),
-                        backend="chunked")
-    y, state = f(q, k, v, initial_state=jnp.swapaxes(s0, -1, -2), validate=False, log_decay=ld)
-    return y, jnp.swapaxes(state.mean, -1, -2)
+# ----------------------------------------------------------------------------------------------------
+# Timing
 
 
 def time_jax(fn, args, repeats):
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(*args))
-    jax.block_until_ready(compiled(*args))
+    for _ in range(2):
+        jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, compile_s, compiled
+    memory = compiled.memory_analysis()
+    peak = None if memory is None else (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                        + memory.output_size_in_bytes)
+    return statistics.median(times) * 1e3, compile_s, compiled, peak
 
 
-def forward_backward(fn):
-    def loss(q, k, v, log_decay, beta, dy):
-        y, state = fn(q, k, v, log_decay, beta)
-        return jnp.sum(y.astype(jnp.float32) * dy) + jnp.sum(state)
-    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+def ours(name, backend, inputs, repeats):
+    model = MODELS[name][0]()
+    f = filters.compile(model, backend=backend)
+    bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    qkv = tuple(bf16(inputs[n]) for n in ("q", "k", "v"))
+    gates = our_gates(name, inputs, f32)
+    dy = f32(inputs["dy"])
+
+    def forward(q, k, v, gates):
+        return f(q, k, v, validate=False, **gates)[0]
+
+    def loss(q, k, v, gates):
+        return jnp.sum(forward(q, k, v, gates).astype(jnp.float32) * dy)
+
+    fwd_ms, fwd_compile, compiled, _ = time_jax(forward, (*qkv, gates), repeats)
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+    bwd_ms, bwd_compile, _, peak = time_jax(grad, (*qkv, gates), repeats)
+    y = np.asarray(compiled(*qkv, gates), np.float64)
+    return dict(fwd_ms=fwd_ms, fwdbwd_ms=bwd_ms, compile_s=fwd_compile + bwd_compile,
+                peak_mb=None if peak is None else peak / 2**20), y
+
+
+def oracle(name, inputs):
+    """Our sequential filter in float64 on the inputs as the timed runs see them (bf16 q, k, v)."""
+    model = MODELS[name][0]()
+    f = filters.compile(model, backend="sequential")
+    as64 = lambda x: jnp.asarray(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64))
+    gates = our_gates(name, inputs, lambda x: jnp.asarray(x, jnp.float64))
+    y, _ = f(*(as64(inputs[n]) for n in ("q", "k", "v")), validate=False, **gates)
+    return np.asarray(y, np.float64)
+
+
+def fla_op(name, inputs, repeats):
+    import torch
+    import fla.ops.common.chunk_o as chunk_o
+    chunk_o.TRITON_ABOVE_3_7_1 = True   # timing only (see the module doc)
+    from fla import ops
+    op_name = MODELS[name][2]
+    module = {"chunk_gated_delta_rule": "gated_delta_rule", "chunk_delta_rule": "delta_rule",
+              "chunk_simple_gla": "simple_gla", "chunk_gla": "gla", "chunk_mesa_net": "mesa_net"}[op_name]
+    op = getattr(__import__(f"fla.ops.{module}", fromlist=[op_name]), op_name)
+    del ops
+    cuda = lambda x, dtype=torch.float32: torch.tensor(x, device="cuda").to(dtype)
+    q, k, v = (cuda(inputs[n], torch.bfloat16) for n in ("q", "k", "v"))
+    tensors = dict(q=q, k=k, v=v)
+    if op_name in ("chunk_gated_delta_rule", "chunk_simple_gla", "chunk_mesa_net"):
+        tensors["g"] = cuda(inputs["log_decay"])
+    if op_name == "chunk_gla":
+        tensors["g"] = cuda(inputs["log_decay_k"])
+    if op_name in ("chunk_gated_delta_rule", "chunk_delta_rule", "chunk_mesa_net"):
+        tensors["beta"] = cuda(inputs["beta"])
+    if op_name == "chunk_mesa_net":
+        tensors["lamb"] = torch.ones_like(tensors["beta"])
+    kwargs = {} if op_name == "chunk_mesa_net" else {"scale": 1.0}
+    dy = cuda(inputs["dy"], torch.bfloat16)
+
+    def call(**t):
+        return op(**t, **kwargs)[0]
+
+    def timed(fn):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()                                  # the first call autotunes
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        fn()
+        times = []
+        for _ in range(repeats):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end))
+        return statistics.median(times), first
+
+    with torch.no_grad():
+        fwd_ms, fwd_first = timed(lambda: call(**tensors))
+        y = call(**tensors).float().cpu().numpy().astype(np.float64)
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in tensors.items()}
+
+    def forward_backward():
+        for t in leaves.values():
+            t.grad = None
+        call(**leaves).backward(dy)
+
+    torch.cuda.reset_peak_memory_stats()
+    bwd_ms, bwd_first = timed(forward_backward)
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    return dict(fwd_ms=fwd_ms, fwdbwd_ms=bwd_ms, compile_s=fwd_first + bwd_first, peak_mb=peak), y
+
+
+def sdpa(shape, inputs, repeats):
+    import torch
+    import torch.nn.functional as F
+    cuda = lambda x: torch.tensor(x, device="cuda").to(torch.bfloat16).transpose(1, 2).contiguous()
+    q, k, v = (cuda(inputs[n]) for n in ("q", "k", "v"))
+    dy = cuda(inputs["dy"])
+    res = {}
+    for mode in ("fwd", "fwdbwd"):
+        leaves = [t.detach().clone().requires_grad_(mode == "fwdbwd") for t in (q, k, v)]
+
+        def run():
+            o = F.scaled_dot_product_attention(*leaves, is_causal=True)
+            if mode == "fwdbwd":
+                o.backward(dy)
+        run()
+        times = []
+        for _ in range(repeats):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end))
+        res[f"{mode}_ms"] = statistics.median(times)
+    return res
+
+
+def ceilings():
+    """The measured copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+    import torch
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for name, fn, work in (("bandwidth_GBps", lambda: y.copy_(x), 2 * x.numel()),
+                           ("bf16_TFLOPs", lambda: a @ a, 2 * 8192**3)):
+        fn()
+        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(10):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        seconds = begin.elapsed_time(end) / 1e3 / 10
+        out[name] = work / seconds / (1e9 if name.startswith("band") else 1e12)
+    return out
+
+
+def floor_ms(name, shape, ceil):
+    """Bytes of q, k, v, y once over bandwidth; FLOPs of the chunked forward over the matmul rate."""
+    batch, time_, heads, dim = shape
+    tokens = batch * time_ * heads
+    bytes_ = tokens * dim * 2 * 4
+    # per token and head, multiply-adds of the chunked forward (C = 64): additive 2 K V + C (K + V)
+    # (state update, inter- and intra-chunk output); delta rule + prepare and the state's erase:
+    # 4 K V + C (3 K + 2 V); exact: + the covariance pass, about 3 K^2 + C K per step.
+    kk = vv = dim
+    macs = {"simple_gla": 2 * kk * vv + CHUNK * (kk + vv), "gla": 2 * kk * vv + CHUNK * (kk + vv)}.get(
+        name, 4 * kk * vv + CHUNK * (3 * kk + 2 * vv))
+    if name == "bayesian":
+        macs += 3 * kk * kk + CHUNK * kk
+    flops = 2 * macs * tokens
+    return max(bytes_ / (ceil["bandwidth_GBps"] * 1e9), flops / (ceil["bf16_TFLOPs"] * 1e12)) * 1e3
 
 
 def relative(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+# ----------------------------------------------------------------------------------------------------
+# The launch-settings sweep of the delta-rule kernels
+
+
 KERNEL_CONFIGS = {
-    "delta_rule_prepare": [dict(num_warps=w) for w in (1, 2, 4, 8)],
-    "delta_rule_state": [dict(num_warps=w, num_stages=st, block_v=bv) for w in (2, 4, 8) for st in (1, 2, 3)
+    "delta_rule_prepare": [dict(num_warps=w) for w in (1, 2, 4)],
+    "delta_rule_state": [dict(num_warps=w, num_stages=st, block_v=bv) for w in (4, 8) for st in (2, 3, 4)
                          for bv in (32, 64)],
     "delta_rule_output": [dict(num_warps=w, num_stages=st, block_v=bv) for w in (4, 8) for st in (1, 2)
                           for bv in (64, 128)],
     "delta_rule_output_backward": [dict(num_warps=w) for w in (4, 8)],
-    "delta_rule_state_backward": [dict(num_warps=w, num_stages=st, block_v=bv) for w in (2, 4, 8)
-                                  for st in (1, 2) for bv in (32, 64)],
+    "delta_rule_state_backward": [dict(num_warps=w, num_stages=st, block_v=bv) for w in (4, 8)
+                                  for st in (2, 3) for bv in (32, 64)],
     "delta_rule_chunk_backward": [dict(num_warps=w) for w in (4, 8)],
 }
 
 
 def sweep(shape, repeats):
-    """Time every delta-rule kernel alone under each launch setting of `KERNEL_CONFIGS`."""
-    import functools
-    from filters.pallas import common
-    inputs = make_inputs("gated_deltanet", shape)
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    w = inputs["beta"][..., None] * k.astype(jnp.float32)
+    """Time each delta-rule kernel alone under each launch setting of `KERNEL_CONFIGS`."""
+    from filters.pallas import common, delta_rule as kernels
+    inputs = make_inputs(shape)
+    q, k, v = (jnp.asarray(inputs[n], jnp.bfloat16) for n in ("q", "k", "v"))
+    w = (jnp.asarray(inputs["beta"])[..., None] * k.astype(jnp.float32)).astype(jnp.bfloat16)
     batch, time_, heads, dim = shape
-    b = common.chunk_log_decay(inputs["log_decay"], batch, time_, heads, 64)
+    b = common.chunk_log_decay(jnp.asarray(inputs["log_decay"]), batch, time_, heads, CHUNK)
     s0 = jnp.zeros((batch, heads, dim, dim), jnp.float32)
     dots = common.Dots(jnp.bfloat16)
     interpret = jax.default_backend() == "cpu"   # a dry run of this script on a CPU
-    st = kernels._Stages(True, 64, dots, interpret)
+    st = kernels._Stages(True, CHUNK, dots, interpret)
     wp, up, inv = st.prepare(k, w, v, b)
     h, u, _ = st.state(wp, up, w, b, s0)
-    dy = jax.random.normal(jax.random.PRNGKey(3), v.shape, jnp.float32)
+    dy = jnp.asarray(inputs["dy"])
     _, _, _, dh, du = st.output_backward(q, w, b, h, u, dy)
     g_next, ubar, _ = st.state_backward(wp, w, b, dh, du, s0)
     calls = {
@@ -172,65 +313,128 @@ def sweep(shape, repeats):
         "delta_rule_state_backward": (kernels.state_backward_kernel, (wp, w, b, dh, du, s0)),
         "delta_rule_chunk_backward": (kernels.chunk_backward_kernel, (k, w, v, b, inv, h, u, ubar, g_next)),
     }
-    best = {}
     for name, (fn, args) in calls.items():
+        saved = common.TUNING.get(name)
         results = []
         for config in KERNEL_CONFIGS[name]:
             common.TUNING[name] = config
             try:
-                ms, _, _ = time_jax(functools.partial(fn, chunk=64, dots=dots, interpret=interpret), args, repeats)
+                ms = time_jax(functools.partial(fn, chunk=CHUNK, dots=dots, interpret=interpret), args, repeats)[0]
             except Exception as error:  # a setting the compiler refuses (e.g. out of registers)
                 print(json.dumps(dict(kernel=name, config=config, error=str(error)[:200])), flush=True)
                 continue
             results.append((ms, config))
-            print(json.dumps(dict(kernel=name, config=config, ms=ms)), flush=True)
-        common.TUNING.pop(name, None)
-        if results:
-            best[name] = min(results, key=lambda r: r[0])
-    print("best:", json.dumps({n: dict(ms=round(m, 4), **c) for n, (m, c) in best.items()}), flush=True)
-    return best
+            print(json.dumps(dict(kernel=name, config=config, ms=round(ms, 4))), flush=True)
+        common.TUNING[name] = saved
+        best = min(results, key=lambda r: r[0])
+        print(json.dumps(dict(best=name, ms=round(best[0], 4), **best[1])), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def report(records, ceil, args):
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    lines = [
+        "# GPU kernels: ours beside flash-linear-attention", "",
+        f"Measured {datetime.date.today()} on {jax.devices()[0].device_kind}, jax {jax.__version__}, commit "
+        f"{commit}, by `python benchmarks/gpu_kernels.py {' '.join(sys.argv[1:])}` (one process, same "
+        "inputs: q, k, v bf16, gates float32; median of "
+        f"{args.repeats} calls after warm-up). Measured ceilings: copy {ceil['bandwidth_GBps']:.0f} GB/s, "
+        f"bf16 matmul {ceil['bf16_TFLOPs']:.0f} TFLOP/s. fla: `fla-core` 0.6.0 with "
+        "`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True` (Triton 3.6 on Hopper; timing only).", "",
+        "ratio = ours / fla (below 1: ours is faster). error = relative (Frobenius) error of the bf16 "
+        "output against the float64 oracle (our sequential filter on the same inputs). compile = lowering + "
+        "compiling (ours) or the first call with its autotuning (fla), forward and forward+backward "
+        "together. peak = memory of one forward+backward (ours: the compiled program's arguments, "
+        "outputs and temporaries; fla: torch's peak allocation).", "",
+        "| shape BxTxHxD | model | impl | fwd ms | fwd+bwd ms | ratio fwd | ratio fwd+bwd | floor ms | "
+        "error | compile s | peak MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by_key = {(r["shape"], r["model"], r["impl"]): r for r in records}
+    for r in records:
+        # the Bayesian Layer's ratio is to fla's Gated DeltaNet (its target: at most 1.5x)
+        peer = by_key.get((r["shape"], "gated_deltanet" if r["model"] == "bayesian" else r["model"], "fla"))
+        ratio = lambda key: (f"{r[key] / peer[key]:.2f}" if peer and r.get(key) and not r["impl"].startswith("fla")
+                             else "")
+        fmt = lambda key, spec: "" if r.get(key) is None else format(r[key], spec)
+        lines.append(f"| {r['shape']} | {r['model']} | {r['impl']} | {fmt('fwd_ms', '.3f')} | "
+                     f"{fmt('fwdbwd_ms', '.3f')} | {ratio('fwd_ms')} | {ratio('fwdbwd_ms')} | "
+                     f"{fmt('floor_ms', '.3f')} | {fmt('error', '.1e')} | {fmt('compile_s', '.1f')} | "
+                     f"{fmt('peak_mb', '.0f')} |")
+    lines += ["", "ratio of the Bayesian Layer: to fla's Gated DeltaNet (`chunk_gated_delta_rule`) at the same "
+              "shape. Against fla's MesaNet (`chunk_mesa_net`, also a K x K state):", ""]
+    for r in records:
+        mesa = by_key.get((r["shape"], "bayesian", "fla mesa_net"))
+        if r["model"] == "bayesian" and not r["impl"].startswith("fla") and mesa:
+            lines.append(f"- {r['shape']}, {r['impl']}: MesaNet / ours = {mesa['fwd_ms'] / r['fwd_ms']:.2f}x "
+                         f"forward, {mesa['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}x forward+backward")
+    agreement = [r for r in records if "vs_fla" in r]
+    if agreement:
+        lines += ["", "Our output against fla's on the same inputs (relative, Frobenius):", "",
+                  "| shape | model | impl | ours vs fla |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['shape']} | {r['model']} | {r['impl']} | {r['vs_fla']:.1e} |" for r in agreement]
+    return "\n".join(lines) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--models", default="gated_deltanet,deltanet,simple_gla")
+    parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--backends", default="pallas,chunked")
+    parser.add_argument("--peers", default="fla,sdpa", help="fla, sdpa, or none")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--oracle", default="4x4096x16x128,8x2048x32x64",
+                        help="shapes at which to compute the float64 oracle (it is a sequential scan)")
     parser.add_argument("--sweep", action="store_true", help="time each kernel alone under several launch "
-                        "settings (the first shape) and stop")
+                        "settings at the first shape, then stop")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.sweep:
         sweep(parse_shape(args.shapes.split(",")[0]), args.repeats)
         return
+    peers = [p for p in args.peers.split(",") if p != "none"]
+    ceil = ceilings() if peers else {"bandwidth_GBps": float("nan"), "bf16_TFLOPs": float("nan")}
+    print(json.dumps(ceil), flush=True)
     records = []
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+
+    def add(record):
+        records.append(record)
+        print(json.dumps(record), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(report(records, ceil, args))
+
     for shape_text in args.shapes.split(","):
         shape = parse_shape(shape_text)
-        for model in args.models.split(","):
-            inputs = make_inputs(model, shape)
-            dy = jax.random.normal(jax.random.PRNGKey(9), shape[:3] + (shape[3],), jnp.float32)
+        inputs = make_inputs(shape)
+        if "sdpa" in peers:
+            add(dict(shape=shape_text, model="attention", impl="sdpa", **sdpa(shape, inputs, args.repeats)))
+        for name in args.models.split(","):
+            reference = oracle(name, inputs) if shape_text in args.oracle.split(",") else None
+            floor = floor_ms(name, shape, ceil)
             outputs = {}
             for backend in args.backends.split(","):
-                fn = ours(model, backend)
-                xs = tuple(inputs[n] for n in ("q", "k", "v", "log_decay", "beta"))
-                fwd_ms, fwd_compile, compiled = time_jax(fn, xs, args.repeats)
-                bwd_ms, bwd_compile, compiled_grad = time_jax(forward_backward(fn), xs + (dy,), args.repeats)
-                outputs[backend] = compiled(*xs) + tuple(compiled_grad(*xs, dy))
-                rec = dict(shape=shape_text, model=model, backend=backend, fwd_ms=fwd_ms, fwdbwd_ms=bwd_ms,
-                           compile_fwd_s=fwd_compile, compile_fwdbwd_s=bwd_compile)
-                records.append(rec)
-                print(json.dumps(rec), flush=True)
-            if "pallas" in outputs and "chunked" in outputs:
-                names = ("y", "state", "dq", "dk", "dv", "dlog_decay", "dbeta")
-                print(json.dumps(dict(shape=shape_text, model=model, pallas_vs_chunked={
-                    n: relative(a, b) for n, a, b in zip(names, outputs["pallas"], outputs["chunked"])})),
-                      flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+                timing, y = ours(name, backend, inputs, args.repeats)
+                outputs[backend] = (y, dict(shape=shape_text, model=name, impl=backend, floor_ms=floor,
+                                            error=None if reference is None else relative(y, reference), **timing))
+                add(outputs[backend][1])
+            if "fla" in peers:
+                timing, y = fla_op(name, inputs, args.repeats)
+                error = None if reference is None or name == "bayesian" else relative(y, reference)
+                add(dict(shape=shape_text, model=name, impl="fla" if name != "bayesian" else "fla mesa_net",
+                         floor_ms=floor, error=error, **timing))
+                if name != "bayesian":
+                    for ours_y, record in outputs.values():
+                        record["vs_fla"] = relative(ours_y, y)
+                if args.out:
+                    with open(args.out, "w") as f:
+                        f.write(report(records, ceil, args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,169 @@
+"""The Pallas kernels on a CPU: each run in Pallas's interpreter, and its plain-JAX reference, against
+an independent float64 recurrence (outputs, final states and the gradients of every input), at small
+shapes that cross chunk boundaries and padding; and the kernels lowered for CUDA on this machine, so a
+kernel that cannot compile fails here, not on a user's GPU."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from filters.pallas import covariance, delta_rule, gla
+
+RNG = np.random.default_rng(20261130)
+B, T, H, K, V = 1, 37, 2, 16, 16          # T is not a multiple of the chunk: the last chunk is padded
+
+
+def _recurrence(q, k, w, v, log_decay, s0, *, erase, channelwise=False):
+    """``S_t = a_t S_{t-1} + w_t u_t^T`` (``u_t = v_t - (a_t S_{t-1})^T k_t`` if erase, else ``v_t``),
+    ``y_t = S_t^T q_t``, step by step in float64: written from the equations, not from the kernels."""
+    def step(state, x):
+        q_t, k_t, w_t, v_t, a_t = x
+        decayed = (jnp.exp(a_t)[..., :, None] if channelwise else jnp.exp(a_t)[..., None, None]) * state
+        u = v_t - jnp.einsum("bhkv,bhk->bhv", decayed, k_t) if erase else v_t
+        state = decayed + jnp.einsum("bhk,bhv->bhkv", w_t, u)
+        return state, jnp.einsum("bhkv,bhk->bhv", state, q_t)
+    final, ys = jax.lax.scan(step, s0, [jnp.moveaxis(x, 1, 0) for x in (q, k, w, v, log_decay)])
+    return jnp.moveaxis(ys, 0, 1), final
+
+
+def _inputs(channelwise=False):
+    q, k = RNG.normal(size=(B, T, H, K)), RNG.normal(size=(B, T, H, K))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    v = RNG.normal(size=(B, T, H, V))
+    beta = RNG.uniform(0.1, 0.9, size=(B, T, H))
+    log_decay = -RNG.uniform(0.01, 0.6, size=(B, T, H, K) if channelwise else (B, T, H))
+    s0 = 0.3 * RNG.normal(size=(B, H, K, V))
+    return q, k, v, beta, log_decay, s0
+
+
+def _relative(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def _check(ours, oracle, args, *, tol=5e-6, symmetric=()):
+    """Outputs, final state and every gradient of ``sum(y r) + sum(S r')`` against the oracle. The
+    gradients of the arguments in ``symmetric`` (covariances) are compared on symmetric directions."""
+    weights = [RNG.normal(size=x.shape) for x in oracle(*args)]
+
+    def loss(f, *a):
+        return sum(jnp.sum(o * r) for o, r in zip(f(*a), weights))
+
+    args64 = tuple(jnp.asarray(a, jnp.float64) for a in args)
+    args32 = tuple(a.astype(jnp.float32) for a in args64)
+    for got, want in zip(ours(*args32), oracle(*args64)):
+        assert _relative(got, want) < tol
+    grads = jax.grad(lambda *a: loss(ours, *a), argnums=tuple(range(len(args))))(*args32)
+    want = jax.grad(lambda *a: loss(oracle, *a), argnums=tuple(range(len(args))))(*args64)
+    sym = lambda x: 0.5 * (x + jnp.swapaxes(x, -1, -2))
+    for i, (g, w) in enumerate(zip(grads, want)):
+        if i in symmetric:
+            g, w = sym(g), sym(w)
+        assert _relative(g, w) < tol
+
+
+@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "reference"])
+@pytest.mark.parametrize("decay", [True, False], ids=["decay", "no_decay"])
+def test_delta_rule(interpret, decay):
+    q, k, v, beta, log_decay, s0 = _inputs()
+    w = beta[..., None] * k
+    args = (q, k, w, v, log_decay, s0) if decay else (q, k, w, v, s0)
+
+    def ours(*a):
+        q_, k_, w_, v_, *rest = a
+        ld, s = rest if decay else (None, rest[0])
+        return delta_rule.delta_rule(q_, k_, w_, v_, ld, s, chunk_size=16, precision="highest", interpret=interpret)
+
+    def oracle(*a):
+        q_, k_, w_, v_, *rest = a
+        ld, s = rest if decay else (jnp.zeros(q_.shape[:3], q_.dtype), rest[0])
+        return _recurrence(q_, k_, w_, v_, ld, s, erase=True)
+
+    _check(ours, oracle, args)
+
+
+@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "reference"])
+def test_additive_scalar_decay(interpret):
+    q, k, v, _, log_decay, s0 = _inputs()
+    _check(lambda q_, k_, v_, ld, s: delta_rule.additive(q_, k_, v_, ld, s, chunk_size=16, precision="highest",
+                                                        interpret=interpret),
+           lambda q_, k_, v_, ld, s: _recurrence(q_, k_, k_, v_, ld, s, erase=False),
+           (q, k, v, log_decay, s0))
+
+
+@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "reference"])
+def test_additive_channelwise_decay(interpret):
+    q, k, v, _, log_decay, s0 = _inputs(channelwise=True)
+    _check(lambda q_, k_, v_, ld, s: gla.additive(q_, k_, v_, ld, s, chunk_size=32, precision="highest",
+                                                 interpret=interpret),
+           lambda q_, k_, v_, ld, s: _recurrence(q_, k_, k_, v_, ld, s, erase=False, channelwise=True),
+           (q, k, v, log_decay, s0))
+
+
+def _kalman_covariance(k, log_decay, noise, beta, p0):
+    """The exact filter's covariance recursion step by step: ``P_bar = a^2 P + q I``, ``u = P_bar k``,
+    ``Kg = u / (k^T u + 1/beta)``, ``P = P_bar - u Kg^T``; returns the gains and the final P."""
+    def step(cov, x):
+        k_t, a_t, q_t, b_t = x
+        cov = jnp.exp(2 * a_t)[..., None, None] * cov + q_t[..., None, None] * jnp.eye(k.shape[-1])
+        u = jnp.einsum("bhij,bhj->bhi", cov, k_t)
+        gain = u / (jnp.sum(k_t * u, -1) + 1 / b_t)[..., None]
+        return cov - u[..., :, None] * gain[..., None, :], gain
+    final, gains = jax.lax.scan(step, p0, [jnp.moveaxis(x, 1, 0) for x in (k, log_decay, noise, beta)])
+    return jnp.moveaxis(gains, 0, 1), final
+
+
+@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "reference"])
+def test_covariance_pass(interpret):
+    _, k, _, _, log_decay, _ = _inputs()
+    noise = RNG.uniform(0.0, 0.1, size=log_decay.shape)
+    beta = RNG.uniform(0.5, 4.0, size=log_decay.shape)
+    a = RNG.normal(size=(B, H, K, K))
+    p0 = a @ np.swapaxes(a, -1, -2) / K + 0.5 * np.eye(K)
+    _check(lambda *x: covariance.covariance_pass(None, *x, chunk_size=16, interpret=interpret)[:2],
+           _kalman_covariance, (k, log_decay, noise, beta, p0), symmetric=(4,))
+
+
+def test_bf16_products_stay_within_bf16_error():
+    """bf16 q, k, v: tensor-core products in bf16, states and factorizations float32."""
+    q, k, v, beta, log_decay, s0 = _inputs()
+    low = lambda x: jnp.asarray(x, jnp.bfloat16)
+    y, final = delta_rule.delta_rule(low(q), low(k), jnp.asarray(beta[..., None] * k, jnp.float32), low(v),
+                                     jnp.asarray(log_decay, jnp.float32), jnp.asarray(s0, jnp.float32),
+                                     chunk_size=16, interpret=True)
+    as64 = lambda x: jnp.asarray(np.asarray(low(x), np.float64))
+    want_y, want_s = _recurrence(as64(q), as64(k), jnp.asarray(beta)[..., None] * as64(k), as64(v),
+                                 jnp.asarray(log_decay), jnp.asarray(s0), erase=True)
+    assert y.dtype == jnp.float32
+    assert _relative(y, want_y) < 2e-2 and _relative(final, want_s) < 2e-2
+
+
+def _triton_calls(fn, *shapes):
+    lowered = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
+    return lowered.as_text().count("xla.gpu.triton")
+
+
+def test_kernels_lower_for_cuda():
+    """Traced on this CPU and lowered for CUDA, the program holds the Triton kernels (forward and
+    backward), chosen at lowering time (no reference left in their place)."""
+    sd = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+    f32 = jnp.float32
+    b, t, h, d = 2, 192, 2, 64
+    seq, gate, state = sd(b, t, h, d), sd(b, t, h, dtype=f32), sd(b, h, d, d, dtype=f32)
+
+    def delta(q, k, w, v, ld, s):
+        y, final = delta_rule.delta_rule(q, k, w, v, ld, s)
+        return jnp.sum(y) + jnp.sum(final)
+
+    assert _triton_calls(delta, seq, seq, sd(b, t, h, d, dtype=f32), seq, gate, state) == 3
+    assert _triton_calls(jax.grad(delta, argnums=(0, 1, 2, 3, 4, 5)), seq, seq, sd(b, t, h, d, dtype=f32), seq,
+                         gate, state) == 6
+
+    def additive(q, k, v, ld, s):
+        y, final = delta_rule.additive(q, k, v, ld, s)
+        return jnp.sum(y) + jnp.sum(final)
+
+    assert _triton_calls(jax.grad(additive, argnums=(0, 1, 2, 3, 4)), seq, seq, seq, gate, state) == 5
+    assert _triton_calls(lambda q, k, v, ld, s: gla.additive(q, k, v, ld, s), seq, seq, seq,
+                         sd(b, t, h, d, dtype=f32), state) == 2
+    assert _triton_calls(lambda k, ld, n, bt, p: covariance.covariance_pass(None, k, ld, n, bt, p)[:2],
+                         seq, gate, gate, gate, state) == 1
