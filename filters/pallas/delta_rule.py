@@ -89,13 +89,17 @@ def unit_lower_inverse_tile(strict):
 def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots):
     chunk = k_ref.shape[0]
     n = chunk // SUB
-    ks = [rows(k_ref, i * SUB, SUB) for i in range(n)]
-    ws = [rows(w_ref, i * SUB, SUB) for i in range(n)]
-    bs = [rows(b_ref, i * SUB, SUB) for i in range(n)]
+    # Sub-blocks are loaded where they are used (cheap reloads from the cache) rather than held: the
+    # kernel is bound by registers, not by loads.
+    k_at = lambda i: rows(k_ref, i * SUB, SUB)
+    b_at = lambda i: rows(b_ref, i * SUB, SUB)
     # L in 16 x 16 blocks (i >= j).
-    lower = {(i, j): dots.nt(ks[i], ws[j]) * (_lower_terms(bs[i], bs[j], True) if i == j
-                                              else jnp.exp(bs[i][:, None] - bs[j][None, :]))
-             for i in range(n) for j in range(i + 1)}
+    lower = {}
+    for i in range(n):
+        for j in range(i + 1):
+            decay = (_lower_terms(b_at(i), b_at(j), True) if i == j
+                     else jnp.exp(b_at(i)[:, None] - b_at(j)[None, :]))
+            lower[i, j] = dots.nt(k_at(i), rows(w_ref, j * SUB, SUB)) * decay
     # T = (I + L)^{-1}: diagonal blocks by substitution, then T_ij = -T_ii sum_{j<=m<i} L_im T_mj.
     inv = {}
     for i in range(n):
@@ -105,13 +109,13 @@ def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots
             for m in range(j + 1, i):
                 acc = acc + exact_dot(lower[i, m], inv[m, j])
             inv[i, j] = -exact_dot(inv[i, i], acc)
-    k_gamma = [(ks[j].astype(F32) * jnp.exp(bs[j])[:, None]).astype(dots.dtype) for j in range(n)]
     zero = jnp.zeros((SUB, SUB), F32)
     for i in range(n):
         block = pl.ds(i * SUB, SUB)
-        wp_ref[block, :] = sum(dots(inv[i, j], k_gamma[j]) for j in range(i + 1)).astype(wp_ref.dtype)
-        up_ref[block, :] = sum(dots(inv[i, j], rows(v_ref, j * SUB, SUB))
-                               for j in range(i + 1)).astype(up_ref.dtype)
+        wp = sum(dots(inv[i, j], k_at(j).astype(F32) * jnp.exp(b_at(j))[:, None]) for j in range(i + 1))
+        wp_ref[block, :] = wp.astype(wp_ref.dtype)
+        up = sum(dots(inv[i, j], rows(v_ref, j * SUB, SUB)) for j in range(i + 1))
+        up_ref[block, :] = up.astype(up_ref.dtype)
         for j in range(n):
             inv_ref[block, pl.ds(j * SUB, SUB)] = inv[i, j] if j <= i else zero
 
@@ -326,7 +330,8 @@ def _output_specs(chunk, key_dim, value_dim, bv):
 
 
 def output_kernel(q, w, b, h, u, *, chunk, dots, interpret=False):
-    """``q, w [B,T,H,K]``, ``b [B,T,H]``, ``h [B,H,N,K,V]``, ``u [B,T,H,V]`` -> ``y [B,T,H,V]`` float32."""
+    """``q, w [B,T,H,K]``, ``b [B,T,H]``, ``h [B,H,N,K,V]``, ``u [B,T,H,V]`` -> ``y [B,T,H,V]`` in the
+    dtype of ``u`` (the values' dtype: what the filter returns)."""
     batch, time, heads, key_dim = q.shape
     value_dim = u.shape[-1]
     n = time // chunk
@@ -335,7 +340,7 @@ def output_kernel(q, w, b, h, u, *, chunk, dots, interpret=False):
     return launch(
         functools.partial(_output_kernel, dots=dots), grid=(batch, heads, n, value_dim // bv),
         in_specs=[s["k"], s["k"], s["b"], s["state"], s["v"]], out_specs=s["v"],
-        out_shape=jax.ShapeDtypeStruct((batch, time, heads, value_dim), F32),
+        out_shape=jax.ShapeDtypeStruct((batch, time, heads, value_dim), u.dtype),
         interpret=interpret, name="delta_rule_output")(
             q, w, b, h.reshape(batch, heads, n * key_dim, value_dim), u)
 
@@ -346,7 +351,7 @@ def output_reference(q, w, b, h, u, *, chunk, dots):
     bc = to_chunks(b, chunk)
     causal = jnp.tril(jnp.ones((chunk, chunk), bool))
     attend = (qc @ jnp.swapaxes(wc, -1, -2)) * masked_exp(bc[..., :, None] - bc[..., None, :], causal)
-    return from_chunks((qc * jnp.exp(bc)[..., None]) @ h.astype(F32) + attend @ uc)
+    return from_chunks((qc * jnp.exp(bc)[..., None]) @ h.astype(F32) + attend @ uc).astype(u.dtype)
 
 
 def _output_backward_kernel(q_ref, w_ref, b_ref, h_ref, u_ref, dy_ref,
