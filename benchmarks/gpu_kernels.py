@@ -276,15 +276,13 @@ def relative(a, b):
 
 
 KERNEL_CONFIGS = {
-    "delta_rule_prepare": [dict(num_warps=w) for w in (1, 2, 4)],
-    "delta_rule_state": [dict(num_warps=w, num_stages=st, block_v=bv) for w in (4, 8) for st in (2, 3, 4)
-                         for bv in (32, 64)],
-    "delta_rule_output": [dict(num_warps=w, num_stages=st, block_v=bv) for w in (4, 8) for st in (1, 2)
-                          for bv in (64, 128)],
-    "delta_rule_output_backward": [dict(num_warps=w) for w in (4, 8)],
-    "delta_rule_state_backward": [dict(num_warps=w, num_stages=st, block_v=bv) for w in (4, 8)
-                                  for st in (2, 3) for bv in (32, 64)],
-    "delta_rule_chunk_backward": [dict(num_warps=w) for w in (4, 8)],
+    "delta_rule_prepare": [dict(num_warps=w, reload=r) for w in (1, 2, 4) for r in (False, True)],
+    "delta_rule_state": [dict(num_warps=w, num_stages=st, block_v=64) for w in (4, 8) for st in (3, 4)],
+    "delta_rule_output": [dict(num_warps=w, num_stages=2, block_v=128) for w in (4, 8)],
+    "delta_rule_output_backward": [dict(num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2)],
+    "delta_rule_state_backward": [dict(num_warps=w, num_stages=st, block_v=64) for w in (4, 8)
+                                  for st in (2, 3, 4)],
+    "delta_rule_chunk_backward": [dict(num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2)],
 }
 
 

@@ -1,36 +1,102 @@
-"""Run each delta-rule kernel once at the headline shape, for a profiler (Nsight Compute) to read.
+"""Run (or time) every Pallas kernel once at one shape, alone, for a profiler to read.
 
-    ncu --clock-control none -k regex:delta_rule --section SpeedOfLight --section LaunchStats \
-        --section Occupancy python3 benchmarks/profile_kernels.py
+    python benchmarks/profile_kernels.py --time                      # each kernel's median time, alone
+    ncu --clock-control none -k regex:"delta_rule|additive|gla|covariance" \\
+        --metrics gpu__time_duration.sum,launch__registers_per_thread,l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum \\
+        python benchmarks/profile_kernels.py                          # registers, spills, time per kernel
+
+Inputs as in benchmarks/gpu_kernels.py (bf16 q, k, v; float32 gates), shape ``--shape BxTxHxD``.
 """
+from __future__ import annotations
+
+import argparse
+import functools
+import json
 import os
+import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.gpu_kernels import make_inputs  # noqa: E402
-from filters.pallas import common, delta_rule as kernels  # noqa: E402
+from filters.pallas import common, covariance, delta_rule, gla  # noqa: E402
+
+CHUNK = 64
 
 
-def main(shape=(4, 4096, 16, 128)):
-    inputs = make_inputs("gated_deltanet", shape)
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    w = inputs["beta"][..., None] * k.astype(jnp.float32)
+def kernel_calls(shape, seed=0):
+    """Every kernel with its arguments: ``{name: (function, args)}``, the inputs of each computed by the
+    kernels before it."""
     batch, time_, heads, dim = shape
-    b = common.chunk_log_decay(inputs["log_decay"], batch, time_, heads, 64)
+    keys = jax.random.split(jax.random.PRNGKey(seed), 8)
+    normal = lambda i, s: jax.random.normal(keys[i], s, jnp.float32)
+    q = normal(0, (batch, time_, heads, dim)).astype(jnp.bfloat16)
+    k = normal(1, (batch, time_, heads, dim))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    v = normal(2, (batch, time_, heads, dim)).astype(jnp.bfloat16)
+    log_decay = jax.nn.log_sigmoid(4.0 + normal(3, (batch, time_, heads)))
+    log_decay_k = jax.nn.log_sigmoid(4.0 + normal(4, (batch, time_, heads, dim)))
+    beta = 0.95 * jax.nn.sigmoid(normal(5, (batch, time_, heads)))
+    dy = normal(6, (batch, time_, heads, dim)).astype(jnp.bfloat16)
+    w = (beta[..., None] * k.astype(jnp.float32)).astype(jnp.bfloat16)
+    b = common.chunk_log_decay(log_decay, batch, time_, heads, CHUNK)
+    bk = common.chunk_log_decay(log_decay_k, batch, time_, heads, CHUNK)
     s0 = jnp.zeros((batch, heads, dim, dim), jnp.float32)
-    st = kernels._Stages(True, 64, common.Dots(jnp.bfloat16))
+    dots = common.Dots(jnp.bfloat16)
+    interpret = jax.default_backend() == "cpu"        # a dry run on a CPU
+    opts = dict(chunk=CHUNK, dots=dots, interpret=interpret)
+    st = delta_rule._Stages(True, CHUNK, dots, interpret)
     wp, up, inv = st.prepare(k, w, v, b)
     h, u, _ = st.state(wp, up, w, b, s0)
-    y = st.output(q, w, b, h, u)
-    dy = jax.random.normal(jax.random.PRNGKey(3), v.shape, jnp.float32)
     _, _, _, dh, du = st.output_backward(q, w, b, h, u, dy)
     g_next, ubar, _ = st.state_backward(wp, w, b, dh, du, s0)
-    out = st.chunk_backward(k, w, v, b, inv, h, u, ubar, g_next)
-    jax.block_until_ready((y, out))
+    h_add, _, _ = st.state(None, v, k, b, s0)
+    h_gla, _ = gla.state_kernel(k, v, bk, s0, **opts)
+    noise = jnp.full(log_decay.shape, 0.01, jnp.float32)
+    inv_beta = 1.0 / (0.5 + 3.5 * jax.nn.sigmoid(normal(7, (batch, time_, heads))))
+    part = functools.partial
+    return {
+        "delta_rule_prepare": (part(delta_rule.prepare_kernel, **opts), (k, w, v, b)),
+        "delta_rule_state": (part(delta_rule.state_kernel, **opts), (wp, up, w, b, s0)),
+        "delta_rule_output": (part(delta_rule.output_kernel, **opts), (q, w, b, h, u)),
+        "delta_rule_output_backward": (part(delta_rule.output_backward_kernel, **opts), (q, w, b, h, u, dy)),
+        "delta_rule_state_backward": (part(delta_rule.state_backward_kernel, **opts), (wp, w, b, dh, du, s0)),
+        "delta_rule_chunk_backward": (part(delta_rule.chunk_backward_kernel, **opts),
+                                      (k, w, v, b, inv, h, u, ubar, g_next)),
+        "additive_state": (part(delta_rule.state_kernel, None, **opts), (v, k, b, s0)),
+        "additive_output": (part(delta_rule.output_kernel, **opts), (q, k, b, h_add, v)),
+        "gla_state": (part(gla.state_kernel, **opts), (k, v, bk, s0)),
+        "gla_output": (part(gla.output_kernel, **opts), (q, k, bk, h_gla, v)),
+        "covariance_pass": (part(covariance.covariance_kernel, interpret=interpret),
+                            (k, log_decay, noise, inv_beta, s0 + jnp.eye(dim))),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="4x4096x16x128")
+    parser.add_argument("--time", action="store_true", help="print each kernel's median time alone")
+    parser.add_argument("--kernels", default=None, help="comma-separated names (default: all)")
+    parser.add_argument("--tune", default="{}", help='JSON {kernel: {setting: value}} for filters.pallas.common.TUNING')
+    args = parser.parse_args()
+    common.TUNING.update(json.loads(args.tune))
+    calls = kernel_calls(tuple(int(x) for x in args.shape.split("x")))
+    for name, (fn, call_args) in calls.items():
+        if args.kernels and name not in args.kernels.split(","):
+            continue
+        compiled = jax.jit(fn).lower(*call_args).compile()
+        jax.block_until_ready(compiled(*call_args))
+        if not args.time:
+            continue
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*call_args))
+            times.append(time.perf_counter() - start)
+        print(json.dumps(dict(kernel=name, ms=round(1e3 * statistics.median(times), 4))), flush=True)
 
 
 if __name__ == "__main__":

@@ -71,17 +71,20 @@ def exact_dot(a, b, contract=((1,), (0,))):
 
 # Launch settings per kernel (warps per program, software-pipelining stages of its loops), measured on
 # an H200 with benchmarks/gpu_kernels.py (``--tune name.key=value`` tries others).
-# Measured at B=4, T=4096, H=16, K=V=128, bf16 (docs/results/gpu_kernels.md): the state passes pipeline
-# their loads over 3 stages; the prepare kernel, whose 16 x 16 substitutions reduce across warps, runs
-# best on 2 warps.
+# Measured at B=4, T=4096, H=16, K=V=128, bf16 (benchmarks/gpu_kernels.py --sweep; docs/results/
+# gpu_kernels.md): the state passes pipeline their loads over 3 stages; the prepare kernel, whose 16 x 16
+# substitutions reduce across warps, runs best on 2 warps and with T assembled through memory.
 TUNING = {
-    "delta_rule_prepare": dict(num_warps=2),
+    "delta_rule_prepare": dict(num_warps=2, reload=True),
     "delta_rule_state": dict(num_warps=4, num_stages=3, block_v=64),
     "additive_state": dict(num_warps=4, num_stages=3, block_v=64),
     "delta_rule_output": dict(num_warps=4, num_stages=2, block_v=128),
     "delta_rule_output_backward": dict(num_warps=8),
-    "delta_rule_state_backward": dict(num_warps=4, num_stages=2, block_v=64),
-    "additive_state_backward": dict(num_warps=4, num_stages=2, block_v=64),
+    "delta_rule_state_backward": dict(num_warps=8, num_stages=3, block_v=64),
+    "additive_state_backward": dict(num_warps=8, num_stages=3, block_v=64),
+    "delta_rule_chunk_backward": dict(num_warps=4),
+    "covariance_pass": dict(num_warps=8),
+    "gla_output": dict(diagonal="slices"),
 }
 DEFAULT_TUNING = dict(num_warps=4, num_stages=1)
 

@@ -65,20 +65,20 @@ def block_terms(log_decay, noise):
     return b, jnp.exp(b), decay, alpha
 
 
-def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref):
-    key_dim = k_ref.shape[1]
+def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref):
     n = k_ref.shape[0] // SUB
     r, c = iota2(SUB)
-    eye = (lax.broadcasted_iota(jnp.int32, (key_dim, key_dim), 0)
-           == lax.broadcasted_iota(jnp.int32, (key_dim, key_dim), 1)).astype(F32)
     last = lax.broadcasted_iota(jnp.int32, (SUB,), 0) == SUB - 1
 
-    def body(i, cov):
+    # The carry is (P', s) with P = P' + s I: the noise enters as the scalar s, so that no K x K identity
+    # occupies registers (the kernel is bound by registers: P alone is K^2 / threads of them).
+    def body(i, carry):
+        cov, scale = carry
         t0 = pl.multiple_of(i * SUB, SUB)
         k = rows(k_ref, t0, SUB).astype(F32)
         b, gamma, decay, alpha = block_terms(rows(ld_ref, t0, SUB), rows(noise_ref, t0, SUB))
         k_gamma = k * gamma[:, None]
-        kg_p = exact_dot(k_gamma, cov)                                         # (K gamma) P_c
+        kg_p = exact_dot(k_gamma, cov) + scale * k_gamma                          # (K gamma) P_c
         alpha_min = jnp.where(c <= r, alpha[None, :], alpha[:, None])
         sigma = (exact_dot(kg_p, k_gamma, ((1,), (1,)))
                  + jnp.exp(-jnp.abs(b[:, None] - b[None, :])) * alpha_min * exact_dot(k, k, ((1,), (1,)))
@@ -94,9 +94,12 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
         b_last = jnp.min(b)
         alpha_last = jnp.sum(jnp.where(last, alpha, 0.0))
         z = jnp.exp(b_last) * kt_p + exact_dot(whiten, k * (jnp.exp(b_last - b) * alpha)[:, None])
-        return jnp.exp(2.0 * b_last) * cov + alpha_last * eye - exact_dot(z, z, ((0,), (0,)))
+        end = jnp.exp(2.0 * b_last)
+        return end * cov - exact_dot(z, z, ((0,), (0,))), end * scale + alpha_last
 
-    pf_ref[...] = lax.fori_loop(0, n, body, p0_ref[...])
+    cov, scale = lax.fori_loop(0, n, body, (p0_ref[...], jnp.zeros((), F32)))
+    pf_ref[...] = cov
+    scale_ref[...] = jnp.full(scale_ref.shape, scale, F32)
 
 
 def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, interpret=False):
@@ -105,11 +108,14 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, interpret=False):
     batch, time, heads, key_dim = k.shape
     seq = lambda *d: spec((None, time, None, *d), lambda i, h: (i, 0, h, *(0 for _ in d)))
     cov = spec((None, None, key_dim, key_dim), lambda i, h: (i, h, 0, 0))
-    gains, final = launch(
+    gains, final, scale = launch(
         _covariance_kernel, grid=(batch, heads),
-        in_specs=[seq(key_dim), seq(), seq(), seq(), cov], out_specs=[seq(key_dim), cov],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(p0.shape, F32)],
+        in_specs=[seq(key_dim), seq(), seq(), seq(), cov],
+        out_specs=[seq(key_dim), cov, spec((None, None, SUB), lambda i, h: (i, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(p0.shape, F32),
+                   jax.ShapeDtypeStruct((batch, heads, SUB), F32)],
         interpret=interpret, name="covariance_pass")(k, log_decay, noise, inv_beta, p0)
+    final = final + scale[..., :1, None] * jnp.eye(key_dim, dtype=F32)
     return gains, 0.5 * (final + jnp.swapaxes(final, -1, -2))
 
 

@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 
 from filters import linalg
 from filters.pallas.common import (SUB, Dots, chunk_log_decay, exact_dot, from_chunks, iota2, launch,
-                                   masked_exp, on_gpu, pad_time, rows, spec, to_chunks, tuning)
+                                   masked_exp, on_gpu, pad_time, pltriton, rows, spec, to_chunks, tuning)
 
 F32 = jnp.float32
 
@@ -86,7 +86,7 @@ def unit_lower_inverse_tile(strict):
     return lax.fori_loop(1, size, body, (r == c).astype(F32))
 
 
-def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots):
+def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots, reload, interpret):
     chunk = k_ref.shape[0]
     n = chunk // SUB
     # Sub-blocks are loaded where they are used (cheap reloads from the cache) rather than held: the
@@ -111,13 +111,23 @@ def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots
             inv[i, j] = -exact_dot(inv[i, i], acc)
     zero = jnp.zeros((SUB, SUB), F32)
     for i in range(n):
+        for j in range(n):
+            inv_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = inv[i, j] if j <= i else zero
+    if reload:
+        # T is assembled through memory (the program's own stores, visible after the barrier), so that
+        # W' and U' are two full-tile products instead of 2 n (n + 1) / 2 small ones.
+        if not interpret:
+            pltriton.debug_barrier()
+        inverse = inv_ref[...]
+        wp_ref[...] = dots(inverse, k_ref[...].astype(F32) * jnp.exp(b_ref[...])[:, None]).astype(wp_ref.dtype)
+        up_ref[...] = dots(inverse, v_ref[...]).astype(up_ref.dtype)
+        return
+    for i in range(n):
         block = pl.ds(i * SUB, SUB)
         wp = sum(dots(inv[i, j], k_at(j).astype(F32) * jnp.exp(b_at(j))[:, None]) for j in range(i + 1))
         wp_ref[block, :] = wp.astype(wp_ref.dtype)
         up = sum(dots(inv[i, j], rows(v_ref, j * SUB, SUB)) for j in range(i + 1))
         up_ref[block, :] = up.astype(up_ref.dtype)
-        for j in range(n):
-            inv_ref[block, pl.ds(j * SUB, SUB)] = inv[i, j] if j <= i else zero
 
 
 def prepare_kernel(k, w, v, b, *, chunk, dots, interpret=False):
@@ -126,8 +136,10 @@ def prepare_kernel(k, w, v, b, *, chunk, dots, interpret=False):
     batch, time, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     block = lambda d: spec((None, chunk, None, d), lambda i, h, n: (i, n, h, 0))
+    reload = bool(tuning("delta_rule_prepare", "reload"))
     return launch(
-        functools.partial(_prepare_kernel, dots=dots), grid=(batch, heads, time // chunk),
+        functools.partial(_prepare_kernel, dots=dots, reload=reload, interpret=interpret),
+        grid=(batch, heads, time // chunk),
         in_specs=[block(key_dim), block(key_dim), block(value_dim),
                   spec((None, chunk, None), lambda i, h, n: (i, n, h))],
         out_specs=[block(key_dim), block(value_dim), block(chunk)],

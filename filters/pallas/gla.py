@@ -9,7 +9,8 @@ channel. In a chunk, with ``b_i`` the per-channel log decay accumulated since th
 ``A`` has no matmul form over the whole chunk (the decay differs per channel), so the output kernel
 works on 16-row blocks: a block below the diagonal is a product of ``Q`` and ``K`` decayed towards
 the first step ``r`` of the row block, ``(q_i exp(b_i - b_r)) . (k_j exp(b_r - b_j))`` (both exponents
-<= 0), and a diagonal block is summed column by column. The derivative is the plain-JAX reference's
+<= 0), and a diagonal block is summed directly, as ``[16, 16, 32]`` products over slices of the
+channels (or column by column: ``TUNING["gla_output"]["diagonal"] = "columns"``). The derivative is the plain-JAX reference's
 (a backward kernel for the channel-wise decay does not exist yet).
 """
 from __future__ import annotations
@@ -76,10 +77,38 @@ def state_reference(k, v, b, s0, *, chunk, dots):
     return jnp.moveaxis(h, 0, 2), final
 
 
-def _output_kernel(q_ref, k_ref, b_ref, h_ref, v_ref, y_ref, *, dots):
-    chunk = q_ref.shape[0]
+def _diagonal_by_columns(q_ref, k_ref, b_ref, start, q, b):
+    """The diagonal 16 x 16 block of ``A``, one column at a time (a loop of 16 reductions over K)."""
     r, c = iota2(SUB)
     row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+
+    def column(col, diag):
+        k_c = rows(k_ref, start + col, 1).astype(F32)
+        b_c = rows(b_ref, start + col, 1)
+        a = jnp.sum(q * k_c * masked_exp(b - b_c, row >= col), axis=1)
+        return jnp.where(c == col, a[:, None], diag)
+
+    return lax.fori_loop(0, SUB, column, jnp.zeros((SUB, SUB), F32))
+
+
+def _diagonal_by_slices(q_ref, k_ref, b_ref, start, q, b, width=32):
+    """The diagonal 16 x 16 block of ``A`` as ``[16, 16, width]`` products over slices of the channels."""
+    r, c = iota2(SUB)
+    lower = (c <= r)[:, :, None]
+    diag = jnp.zeros((SUB, SUB), F32)
+    width = min(width, k_ref.shape[1])
+    for s in range(k_ref.shape[1] // width):
+        cols = pl.ds(s * width, width)
+        q_s = q_ref[pl.ds(start, SUB), cols].astype(F32)
+        k_s = k_ref[pl.ds(start, SUB), cols].astype(F32)
+        b_s = b_ref[pl.ds(start, SUB), cols]
+        terms = q_s[:, None, :] * k_s[None, :, :] * masked_exp(b_s[:, None, :] - b_s[None, :, :], lower)
+        diag = diag + jnp.sum(terms, axis=2)
+    return diag
+
+
+def _output_kernel(q_ref, k_ref, b_ref, h_ref, v_ref, y_ref, *, dots, slices):
+    chunk = q_ref.shape[0]
     h = h_ref[...]
     for i in range(chunk // SUB):
         q = rows(q_ref, i * SUB, SUB).astype(F32)
@@ -90,15 +119,8 @@ def _output_kernel(q_ref, k_ref, b_ref, h_ref, v_ref, y_ref, *, dots):
         for j in range(i):
             k_rel = rows(k_ref, j * SUB, SUB).astype(F32) * jnp.exp(ref - rows(b_ref, j * SUB, SUB))
             acc = acc + dots(dots.nt(q_rel, k_rel), rows(v_ref, j * SUB, SUB))
-
-        def column(col, diag):
-            k_c = rows(k_ref, i * SUB + col, 1).astype(F32)
-            b_c = rows(b_ref, i * SUB + col, 1)
-            a = jnp.sum(q * k_c * masked_exp(b - b_c, row >= col), axis=1)
-            return jnp.where(c == col, a[:, None], diag)
-
-        diag = lax.fori_loop(0, SUB, column, jnp.zeros((SUB, SUB), F32))
-        acc = acc + dots(diag, rows(v_ref, i * SUB, SUB))
+        diagonal = _diagonal_by_slices if slices else _diagonal_by_columns
+        acc = acc + dots(diagonal(q_ref, k_ref, b_ref, i * SUB, q, b), rows(v_ref, i * SUB, SUB))
         y_ref[pl.ds(i * SUB, SUB), :] = acc.astype(y_ref.dtype)
 
 
@@ -110,8 +132,9 @@ def output_kernel(q, k, b, h, v, *, chunk, dots, interpret=False):
     bv = min(value_dim, tuning("gla_output", "block_v") or 128)
     block = spec((None, chunk, None, key_dim), lambda i, hh, c, j: (i, c, hh, 0))
     block_v = spec((None, chunk, None, bv), lambda i, hh, c, j: (i, c, hh, j))
+    slices = tuning("gla_output", "diagonal") != "columns"
     return launch(
-        functools.partial(_output_kernel, dots=dots), grid=(batch, heads, n, value_dim // bv),
+        functools.partial(_output_kernel, dots=dots, slices=slices), grid=(batch, heads, n, value_dim // bv),
         in_specs=[block, block, block, spec((None, None, key_dim, bv), lambda i, hh, c, j: (i, hh, c, j)), block_v],
         out_specs=block_v, out_shape=jax.ShapeDtypeStruct((batch, time, heads, value_dim), F32),
         interpret=interpret, name="gla_output")(q, k, b, h.reshape(batch, heads, n * key_dim, value_dim), v)
