@@ -335,7 +335,11 @@ def exact(structure, x: StepInputs, state: FilterState, chunk: int, diagnostics:
 
 def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE):
+    transpose = lambda s: s._replace(mean=jnp.swapaxes(s.mean, -1, -2))
+    state = transpose(state)
     if structure.family == "exact":
-        return exact(structure, x, state, chunk_size, diagnostics)
-    lowering = additive if structure.family == "additive" else reset
-    return lowering(structure, x, state, chunk_size)
+        out = exact(structure, x, state, chunk_size, diagnostics)
+    else:
+        lowering = additive if structure.family == "additive" else reset
+        out = lowering(structure, x, state, chunk_size)
+    return (out[0], transpose(out[1]), *out[2:])

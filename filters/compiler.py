@@ -148,7 +148,7 @@ class Filter:
         return f"Filter({self.model.name or 'user-declared'}, family={self.structure.family}, backend={self.backend})"
 
     def init_state(self, batch: int, heads: int, key_dim: int, value_dim: int, dtype=jnp.float32) -> FilterState:
-        """The prior state: ``M_0 = 0`` and, for the exact family, ``P_0`` from the prior."""
+        """The prior state: ``S_0 = 0`` and, for the exact family, ``P_0`` from the prior."""
         return initial_state(self.structure, None, batch=batch, heads=heads, key_dim=key_dim,
                              value_dim=value_dim, dtype=dtype)
 

@@ -67,7 +67,7 @@ ALL_MODELS = {**NAMED, **USER_EXACT_MODELS, **USER_OTHER_MODELS}
 
 def _random_state(model, batch, heads, key_dim, value_dim, seed):
     rng = np.random.default_rng(seed)
-    mean = rng.normal(size=(batch, heads, value_dim, key_dim))
+    mean = rng.normal(size=(batch, heads, key_dim, value_dim))
     if model.family != "exact":
         return filters.FilterState(mean, None)
     cov = np.stack([np.stack([_spd(key_dim, seed + 10 * b + h) for h in range(heads)]) for b in range(batch)])
