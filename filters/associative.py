@@ -153,4 +153,4 @@ def exact(structure, x: StepInputs, state: FilterState):
 
 def run(structure, x: StepInputs, state: FilterState):
     lowering = {"additive": additive, "reset": known_gain, "exact": exact}[structure.family]
-    return lowering(structure, x, state)
+    return lowering(structure, x.in_compute_dtype(), state)

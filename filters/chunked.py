@@ -335,6 +335,7 @@ def exact(structure, x: StepInputs, state: FilterState, chunk: int, diagnostics:
 
 def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE):
+    x = x.in_compute_dtype()
     transpose = lambda s: s._replace(mean=jnp.swapaxes(s.mean, -1, -2))
     state = transpose(state)
     if structure.family == "exact":

@@ -130,7 +130,7 @@ class Filter:
 
     def _one_step(self, state, x, stationary):
         with jax.default_matmul_precision("float32"):
-            return kalman.step(self.structure, state, x, stationary)
+            return kalman.step(self.structure, state, x.in_compute_dtype(), stationary)
 
     def _lower(self, x, state, *, backend, diagnostics):
         lowering = LOWERINGS[backend]
@@ -174,7 +174,7 @@ class Filter:
         elif diagnostics != self.diagnostics:
             lowering = _lowering(self.structure, self.requested_backend, diagnostics)
         x = prepare(self.structure, q, k, v, gates, validate=validate)
-        state = self._state(initial_state, q, v, x.q.dtype, time_axis=True)
+        state = self._state(initial_state, q, v, x.compute_dtype, time_axis=True)
         out = self._run(x, state, backend=lowering.name, diagnostics=diagnostics)
         if validate:
             self._check_output(out[0], lowering.name)
@@ -186,9 +186,9 @@ class Filter:
         Agrees with the parallel forms: ``f(q, k, v)`` equals stepping through ``t = 0 .. T-1``.
         """
         x = prepare(self.structure, q, k, v, gates, time_axis=False, validate=validate)
-        state = self._state(state, q, v, x.q.dtype, time_axis=False)
+        state = self._state(state, q, v, x.compute_dtype, time_axis=False)
         stationary = self.structure.stationary_covariance(q.shape[-1])
-        stationary = None if stationary is None else jnp.asarray(stationary, x.q.dtype)
+        stationary = None if stationary is None else jnp.asarray(stationary, x.compute_dtype)
         y, state, _ = self._step(state, x, stationary)
         if validate:
             self._check_output(y, "step")

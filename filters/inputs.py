@@ -48,7 +48,11 @@ class FilterState(NamedTuple):
 
 
 class StepInputs(NamedTuple):
-    """Normalized per-step quantities, all ``[B, T, H, ...]`` in the compute dtype.
+    """Normalized per-step quantities, all ``[B, T, H, ...]``.
+
+    ``q, k, v`` keep the dtype they came in (bfloat16 stays bfloat16, so that a kernel can multiply
+    them on tensor cores); every other field is in the compute dtype (float32, or float64 when an input
+    is). A lowering casts what it needs: `in_compute_dtype` casts ``q, k, v`` as well.
 
     ``transition``: None (identity), log decays (scalar or diagonal kind) or matrices (dense kind).
     ``write_strength``: the reset family's ``eta_t`` (the delta-rule step), ``reset_variance`` its
@@ -64,6 +68,16 @@ class StepInputs(NamedTuple):
     write_strength: Optional[jax.Array] = None
     reset_variance: Optional[jax.Array] = None
     input_scale: Optional[jax.Array] = None
+
+    @property
+    def compute_dtype(self):
+        """float32, or float64 when any of ``q, k, v`` is float64 (never a narrower float)."""
+        return compute_dtype(self.q, self.k, self.v)
+
+    def in_compute_dtype(self) -> "StepInputs":
+        """These inputs with ``q, k, v`` cast to the compute dtype too."""
+        dtype = self.compute_dtype
+        return self._replace(q=self.q.astype(dtype), k=self.k.astype(dtype), v=self.v.astype(dtype))
 
 
 try:  # jax.core.Tracer is public in jax 0.10; keep working if a later release moves it
@@ -218,7 +232,7 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
                                         f"q of shape {tuple(q.shape)}, layout {lead_text}, K]")
         values[name] = x.astype(dtype)
 
-    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    q, k, v = (jnp.asarray(x) for x in (q, k, v))        # in their own dtype (see StepInputs)
     ones = jnp.ones(lead, dtype)
     transition = _transition(structure, values, ones, key_dim, check)
     fields = dict(q=q, k=k, v=v, transition=transition)
@@ -235,7 +249,7 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
         return StepInputs(**fields)
 
     beta = values["beta"] if model.observation.precision is None else model.observation.precision * ones
-    key_norm2 = jnp.sum(k * k, axis=-1)
+    key_norm2 = jnp.sum(jnp.square(k.astype(dtype)), axis=-1)
     if structure.family == "exact":
         check("beta", beta, _positive, "finite precisions beta > 0 (beta is the precision 1 / noise variance)")
         fields["precision"] = beta

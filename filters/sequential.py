@@ -14,6 +14,7 @@ def time_major(tree):
 
 
 def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = False):
+    x = x.in_compute_dtype()
     key_dim = x.k.shape[-1]
     stationary = structure.stationary_covariance(key_dim)
     stationary = None if stationary is None else jnp.asarray(stationary, x.k.dtype)
