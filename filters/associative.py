@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from filters import kalman, linalg, transitions
 from filters.inputs import FilterState, StepInputs
+from filters.lowering import FilterOutput, Lowering
 
 
 def _mT(x):
@@ -54,7 +55,7 @@ def additive(structure, x: StepInputs, state: FilterState):
 
         cumulative, accumulated = _scan(combine, (x.transition, updates))
         means = transitions.apply(state.mean[:, None], kind, cumulative) + accumulated
-    return _readout(means, x.q), FilterState(means[:, -1], None)
+    return FilterOutput(_readout(means, x.q), FilterState(means[:, -1], None))
 
 
 def known_gain(structure, x: StepInputs, state: FilterState):
@@ -73,7 +74,7 @@ def known_gain(structure, x: StepInputs, state: FilterState):
 
     g_cum, b_cum = _scan(combine, (g, b))
     means = g_cum @ state.mean[:, None] + b_cum
-    return _readout(means, x.q), FilterState(means[:, -1], None)
+    return FilterOutput(_readout(means, x.q), FilterState(means[:, -1], None))
 
 
 def exact(structure, x: StepInputs, state: FilterState):
@@ -148,9 +149,25 @@ def exact(structure, x: StepInputs, state: FilterState):
         )
 
     _, means, covariances, _, _ = _scan(combine, (f, b, c, n, j))
-    return _readout(means, x.q), FilterState(means[:, -1], covariances[:, -1])
+    return FilterOutput(_readout(means, x.q), FilterState(means[:, -1], covariances[:, -1]))
 
 
-def run(structure, x: StepInputs, state: FilterState):
+def run(structure, x: StepInputs, state: FilterState) -> FilterOutput:
     lowering = {"additive": additive, "reset": known_gain, "exact": exact}[structure.family]
     return lowering(structure, x.in_compute_dtype(), state)
+
+
+class Associative(Lowering):
+    name = "associative"
+    summary = ("lax.associative_scan; O(log T) depth; additive: affine elements (A_t, U_t); reset: "
+               "matrix-affine elements (G_t, B_t), O(T K^3); exact: Sarkka & Garcia-Fernandez elements, "
+               "O(T K^3) with a K x K solve per composition")
+
+    def reason_not_applicable(self, structure):
+        return None                                  # every design model
+
+    def run(self, structure, x, state, *, diagnostics):
+        return run(structure, x, state)               # no per-step diagnostics (supports_diagnostics)
+
+
+LOWERING = Associative()
