@@ -1,10 +1,12 @@
 """The components of a design model: frozen, self-validating dataclasses.
 
-A design model is a linear-Gaussian state-space model over the memory matrix ``S`` (``V x K``)::
+A design model is a linear-Gaussian state-space model over the memory matrix ``S`` (``K x V``: keys by
+values, the layout of flash-linear-attention and of the filters' state; the design document writes its
+transpose ``V x K``)::
 
-    S_0 ~ MN(M_0, I_V (x) P_0)                      prior
-    S_t = S_{t-1} A_t^T + W_t (+ U_t)               transition, W_t ~ MN(0, I_V (x) Q_t)
-    v_t = S_t k_t + e_t,   e_t ~ N(0, I_V / beta_t) observation (key = address, value = evidence)
+    S_0 ~ MN(0, P_0, I_V)                           prior: every value column is N(0, P_0) over keys
+    S_t = A_t S_{t-1} + W_t (+ U_t)                 transition, W_t ~ MN(0, Q_t, I_V)
+    v_t = S_t^T k_t + e_t, e_t ~ N(0, I_V / beta_t) observation (key = address, value = evidence)
 
 Each component below declares one of these pieces. A quantity given as a number is *fixed*; a quantity
 given as ``None`` is *input-dependent*: the compiled filter then takes it at run time under the name in
@@ -164,7 +166,7 @@ PriorCovariance = Union[IsotropicCovariance, DiagonalCovariance, FullCovariance]
 
 @dataclasses.dataclass(frozen=True)
 class Prior:
-    """``S_0 ~ MN(0, I_V (x) P_0)``. The prior mean is zero; a filter call may start elsewhere by passing
+    """``S_0 ~ MN(0, P_0, I_V)``. The prior mean is zero; a filter call may start elsewhere by passing
     an ``initial_state``."""
 
     covariance: PriorCovariance = IsotropicCovariance(1.0)
@@ -324,9 +326,9 @@ class KeyValueObservation:
 
 @dataclasses.dataclass(frozen=True)
 class LatentInput:
-    """No observation: a known input ``U_t = s_t v_t k_t^T`` enters the transition.
+    """No observation: a known input ``U_t = s_t k_t v_t^T`` enters the transition.
 
-    The mean recursion is then ``M_t = M_{t-1} A_t^T + s_t v_t k_t^T`` (the additive family) and the
+    The mean recursion is then ``S_t = A_t S_{t-1} + s_t k_t v_t^T`` (the additive family) and the
     covariance is data-independent. ``scaled=True`` takes ``s_t`` at run time as ``input_scale``
     ``[B, T, H]`` (Mamba-2's ``dt``); otherwise ``s_t = 1``.
     """
@@ -353,7 +355,7 @@ class Exact:
 class Reset:
     """Reset the predicted covariance to ``sigma_t^2 I`` before every update (the delta-rule family).
 
-    The update is then the delta rule ``M_t = M_bar + eta_t (v_t - M_bar k_t) k_t^T`` with
+    The update is then the delta rule ``S_t = S_bar + eta_t k_t (v_t - S_bar^T k_t)^T`` with
     ``eta_t = sigma^2 beta_t / (1 + sigma^2 beta_t |k_t|^2)``.
 
     ``variance`` is ``sigma^2`` (fixed, > 0). With ``write_strength=True`` the run-time ``beta`` is

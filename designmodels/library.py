@@ -23,19 +23,19 @@ def _argument(function: str, **arguments):
 
 
 def linear_attention() -> DesignModel:
-    """``M_t = M_{t-1} + v_t k_t^T`` (Katharopoulos et al. 2020): identity transition, latent input."""
+    """``S_t = S_{t-1} + k_t v_t^T`` (Katharopoulos et al. 2020): identity transition, latent input."""
     return DesignModel(transition=c.Identity(), observation=c.LatentInput(), name="linear_attention")
 
 
 def retnet(gamma: float = 1 - 2 ** -5) -> DesignModel:
-    """``M_t = gamma M_{t-1} + v_t k_t^T`` (Sun et al. 2023): fixed scalar decay ``gamma in (0, 1]``."""
+    """``S_t = gamma S_{t-1} + k_t v_t^T`` (Sun et al. 2023): fixed scalar decay ``gamma in (0, 1]``."""
     with _argument("retnet", gamma=gamma):
         transition = c.ScalarDecay(gamma)
     return DesignModel(transition=transition, observation=c.LatentInput(), name="retnet")
 
 
 def gla() -> DesignModel:
-    """``M_t = M_{t-1} diag(alpha_t) + v_t k_t^T`` (Yang et al. 2024). Run time: ``log_decay`` ``[B,T,H,K]``."""
+    """``S_t = diag(alpha_t) S_{t-1} + k_t v_t^T`` (Yang et al. 2024). Run time: ``log_decay`` ``[B,T,H,K]``."""
     return DesignModel(transition=c.DiagonalDecay(None), observation=c.LatentInput(), name="gla")
 
 
@@ -48,7 +48,7 @@ def mamba2() -> DesignModel:
 
 
 def deltanet() -> DesignModel:
-    """The delta rule ``M_t = M_{t-1} + beta_t (v_t - M_{t-1} k_t) k_t^T`` (Schlag et al. 2021).
+    """The delta rule ``S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T`` (Schlag et al. 2021).
 
     Run time: ``beta`` ``[B,T,H]``, the write strength, with ``beta_t |k_t|^2 < 1`` (unit keys:
     ``beta in (0, 1)``); a covariance reset with ``sigma_t^2 = beta_t / (1 - beta_t |k_t|^2)``.
@@ -58,15 +58,15 @@ def deltanet() -> DesignModel:
 
 
 def gated_deltanet() -> DesignModel:
-    """Gated DeltaNet (Yang, Kautz & Hatamizadeh 2025): ``M_t = alpha_t M_{t-1} (I - beta_t k_t k_t^T)
-    + beta_t v_t k_t^T``. Run time: ``log_decay = log alpha_t`` ``[B,T,H]`` and ``beta`` as in `deltanet`."""
+    """Gated DeltaNet (Yang, Kautz & Hatamizadeh 2025): ``S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1}
+    + beta_t k_t v_t^T``. Run time: ``log_decay = log alpha_t`` ``[B,T,H]`` and ``beta`` as in `deltanet`."""
     return DesignModel(transition=c.ScalarDecay(None), observation=c.KeyValueObservation(None),
                        covariance=c.Reset(write_strength=True), name="gated_deltanet")
 
 
 def longhorn() -> DesignModel:
     """Longhorn (Liu et al. 2024), the closed-form online-regression update: ``eps_t = beta_t /
-    (1 + beta_t |k_t|^2)``, ``M_t = M_{t-1} (I - eps_t k_t k_t^T) + eps_t v_t k_t^T``: a reset to unit
+    (1 + beta_t |k_t|^2)``, ``S_t = (I - eps_t k_t k_t^T) S_{t-1} + eps_t k_t v_t^T``: a reset to unit
     prior variance with observation precision ``beta > 0`` (run time, ``[B,T,H]``)."""
     return DesignModel(transition=c.Identity(), observation=c.KeyValueObservation(None),
                        covariance=c.Reset(variance=1.0), name="longhorn")

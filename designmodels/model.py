@@ -30,7 +30,7 @@ class DesignModel:
 
     The three families follow from the declaration, never from ``name``:
 
-    * ``additive``: a `LatentInput`; ``M_t = M_{t-1} A_t^T + s_t v_t k_t^T`` (linear attention, RetNet,
+    * ``additive``: a `LatentInput`; ``S_t = A_t S_{t-1} + s_t k_t v_t^T`` (linear attention, RetNet,
       GLA, Mamba-2);
     * ``reset``: a `KeyValueObservation` under `Reset`; the delta rule (DeltaNet, Gated DeltaNet,
       Longhorn);

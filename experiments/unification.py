@@ -52,7 +52,7 @@ def measure(name: str, backend: str, shape, seed: int) -> dict:
     q, k, v, gates = random_inputs(model, batch=batch, time=length, heads=heads, key_dim=key_dim,
                                    value_dim=value_dim, seed=seed)
     rng = np.random.default_rng(seed + 1000)
-    mean0 = rng.normal(size=(batch, heads, value_dim, key_dim))
+    mean0 = rng.normal(size=(batch, heads, key_dim, value_dim))
     y, state = filters.compile(model, backend=backend)(q, k, v, initial_state=filters.FilterState(mean0),
                                                        **gates)
     if name == "bayesian":

@@ -7,7 +7,8 @@ import os
 # This only takes effect if OpenBLAS is not loaded yet: import `filters` before using jax linalg,
 # or export OPENBLAS_NUM_THREADS=1 yourself.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-from filters.compiler import LOWERINGS, BackendError, Filter, compile, explain  # noqa: A004
+from filters.compiler import Filter, compile, explain  # noqa: A004
 from filters.inputs import FilterInputError, FilterState
 from filters.kalman import Diagnostics
+from filters.lowering import AUTO_PREFERENCE, LOWERINGS, BackendError, FilterOutput, Lowering, register
 from filters.structure import Structure, analyze

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import designmodels as dm
 from filters import kalman, linalg
 from filters.inputs import FilterState, StepInputs
+from filters.lowering import BackendError, FilterOutput, Lowering
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -335,7 +336,39 @@ def exact(structure, x: StepInputs, state: FilterState, chunk: int, diagnostics:
 
 def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE):
+    x = x.in_compute_dtype()
+    transpose = lambda s: s._replace(mean=jnp.swapaxes(s.mean, -1, -2))
+    state = transpose(state)
     if structure.family == "exact":
-        return exact(structure, x, state, chunk_size, diagnostics)
-    lowering = additive if structure.family == "additive" else reset
-    return lowering(structure, x, state, chunk_size)
+        out = exact(structure, x, state, chunk_size, diagnostics)
+    else:
+        lowering = additive if structure.family == "additive" else reset
+        out = lowering(structure, x, state, chunk_size)
+    return FilterOutput(out[0], transpose(out[1]), *out[2:])
+
+
+def check_chunk_size(value) -> None:
+    """The ``chunk_size`` compile option: a positive integer."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise BackendError(f"chunk_size={value!r}: accepted: a positive integer (typically 16-128).")
+
+
+class Chunked(Lowering):
+    name = "chunked"
+    summary = ("chunks of C steps: C x C masked products and a triangular solve per chunk, a scan over "
+               "T / C chunks; additive: SSD / GLA; reset: WY / UT transform; exact: one C x C Cholesky and "
+               "a rank-C update of P per chunk, then the mean as a delta rule; O(T C (K + V) + T K V) work, "
+               "exact family + O(T K^2)")
+    options = {"chunk_size": check_chunk_size}
+
+    def reason_not_applicable(self, structure):
+        return reason_not_applicable(structure)
+
+    def supports_diagnostics(self, structure):
+        return supports_diagnostics(structure)
+
+    def run(self, structure, x, state, *, diagnostics, chunk_size=DEFAULT_CHUNK_SIZE):
+        return run(structure, x, state, diagnostics=diagnostics, chunk_size=chunk_size)
+
+
+LOWERING = Chunked()

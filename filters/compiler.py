@@ -15,63 +15,19 @@ import jax.numpy as jnp
 import designmodels as dm
 from filters import associative, chunked, kalman, sequential
 from filters.inputs import FilterState, _value_checker, initial_state, prepare
+from filters.lowering import LOWERINGS, BackendError, Lowering, applicable, auto, register
 from filters.structure import Structure, analyze
 
 
-class BackendError(ValueError):
-    """A lowering that does not exist, or does not apply to this design model."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Lowering:
-    """One way to evaluate a filter. ``run(structure, x, state, *, diagnostics, **options)``."""
-
-    name: str
-    run: Callable
-    summary: str                                       # what it computes and its cost, for `explain`
-    not_applicable: Callable = lambda structure: None  # structure -> reason it does not apply, or None
-    diagnostics: Callable = lambda structure: False    # structure -> whether it reports diagnostics
-    options: tuple = ()                                # the compile options it takes
-
-    def reason_not_applicable(self, structure: Structure) -> Optional[str]:
-        return self.not_applicable(structure)
-
-
-LOWERINGS = {
-    "sequential": Lowering(
-        "sequential", sequential.run,
-        "lax.scan over the exact step; O(T) depth, O(T K^2 V) work (exact family: + O(T K^3) for A P A^T "
-        "with a dense A); the float64 oracle", diagnostics=lambda structure: True),
-    "associative": Lowering(
-        "associative",
-        lambda structure, x, state, diagnostics=False: associative.run(structure, x, state),
-        "lax.associative_scan; O(log T) depth; additive: affine elements (A_t, U_t); reset: matrix-affine "
-        "elements (G_t, B_t), O(T K^3); exact: Sarkka & Garcia-Fernandez elements, O(T K^3) with a K x K "
-        "solve per composition"),
-    "chunked": Lowering(
-        "chunked", chunked.run,
-        "chunks of C steps: C x C masked products and a triangular solve per chunk, a scan over T / C "
-        "chunks; additive: SSD / GLA; reset: WY / UT transform; exact: one C x C Cholesky and a rank-C "
-        "update of P per chunk, then the mean as a delta rule; O(T C (K + V) + T K V) work, "
-        "exact family + O(T K^2)",
-        not_applicable=chunked.reason_not_applicable, diagnostics=chunked.supports_diagnostics,
-        options=("chunk_size",)),
-}
-
-
-def _auto_backend(structure: Structure) -> str:
-    """The fastest lowering that applies here: the chunked form (matmuls) where it applies, else the
-    sequential scan on CPU and the associative scan on accelerators."""
-    if not LOWERINGS["chunked"].reason_not_applicable(structure):
-        return "chunked"
-    return "sequential" if jax.default_backend() == "cpu" else "associative"
+# The built-in lowerings, in the order `explain` and the messages list them; other modules register theirs
+# (`filters.lowering.register`).
+for _lowering_module in (sequential, associative, chunked):
+    register(_lowering_module.LOWERING)
 
 
 def _lowering(structure: Structure, backend: str, diagnostics: bool) -> Lowering:
     if backend == "auto":
-        backend = _auto_backend(structure)
-        if diagnostics and not LOWERINGS[backend].diagnostics(structure):
-            backend = "sequential"
+        return auto(structure, diagnostics=diagnostics)
     if not isinstance(backend, str) or backend not in LOWERINGS:
         hint = dm.did_you_mean(backend.lower(), ["auto", *LOWERINGS]) if isinstance(backend, str) else ""
         raise BackendError(
@@ -79,16 +35,31 @@ def _lowering(structure: Structure, backend: str, diagnostics: bool) -> Lowering
     lowering = LOWERINGS[backend]
     reason = lowering.reason_not_applicable(structure)
     if reason:
-        applicable = [n for n, l in LOWERINGS.items() if not l.reason_not_applicable(structure)]
         raise BackendError(f"backend={backend!r} does not apply to this design model: {reason}; "
-                           f"accepted here: {', '.join(applicable)}.")
-    if diagnostics and not lowering.diagnostics(structure):
-        accepted = [n for n, l in LOWERINGS.items()
-                    if not l.reason_not_applicable(structure) and l.diagnostics(structure)]
+                           f"accepted here: {', '.join(applicable(structure))}.")
+    if diagnostics and not lowering.supports_diagnostics(structure):
+        accepted = applicable(structure, diagnostics=True)
         raise BackendError(
             f"diagnostics=True: the {backend!r} backend does not report per-step diagnostics for the "
             f"{structure.family} family; accepted: backend={' or '.join(map(repr, accepted))} (or 'auto').")
     return lowering
+
+
+def _check_options(options: dict, backend: str, lowering: Lowering) -> None:
+    """Each option is checked by the lowerings that take it (`Lowering.options`)."""
+    for name, value in options.items():
+        owners = [l for l in LOWERINGS.values() if name in l.options]
+        if not owners:
+            known = sorted({o for l in LOWERINGS.values() for o in l.options})
+            raise BackendError(f"{name}={value!r}: not a compile option{dm.did_you_mean(name, known)}; "
+                               f"accepted: {', '.join(known)}.")
+        if backend != "auto" and lowering not in owners:
+            names = [repr(l.name) for l in owners]
+            raise BackendError(f"{name}={value!r}: an option of the {' and '.join(names)} lowering, which "
+                               f"backend={backend!r} does not use; accepted: backend={' or '.join(names)} (or "
+                               f"'auto'), or drop {name}.")
+        for owner in owners:
+            owner.options[name](value)
 
 
 class Filter:
@@ -110,19 +81,7 @@ class Filter:
         self.diagnostics = diagnostics
         self.lowering = _lowering(self.structure, backend, diagnostics)
         self.options = dict(options)
-        for name, value in self.options.items():
-            owners = [n for n, l in LOWERINGS.items() if name in l.options]
-            if not owners:
-                known = sorted({o for l in LOWERINGS.values() for o in l.options})
-                raise BackendError(f"{name}={value!r}: not a compile option{dm.did_you_mean(name, known)}; "
-                                   f"accepted: {', '.join(known)}.")
-            if backend != "auto" and self.lowering.name not in owners:
-                raise BackendError(f"{name}={value!r}: an option of the {' and '.join(map(repr, owners))} "
-                                   f"lowering, which backend={backend!r} does not use; accepted: "
-                                   f"backend={' or '.join(map(repr, owners))} (or 'auto'), or drop {name}.")
-            if name == "chunk_size" and not (isinstance(value, int) and not isinstance(value, bool)
-                                             and value >= 1):
-                raise BackendError(f"chunk_size={value!r}: accepted: a positive integer (typically 16-128).")
+        _check_options(self.options, backend, self.lowering)
         # The lowerings are pure functions of the structure: compile them once per filter. Inputs are
         # checked eagerly (outside jit), so bad values still raise.
         self._run = jax.jit(self._lower, static_argnames=("backend", "diagnostics"))
@@ -130,7 +89,7 @@ class Filter:
 
     def _one_step(self, state, x, stationary):
         with jax.default_matmul_precision("float32"):
-            return kalman.step(self.structure, state, x, stationary)
+            return kalman.step(self.structure, state, x.in_compute_dtype(), stationary)
 
     def _lower(self, x, state, *, backend, diagnostics):
         lowering = LOWERINGS[backend]
@@ -138,7 +97,7 @@ class Filter:
         # Full float32 products: GPUs otherwise multiply float32 in TF32 (10-bit mantissa), which costs
         # the chunked and associative forms three digits against the sequential one.
         with jax.default_matmul_precision("float32"):
-            return lowering.run(self.structure, x, state, diagnostics=diagnostics, **options)
+            return lowering.run(self.structure, x, state, diagnostics=diagnostics, **options)  # FilterOutput
 
     @property
     def backend(self) -> str:
@@ -148,7 +107,7 @@ class Filter:
         return f"Filter({self.model.name or 'user-declared'}, family={self.structure.family}, backend={self.backend})"
 
     def init_state(self, batch: int, heads: int, key_dim: int, value_dim: int, dtype=jnp.float32) -> FilterState:
-        """The prior state: ``M_0 = 0`` and, for the exact family, ``P_0`` from the prior."""
+        """The prior state: ``S_0 = 0`` and, for the exact family, ``P_0`` from the prior."""
         return initial_state(self.structure, None, batch=batch, heads=heads, key_dim=key_dim,
                              value_dim=value_dim, dtype=dtype)
 
@@ -174,11 +133,12 @@ class Filter:
         elif diagnostics != self.diagnostics:
             lowering = _lowering(self.structure, self.requested_backend, diagnostics)
         x = prepare(self.structure, q, k, v, gates, validate=validate)
-        state = self._state(initial_state, q, v, x.q.dtype, time_axis=True)
+        state = self._state(initial_state, q, v, x.compute_dtype, time_axis=True)
         out = self._run(x, state, backend=lowering.name, diagnostics=diagnostics)
         if validate:
-            self._check_output(out[0], lowering.name)
-        return (out[0].astype(v.dtype),) + tuple(out[1:])
+            self._check_output(out.y, lowering.name)
+        y = out.y.astype(v.dtype)
+        return (y, out.state, out.diagnostics) if diagnostics else (y, out.state)
 
     def step(self, state, q, k, v, *, validate: bool = True, **gates):
         """One decoding step: ``q, k [B,H,K]``, ``v [B,H,V]``, gates ``[B,H]``; returns ``(y, state)``.
@@ -186,9 +146,9 @@ class Filter:
         Agrees with the parallel forms: ``f(q, k, v)`` equals stepping through ``t = 0 .. T-1``.
         """
         x = prepare(self.structure, q, k, v, gates, time_axis=False, validate=validate)
-        state = self._state(state, q, v, x.q.dtype, time_axis=False)
+        state = self._state(state, q, v, x.compute_dtype, time_axis=False)
         stationary = self.structure.stationary_covariance(q.shape[-1])
-        stationary = None if stationary is None else jnp.asarray(stationary, x.q.dtype)
+        stationary = None if stationary is None else jnp.asarray(stationary, x.compute_dtype)
         y, state, _ = self._step(state, x, stationary)
         if validate:
             self._check_output(y, "step")
@@ -237,5 +197,5 @@ def explain(model: dm.DesignModel) -> str:
     for name, lowering in LOWERINGS.items():
         reason = lowering.reason_not_applicable(structure)
         lines.append(f"  {name:12s}" + (f"applies: {lowering.summary}" if not reason else f"does not apply: {reason}"))
-    lines.append(f"  auto        -> {_auto_backend(structure)} on {jax.default_backend()}")
+    lines.append(f"  auto        -> {auto(structure).name} on {jax.default_backend()}")
     return "\n".join(lines)

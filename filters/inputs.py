@@ -5,7 +5,8 @@ Shape legend (the layout of the PyTorch peer ``flash-linear-attention``)::
     q, k   [B, T, H, K]      queries and keys (Mamba-2: C and B)
     v      [B, T, H, V]      values (Mamba-2: x)
     gates  [B, T, H]         per step and head (``log_decay`` of a diagonal transition: [B, T, H, K])
-    M      [B, H, V, K]      the memory mean; the readout is ``y_t = M_t q_t``
+    S      [B, H, K, V]      the memory mean (flash-linear-attention's layout); the readout is
+                             ``y_t = S_t^T q_t``
     P      [B, H, K, K]      the key-space covariance shared by every value row (exact family only)
 
 Shapes and dtypes are always checked. Values are checked at once when they are concrete (eager calls:
@@ -33,15 +34,25 @@ class FilterInputError(ValueError):
 
 
 class FilterState(NamedTuple):
-    """The state of a filter: ``mean`` ``M [B,H,V,K]`` and, for the exact family, ``covariance``
-    ``P [B,H,K,K]`` (None for the additive and reset families, whose covariance drops out)."""
+    """The state of a filter: ``mean`` ``S [B,H,K,V]`` and, for the exact family, ``covariance``
+    ``P [B,H,K,K]`` (None for the additive and reset families, whose covariance drops out).
+
+    ``S`` is in flash-linear-attention's layout, keys by values (``y_t = S_t^T q_t``), and there is no
+    other: a state from fla (``[B, H, K, V]``) is passed as it is. A state in the transposed layout
+    ``[B, H, V, K]`` is refused with a message that says so when ``K != V``; when ``K == V`` the shapes
+    cannot tell the two apart, so transpose such a state yourself (``swapaxes(-1, -2)``).
+    """
 
     mean: jax.Array
     covariance: Optional[jax.Array] = None
 
 
 class StepInputs(NamedTuple):
-    """Normalized per-step quantities, all ``[B, T, H, ...]`` in the compute dtype.
+    """Normalized per-step quantities, all ``[B, T, H, ...]``.
+
+    ``q, k, v`` keep the dtype they came in (bfloat16 stays bfloat16, so that a kernel can multiply
+    them on tensor cores); every other field is in the compute dtype (float32, or float64 when an input
+    is). A lowering casts what it needs: `in_compute_dtype` casts ``q, k, v`` as well.
 
     ``transition``: None (identity), log decays (scalar or diagonal kind) or matrices (dense kind).
     ``write_strength``: the reset family's ``eta_t`` (the delta-rule step), ``reset_variance`` its
@@ -57,6 +68,16 @@ class StepInputs(NamedTuple):
     write_strength: Optional[jax.Array] = None
     reset_variance: Optional[jax.Array] = None
     input_scale: Optional[jax.Array] = None
+
+    @property
+    def compute_dtype(self):
+        """float32, or float64 when any of ``q, k, v`` is float64 (never a narrower float)."""
+        return compute_dtype(self.q, self.k, self.v)
+
+    def in_compute_dtype(self) -> "StepInputs":
+        """These inputs with ``q, k, v`` cast to the compute dtype too."""
+        dtype = self.compute_dtype
+        return self._replace(q=self.q.astype(dtype), k=self.k.astype(dtype), v=self.v.astype(dtype))
 
 
 try:  # jax.core.Tracer is public in jax 0.10; keep working if a later release moves it
@@ -211,7 +232,7 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
                                         f"q of shape {tuple(q.shape)}, layout {lead_text}, K]")
         values[name] = x.astype(dtype)
 
-    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    q, k, v = (jnp.asarray(x) for x in (q, k, v))        # in their own dtype (see StepInputs)
     ones = jnp.ones(lead, dtype)
     transition = _transition(structure, values, ones, key_dim, check)
     fields = dict(q=q, k=k, v=v, transition=transition)
@@ -228,7 +249,7 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
         return StepInputs(**fields)
 
     beta = values["beta"] if model.observation.precision is None else model.observation.precision * ones
-    key_norm2 = jnp.sum(k * k, axis=-1)
+    key_norm2 = jnp.sum(jnp.square(k.astype(dtype)), axis=-1)
     if structure.family == "exact":
         check("beta", beta, _positive, "finite precisions beta > 0 (beta is the precision 1 / noise variance)")
         fields["precision"] = beta
@@ -287,19 +308,19 @@ def _transition(structure: Structure, values: dict, ones, key_dim: int, check):
 
 def initial_state(structure: Structure, state, *, batch: int, heads: int, key_dim: int, value_dim: int,
                   dtype, name: str = "initial_state") -> FilterState:
-    """Check a user's initial state, or build the prior one: ``M_0 = 0``, ``P_0`` from the prior.
+    """Check a user's initial state, or build the prior one: ``S_0 = 0``, ``P_0`` from the prior.
 
     ``name`` is the argument as the user wrote it (``state`` for `Filter.step`), for the messages."""
     exact = structure.family == "exact"
     if state is None:
-        mean = jnp.zeros((batch, heads, value_dim, key_dim), dtype)
+        mean = jnp.zeros((batch, heads, key_dim, value_dim), dtype)
         cov = None
         if exact:
             p0 = jnp.asarray(structure.prior_covariance(key_dim), dtype)
             cov = jnp.broadcast_to(p0, (batch, heads, key_dim, key_dim))
         return FilterState(mean, cov)
     accepted = ("FilterState(mean, covariance) as a filter returns it, a (mean, covariance) tuple, or the "
-                "mean M [B, H, V, K] alone")
+                "mean S [B, H, K, V] alone")
     if isinstance(state, (tuple, list)):
         if len(state) not in (1, 2):
             raise FilterInputError(f"{name}: got a {type(state).__name__} of {len(state)} items; accepted: "
@@ -309,9 +330,13 @@ def initial_state(structure: Structure, state, *, batch: int, heads: int, key_di
         mean, cov = state, None
     else:
         raise FilterInputError(f"{name}: got {type(state).__name__}; accepted: {accepted}.")
-    expected = (batch, heads, value_dim, key_dim)
+    expected = (batch, heads, key_dim, value_dim)
     if not hasattr(mean, "shape") or tuple(mean.shape) != expected:
-        _shape_error(f"{name}.mean", getattr(mean, "shape", ()), f"M [B, H, V, K] = {expected}")
+        transposed = (batch, heads, value_dim, key_dim)
+        hint = (" (this is the transposed layout [B, H, V, K]; the state is keys by values, as in "
+                "flash-linear-attention: transpose it with swapaxes(-1, -2))"
+                if tuple(getattr(mean, "shape", ())) == transposed else "")
+        _shape_error(f"{name}.mean", getattr(mean, "shape", ()), f"S [B, H, K, V] = {expected}{hint}")
     mean = jnp.asarray(mean).astype(dtype)
     if not exact:
         if cov is not None:

@@ -1,19 +1,21 @@
 """One exact filter step, per family: the oracle that every lowering is proven against.
 
-All arrays are one time step: ``M [B,H,V,K]``, ``P [B,H,K,K]``, ``q, k [B,H,K]``, ``v [B,H,V]``, gates
-``[B,H]``. The exact (Kalman) step, predict then update, for the shared key-space covariance::
+All arrays are one time step: ``S [B,H,K,V]``, ``P [B,H,K,K]``, ``q, k [B,H,K]``, ``v [B,H,V]``, gates
+``[B,H]``. ``S`` is the posterior mean of the memory in flash-linear-attention's layout (keys by values;
+the transpose of the ``V x K`` matrix-normal mean of the design document). The exact (Kalman) step,
+predict then update, for the shared key-space covariance::
 
-    M_bar = M A^T                     P_bar = A P A^T + Q
+    S_bar = A S                       P_bar = A P A^T + Q
     u     = P_bar k                   (the write direction)
     s     = k^T u + 1/beta            (innovation variance)
     Kg    = u / s                     (gain; equals beta P k after the update)
-    M     = M_bar + (v - M_bar k) Kg^T
+    S     = S_bar + Kg (v - S_bar^T k)^T
     P     = P_bar - u Kg^T
-    y     = M q
+    y     = S^T q
 
 The reset family replaces ``P_bar`` by ``sigma^2 I``, so ``Kg = eta k`` with
 ``eta = sigma^2 beta / (1 + sigma^2 beta |k|^2)``: the delta rule. The additive family has no
-observation: ``M = M_bar + s v k^T``, and ``P`` evolves without the data.
+observation: ``S = S_bar + s k v^T``, and ``P`` evolves without the data.
 
 Diagnostics, per step: the write gain ``g = k^T Kg`` (the fraction by which the readout at ``k`` moves
 to ``v``; ``beta k^T P k`` for the exact family, ``eta |k|^2`` for a reset, ``s |k|^2`` for a latent input)
@@ -50,6 +52,11 @@ def _matvec(m, x):
     return jnp.einsum("...ij,...j->...i", m, x)
 
 
+def _read(state, x):
+    """``S^T x`` for ``S [..., K, V]`` and ``x [..., K]``: the readout at address ``x``."""
+    return jnp.einsum("...kv,...k->...v", state, x)
+
+
 def symmetrize(p):
     return 0.5 * (p + jnp.swapaxes(p, -1, -2))
 
@@ -71,18 +78,18 @@ def step(structure, state: FilterState, x: StepInputs, stationary_cov=None):
     ``state.covariance`` is carried for the exact family; for the others it may be carried only to
     report the predictive variance (then it is propagated, never used by the mean).
     """
-    mean = transitions.right_apply(state.mean, structure.transition, x.transition)
+    mean = transitions.apply(state.mean, structure.transition, x.transition)
     cov = state.covariance
     if structure.family == "additive":
         write = x.k if x.input_scale is None else x.k * x.input_scale[..., None]
-        mean = mean + _outer(x.v, write)
+        mean = mean + _outer(write, x.v)
         gain = _dot(x.k, write)
         if cov is not None:
             cov = predict_covariance(structure, cov, x, stationary_cov)
         variance = None if cov is None else _dot(x.q, _matvec(cov, x.q))
     elif structure.family == "reset":
         eta = x.write_strength[..., None]
-        mean = mean + _outer(x.v - _matvec(mean, x.k), eta * x.k)
+        mean = mean + _outer(eta * x.k, x.v - _read(mean, x.k))
         gain = x.write_strength * _dot(x.k, x.k)
         variance = x.reset_variance * (_dot(x.q, x.q) - x.write_strength * _dot(x.k, x.q) ** 2)
     else:
@@ -90,10 +97,10 @@ def step(structure, state: FilterState, x: StepInputs, stationary_cov=None):
         u = _matvec(p_bar, x.k)
         s = _dot(x.k, u) + 1.0 / x.precision
         gain_vector = u / s[..., None]
-        mean = mean + _outer(x.v - _matvec(mean, x.k), gain_vector)
+        mean = mean + _outer(gain_vector, x.v - _read(mean, x.k))
         cov = symmetrize(p_bar - _outer(u, gain_vector))
         gain = _dot(x.k, gain_vector)
         variance = _dot(x.q, _matvec(cov, x.q))
-    y = _matvec(mean, x.q)
+    y = _read(mean, x.q)
     diagnostics = Diagnostics(gain, variance) if variance is not None else None
     return y, FilterState(mean, cov), diagnostics

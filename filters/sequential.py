@@ -7,13 +7,15 @@ import jax.numpy as jnp
 
 from filters import kalman
 from filters.inputs import FilterState, StepInputs
+from filters.lowering import FilterOutput, Lowering
 
 
 def time_major(tree):
     return jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 1, 0), tree)
 
 
-def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = False):
+def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = False) -> FilterOutput:
+    x = x.in_compute_dtype()
     key_dim = x.k.shape[-1]
     stationary = structure.stationary_covariance(key_dim)
     stationary = None if stationary is None else jnp.asarray(stationary, x.k.dtype)
@@ -31,5 +33,23 @@ def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = Fal
         final = final._replace(covariance=None)
     y = jnp.moveaxis(ys, 0, 1)
     if diagnostics:
-        return y, final, kalman.Diagnostics(*(jnp.moveaxis(d, 0, 1) for d in diags))
-    return y, final
+        return FilterOutput(y, final, kalman.Diagnostics(*(jnp.moveaxis(d, 0, 1) for d in diags)))
+    return FilterOutput(y, final)
+
+
+class Sequential(Lowering):
+    name = "sequential"
+    summary = ("lax.scan over the exact step; O(T) depth, O(T K^2 V) work (exact family: + O(T K^3) for "
+               "A P A^T with a dense A); the float64 oracle")
+
+    def reason_not_applicable(self, structure):
+        return None                                  # every design model
+
+    def supports_diagnostics(self, structure):
+        return True
+
+    def run(self, structure, x, state, *, diagnostics):
+        return run(structure, x, state, diagnostics=diagnostics)
+
+
+LOWERING = Sequential()

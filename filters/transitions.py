@@ -9,26 +9,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def right_apply(x, kind: str, value):
-    """``X A^T`` for ``X [..., R, K]``."""
+def apply(x, kind: str, value):
+    """``A X`` for ``X [..., K, R]`` (the state ``S [K, V]``, or a stack of them)."""
     if kind == "identity" or value is None:
         return x
     if kind == "scalar":
         return x * jnp.exp(value)[..., None, None]
     if kind == "diagonal":
-        return x * jnp.exp(value)[..., None, :]
-    return jnp.einsum("...rk,...jk->...rj", x, value)
-
-
-def transpose_apply(x, kind: str, value):
-    """``A^T x`` for a vector ``x [..., K]``."""
-    if kind == "identity" or value is None:
-        return x
-    if kind == "scalar":
-        return x * jnp.exp(value)[..., None]
-    if kind == "diagonal":
-        return x * jnp.exp(value)
-    return jnp.einsum("...jk,...j->...k", value, x)
+        return x * jnp.exp(value)[..., :, None]
+    return value @ x
 
 
 def congruence(p, kind: str, value):

@@ -41,17 +41,20 @@ def _noise(model, a, gates, b, t, h, key_dim):
 
 
 def filtered_moments(model: dm.DesignModel, q, k, v, gates, initial_mean=None, initial_covariance=None):
-    """Readouts ``y [B,T,H,V]`` and the final ``(M [B,H,V,K], P [B,H,K,K])`` by joint conditioning."""
+    """Readouts ``y [B,T,H,V]`` and the final ``(S [B,H,K,V], P [B,H,K,K])`` by joint conditioning.
+
+    ``initial_mean`` is ``S_0 [B,H,K,V]`` (the filters' layout); inside, each value row ``r`` of the
+    transpose ``S^T`` is conditioned on its own (the rows share one covariance)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     gates = {n: np.asarray(g, np.float64) for n, g in gates.items()}
     batch, time, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     y = np.zeros((batch, time, heads, value_dim))
-    final_mean = np.zeros((batch, heads, value_dim, key_dim))
+    final_mean = np.zeros((batch, heads, key_dim, value_dim))
     final_cov = np.zeros((batch, heads, key_dim, key_dim))
     for b in range(batch):
         for h in range(heads):
-            m0 = np.zeros((value_dim, key_dim)) if initial_mean is None else initial_mean[b, h]
+            m0 = np.zeros((value_dim, key_dim)) if initial_mean is None else np.asarray(initial_mean[b, h]).T
             p0 = model.prior.covariance.array(key_dim) if initial_covariance is None else initial_covariance[b, h]
             # Joint prior of s_1..s_T: s_t = A_t s_{t-1} + w_t. Phi[t] maps s_0 to s_t; cross[t][j]
             # maps w_j to s_t.
@@ -95,6 +98,6 @@ def filtered_moments(model: dm.DesignModel, q, k, v, gates, initial_mean=None, i
                 m_t = mean[:, sl] + residual @ gain.T                             # [V, K]
                 y[b, t, h] = m_t @ q[b, t, h]
                 if t == time - 1:
-                    final_mean[b, h] = m_t
+                    final_mean[b, h] = m_t.T
                     final_cov[b, h] = cov[sl, sl] - gain @ s_xy.T
     return y, final_mean, final_cov

@@ -34,9 +34,10 @@ Common convention (all functions)
 Inputs are laid out [B, T, H, D] (batch, time, heads, feature): q, k are [B, T, H, K], v is
 [B, T, H, V], per-head gates are [B, T, H] (GLA's gate is [B, T, H, K]).  Every recurrent function
 takes an optional ``initial_state`` and returns ``(o, final_state)`` with o of shape [B, T, H, V].
-BOTH ``initial_state`` and ``final_state`` are in the common layout M of shape [B, H, V, K]
-(value x key), for which the readout is o_t = M_t q_t.  Internally each function converts to the
-layout of its paper and converts back.  ``initial_state=None`` means zeros.
+BOTH ``initial_state`` and ``final_state`` are in the common layout S of shape [B, H, K, V]
+(key x value, flash-linear-attention's layout and the filters'), for which the readout is
+o_t = S_t^T q_t.  Internally each function converts to the layout of its paper and converts back.
+``initial_state=None`` means zeros.
 
 The computation dtype is the promoted dtype of all array inputs (including ``initial_state``); no
 input is ever cast down.  The ``*_parallel`` functions assume a zero initial state and return only o.
@@ -62,23 +63,24 @@ def _cast(dtype, *arrays):
 
 
 def _state0(initial_state, q, v, *arrays):
-    """Initial state in the common [B, H, V, K] layout; zeros (of the promoted dtype) when None."""
+    """Initial state in the common [B, H, K, V] layout; zeros (of the promoted dtype) when None."""
     b, _, h, dk = q.shape
     dv = v.shape[-1]
     if initial_state is None:
-        return jnp.zeros((b, h, dv, dk), _dtype(*arrays))
+        return jnp.zeros((b, h, dk, dv), _dtype(*arrays))
     m = jnp.asarray(initial_state)
-    if m.shape != (b, h, dv, dk):
-        raise ValueError(f"initial_state must have the common layout [B,H,V,K] = {(b, h, dv, dk)}, got {m.shape}")
+    if m.shape != (b, h, dk, dv):
+        raise ValueError(f"initial_state must have the common layout [B,H,K,V] = {(b, h, dk, dv)}, got {m.shape}")
     return m
 
 
-def _vk_to_kv(m):
-    """Common layout M [.., V, K] -> paper layout S [.., K, V] (S = M^T, so o = q S = M q)."""
-    return jnp.swapaxes(m, -1, -2)
+def _kv_to_vk(s):
+    """Common layout S [.., K, V] -> the value-by-key layout M [.., V, K] of some papers (M = S^T, so
+    o = M q = S^T q)."""
+    return jnp.swapaxes(s, -1, -2)
 
 
-_kv_to_vk = _vk_to_kv  # the transpose is its own inverse
+_vk_to_kv = _kv_to_vk  # the transpose is its own inverse
 
 
 def _scan(step, state, xs):
@@ -113,25 +115,24 @@ def linear_attention(q, k, v, initial_state=None):
     Paper (Katharopoulos et al. 2020, with phi = identity and the denominator Z dropped):
         S_i = S_{i-1} + K_i V_i^T          (S_i is [K, V]; K_i, V_i column vectors)
         o_i = Q_i^T S_i
-    Equivalently, in the common layout M = S^T ([V, K]):  M_t = M_{t-1} + v_t k_t^T,  o_t = M_t q_t.
+    The paper's [K, V] layout is the common layout.
 
-    q, k: [B, T, H, K]; v: [B, T, H, V]; initial_state: [B, H, V, K] or None.
-    Returns o [B, T, H, V] and the final state [B, H, V, K].
+    q, k: [B, T, H, K]; v: [B, T, H, V]; initial_state: [B, H, K, V] or None.
+    Returns o [B, T, H, V] and the final state [B, H, K, V].
     """
     return _linear_attention(_state0(initial_state, q, v, q, k, v), q, k, v)
 
 
 @jax.jit
-def _linear_attention(M0, q, k, v):
-    M0, q, k, v = _cast(_dtype(M0, q, k, v), M0, q, k, v)
+def _linear_attention(S0, q, k, v):
+    S0, q, k, v = _cast(_dtype(S0, q, k, v), S0, q, k, v)
 
     def step(S, x):  # S: paper layout [B, H, K, V]
         q_i, k_i, v_i = x
         S = S + jnp.einsum("bhk,bhv->bhkv", k_i, v_i)  # S_i = S_{i-1} + K_i V_i^T
         return S, jnp.einsum("bhk,bhkv->bhv", q_i, S)  # o_i = Q_i^T S_i
 
-    o, S = _scan(step, _vk_to_kv(M0), (q, k, v))
-    return o, _kv_to_vk(S)
+    return _scan(step, S0, (q, k, v))
 
 
 @jax.jit
@@ -154,22 +155,21 @@ def retnet(q, k, v, gamma, initial_state=None):
         S_n = gamma S_{n-1} + K_n^T V_n     (K_n, V_n row vectors; S_n is [K, V])
         o_n = Q_n S_n
     gamma: python float in (0, 1], shared by all heads.
-    In the common layout M = S^T: M_n = gamma M_{n-1} + v_n k_n^T, o_n = M_n q_n.
+    The paper's [K, V] layout is the common layout.
     """
     return _retnet(_state0(initial_state, q, v, q, k, v), q, k, v, gamma)
 
 
 @jax.jit
-def _retnet(M0, q, k, v, gamma):
-    M0, q, k, v = _cast(_dtype(M0, q, k, v), M0, q, k, v)
+def _retnet(S0, q, k, v, gamma):
+    S0, q, k, v = _cast(_dtype(S0, q, k, v), S0, q, k, v)
 
     def step(S, x):  # S: paper layout [B, H, K, V]
         q_n, k_n, v_n = x
         S = gamma * S + jnp.einsum("bhk,bhv->bhkv", k_n, v_n)  # S_n = gamma S_{n-1} + K_n^T V_n
         return S, jnp.einsum("bhk,bhkv->bhv", q_n, S)  # o_n = Q_n S_n
 
-    o, S = _scan(step, _vk_to_kv(M0), (q, k, v))
-    return o, _kv_to_vk(S)
+    return _scan(step, S0, (q, k, v))
 
 
 @jax.jit
@@ -197,22 +197,21 @@ def gla(q, k, v, log_decay, initial_state=None):
         S_t = (alpha_t^T 1) . S_{t-1} + k_t^T v_t = diag(alpha_t) S_{t-1} + k_t^T v_t
         o_t = q_t S_t                                  (S_t is [K, V]; q_t, k_t, v_t row vectors)
     log_decay: [B, T, H, K] (<= 0 for a decay).
-    In the common layout M = S^T: M_t = M_{t-1} diag(alpha_t) + v_t k_t^T, o_t = M_t q_t.
+    The paper's [K, V] layout is the common layout.
     """
     return _gla(_state0(initial_state, q, v, q, k, v, log_decay), q, k, v, log_decay)
 
 
 @jax.jit
-def _gla(M0, q, k, v, log_decay):
-    M0, q, k, v, log_decay = _cast(_dtype(M0, q, k, v, log_decay), M0, q, k, v, log_decay)
+def _gla(S0, q, k, v, log_decay):
+    S0, q, k, v, log_decay = _cast(_dtype(S0, q, k, v, log_decay), S0, q, k, v, log_decay)
 
     def step(S, x):  # S: paper layout [B, H, K, V]
         q_t, k_t, v_t, a_t = x
         S = a_t[..., :, None] * S + jnp.einsum("bhk,bhv->bhkv", k_t, v_t)  # diag(alpha_t) S_{t-1} + k_t^T v_t
         return S, jnp.einsum("bhk,bhkv->bhv", q_t, S)  # o_t = q_t S_t
 
-    o, S = _scan(step, _vk_to_kv(M0), (q, k, v, jnp.exp(log_decay)))
-    return o, _kv_to_vk(S)
+    return _scan(step, S0, (q, k, v, jnp.exp(log_decay)))
 
 
 @jax.jit
@@ -242,7 +241,7 @@ def mamba2(C, B, x, log_decay, dt, initial_state=None):
         y_t = h_t C_t
     log_decay = dt_t * A, precomputed, [B, T, H]; dt: [B, T, H] > 0.
     C, B: [B, T, H, N] (the roles of q, k); x: [B, T, H, P] (the role of v).
-    The paper / reference-code state layout [P, N] already is the common [V, K] layout.
+    The paper / reference-code state layout is [P, N] = [V, K]: the common [K, V] layout transposed.
     """
     return _mamba2(_state0(initial_state, C, x, C, B, x, log_decay, dt), C, B, x, log_decay, dt)
 
@@ -257,7 +256,8 @@ def _mamba2(h0, C, B, x, log_decay, dt):
              + dt_t[..., None, None] * jnp.einsum("bhp,bhn->bhpn", x_t, B_t))  # + dt_t x_t B_t^T
         return h, jnp.einsum("bhpn,bhn->bhp", h, C_t)  # y_t = h_t C_t
 
-    return _scan(step, h0, (C, B, x, jnp.exp(log_decay), dt))
+    y, h = _scan(step, _kv_to_vk(h0), (C, B, x, jnp.exp(log_decay), dt))
+    return y, _vk_to_kv(h)
 
 
 @jax.jit
@@ -280,7 +280,7 @@ def deltanet(q, k, v, beta, initial_state=None):
     """Delta rule (Schlag et al. 2021), in the form of Yang et al. 2024:
         S_t = S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T      (S_t is [V, K])
         o_t = S_t q_t
-    beta: [B, T, H] in (0, 1).  The paper's [V, K] layout is the common layout.
+    beta: [B, T, H] in (0, 1).  The paper's [V, K] layout is the common [K, V] layout transposed.
     (Expanded: S_t = S_{t-1} - beta_t (S_{t-1} k_t - v_t) k_t^T.)
     """
     return _deltanet(_state0(initial_state, q, v, q, k, v, beta), q, k, v, beta)
@@ -289,7 +289,7 @@ def deltanet(q, k, v, beta, initial_state=None):
 @jax.jit
 def _deltanet(S0, q, k, v, beta):
     S0, q, k, v, beta = _cast(_dtype(S0, q, k, v, beta), S0, q, k, v, beta)
-    eye = jnp.eye(S0.shape[-1], dtype=S0.dtype)
+    eye = jnp.eye(S0.shape[-2], dtype=S0.dtype)                 # K x K; S0 is [B, H, K, V]
 
     def step(S, x):  # S: [B, H, V, K]
         q_t, k_t, v_t, b_t = x
@@ -298,7 +298,8 @@ def _deltanet(S0, q, k, v, beta):
         S = S @ erase + b_t * jnp.einsum("bhv,bhk->bhvk", v_t, k_t)  # + beta_t v_t k_t^T
         return S, jnp.einsum("bhvk,bhk->bhv", S, q_t)  # o_t = S_t q_t
 
-    return _scan(step, S0, (q, k, v, beta))
+    o, S = _scan(step, _kv_to_vk(S0), (q, k, v, beta))
+    return o, _vk_to_kv(S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ def gated_deltanet(q, k, v, log_decay, beta, initial_state=None):
         alpha_t = exp(log_decay_t)   ([B, T, H], scalar per head)
         S_t = S_{t-1} (alpha_t (I - beta_t k_t k_t^T)) + beta_t v_t k_t^T     (S_t is [V, K])
         o_t = S_t q_t
-    The paper's [V, K] layout is the common layout.
+    The paper's [V, K] layout is the common [K, V] layout transposed.
     """
     return _gated_deltanet(_state0(initial_state, q, v, q, k, v, log_decay, beta), q, k, v, log_decay, beta)
 
@@ -318,7 +319,7 @@ def gated_deltanet(q, k, v, log_decay, beta, initial_state=None):
 @jax.jit
 def _gated_deltanet(S0, q, k, v, log_decay, beta):
     S0, q, k, v, log_decay, beta = _cast(_dtype(S0, q, k, v, log_decay, beta), S0, q, k, v, log_decay, beta)
-    eye = jnp.eye(S0.shape[-1], dtype=S0.dtype)
+    eye = jnp.eye(S0.shape[-2], dtype=S0.dtype)                 # K x K; S0 is [B, H, K, V]
 
     def step(S, x):  # S: [B, H, V, K]
         q_t, k_t, v_t, a_t, b_t = x
@@ -327,7 +328,8 @@ def _gated_deltanet(S0, q, k, v, log_decay, beta):
         S = S @ transition + b_t * jnp.einsum("bhv,bhk->bhvk", v_t, k_t)  # + beta_t v_t k_t^T
         return S, jnp.einsum("bhvk,bhk->bhv", S, q_t)  # o_t = S_t q_t
 
-    return _scan(step, S0, (q, k, v, jnp.exp(log_decay), beta))
+    o, S = _scan(step, _kv_to_vk(S0), (q, k, v, jnp.exp(log_decay), beta))
+    return o, _vk_to_kv(S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def longhorn(q, k, v, beta, initial_state=None):
         S_t = S_{t-1} (I - eps_t k_t k_t^T) + eps_t v_t k_t^T
         o_t = S_t q_t
     beta: [B, T, H] > 0, one step size per head (the paper allows one per value channel, which
-    would give one eps per row of S -- not needed here).  [V, K] is the common layout.
+    would give one eps per row of S -- not needed here).  [V, K] is the common [K, V] layout transposed.
 
     NOTE: the released Longhorn kernel replaces the erase term (I - eps_t k_t k_t^T) by a diagonal
     approximation, S_t = S_{t-1} . (1 - eps_t (k_t . k_t)^T) + eps_t v_t k_t^T (elementwise), which
@@ -357,7 +359,7 @@ def longhorn(q, k, v, beta, initial_state=None):
 @jax.jit
 def _longhorn(S0, q, k, v, beta):
     S0, q, k, v, beta = _cast(_dtype(S0, q, k, v, beta), S0, q, k, v, beta)
-    eye = jnp.eye(S0.shape[-1], dtype=S0.dtype)
+    eye = jnp.eye(S0.shape[-2], dtype=S0.dtype)                 # K x K; S0 is [B, H, K, V]
 
     def step(S, x):  # S: [B, H, V, K]
         q_t, k_t, v_t, beta_t = x
@@ -366,4 +368,5 @@ def _longhorn(S0, q, k, v, beta):
         S = S @ (eye - e * jnp.einsum("bhi,bhj->bhij", k_t, k_t)) + e * jnp.einsum("bhv,bhk->bhvk", v_t, k_t)
         return S, jnp.einsum("bhvk,bhk->bhv", S, q_t)  # o_t = S_t q_t
 
-    return _scan(step, S0, (q, k, v, beta))
+    o, S = _scan(step, _kv_to_vk(S0), (q, k, v, beta))
+    return o, _vk_to_kv(S)

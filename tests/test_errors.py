@@ -106,8 +106,8 @@ def test_initial_state_is_checked():
     model = dm.bayesian()
     q, k, v, gates = _inputs(model)
     f = filters.compile(model)
-    mean = np.zeros((2, 2, 5, 4))
-    with pytest.raises(filters.FilterInputError, match=r"initial_state.mean: got shape \(2, 2, 4, 5\); expected M \[B, H, V, K\]"):
+    mean = np.zeros((2, 2, 4, 5))
+    with pytest.raises(filters.FilterInputError, match=r"initial_state.mean: got shape \(2, 2, 5, 4\); expected S \[B, H, K, V\]"):
         f(q, k, v, initial_state=filters.FilterState(mean.swapaxes(-1, -2), None), **gates)
     bad = np.broadcast_to(np.diag([1.0, 1.0, 1.0, -0.5]), (2, 2, 4, 4))
     with pytest.raises(filters.FilterInputError, match="initial_state.covariance: not positive semi-definite"):

@@ -67,7 +67,7 @@ ALL_MODELS = {**NAMED, **USER_EXACT_MODELS, **USER_OTHER_MODELS}
 
 def _random_state(model, batch, heads, key_dim, value_dim, seed):
     rng = np.random.default_rng(seed)
-    mean = rng.normal(size=(batch, heads, value_dim, key_dim))
+    mean = rng.normal(size=(batch, heads, key_dim, value_dim))
     if model.family != "exact":
         return filters.FilterState(mean, None)
     cov = np.stack([np.stack([_spd(key_dim, seed + 10 * b + h) for h in range(heads)]) for b in range(batch)])
@@ -224,3 +224,18 @@ def test_inapplicable_backends_say_why(name):
 def test_auto_picks_chunked_where_it_applies():
     assert filters.compile(dm.gated_deltanet()).backend == "chunked"
     assert filters.compile(dm.bayesian(process_noise=0.1)).backend == "chunked"
+
+
+def test_step_inputs_keep_qkv_in_their_dtype_and_gates_in_the_compute_dtype():
+    """bf16 q, k, v reach the lowerings as bf16 (a kernel multiplies them on tensor cores); the gates
+    and what is derived from them are in float32; every lowering computes in float32 from them."""
+    from filters.inputs import prepare
+
+    model = dm.gated_deltanet()
+    q, k, v, gates = random_inputs(model, time=8, seed=1)
+    bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+    x = prepare(filters.analyze(model), bf16(q), bf16(k), bf16(v), {n: bf16(g) for n, g in gates.items()})
+    assert x.q.dtype == x.k.dtype == x.v.dtype == jnp.bfloat16
+    assert x.transition.dtype == x.write_strength.dtype == x.reset_variance.dtype == jnp.float32
+    assert x.compute_dtype == jnp.float32
+    assert all(a.dtype == jnp.float32 for a in x.in_compute_dtype()[:3])

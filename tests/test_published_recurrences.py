@@ -40,7 +40,7 @@ def make_inputs(shape, seed, unit_keys=True):
         ldk=np.log(rng.uniform(0.5, 1.0, (b, t, h, dk))),  # per-key-channel log-decay (GLA)
         beta=rng.uniform(0.05, 0.95, (b, t, h)),
         dt=rng.uniform(0.1, 2.0, (b, t, h)),
-        m0=rng.standard_normal((b, h, dv, dk)),
+        m0=rng.standard_normal((b, h, dk, dv)),
     )
     return {n: jnp.asarray(a) for n, a in x.items()}
 
@@ -142,9 +142,9 @@ def test_none_initial_state_is_zeros_and_readout_is_state_times_query():
         o1, s1 = run(slice(None), None)
         o2, s2 = run(slice(None), zeros)
         assert rel_err(o1, o2) == 0 and rel_err(s1, s2) == 0, name
-        # o_t = M_t q_t in the common [B, H, V, K] layout (checked at the last step)
+        # o_t = S_t^T q_t in the common [B, H, K, V] layout (checked at the last step)
         o, s = run(slice(None), x["m0"])
-        assert rel_err(o[:, -1], jnp.einsum("bhvk,bhk->bhv", s, x["q"][:, -1])) < RTOL, name
+        assert rel_err(o[:, -1], jnp.einsum("bhkv,bhk->bhv", s, x["q"][:, -1])) < RTOL, name
 
 
 def test_dtype_is_never_cast_down():
