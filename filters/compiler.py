@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 import designmodels as dm
 from filters import associative, chunked, kalman, sequential
+from filters.pallas import lowering as pallas_lowering
 from filters.inputs import FilterState, _value_checker, initial_state, prepare
 from filters.lowering import LOWERINGS, BackendError, Lowering, applicable, auto, register
 from filters.structure import Structure, analyze
@@ -21,7 +22,7 @@ from filters.structure import Structure, analyze
 
 # The built-in lowerings, in the order `explain` and the messages list them; other modules register theirs
 # (`filters.lowering.register`).
-for _lowering_module in (sequential, associative, chunked):
+for _lowering_module in (sequential, associative, chunked, pallas_lowering):
     register(_lowering_module.LOWERING)
 
 
@@ -46,7 +47,9 @@ def _lowering(structure: Structure, backend: str, diagnostics: bool) -> Lowering
 
 
 def _check_options(options: dict, backend: str, lowering: Lowering) -> None:
-    """Each option is checked by the lowerings that take it (`Lowering.options`)."""
+    """Each option is checked by the lowering that will use it (`Lowering.options`; two lowerings may
+    accept different values of one option, e.g. ``chunk_size``), or, when ``auto`` chose a lowering that
+    does not take it, by the lowerings that do."""
     for name, value in options.items():
         owners = [l for l in LOWERINGS.values() if name in l.options]
         if not owners:
@@ -55,10 +58,10 @@ def _check_options(options: dict, backend: str, lowering: Lowering) -> None:
                                f"accepted: {', '.join(known)}.")
         if backend != "auto" and lowering not in owners:
             names = [repr(l.name) for l in owners]
-            raise BackendError(f"{name}={value!r}: an option of the {' and '.join(names)} lowering, which "
-                               f"backend={backend!r} does not use; accepted: backend={' or '.join(names)} (or "
+            raise BackendError(f"{name}={value!r}: an option of the {' and '.join(names)} "
+                               f"lowering{'s' if len(names) > 1 else ''}, which backend={backend!r} does not use; accepted: backend={' or '.join(names)} (or "
                                f"'auto'), or drop {name}.")
-        for owner in owners:
+        for owner in ([lowering] if lowering in owners else owners):
             owner.options[name](value)
 
 

@@ -8,9 +8,10 @@ takes (each with its validator), and ``run`` evaluates it::
     run(structure, x: StepInputs, state: FilterState, *, diagnostics, **options) -> FilterOutput
 
 ``x`` is checked and normalized (`filters.inputs`), ``q, k, v`` in their input dtype and everything else
-in the compute dtype; ``state`` is in the compute dtype. ``run`` returns the readouts ``y [B,T,H,V]`` and
-the final state in the compute dtype, and the `Diagnostics` when asked (and supported). It is called
-under ``jit`` with full-float32 matrix products.
+in the compute dtype; ``state`` is in the compute dtype. ``run`` returns the readouts ``y [B,T,H,V]`` (in
+the compute dtype, or already in the values' dtype, which the filter returns) and the final state in the
+compute dtype, and the `Diagnostics` when asked (and supported). It is called under ``jit`` with
+full-float32 matrix products by default (a lowering that multiplies on tensor cores says so per product).
 
 A new lowering subclasses `Lowering` and calls `register` (at import of its module); `compile`, `explain`
 and ``backend="auto"`` then treat it like the built-in ones. ``auto`` takes the first lowering of

@@ -168,3 +168,93 @@ def test_kernels_lower_for_cuda():
                          sd(b, t, h, d, dtype=f32), state) == 2
     assert _triton_calls(lambda k, ld, n, bt, p: covariance.covariance_pass(None, k, ld, n, bt, p)[:2],
                          seq, gate, gate, gate, state) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The "pallas" lowering through `filters.compile`: every family, against the float64 sequential oracle.
+
+import designmodels as dm  # noqa: E402
+import filters  # noqa: E402
+from filters.lowering import auto  # noqa: E402
+from tests.support import random_inputs  # noqa: E402
+
+PALLAS_MODELS = {
+    "linear_attention": dm.linear_attention(), "mamba2": dm.mamba2(), "gla": dm.gla(),
+    "deltanet": dm.deltanet(), "gated_deltanet": dm.gated_deltanet(), "longhorn": dm.longhorn(),
+    "bayesian": dm.bayesian(process_noise=0.05), "bayesian_stationary": dm.bayesian(noise="stationary"),
+}
+
+
+@pytest.mark.parametrize("name", PALLAS_MODELS)
+def test_pallas_lowering_equals_the_oracle(name):
+    """Kernels in the interpreter, from an initial state, the last chunk padded; float32 inputs."""
+    model = PALLAS_MODELS[name]
+    q, k, v, gates = random_inputs(model, batch=1, time=21, heads=2, key_dim=16, value_dim=16, seed=3)
+    state = filters.compile(model, backend="sequential")(q, k, v, **gates)[1]   # a nonzero start
+    oracle = filters.compile(model, backend="sequential")
+    ours = filters.compile(model, backend="pallas", chunk_size=16, precision="highest", interpret=True)
+    as32 = lambda x: jnp.asarray(x, jnp.float32)
+    y, final = ours(as32(q), as32(k), as32(v), initial_state=jax.tree.map(as32, state),
+                    **{n: as32(g) for n, g in gates.items()})
+    want_y, want_final = oracle(q, k, v, initial_state=state, **gates)
+    assert _relative(y, want_y) < 1e-5
+    assert _relative(final.mean, want_final.mean) < 1e-5
+    if want_final.covariance is not None:
+        assert _relative(final.covariance, want_final.covariance) < 1e-5
+
+
+def test_pallas_lowering_on_a_cpu_runs_the_references():
+    model = dm.gated_deltanet()
+    q, k, v, gates = random_inputs(model, batch=1, time=40, heads=2, key_dim=16, value_dim=16, seed=4,
+                                   dtype=np.float32)
+    y, _ = filters.compile(model, backend="pallas", chunk_size=16)(q, k, v, **gates)
+    want, _ = filters.compile(model, backend="sequential")(q, k, v, **gates)
+    assert _relative(y, want) < 1e-5
+
+
+def test_float64_inputs_run_the_chunked_form():
+    """The kernels compute in float32: float64 inputs keep float64 accuracy through the chunked form."""
+    model = dm.gated_deltanet()
+    q, k, v, gates = random_inputs(model, batch=1, time=20, heads=1, key_dim=8, value_dim=8, seed=5)
+    y, _ = filters.compile(model, backend="pallas", chunk_size=16)(q, k, v, **gates)
+    want, _ = filters.compile(model, backend="sequential")(q, k, v, **gates)
+    assert y.dtype == jnp.float64 and _relative(y, want) < 1e-12
+
+
+def test_the_filter_lowered_for_cuda_holds_the_kernels():
+    """``filters.compile(model, backend="pallas")`` traced on a CPU and lowered for CUDA: the Triton
+    kernels, forward and gradient (the choice is made at lowering, not from the default backend)."""
+    model = dm.gated_deltanet()
+    f = filters.compile(model, backend="pallas")
+    sd = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+    args = (sd(2, 128, 2, 64), sd(2, 128, 2, 64), sd(2, 128, 2, 64), sd(2, 128, 2, dtype=jnp.float32),
+            sd(2, 128, 2, dtype=jnp.float32))
+
+    def loss(q, k, v, log_decay, beta):
+        return jnp.sum(f(q, k, v, log_decay=log_decay, beta=beta, validate=False)[0].astype(jnp.float32))
+
+    assert _triton_calls(loss, *args) == 3
+    assert _triton_calls(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), *args) == 6
+
+
+def test_auto_picks_the_kernels_on_a_gpu_where_they_apply():
+    for model in (dm.gated_deltanet(), dm.mamba2(), dm.gla(), dm.bayesian()):
+        assert auto(filters.analyze(model), platform="gpu").name == "pallas"
+    kda_style = dm.DesignModel(transition=dm.DiagonalDecay(None), observation=dm.KeyValueObservation(None),
+                               covariance=dm.Reset(write_strength=True))
+    assert auto(filters.analyze(kda_style), platform="gpu").name == "chunked"
+    assert auto(filters.analyze(dm.gated_deltanet()), platform="cpu").name == "chunked"
+    assert "pallas" in filters.explain(dm.gated_deltanet())
+
+
+@pytest.mark.parametrize("options, phrase", [
+    (dict(chunk_size=48), "16, 32, 64 or 128"), (dict(precision="fast"), "'default'"),
+    (dict(interpret="yes"), "interpret=")])
+def test_pallas_options_are_checked(options, phrase):
+    with pytest.raises(filters.BackendError, match=phrase):
+        filters.compile(dm.gated_deltanet(), backend="pallas", **options)
+
+
+def test_chunk_size_of_the_chunked_lowering_is_its_own():
+    """An option two lowerings take is checked by the one that uses it."""
+    assert filters.compile(dm.gated_deltanet(), backend="chunked", chunk_size=8).backend == "chunked"
