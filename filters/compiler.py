@@ -59,7 +59,8 @@ def _check_options(options: dict, backend: str, lowering: Lowering) -> None:
         if backend != "auto" and lowering not in owners:
             names = [repr(l.name) for l in owners]
             raise BackendError(f"{name}={value!r}: an option of the {' and '.join(names)} "
-                               f"lowering{'s' if len(names) > 1 else ''}, which backend={backend!r} does not use; accepted: backend={' or '.join(names)} (or "
+                               f"lowering{'s' if len(names) > 1 else ''}, which backend={backend!r} does not "
+                               f"use; accepted: backend={' or '.join(names)} (or "
                                f"'auto'), or drop {name}.")
         for owner in ([lowering] if lowering in owners else owners):
             owner.options[name](value)
