@@ -58,6 +58,12 @@ class Lowering(abc.ABC):
         """Whether `run` reports per-step diagnostics for ``structure``."""
         return False
 
+    def reason_auto_passes_over(self, structure) -> Optional[str]:
+        """Why ``backend="auto"`` should not choose this lowering for ``structure`` although it applies
+        (it was measured slower than the next preference, say), or None. Asking for it by name still
+        works."""
+        return None
+
     @abc.abstractmethod
     def run(self, structure, x: StepInputs, state: FilterState, *, diagnostics: bool,
             **options) -> FilterOutput:
@@ -106,7 +112,7 @@ def auto(structure, *, diagnostics: bool = False, platform: Optional[str] = None
     platform = platform or jax.default_backend()
     candidates = applicable(structure, diagnostics=diagnostics)
     for name in (*AUTO_PREFERENCE.get(platform, ()), *LOWERINGS):
-        if name in candidates:
+        if name in candidates and not LOWERINGS[name].reason_auto_passes_over(structure):
             return LOWERINGS[name]
     raise BackendError(f"backend='auto': no registered lowering applies to this design model"
                        f"{' with diagnostics' if diagnostics else ''}; registered: {', '.join(LOWERINGS)}.")

@@ -203,11 +203,12 @@ def test_pallas_lowering_equals_the_oracle(name):
         assert _relative(final.covariance, want_final.covariance) < 1e-5
 
 
-def test_pallas_lowering_on_a_cpu_runs_the_references():
+def test_pallas_lowering_without_the_interpreter():
+    """On a CPU the kernels' plain-JAX references run, on a GPU the kernels (float32 products here)."""
     model = dm.gated_deltanet()
     q, k, v, gates = random_inputs(model, batch=1, time=40, heads=2, key_dim=16, value_dim=16, seed=4,
                                    dtype=np.float32)
-    y, _ = filters.compile(model, backend="pallas", chunk_size=16)(q, k, v, **gates)
+    y, _ = filters.compile(model, backend="pallas", chunk_size=16, precision="highest")(q, k, v, **gates)
     want, _ = filters.compile(model, backend="sequential")(q, k, v, **gates)
     assert _relative(y, want) < 1e-5
 
@@ -237,9 +238,12 @@ def test_the_filter_lowered_for_cuda_holds_the_kernels():
     assert _triton_calls(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), *args) == 6
 
 
-def test_auto_picks_the_kernels_on_a_gpu_where_they_apply():
-    for model in (dm.gated_deltanet(), dm.mamba2(), dm.gla(), dm.bayesian()):
+def test_auto_picks_the_kernels_on_a_gpu_where_they_were_measured_faster():
+    for model in (dm.gated_deltanet(), dm.deltanet(), dm.mamba2(), dm.linear_attention()):
         assert auto(filters.analyze(model), platform="gpu").name == "pallas"
+    for model in (dm.gla(), dm.bayesian()):       # applies, measured slower for training: chunked
+        assert auto(filters.analyze(model), platform="gpu").name == "chunked"
+        assert filters.compile(model, backend="pallas").backend == "pallas"
     kda_style = dm.DesignModel(transition=dm.DiagonalDecay(None), observation=dm.KeyValueObservation(None),
                                covariance=dm.Reset(write_strength=True))
     assert auto(filters.analyze(kda_style), platform="gpu").name == "chunked"

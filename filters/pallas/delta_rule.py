@@ -119,7 +119,8 @@ def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots
         if not interpret:
             pltriton.debug_barrier()
         inverse = inv_ref[...]
-        wp_ref[...] = dots(inverse, k_ref[...].astype(F32) * jnp.exp(b_ref[...])[:, None]).astype(wp_ref.dtype)
+        # T (K * gamma) = (T diag(gamma)) K: gamma scales the float32 T, K stays exact
+        wp_ref[...] = dots(inverse * jnp.exp(b_ref[...])[None, :], k_ref[...]).astype(wp_ref.dtype)
         up_ref[...] = dots(inverse, v_ref[...]).astype(up_ref.dtype)
         return
     for i in range(n):
@@ -185,8 +186,8 @@ def _state_kernel(*refs, chunk, dots, erase):
             u_ref[pl.ds(t0, chunk), :] = u.astype(u_ref.dtype)
         b = rows(b_ref, t0, chunk)
         b_last = jnp.min(b)                                     # b is non-increasing: its last entry
-        w_to_end = rows(w_ref, t0, chunk).astype(F32) * jnp.exp(b_last - b)[:, None]
-        return jnp.exp(b_last) * state + dots.tn(w_to_end, u)
+        # (W * d)^T U = W^T (d * U): the decay scales the float32 innovations, W stays as stored
+        return jnp.exp(b_last) * state + dots.tn(rows(w_ref, t0, chunk), u * jnp.exp(b_last - b)[:, None])
 
     sf_ref[...] = lax.fori_loop(0, n, body, s0_ref[...].astype(F32))
 
@@ -330,7 +331,8 @@ def _output_kernel(q_ref, w_ref, b_ref, h_ref, u_ref, y_ref, *, dots):
     q = q_ref[...]
     b = b_ref[...]
     attend = dots.nt(q, w_ref[...]) * _lower_terms(b, b, False)
-    y = dots(q.astype(F32) * jnp.exp(b)[:, None], h_ref[...]) + dots(attend, u_ref[...])
+    # (Q * gamma) S_c = diag(gamma) (Q S_c): the decay scales the float32 product, not the bf16 operand
+    y = dots(q, h_ref[...]) * jnp.exp(b)[:, None] + dots(attend, u_ref[...])
     y_ref[...] = y.astype(y_ref.dtype)
 
 

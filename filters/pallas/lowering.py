@@ -62,6 +62,17 @@ class Pallas(Lowering):
                     "(backend='chunked' runs it)")
         return None
 
+    def reason_auto_passes_over(self, structure):
+        # Measured on an H200 (docs/results/gpu_kernels.md): the channel-wise decay's backward and the
+        # covariance pass are not yet faster than the chunked lowering for training.
+        if structure.family == "exact":
+            return ("the covariance-pass kernel is slower than the chunked lowering on the H200 "
+                    "(docs/results/gpu_kernels.md)")
+        if structure.family == "additive" and structure.transition == "diagonal":
+            return ("the channel-wise decay has no backward kernel yet: forward+backward is not faster than "
+                    "the chunked lowering (docs/results/gpu_kernels.md)")
+        return None
+
     def run(self, structure, x, state, *, diagnostics, chunk_size=chunked.DEFAULT_CHUNK_SIZE,
             precision="default", interpret=False):
         if x.compute_dtype == jnp.float64:       # the kernels compute in float32 and bf16
