@@ -20,6 +20,7 @@ from filters import chunked
 from filters.inputs import FilterState
 from filters.lowering import BackendError, FilterOutput, Lowering
 from filters.pallas import covariance, delta_rule, gla
+from filters.pallas import common
 from filters.pallas.common import SUB
 
 PRECISIONS = ("default", "highest")
@@ -54,6 +55,9 @@ class Pallas(Lowering):
     options = {"chunk_size": check_chunk_size, "precision": check_precision, "interpret": check_interpret}
 
     def reason_not_applicable(self, structure):
+        if common.pltriton is None:
+            return ("this jax has no Pallas Triton lowering (jax.experimental.pallas.triton), which the kernels "
+                    "are written for; backend='chunked' runs the same forms in plain XLA")
         reason = chunked.LOWERING.reason_not_applicable(structure)
         if reason:
             return reason
