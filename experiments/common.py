@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging as pylogging
 import os
 import sys
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -170,6 +171,26 @@ def deterministic_gpu_reductions() -> None:
         os.environ["XLA_FLAGS"] = (flags_now + " --xla_gpu_deterministic_ops=true").strip()
 
 
+class _NoTpuProbeLine(pylogging.Filter):
+    """Drop JAX's INFO line "Unable to initialize backend 'tpu': ... libtpu.so ...".
+
+    When ``JAX_PLATFORMS`` is unset, JAX tries every backend it knows, TPU included, and logs the failure of
+    the ones that may fail quietly at INFO level; an absl app shows INFO lines, so every run on a CPU or a
+    GPU machine printed one about a TPU it never asked for. Only that line goes: the platform choice is
+    untouched (a GPU is still found and used), and a backend that fails loudly still raises."""
+
+    def filter(self, record):
+        return not (record.levelno <= pylogging.INFO
+                    and record.getMessage().startswith("Unable to initialize backend 'tpu'"))
+
+
+def quiet_tpu_probe() -> None:
+    """Install `_NoTpuProbeLine` on JAX's backend logger (once; before JAX starts a backend)."""
+    logger = pylogging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _NoTpuProbeLine) for f in logger.filters):
+        logger.addFilter(_NoTpuProbeLine())
+
+
 def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, config: str, outputs: str,
             check: Optional[Callable[[ml_collections.ConfigDict], None]] = None, x64: bool = False) -> None:
     """Run ``experiment(config, workdir)`` as an absl program with the flags ``--config`` (default the file
@@ -183,6 +204,7 @@ def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, conf
     from ml_collections import config_flags
 
     deterministic_gpu_reductions()
+    quiet_tpu_probe()
     sys.argv[:] = last_override_wins(sys.argv)
     try:   # before the flags are defined: ml_collections applies the overrides to a default config then
         check_command_line(flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False), config)
