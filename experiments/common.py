@@ -199,7 +199,8 @@ def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, conf
 
     A field given twice takes its last value (`last_override_wins`). Before anything runs, a misspelled field, a stray argument, a missing workdir, or a config that
     ``check(config)`` refuses (a ``ValueError``) is a usage error that says what to write instead, without a
-    traceback. ``x64`` enables float64 first."""
+    traceback; so is a `RunError` raised by the experiment (one line, exit status ``error.exit_status``:
+    1 for a run file that cannot be used, 3 for diverged runs). ``x64`` enables float64 first."""
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -231,7 +232,11 @@ def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, conf
         if x64:
             import jax
             jax.config.update("jax_enable_x64", True)
-        experiment(resolved, prepare_workdir(flags.FLAGS.workdir))
+        try:
+            experiment(resolved, prepare_workdir(flags.FLAGS.workdir))
+        except RunError as error:       # its message says what is wrong and what to do: no traceback
+            sys.stderr.write(f"ERROR {error}\n")
+            sys.exit(error.exit_status)
 
     app.run(main)
 
@@ -239,6 +244,38 @@ def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, conf
 # ----------------------------------------------------------------------------------------------------
 # files
 # ----------------------------------------------------------------------------------------------------
+
+
+class RunError(Exception):
+    """A run that cannot go on, for a cause its one-line message names together with what to do (a run file
+    that is corrupt or was written by other settings, no readable checkpoint, diverged runs). The apps print
+    the message and exit with `exit_status`, without a traceback."""
+
+    exit_status = 1
+
+
+class RunFileError(RunError, ValueError):
+    """A file of a run folder that cannot be used: empty, truncated, corrupt, or written with other
+    settings. The message names the file (or the folder) and what to do."""
+
+
+class Diverged(RunError):
+    """Runs whose training loss became non-finite: they are recorded (``status: diverged``) and reported as
+    such; the app exits with status 3 after writing its report."""
+
+    exit_status = 3
+
+
+def read_json(path: str, remedy: str):
+    """``json.load`` of ``path``; a `RunFileError` naming the file, what is wrong with it (empty, truncated,
+    not JSON) and ``remedy`` (what to do) when it cannot be parsed, instead of a bare ``JSONDecodeError``."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        what = "empty" if not text.strip() else f"truncated or corrupt ({error.msg} at character {error.pos})"
+        raise RunFileError(f"{path}: {what}; {remedy}") from None
 
 
 def prepare_workdir(workdir: str) -> str:

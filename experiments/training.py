@@ -9,18 +9,27 @@
   written after the last checkpoint are dropped on restart and written again, identically;
 * metrics as CSV (``metrics.csv``: training; ``eval.csv``: evaluation), and TensorBoard when
   ``tensorboardX`` (or torch's) is installed; a progress bar (tqdm) on long runs;
-* the throughput of the compiled training step, in tokens per second, after warm-up.
+* the throughput of the compiled training step, in tokens per second, after warm-up;
+* faults: a run folder holds one run (``run.json`` records what its results depend on, and a run asked
+  with other settings is refused, naming the fields); ``keep_checkpoints`` checkpoints are kept and an
+  unreadable one is set aside for the one before it, with a warning; a damaged ``run.json``,
+  ``metrics.csv`` or ``eval.csv`` is an error that names the file and what to do; a run whose loss or
+  gradient norm is not finite stops and is recorded as ``diverged``.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import functools
+import io
 import json
+import math
 import os
+import re
+import shutil
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import flax.linen as nn
 import jax
@@ -53,7 +62,7 @@ class TrainSettings:
     log_every: int = 10
     eval_every: int = 0                # 0: evaluate at the end only
     checkpoint_every: int = 100
-    keep_checkpoints: int = 1
+    keep_checkpoints: int = 2          # the newest ones; an unreadable checkpoint falls back to the one before
     eval_batch_size: int = 256
     throughput_steps: int = 5          # timed steps (after one warm-up step); 0 disables
     progress: bool = True
@@ -287,24 +296,197 @@ class BatchSchedule:
 
 
 # ----------------------------------------------------------------------------------------------------
+# run records: what a run folder holds and whether it can be used
+# ----------------------------------------------------------------------------------------------------
+
+# Settings that change neither a run's trajectory nor its evaluations: a run is resumed and reported
+# whatever their values (the throughput is measured again by whoever finishes the run).
+UNRECORDED_SETTINGS = ("progress", "throughput_steps", "checkpoint_every", "keep_checkpoints", "eval_batch_size")
+
+
+def run_identity(description: Optional[dict], settings: TrainSettings, train_shape, eval_shapes: dict) -> dict:
+    """What a run's results are a function of, as its ``run.json`` records it: the caller's ``description``
+    (model, data, task), the settings less `UNRECORDED_SETTINGS`, and the shapes ``[N, L]`` of the training
+    set's labels and of each evaluation set's (``eval_shapes``: name -> shape). A run folder holds one
+    identity: a run asked with another is refused (`check_run_folder`), never resumed or reported."""
+    recorded = dataclasses.asdict(settings)
+    for name in UNRECORDED_SETTINGS:
+        recorded.pop(name)
+    identity = {"description": description or {}, "settings": recorded, "train_examples": int(train_shape[0]),
+                "train_shape": [int(n) for n in train_shape],
+                "eval_sets": {name: [int(n) for n in shape] for name, shape in eval_shapes.items()}}
+    return json.loads(json.dumps(identity))        # as it reads back from run.json (tuples become lists)
+
+
+def identity_differences(recorded: dict, asked: dict, prefix: str = "") -> list[str]:
+    """``"field: value here, value asked"`` for every (dotted) field in which two identities differ."""
+    show = lambda value: (lambda t: t if len(t) <= 60 else t[:57] + "...")(json.dumps(value))
+    out = []
+    for key in dict.fromkeys([*recorded, *asked]):
+        name = f"{prefix}{key}"
+        if key not in recorded:
+            out.append(f"{name}: not recorded here, {show(asked[key])} asked")
+        elif key not in asked:
+            out.append(f"{name}: {show(recorded[key])} here, not asked")
+        elif isinstance(recorded[key], dict) and isinstance(asked[key], dict):
+            out += identity_differences(recorded[key], asked[key], f"{name}.")
+        elif recorded[key] != asked[key]:
+            out.append(f"{name}: {show(recorded[key])} here, {show(asked[key])} asked")
+    return out
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    directory = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def check_run_folder(run_dir: str, identity: dict) -> bool:
+    """Whether ``run_dir`` holds a run (its ``run.json``); a `common.RunFileError` when that run was made with
+    another identity (naming ``run.json`` and the differing fields) or its ``run.json`` is damaged or
+    missing: its checkpoints and results then belong to settings other than the asked ones."""
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.exists(path):
+        if _has_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, "results.json")):
+            raise common.RunFileError(f"{path}: missing, but {run_dir} holds a run (checkpoints or results.json) "
+                                      f"whose settings therefore cannot be checked; delete {run_dir} to train it "
+                                      "again.")
+        return False
+    recorded = common.read_json(path, f"it records the settings {run_dir} was trained with, so the run cannot be "
+                                      f"checked; delete {run_dir} to train it again.")
+    differences = identity_differences(recorded, identity)
+    if differences:
+        shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+        raise common.RunFileError(
+            f"{path}: this run was made with different settings ({shown}); its results are not those of the "
+            f"asked settings. Use another workdir for them, or delete {run_dir} to train it again with them.")
+    return True
+
+
+def _restore_failure(error: BaseException, directory: str) -> str:
+    """One line from a failed restore of a checkpoint under ``directory``: the innermost cause of the
+    exception, without the tensorstore specification that orbax appends (hundreds of characters); for a
+    tensorstore read error, its last clause and the file it names."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).split("[tensorstore_spec", 1)[0].split("See full TensorStore details", 1)[0]
+    text = " ".join(text.split()) or type(error).__name__
+    files = re.findall(r'local file "([^"]+)"', text)
+    if files:
+        text = f"{text.rsplit(': ', 1)[-1]} in {os.path.relpath(files[-1], directory)}"
+    return text if len(text) <= 200 else "..." + text[-197:]
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """When a restore fails, orbax's event loop closes while tensorstore still completes its other reads; each
+    completion's callback then fails with ``RuntimeError('Event loop is closed')``, which Python prints as an
+    unraisable exception: hundreds of lines of noise around the one real cause. Drop exactly those (process
+    wide and once: they can arrive after the restore returned); every other unraisable exception is reported
+    as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+
+
+def restore_checkpoint(run_dir: str, target=None, *, step: Optional[int] = None, set_aside: bool = False):
+    """``(state, step)`` of the newest readable checkpoint of ``run_dir`` (or of ``step``), restored into the
+    shapes and shardings of ``target`` (None: as saved); ``(target, None)`` when there is none.
+
+    An unreadable checkpoint (truncated, corrupt, missing files) gives one warning line and the one before it
+    is tried; with ``set_aside`` (training, which will save that step again) it is moved to
+    ``run_dir/checkpoints.unreadable/``. When none is readable (or ``step`` is not): a `common.RunFileError`
+    naming the run folder, each cause, and what to do."""
+    directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+    if not _has_checkpoints(run_dir):
+        if step is not None:
+            raise common.RunFileError(f"{run_dir}: no checkpoint to load (no {directory}/{step}).")
+        return target, None
+    _drop_closed_loop_callbacks()
+    if step is None:
+        manager = ocp.CheckpointManager(directory)
+        steps = sorted(manager.all_steps(), reverse=True)
+        manager.close()
+    else:
+        steps = [step]
+    args = ocp.args.StandardRestore(None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+    failures = []
+    for candidate in steps:
+        manager = ocp.CheckpointManager(directory)   # one per attempt: a failed restore leaves a manager unusable
+        try:
+            state = manager.restore(candidate, args=args)
+        except Exception as error:  # noqa: BLE001 (any failure to read it: try the one before)
+            failures.append((candidate, _restore_failure(error, directory)))
+            continue
+        finally:
+            manager.close()
+        break
+    else:
+        causes = "; ".join(f"step {s}: {cause}" for s, cause in failures)
+        raise common.RunFileError(f"{run_dir}: no readable checkpoint ({causes}); delete {run_dir} to train this "
+                                  "run again from scratch.")
+    for bad, cause in failures:
+        where = ""
+        if set_aside:
+            aside = os.path.join(run_dir, "checkpoints.unreadable", str(bad))
+            while os.path.exists(aside):
+                aside += "+"
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            shutil.move(os.path.join(directory, str(bad)), aside)
+            where = f", moved to {aside}"
+        logging.warning("%s/%d: unreadable checkpoint (%s)%s; using the one of step %d", directory, bad, cause,
+                        where, candidate)
+    return state, candidate
+
+
+# ----------------------------------------------------------------------------------------------------
 # logging
 # ----------------------------------------------------------------------------------------------------
 
 class CsvLog:
-    """Append-only CSV with a ``step`` column; `truncate` drops the rows after a step (on resume)."""
+    """Append-only CSV with a ``step`` column; `resume` keeps the rows up to a step (on resume)."""
 
     def __init__(self, path: str, fields: list[str]):
         self.path, self.fields = path, ["step"] + [f for f in fields if f != "step"]
         if not os.path.exists(path):
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(self.fields)
+            self._rewrite([])
 
-    def truncate(self, step: int) -> None:
-        with open(self.path, newline="") as f:
-            rows = list(csv.reader(f))
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    def _rewrite(self, rows: list[list[str]]) -> None:
         with open(self.path, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
+            csv.writer(f).writerows([self.fields] + rows)
+
+    def resume(self, step: int, expected: Iterable[int] = ()) -> None:
+        """Keep the rows up to ``step``, the checkpoint a run resumes from (later ones are written again,
+        identically), and drop a last row cut short by a kill. A `common.RunFileError` naming the file when
+        it is damaged elsewhere or lacks the row of a step of ``expected`` (rows that the run wrote before
+        that checkpoint): the run's log would have a hole, or rows that are not its own."""
+        with open(self.path, newline="") as f:
+            text = f.read()
+        remedy = f"delete {os.path.dirname(self.path) or '.'} to train this run again from scratch"
+        lines = list(csv.reader(io.StringIO(text)))
+        if not text.endswith("\n"):            # the last line was being written when the process died
+            lines = lines[:-1]
+        if lines and lines[0] != self.fields:
+            raise common.RunFileError(f"{self.path}: its header is {lines[0]}, not {self.fields}; {remedy}.")
+        rows = lines[1:]
+        for i, row in enumerate(rows):
+            if len(row) != len(self.fields) or not row[0].isdigit():
+                raise common.RunFileError(f"{self.path}: line {i + 2} is damaged ({','.join(row)[:60]!r}); "
+                                          f"{remedy}.")
+        kept = [row for row in rows if int(row[0]) <= step]
+        missing = sorted(set(expected) - {int(row[0]) for row in kept})
+        if missing:
+            what = "empty" if not text else "truncated or damaged"
+            steps = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            raise common.RunFileError(f"{self.path}: {what}: the rows of steps {steps} are missing, though this "
+                                      f"run resumes from its checkpoint at step {step}; {remedy}.")
+        self._rewrite(kept)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
@@ -372,52 +554,53 @@ TRAIN_FIELDS = ["loss", "accuracy", "grad_norm", "learning_rate"]
 EVAL_FIELDS = ["set", "accuracy", "loss", "count"]
 
 
+def is_diverged(record: dict) -> bool:
+    """Whether a run's record (``results.json``) is of a run stopped because its loss was not finite."""
+    return record.get("status") == "diverged"
+
+
 def train(model: nn.Module, settings: TrainSettings, train_data: Batch, eval_sets: dict[str, Batch],
           workdir: str, *, mesh: Optional[Mesh] = None, description: Optional[dict] = None,
           stop_at_step: Optional[int] = None, on_step: Optional[Callable[[int], None]] = None,
           desc: str = "train") -> dict:
-    """Train ``model`` in ``workdir`` (resuming from its latest checkpoint), evaluate on ``eval_sets``,
-    and return ``{"eval": {name: metrics}, "final_train": ..., "throughput": ..., "num_params": ...}``.
+    """Train ``model`` in ``workdir`` (resuming from its latest readable checkpoint), evaluate on ``eval_sets``,
+    and return ``{"status", "eval": {name: metrics}, "final_train": ..., "throughput": ..., "num_params": ...}``.
 
     ``on_step(step)`` is called after every step (after its checkpoint is saved).
-    ``workdir`` gets ``checkpoints/``, ``metrics.csv``, ``eval.csv``, ``run.json`` (``description``
-    and the settings; a restart with different ones is an error) and ``results.json`` when done.
+    ``workdir`` gets ``checkpoints/``, ``metrics.csv``, ``eval.csv``, ``run.json`` (`run_identity`: a restart
+    with another one is an error naming the fields) and ``results.json`` when done. ``status`` is
+    ``"finished"``, or ``"diverged"`` when the loss or the gradient norm was not finite at a step where they
+    are read (every ``log_every`` and ``checkpoint_every`` steps, and the last): the run stops there without
+    saving that state, is not evaluated, and ``diverged_at_step`` says where.
     """
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh or data_mesh()
     if settings.batch_size % mesh.devices.size:
         raise ValueError(f"batch_size={settings.batch_size} is not divisible by the {mesh.devices.size} local "
                          f"devices; choose a multiple of {mesh.devices.size}.")
-    identity = {"description": description or {}, "settings": dataclasses.asdict(settings),
-                "train_examples": int(train_data["labels"].shape[0]),
-                "train_shape": list(train_data["labels"].shape)}
-    for name in ("progress", "throughput_steps", "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
-        identity["settings"].pop(name)     # they do not change the trajectory
-    run_path = os.path.join(workdir, "run.json")
-    if os.path.exists(run_path):
-        with open(run_path) as f:
-            previous = json.load(f)
-        if previous != json.loads(json.dumps(identity)):
-            raise ValueError(f"{workdir} holds a run with different settings ({run_path}); use a new workdir "
-                             "or delete it.")
-    else:
-        common.write_json(run_path, identity)
+    identity = run_identity(description, settings, train_data["labels"].shape,
+                            {name: data["labels"].shape for name, data in eval_sets.items()})
+    if not check_run_folder(workdir, identity):
+        common.write_json(os.path.join(workdir, "run.json"), identity)
 
     state = init_state(model, settings, train_data, mesh)
     num_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params)))
+    state, restored = restore_checkpoint(workdir, state, set_aside=True)
+    start = restored or 0
+    if restored is not None:
+        logging.info("%s: resumed from the checkpoint at step %d", workdir, start)
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=settings.keep_checkpoints, create=True))
     train_log = CsvLog(os.path.join(workdir, "metrics.csv"), TRAIN_FIELDS)
     eval_log = CsvLog(os.path.join(workdir, "eval.csv"), EVAL_FIELDS)
-    start = 0
-    if manager.latest_step() is not None:
-        start = manager.latest_step()
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-        logging.info("%s: resumed from the checkpoint at step %d", workdir, start)
-    train_log.truncate(start)
-    eval_log.truncate(start)
+    # the rows written before the checkpoint must be there; the final evaluation's rows come after the last
+    # checkpoint, so a finished run resumed (its results.json lost) writes them again
+    train_log.resume(start, [s for s in range(1, start + 1)
+                             if s % settings.log_every == 0 or s == settings.num_steps])
+    eval_log.resume(min(start, settings.num_steps - 1),
+                    [s for s in range(1, min(start + 1, settings.num_steps))
+                     if settings.eval_every and s % settings.eval_every == 0])
     writer = _tensorboard(os.path.join(workdir, "tensorboard"))
 
     train_step = make_train_step(model, settings, mesh, supervised=supervised_count(train_data["labels"]))
@@ -435,15 +618,26 @@ def train(model: nn.Module, settings: TrainSettings, train_data: Batch, eval_set
         return results
 
     progress = _Progress(settings.num_steps, start, settings.progress, desc)
-    last = {}
+    last, diverged_at = {}, None
     train_start = time.time()
     try:
         for step in range(start, settings.num_steps):
             state, metrics = train_step(state, put_batch(batches(step), mesh))
             done = step + 1
+            logged = done % settings.log_every == 0 or done == settings.num_steps
+            saved = done % settings.checkpoint_every == 0 or done == settings.num_steps
             shown = None
-            if done % settings.log_every == 0 or done == settings.num_steps:
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if logged or saved:              # read the metrics where they are logged or the state is saved
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+                    diverged_at, last = done, values
+                    train_log.write({"step": done, **values})
+                    logging.error("%s: diverged at step %d (loss=%s, grad_norm=%s): stopped, not saved, recorded "
+                                  "as diverged in results.json; a smaller learning rate may train", workdir, done,
+                                  values["loss"], values["grad_norm"])
+                    break
+            if logged:
+                last = values
                 train_log.write({"step": done, **last})
                 if writer is not None:
                     for k, v in last.items():
@@ -452,7 +646,7 @@ def train(model: nn.Module, settings: TrainSettings, train_data: Batch, eval_set
             progress.update(done, shown)
             if settings.eval_every and done % settings.eval_every == 0 and done != settings.num_steps:
                 run_evals(done)
-            if done % settings.checkpoint_every == 0 or done == settings.num_steps:
+            if saved:
                 manager.save(done, args=ocp.args.StandardSave(state))
             if stop_at_step is not None and done == stop_at_step:
                 manager.wait_until_finished()
@@ -461,12 +655,22 @@ def train(model: nn.Module, settings: TrainSettings, train_data: Batch, eval_set
                 on_step(done)
         train_seconds = time.time() - train_start
         manager.wait_until_finished()
-        if manager.latest_step() != settings.num_steps:      # e.g. resumed from a finished run's checkpoint
-            manager.save(settings.num_steps, args=ocp.args.StandardSave(state), force=True)
+        if diverged_at is None and manager.latest_step() != settings.num_steps:   # e.g. resumed from a finished
+            manager.save(settings.num_steps, args=ocp.args.StandardSave(state), force=True)   # run's checkpoint
             manager.wait_until_finished()
     finally:
         progress.close()
         manager.close()
+    common_results = {"num_params": num_params, "steps": settings.num_steps,
+                      "train_seconds_this_session": train_seconds, "devices": mesh.devices.size,
+                      "platform": jax.default_backend()}
+    if diverged_at is not None:
+        if writer is not None:
+            writer.close()
+        results = {"status": "diverged", "diverged_at_step": diverged_at, "eval": {}, "final_train": last,
+                   "throughput": {}, **common_results}
+        common.write_json(os.path.join(workdir, "results.json"), {**identity, **results})
+        return results
     if not last and os.path.exists(train_log.path):        # a resumed, already finished run
         rows = read_csv(train_log.path)
         last = {k: float(rows[-1][k]) for k in TRAIN_FIELDS} if rows else {}
@@ -474,9 +678,7 @@ def train(model: nn.Module, settings: TrainSettings, train_data: Batch, eval_set
     throughput = measure_throughput(train_step, state, put_batch(batches(0), mesh), settings.throughput_steps)
     if writer is not None:
         writer.close()
-    results = {"eval": evals, "final_train": last, "throughput": throughput, "num_params": num_params,
-               "steps": settings.num_steps, "train_seconds_this_session": train_seconds,
-               "devices": mesh.devices.size, "platform": jax.default_backend()}
+    results = {"status": "finished", "eval": evals, "final_train": last, "throughput": throughput, **common_results}
     common.write_json(os.path.join(workdir, "results.json"), {**identity, **results})
     return results
 
@@ -501,12 +703,10 @@ def measure_throughput(train_step: Callable, state: TrainState, batch, steps: in
 
 def load_checkpoint(workdir: str, step: Optional[int] = None) -> dict:
     """The saved `TrainState` of a run (``step``, ``params``, ``opt_state``) as a tree of arrays, from its
-    latest checkpoint or from ``step``; e.g. ``load_checkpoint(run_dir)["params"]`` for the model."""
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-        return manager.restore(step, args=ocp.args.StandardRestore())
-    finally:
-        manager.close()
+    newest readable checkpoint (an unreadable one is skipped with a warning) or from ``step``; e.g.
+    ``load_checkpoint(run_dir)["params"]`` for the model. A `common.RunFileError` naming the run folder when
+    there is no readable checkpoint."""
+    state, found = restore_checkpoint(workdir, step=step)
+    if found is None:
+        raise common.RunFileError(f"{workdir}: no checkpoint to load (no {workdir}/checkpoints/<step>).")
+    return state
