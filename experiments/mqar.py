@@ -7,7 +7,8 @@ For every (variant, training shape, model, d_model, learning rate) of the config
 (`experiments.models`) is trained on `experiments.tasks.mqar` data (`experiments.training`: AdamW,
 warm-up + cosine, data-parallel over the local devices, orbax checkpoints) in its own folder under
 ``workdir/runs``, then evaluated at its training shape and beyond (longer sequences, more pairs); the
-throughput of its training step is measured. Finished runs are skipped, so an interrupted sweep resumes.
+throughput of its training step is measured. Finished runs are skipped, so an interrupted sweep resumes;
+a run folder that holds a run of other settings is an error before anything trains.
 Then every finished run of the workdir is collected into ``results.csv`` (one row per run),
 ``table.md`` (best learning rate per variant, shape, model and d_model), ``accuracy_vs_d_model.png`` and,
 where cells were trained at several shapes, ``accuracy_vs_seq_len.png``.

@@ -45,7 +45,10 @@ def run_identity(description: Optional[dict], settings: TrainSettings, train_sha
 
 def identity_differences(recorded: dict, asked: dict, prefix: str = "") -> list[str]:
     """``"field: value here, value asked"`` for every (dotted) field in which two identities differ."""
-    show = lambda value: (lambda t: t if len(t) <= 60 else t[:57] + "...")(json.dumps(value))
+    def show(value) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
     out = []
     for key in dict.fromkeys([*recorded, *asked]):
         name = f"{prefix}{key}"
@@ -76,8 +79,11 @@ def check_run_folder(run_dir: str, identity: dict) -> bool:
                                       f"whose settings therefore cannot be checked; delete {run_dir} to train it "
                                       "again.")
         return False
-    recorded = common.read_json(path, f"it records the settings {run_dir} was trained with, so the run cannot be "
-                                      f"checked; delete {run_dir} to train it again.")
+    remedy = f"it records the settings {run_dir} was trained with, so the run cannot be checked; delete {run_dir} " \
+             "to train it again."
+    recorded = common.read_json(path, remedy)
+    if not isinstance(recorded, dict):
+        raise common.RunFileError(f"{path}: not a record of settings (a JSON {type(recorded).__name__}); {remedy}")
     differences = identity_differences(recorded, identity)
     if differences:
         shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
