@@ -24,12 +24,16 @@ def add_model_and_training(config: ml_collections.ConfigDict, *, num_steps: int,
     config.log_every = 50
     config.eval_every = 0
     config.checkpoint_every = 500
+    config.keep_checkpoints = 2       # the newest ones kept: an unreadable checkpoint falls back to the one before
     config.eval_batch_size = 256
     config.throughput_steps = 10
     config.progress = True
     # after training, collect every finished run of the workdir into results.csv, table.md and the figures
     # (experiments/concurrent_sweep.sh turns it off in its one-run processes and reports once at the end)
     config.report = True
+    # check every run folder of the grid against this config (one holding a run of other settings is an error)
+    # and exit without training (experiments/concurrent_sweep.sh, before it queues the unfinished runs)
+    config.check_only = False
     config.kill_at_step = 0           # debugging: SIGKILL the process after this step of each run (0: never)
     return config
 

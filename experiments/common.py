@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging as pylogging
 import os
 import sys
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -170,6 +171,26 @@ def deterministic_gpu_reductions() -> None:
         os.environ["XLA_FLAGS"] = (flags_now + " --xla_gpu_deterministic_ops=true").strip()
 
 
+class _NoTpuProbeLine(pylogging.Filter):
+    """Drop JAX's INFO line "Unable to initialize backend 'tpu': ... libtpu.so ...".
+
+    When ``JAX_PLATFORMS`` is unset, JAX tries every backend it knows, TPU included, and logs the failure of
+    the ones that may fail quietly at INFO level; an absl app shows INFO lines, so every run on a CPU or a
+    GPU machine printed one about a TPU it never asked for. Only that line goes: the platform choice is
+    untouched (a GPU is still found and used), and a backend that fails loudly still raises."""
+
+    def filter(self, record):
+        return not (record.levelno <= pylogging.INFO
+                    and record.getMessage().startswith("Unable to initialize backend 'tpu'"))
+
+
+def quiet_tpu_probe() -> None:
+    """Install `_NoTpuProbeLine` on JAX's backend logger (once; before JAX starts a backend)."""
+    logger = pylogging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _NoTpuProbeLine) for f in logger.filters):
+        logger.addFilter(_NoTpuProbeLine())
+
+
 def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, config: str, outputs: str,
             check: Optional[Callable[[ml_collections.ConfigDict], None]] = None, x64: bool = False) -> None:
     """Run ``experiment(config, workdir)`` as an absl program with the flags ``--config`` (default the file
@@ -178,11 +199,13 @@ def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, conf
 
     A field given twice takes its last value (`last_override_wins`). Before anything runs, a misspelled field, a stray argument, a missing workdir, or a config that
     ``check(config)`` refuses (a ``ValueError``) is a usage error that says what to write instead, without a
-    traceback. ``x64`` enables float64 first."""
+    traceback; so is a `RunError` raised by the experiment (one line, exit status ``error.exit_status``:
+    1 for a run file that cannot be used, 3 for diverged runs). ``x64`` enables float64 first."""
     from absl import app, flags
     from ml_collections import config_flags
 
     deterministic_gpu_reductions()
+    quiet_tpu_probe()
     sys.argv[:] = last_override_wins(sys.argv)
     try:   # before the flags are defined: ml_collections applies the overrides to a default config then
         check_command_line(flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False), config)
@@ -209,7 +232,11 @@ def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, conf
         if x64:
             import jax
             jax.config.update("jax_enable_x64", True)
-        experiment(resolved, prepare_workdir(flags.FLAGS.workdir))
+        try:
+            experiment(resolved, prepare_workdir(flags.FLAGS.workdir))
+        except RunError as error:       # its message says what is wrong and what to do: no traceback
+            sys.stderr.write(f"ERROR {error}\n")
+            sys.exit(error.exit_status)
 
     app.run(main)
 
@@ -217,6 +244,38 @@ def run_app(experiment: Callable[[ml_collections.ConfigDict, str], Any], *, conf
 # ----------------------------------------------------------------------------------------------------
 # files
 # ----------------------------------------------------------------------------------------------------
+
+
+class RunError(Exception):
+    """A run that cannot go on, for a cause its one-line message names together with what to do (a run file
+    that is corrupt or was written by other settings, no readable checkpoint, diverged runs). The apps print
+    the message and exit with `exit_status`, without a traceback."""
+
+    exit_status = 1
+
+
+class RunFileError(RunError, ValueError):
+    """A file of a run folder that cannot be used: empty, truncated, corrupt, or written with other
+    settings. The message names the file (or the folder) and what to do."""
+
+
+class Diverged(RunError):
+    """Runs whose training loss became non-finite: they are recorded (``status: diverged``) and reported as
+    such; the app exits with status 3 after writing its report."""
+
+    exit_status = 3
+
+
+def read_json(path: str, remedy: str):
+    """``json.load`` of ``path``; a `RunFileError` naming the file, what is wrong with it (empty, truncated,
+    not JSON) and ``remedy`` (what to do) when it cannot be parsed, instead of a bare ``JSONDecodeError``."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        what = "empty" if not text.strip() else f"truncated or corrupt ({error.msg} at character {error.pos})"
+        raise RunFileError(f"{path}: {what}; {remedy}") from None
 
 
 def prepare_workdir(workdir: str) -> str:

@@ -7,13 +7,15 @@ For every (variant, training shape, model, d_model, learning rate) of the config
 (`experiments.models`) is trained on `experiments.tasks.mqar` data (`experiments.training`: AdamW,
 warm-up + cosine, data-parallel over the local devices, orbax checkpoints) in its own folder under
 ``workdir/runs``, then evaluated at its training shape and beyond (longer sequences, more pairs); the
-throughput of its training step is measured. Finished runs are skipped, so an interrupted sweep resumes.
+throughput of its training step is measured. Finished runs are skipped, so an interrupted sweep resumes;
+a run folder that holds a run of other settings is an error before anything trains.
 Then every finished run of the workdir is collected into ``results.csv`` (one row per run),
 ``table.md`` (best learning rate per variant, shape, model and d_model), ``accuracy_vs_d_model.png`` and,
 where cells were trained at several shapes, ``accuracy_vs_seq_len.png``.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from absl import logging
@@ -85,14 +87,27 @@ def run_dir(workdir: str, variant: str, model: str, seq_len: int, pairs: int, d_
     return os.path.join(workdir, "runs", variant, model, set_name(seq_len, pairs), f"d{d_model}_lr{lr:.2e}")
 
 
-def run(config, workdir: str) -> list[dict]:
-    """Train every run of the grid that has not finished; return the records of the grid."""
-    check(config)
-    sweep.quiet_orbax()
-    mesh = training.data_mesh()
+def runs(config, workdir: str, mesh=None) -> list[sweep.Run]:
+    """The runs of the config's grid, each with its identity (from the config alone: the folder of every run
+    is checked before anything trains); the data of a (variant, training shape) is made when its first run
+    trains."""
     grid = [(v, s, m, d, lr) for v in config.variants for s in config.train_shapes for m in config.models
             for d in config.d_models for lr in config.learning_rates]
-    records, cache = [], {}
+    cache, shapes = {}, {}
+
+    def train_run(i, variant, seq_len, pairs, name, d_model, lr, folder, description):
+        key = (variant, seq_len, pairs)
+        if key not in cache:
+            cache.clear()
+            cache[key] = datasets(config, variant, seq_len, pairs)
+        train_data, evals = cache[key]
+        logging.info("[%d/%d] %s", i + 1, len(grid), os.path.relpath(folder, workdir))
+        model = sweep.model_from_config(config, name, config.vocab_size, d_model)
+        training.train(model, sweep.settings_from_config(config, lr), train_data, evals, folder,
+                       mesh=mesh or training.data_mesh(), description=description, on_step=sweep.kill_hook(config),
+                       desc=f"{variant} {name} d{d_model} lr{lr:.0e}")
+
+    out = []
     for i, (variant, (seq_len, pairs), name, d_model, lr) in enumerate(grid):
         folder = run_dir(workdir, variant, name, seq_len, pairs, d_model, lr)
         description = {"experiment": "mqar", "variant": variant, "model": name, "d_model": d_model,
@@ -100,21 +115,22 @@ def run(config, workdir: str) -> list[dict]:
                        "vocab_size": config.vocab_size, "backend": config.backend, "conv_size": config.conv_size,
                        "mlp_ratio": config.mlp_ratio, "num_layers": config.num_layers, "head_dim": config.head_dim,
                        "data_seed": config.data_seed, "task": _task_kwargs(config)}
+        if (variant, seq_len, pairs) not in shapes:
+            shapes[variant, seq_len, pairs] = eval_shapes(config, variant, seq_len, pairs)
+        identity = training.run_identity(
+            description, sweep.settings_from_config(config, lr), (config.num_train_examples, seq_len),
+            {set_name(*shape): (config.num_eval_examples, shape[0]) for shape in shapes[variant, seq_len, pairs]})
+        out.append(sweep.Run(folder, identity, functools.partial(train_run, i, variant, seq_len, pairs, name, d_model,
+                                                                  lr, folder, description)))
+    return out
 
-        def train_run():
-            key = (variant, seq_len, pairs)
-            if key not in cache:
-                cache.clear()
-                cache[key] = datasets(config, variant, seq_len, pairs)
-            train_data, evals = cache[key]
-            logging.info("[%d/%d] %s", i + 1, len(grid), os.path.relpath(folder, workdir))
-            model = sweep.model_from_config(config, name, config.vocab_size, d_model)
-            training.train(model, sweep.settings_from_config(config, lr), train_data, evals, folder, mesh=mesh,
-                           description=description, on_step=sweep.kill_hook(config),
-                           desc=f"{variant} {name} d{d_model} lr{lr:.0e}")
 
-        records.append(sweep.run_once(folder, train_run))
-    return records
+def run(config, workdir: str) -> list[dict]:
+    """Train every run of the grid that has not finished; return the records of the grid. A run folder that
+    holds a run of other settings is an error before anything trains (`sweep.check_runs`)."""
+    check(config)
+    sweep.quiet_orbax()
+    return sweep.run_all(runs(config, workdir, training.data_mesh()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,11 +138,12 @@ def run(config, workdir: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------
 
 def rows(records: list[dict]) -> list[dict]:
-    """One flat row per run."""
+    """One flat row per run; ``status`` is ``finished`` or ``diverged`` (then without accuracies)."""
     out = []
     for r in records:
         d = r["description"]
         row = {k: d[k] for k in ("variant", "model", "d_model", "learning_rate", "seq_len", "num_kv_pairs")}
+        row["status"] = r.get("status", "finished")
         for name, metrics in r["eval"].items():
             row[f"accuracy_{name}"] = metrics["accuracy"]
         row.update({"train_loss": r["final_train"].get("loss"), "train_accuracy": r["final_train"].get("accuracy"),
@@ -144,9 +161,13 @@ def _in_distribution(record: dict) -> float:
     return record["eval"][set_name(d["seq_len"], d["num_kv_pairs"])]["accuracy"]
 
 
-def best_records(records: list[dict]) -> dict:
+def best_records(records: list[dict], *, trained_only: bool = False) -> dict:
+    """The best learning rate's record of each (variant, seq_len, pairs, model, d_model) by the accuracy at
+    the training shape; diverged runs are never chosen, and a cell whose runs all diverged is kept (as one of
+    them) unless ``trained_only``."""
     key = lambda r: tuple(r["description"][k] for k in ("variant", "seq_len", "num_kv_pairs", "model", "d_model"))
-    return sweep.best_by(records, key, _in_distribution)
+    best = sweep.best_by(records, key, _in_distribution)
+    return {k: r for k, r in best.items() if not (trained_only and training.is_diverged(r))}
 
 
 def table(records: list[dict]) -> str:
@@ -156,6 +177,9 @@ def table(records: list[dict]) -> str:
     out = []
     for (variant, seq_len, pairs, model, d_model), r in sorted(best.items(), key=lambda kv: (
             kv[0][0], kv[0][1], kv[0][2], list(models.MODELS).index(kv[0][3]), kv[0][4])):
+        if training.is_diverged(r):
+            out.append([variant, f"({seq_len}, {pairs})", model, d_model, "-", "diverged", "-", "-", r["num_params"]])
+            continue
         own = set_name(seq_len, pairs)
         beyond = ", ".join(f"{n.replace('_', ' ')}: {m['accuracy']:.3f}" for n, m in r["eval"].items() if n != own)
         out.append([variant, f"({seq_len}, {pairs})", model, d_model, f"{r['description']['learning_rate']:.1e}",
@@ -210,8 +234,11 @@ def _variants(keys, index: int) -> list[str]:
 
 
 def plot(records: list[dict], path: str) -> None:
-    """Accuracy against d_model: one row of panels per training shape, one panel per variant."""
-    best = best_records(records)
+    """Accuracy against d_model: one row of panels per training shape, one panel per variant (no figure when
+    every run diverged)."""
+    best = best_records(records, trained_only=True)
+    if not best:
+        return
     shapes = sorted(dict.fromkeys((k[1], k[2]) for k in best))
     ds = sorted({k[4] for k in best})
 
@@ -234,7 +261,7 @@ def _shape_series(best: dict) -> dict:
 def plot_shapes(records: list[dict], path: str) -> None:
     """Accuracy against the training sequence length (and its number of pairs): one row of panels per d_model
     that was trained at several shapes, one panel per variant, one line per model."""
-    series = _shape_series(best_records(records))
+    series = _shape_series(best_records(records, trained_only=True))
 
     def ticks(d_model, variant):
         shapes = sorted({(L, P) for k, v in series.items() if k[:2] == (d_model, variant) for L, P, _ in v})
@@ -253,16 +280,25 @@ def report(workdir: str) -> list[dict]:
     sweep.write_report(workdir, rows(records), "MQAR: accuracy at the training shape (best learning rate), beyond "
                        "it (longer sequences, more pairs), and the training step's throughput.", table(records),
                        lambda path: plot(records, path), "accuracy_vs_d_model.png")
-    if _shape_series(best_records(records)):
+    if _shape_series(best_records(records, trained_only=True)):
         plot_shapes(records, os.path.join(workdir, "accuracy_vs_seq_len.png"))
     return records
 
 
 def main(config, workdir: str) -> None:
-    """Train what has not finished, then (``config.report``) report every finished run of the workdir."""
-    run(config, workdir)
+    """Train what has not finished, then (``config.report``) report every finished run of the workdir; a
+    `common.Diverged` (exit status 3) afterwards if some run of the config diverged. ``config.check_only``:
+    only check every run folder of the grid against the config (`sweep.check_runs`)."""
+    if config.check_only:
+        check(config)
+        sweep.check_runs(runs(config, workdir))
+        return
+    records = run(config, workdir)
     if config.report:
         report(workdir)
+    error = sweep.diverged_error(records)
+    if error is not None:
+        raise error
 
 
 if __name__ == "__main__":

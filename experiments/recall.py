@@ -12,6 +12,7 @@ Writes ``results.csv``, ``table.md`` (best learning rate per model and d_model; 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from absl import logging
@@ -43,33 +44,47 @@ def datasets(config):
     return vocab, train, evals
 
 
-def run(config, workdir: str) -> list[dict]:
-    check(config)
-    sweep.quiet_orbax()
-    mesh = training.data_mesh()
+def runs(config, workdir: str, mesh=None) -> list[sweep.Run]:
+    """The runs of the config's grid, each with its identity (from the config alone: the folder of every run
+    is checked before anything trains); the data is made when the first run trains."""
     grid = [(m, d, lr) for m in config.models for d in config.d_models for lr in config.learning_rates]
-    data, records = None, []
+    data = {}
+    eval_shapes = {name: (config.num_eval_examples, seq_len) for name, _, seq_len, _, _ in config.eval_conditions}
+
+    def train_run(i, name, d_model, lr, folder, description):
+        if not data:
+            data["sets"] = datasets(config)
+        vocab, train_data, evals = data["sets"]
+        logging.info("[%d/%d] %s", i + 1, len(grid), os.path.relpath(folder, workdir))
+        training.train(sweep.model_from_config(config, name, vocab, d_model),
+                       sweep.settings_from_config(config, lr), train_data, evals, folder,
+                       mesh=mesh or training.data_mesh(), description=description, on_step=sweep.kill_hook(config),
+                       desc=f"recall {name} d{d_model} lr{lr:.0e}")
+
+    out = []
     for i, (name, d_model, lr) in enumerate(grid):
         folder = os.path.join(workdir, "runs", name, f"d{d_model}_lr{lr:.2e}")
         description = {"experiment": "recall", "model": name, "d_model": d_model, "learning_rate": lr,
                        "key_dim": config.key_dim, "num_values": config.num_values,
                        "train_pairs": config.train_pairs, "train_seq_len": config.train_seq_len,
+                       "train_collision_fraction": config.train_collision_fraction,
+                       "train_collision_overlap": config.train_collision_overlap,
                        "backend": config.backend, "conv_size": config.conv_size, "mlp_ratio": config.mlp_ratio,
                        "num_layers": config.num_layers, "head_dim": config.head_dim, "data_seed": config.data_seed,
                        "eval_conditions": [list(c) for c in config.eval_conditions]}
+        identity = training.run_identity(description, sweep.settings_from_config(config, lr),
+                                         (config.num_train_examples, config.train_seq_len), eval_shapes)
+        out.append(sweep.Run(folder, identity, functools.partial(train_run, i, name, d_model, lr, folder,
+                                                                  description)))
+    return out
 
-        def train_run():
-            nonlocal data
-            data = data or datasets(config)
-            vocab, train_data, evals = data
-            logging.info("[%d/%d] %s", i + 1, len(grid), os.path.relpath(folder, workdir))
-            training.train(sweep.model_from_config(config, name, vocab, d_model),
-                           sweep.settings_from_config(config, lr), train_data, evals, folder, mesh=mesh,
-                           description=description, on_step=sweep.kill_hook(config),
-                           desc=f"recall {name} d{d_model} lr{lr:.0e}")
 
-        records.append(sweep.run_once(folder, train_run))
-    return records
+def run(config, workdir: str) -> list[dict]:
+    """Train every run of the grid that has not finished; return the records of the grid. A run folder that
+    holds a run of other settings is an error before anything trains (`sweep.check_runs`)."""
+    check(config)
+    sweep.quiet_orbax()
+    return sweep.run_all(runs(config, workdir, training.data_mesh()))
 
 
 def _best(records):
@@ -86,6 +101,9 @@ def table(records) -> str:
     conditions = _conditions(records)
     rows = []
     for (model, d_model), r in sorted(best.items(), key=lambda kv: (list(models.MODELS).index(kv[0][0]), kv[0][1])):
+        if training.is_diverged(r):          # every learning rate of this cell diverged
+            rows.append([model, d_model, "-"] + ["diverged"] * len(conditions) + ["-", r["num_params"]])
+            continue
         rows.append([model, d_model, f"{r['description']['learning_rate']:.1e}"]
                     + [f"{r['eval'][c]['accuracy']:.3f}" if c in r["eval"] else "-" for c in conditions]
                     + [sweep.fmt_rate(r["throughput"].get("tokens_per_second")), r["num_params"]])
@@ -98,7 +116,9 @@ def plot(records, path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    best = _best(records)
+    best = {k: r for k, r in _best(records).items() if not training.is_diverged(r)}
+    if not best:                             # every run diverged: no figure
+        return
     conditions = _conditions(records)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(conditions) + 2), 4.2))
     width = 0.8 / max(len(best), 1)
@@ -124,6 +144,7 @@ def report(workdir: str) -> list[dict]:
     out = []
     for r in records:
         row = {k: r["description"][k] for k in ("model", "d_model", "learning_rate")}
+        row["status"] = r.get("status", "finished")
         row.update({f"accuracy_{n}": m["accuracy"] for n, m in r["eval"].items()})
         row.update({"tokens_per_second": r["throughput"].get("tokens_per_second"), "num_params": r["num_params"],
                     "steps": r["steps"], "platform": r.get("platform"), "backend": r["description"]["backend"],
@@ -137,10 +158,19 @@ def report(workdir: str) -> list[dict]:
 
 
 def main(config, workdir: str) -> None:
-    """Train what has not finished, then (``config.report``) report every finished run of the workdir."""
-    run(config, workdir)
+    """Train what has not finished, then (``config.report``) report every finished run of the workdir; a
+    `common.Diverged` (exit status 3) afterwards if some run of the config diverged. ``config.check_only``:
+    only check every run folder of the grid against the config (`sweep.check_runs`)."""
+    if config.check_only:
+        check(config)
+        sweep.check_runs(runs(config, workdir))
+        return
+    records = run(config, workdir)
     if config.report:
         report(workdir)
+    error = sweep.diverged_error(records)
+    if error is not None:
+        raise error
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """What the trained recall experiments share: the model and settings from a config, the grid of runs
-(each in its own folder, skipped when finished, resumed when interrupted), and the collection of every
-finished run of a workdir into one CSV, one table and figures."""
+(each in its own folder, skipped when finished, resumed when interrupted, refused when the folder holds a
+run of other settings), and the collection of every finished run of a workdir into one CSV, one table and
+figures (a diverged run is reported as such, never as a result)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
-import json
 import logging as pylogging
 import os
 import signal
@@ -15,7 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 from absl import logging
 
-from experiments import models, training
+from experiments import common, models, training
 
 
 class _QuietOrbax(pylogging.Filter):
@@ -54,24 +55,76 @@ def derive_seed(*parts) -> int:
     return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
-def run_once(run_dir: str, train: Callable[[], dict]) -> dict:
-    """``results.json`` of ``run_dir`` if the run finished, else train (resuming) and return its results."""
-    path = os.path.join(run_dir, "results.json")
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of a sweep: its folder, its `training.run_identity` (computed from the config alone, so that
+    every folder of the grid is checked before anything trains) and ``train()``, which trains it (resuming)
+    and writes its ``results.json``."""
+
+    folder: str
+    identity: dict
+    train: Callable[[], object]
+
+
+def check_runs(runs: Sequence[Run]) -> None:
+    """Before any training: every folder of the grid that holds a run holds one of the asked settings (else a
+    `common.RunFileError` naming its ``run.json``, the differing fields and what to do, and how many other
+    folders differ), so that a changed config never skips to, resumes or reports an old result."""
+    errors = []
+    for run in runs:
+        try:
+            training.check_run_folder(run.folder, run.identity)
+        except common.RunFileError as error:
+            errors.append(error)
+    if errors:
+        more = f" ({len(errors) - 1} more run folders of this sweep differ too.)" if len(errors) > 1 else ""
+        raise common.RunFileError(f"{errors[0]}{more}")
+
+
+def run_once(run: Run) -> dict:
+    """The ``results.json`` of ``run.folder`` if the run finished (or diverged) with the asked settings, else
+    train it (resuming) and return its results. A ``results.json`` that cannot be read is rebuilt: the run
+    resumes from its last checkpoint and is evaluated again (with a warning)."""
+    training.check_run_folder(run.folder, run.identity)
+    path = os.path.join(run.folder, "results.json")
     if os.path.exists(path):
-        with open(path) as f:
-            logging.info("%s: finished before, skipped", run_dir)
-            return json.load(f)
-    train()
-    with open(path) as f:
-        return json.load(f)
+        try:
+            record = common.read_json(path, "rebuilding it from the run's last checkpoint")
+        except common.RunFileError as error:
+            logging.warning("%s", error)
+        else:
+            logging.info("%s: finished before, skipped", run.folder)
+            return record
+    run.train()
+    return common.read_json(path, "run the experiment again to rebuild it from the run's last checkpoint.")
+
+
+def run_all(runs: Sequence[Run]) -> list[dict]:
+    """`check_runs`, then `run_once` each run in turn; the records of the runs, in order, each with its
+    ``run_dir``."""
+    check_runs(runs)
+    return [{**run_once(run), "run_dir": run.folder} for run in runs]
+
+
+def diverged_error(records: Sequence[dict]) -> Optional[common.Diverged]:
+    """A `common.Diverged` naming the runs among ``records`` (with their ``run_dir``) whose loss was not
+    finite, or None."""
+    bad = [r for r in records if training.is_diverged(r)]
+    if not bad:
+        return None
+    names = ", ".join(f"{r['run_dir']} (step {r.get('diverged_at_step')})" for r in bad[:5]) + (
+        ", ..." if len(bad) > 5 else "")
+    return common.Diverged(f"{len(bad)} of {len(records)} runs diverged (loss not finite): {names}; they are "
+                           "marked diverged in results.csv (and table.md, where no learning rate trained) and never "
+                           "chosen as the best learning rate; a smaller learning rate may train.")
 
 
 def collect(workdir: str) -> list[dict]:
-    """Every finished run under ``workdir/runs`` (its ``results.json``), in a stable order."""
+    """Every finished (or diverged) run under ``workdir/runs`` (its ``results.json``), in a stable order."""
     records = []
     for path in sorted(glob.glob(os.path.join(workdir, "runs", "**", "results.json"), recursive=True)):
-        with open(path) as f:
-            record = json.load(f)
+        record = common.read_json(path, "run the experiment again with this run's config to rebuild it from its "
+                                        f"last checkpoint, or delete {os.path.dirname(path)}.")
         record["run_dir"] = os.path.relpath(os.path.dirname(path), workdir)
         records.append(record)
     return records
@@ -97,11 +150,15 @@ def write_csv(path: str, rows: Sequence[dict]) -> None:
 
 
 def best_by(records: Iterable[dict], key: Callable[[dict], tuple], score: Callable[[dict], float]) -> dict:
-    """For each ``key(record)``, the record with the highest ``score`` (e.g. the best learning rate)."""
+    """For each ``key(record)``, the record with the highest ``score`` (e.g. the best learning rate) among the
+    runs that did not diverge; a key whose runs all diverged keeps one of them (`training.is_diverged`), so
+    that the table can say so."""
     best = {}
     for record in records:
         k = key(record)
-        if k not in best or score(record) > score(best[k]):
+        if k not in best:
+            best[k] = record
+        elif not training.is_diverged(record) and (training.is_diverged(best[k]) or score(record) > score(best[k])):
             best[k] = record
     return best
 

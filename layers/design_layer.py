@@ -137,7 +137,8 @@ class DesignLayer(nn.Module):
             (q, hq), (k, hk), (v, hv) = (conv(z, h) for conv, z, h in zip(
                 (self.q_conv, self.k_conv, self.v_conv), (q, k, v), conv_cache))
             new_conv = (hq, hk, hv)
-        split = lambda z: z.reshape(*z.shape[:-1], heads, -1).astype(jnp.float32)
+        # explicit sizes, not -1: reshape cannot infer a dimension of an empty array (a batch of 0)
+        split = lambda z: z.reshape(*z.shape[:-1], heads, z.shape[-1] // heads).astype(jnp.float32)
         q, k, v = split(q), split(k), split(v)
         if self._normalize:
             unit = lambda z: z * jax.lax.rsqrt(jnp.sum(z * z, -1, keepdims=True) + 1e-6)
@@ -149,7 +150,7 @@ class DesignLayer(nn.Module):
     def _output(self, x, y):
         if self.output_norm:
             y = self.norm(y)
-        y = y.reshape(*y.shape[:-2], -1).astype(self.dtype)
+        y = y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1]).astype(self.dtype)
         if self.output_gate:
             y = y * jax.nn.silu(self.gate_proj(x))
         return self.out_proj(y)

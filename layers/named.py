@@ -4,14 +4,14 @@ from __future__ import annotations
 import dataclasses
 
 import designmodels as dm
-from layers.design_layer import DesignLayer
+from layers.design_layer import DesignLayer, LayerError
 
 
 def named_layer(name: str, d_model: int, **kwargs) -> DesignLayer:
     """``named_layer("gated_deltanet", d_model=256, num_heads=4)``; model options (``gamma`` for RetNet,
     ``prior_variance``, ``process_noise``, ``noise``, ``decay`` for the Bayesian Layer) go to the model."""
     if name not in dm.NAMED_MODELS:
-        raise ValueError(f"named_layer: unknown layer {name!r}; accepted: {', '.join(dm.NAMED_MODELS)}"
+        raise LayerError(f"named_layer: unknown layer {name!r}; accepted: {', '.join(dm.NAMED_MODELS)}"
                          f"{dm.did_you_mean(name, dm.NAMED_MODELS)}.")
     model_keys = {"gamma", "prior_variance", "process_noise", "noise", "decay"}
     layer_keys = {f.name for f in dataclasses.fields(DesignLayer)} - {"model", "d_model", "parent"}

@@ -225,7 +225,7 @@ MISTAKES = [
      [r"x: got shape \(2, 1, 8\); expected \[B, D\]", "one decoding step"]),
     ("a named layer with a misspelled option", lambda: layers.named_layer("gla", 8, num_head=2), TypeError,
      [r"unknown keyword num_head \(did you mean 'num_heads'\?\)", "layer options", "model options"]),
-    ("a misspelled named layer", lambda: layers.named_layer("mamba3", 8), ValueError,
+    ("a misspelled named layer", lambda: layers.named_layer("mamba3", 8), LE,
      ["unknown layer 'mamba3'; accepted: linear_attention", r"did you mean 'mamba2'\?"]),
     # ---- configs, in Python
     ("an unknown model in config.models", lambda: models.check_models(("bayesain",)), ValueError,

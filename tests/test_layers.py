@@ -71,8 +71,20 @@ def test_gates_are_in_range_by_construction():
 
 
 def test_named_layer_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown layer 'mamba3'; accepted: linear_attention"):
+    with pytest.raises(layers.LayerError, match="unknown layer 'mamba3'; accepted: linear_attention"):
         layers.named_layer("mamba3", d_model=8)
+
+
+@pytest.mark.parametrize("backend", ["sequential", "associative", "chunked"])
+def test_an_empty_batch_gives_an_empty_output(backend):
+    """A batch of 0 sequences (e.g. the last shard of a split) is a valid input: empty output, the state
+    of 0 sequences, and a decoding step of 0 rows."""
+    layer = _layer(dm.gated_deltanet(), backend)
+    params = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 6, 12)))
+    y, cache = layer.apply(params, jnp.ones((0, 6, 12)), return_cache=True)
+    assert y.shape == (0, 6, 12) and cache["filter"].mean.shape[0] == 0
+    y_t, _ = layer.apply(params, jnp.ones((0, 12)), cache, method=layers.DesignLayer.step)
+    assert y_t.shape == (0, 12)
 
 
 def test_parameters_are_float32_even_with_x64():
