@@ -22,7 +22,10 @@ import numpy as np
 
 import designmodels as dm
 import filters
+from designmodels.packaging import require_sibling
 from layers.gates import Gates
+
+require_sibling(filters)   # a shadowing module of that name fails here, by name
 
 
 class LayerError(ValueError):
