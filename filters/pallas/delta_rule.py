@@ -53,8 +53,12 @@ F32 = jnp.float32
 
 
 def _value_block(name: str, value_dim: int, key_dim: int) -> int:
-    """Columns of the state one program carries (``K x BV`` float32 in registers)."""
-    return min(value_dim, tuning(name, "block_v") or (64 if key_dim <= 128 else 32))
+    """Columns of the state one program carries (``K x BV`` float32 in registers): a power of two that
+    divides ``V``."""
+    block = min(value_dim, tuning(name, "block_v") or (64 if key_dim <= 128 else 32))
+    while value_dim % block:
+        block //= 2
+    return block
 
 
 def _lower_terms(bs_i, bs_j, strict):
