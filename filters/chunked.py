@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import designmodels as dm
 from filters import kalman, linalg
 from filters.inputs import FilterState, StepInputs
 from filters.lowering import BackendError, FilterOutput, Lowering
@@ -70,8 +69,7 @@ def reason_not_applicable(structure) -> str | None:
     if structure.transition == "diagonal":
         return ("the exact chunked filter needs a scalar or no decay (a channel-wise decay with a full "
                 "covariance does not reduce to Gram matrices of the keys)")
-    if (structure.noise == "stationary" and structure.model.noise.variance is None
-            and not isinstance(structure.model.prior.covariance, dm.IsotropicCovariance)):
+    if structure.noise == "stationary" and not structure.stationary.isotropic:
         return ("stationary noise towards a non-isotropic prior, Q_t = (1 - a_t^2) P_0, is not isotropic; "
                 "the exact chunked filter needs Q_t = q_t I")
     return None
@@ -262,8 +260,7 @@ def _isotropic_noise(structure, x: StepInputs):
     if structure.noise == "random_walk":
         return x.process_noise
     if structure.noise == "stationary":
-        noise = structure.model.noise
-        variance = noise.variance if noise.variance is not None else structure.model.prior.covariance.variance
+        variance = structure.stationary.variance                          # P_s = l^2 I
         log_a = x.transition if x.transition is not None else jnp.zeros(x.k.shape[:3], x.k.dtype)
         return -variance * jnp.expm1(2 * log_a)                            # l^2 (1 - a^2)
     return jnp.zeros(x.k.shape[:3], x.k.dtype)

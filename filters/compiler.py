@@ -189,7 +189,7 @@ def explain(model: dm.DesignModel) -> str:
     if structure.family == "reset":
         lines.append("  reset       " + ("run-time write strength eta = beta" if structure.write_strength
                                          else f"sigma^2 = {structure.reset_variance}"))
-    inputs = model.runtime_inputs
+    inputs = structure.runtime_inputs
     lines.append("  run-time    " + (", ".join(
         f"{s.name} [B,T,H{''.join(',' + d for d in s.trailing)}]{'' if s.required else ' (optional)'}"
         for s in inputs.values()) or "none besides q, k, v"))

@@ -199,8 +199,8 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
     ``validate=False`` skips the value checks (never the shape checks): for callers whose inputs are
     valid by construction, such as the layers.
     """
-    model = structure.model
-    batch, time, heads, key_dim, _ = check_qkv(q, k, v, key_dim=model.key_dim, time_axis=time_axis,
+    model_name = structure.name or "user-declared"
+    batch, time, heads, key_dim, _ = check_qkv(q, k, v, key_dim=structure.key_dim, time_axis=time_axis,
                                                validate=validate)
     check = _value_checker if validate else (lambda *args, **kwargs: None)
     specs = structure.runtime_inputs
@@ -209,7 +209,7 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
         keywords = ("initial_state", "diagnostics", "validate") if time_axis else ("validate",)
         hints = "".join(did_you_mean(u, [*specs, *keywords]) for u in unknown)
         raise FilterInputError(
-            f"{', '.join(unknown)}: not an input of this design model ({model.name or 'user-declared'})"
+            f"{', '.join(unknown)}: not an input of this design model ({model_name})"
             f"{hints}; accepted keyword inputs: {', '.join(specs) or 'none besides q, k, v'} "
             f"(and the options {', '.join(keywords)}).")
     lead = (batch, time, heads) if time_axis else (batch, heads)
@@ -222,7 +222,7 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
         if x is None:
             if spec.required:
                 raise FilterInputError(
-                    f"{name}: missing; this design model ({model.name or 'user-declared'}) takes it at run "
+                    f"{name}: missing; this design model ({model_name}) takes it at run "
                     f"time with shape {layout} ({spec.accepted}); pass it by keyword, {name}=...")
             continue
         x = _as_gate(name, x)
@@ -237,9 +237,9 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
     transition = _transition(structure, values, ones, key_dim, check)
     fields = dict(q=q, k=k, v=v, transition=transition)
 
-    noise = model.noise
     if structure.noise == "random_walk":
-        fields["process_noise"] = values["process_noise"] if noise.variance is None else noise.variance * ones
+        fixed = structure.fixed_process_noise
+        fields["process_noise"] = values["process_noise"] if fixed is None else fixed * ones
         check("process_noise", fields["process_noise"], lambda x, xp: xp.isfinite(x) & (x >= 0),
               "finite values >= 0")
 
@@ -248,7 +248,7 @@ def prepare(structure: Structure, q, k, v, gates: dict, *, time_axis: bool = Tru
         check("input_scale", fields["input_scale"], _finite, "finite values")
         return StepInputs(**fields)
 
-    beta = values["beta"] if model.observation.precision is None else model.observation.precision * ones
+    beta = values["beta"] if structure.fixed_precision is None else structure.fixed_precision * ones
     key_norm2 = jnp.sum(jnp.square(k.astype(dtype)), axis=-1)
     if structure.family == "exact":
         check("beta", beta, _positive, "finite precisions beta > 0 (beta is the precision 1 / noise variance)")
@@ -282,25 +282,25 @@ def _log_decay(x, xp):
 
 def _transition(structure: Structure, values: dict, ones, key_dim: int, check):
     """The transition in normalized form (see `filters.transitions`), fixed values broadcast."""
-    t = structure.model.transition
+    fixed = structure.fixed_transition
     kind = structure.transition
     dtype = ones.dtype
     if kind == "identity":
         return None
     if kind == "scalar":
-        if t.decay is not None:
-            return float(np.log(t.decay)) * ones
+        if fixed is not None:
+            return fixed * ones
         x = values.get("log_decay")
         check("log_decay", x, _log_decay, _LOG_DECAY)
         return x
     if kind == "diagonal":
-        if t.decays is not None:
-            return ones[..., None] * jnp.log(jnp.asarray(t.decays, dtype))
+        if fixed is not None:
+            return ones[..., None] * jnp.asarray(fixed, dtype)
         x = values["log_decay"]
         check("log_decay", x, _log_decay, _LOG_DECAY)
         return x
-    if t.matrix is not None:
-        return ones[..., None, None] * jnp.asarray(t.matrix, dtype)
+    if fixed is not None:
+        return ones[..., None, None] * jnp.asarray(fixed, dtype)
     x = values["transition"]
     check("transition", x, _finite, "finite matrices")
     return x
