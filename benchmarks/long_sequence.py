@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 
 import designmodels as dm  # noqa: E402
 from filters import chunked  # noqa: E402
-from filters.inputs import initial_state, prepare  # noqa: E402
+from filters.checks import prepare  # noqa: E402
+from filters.inputs import prior_state  # noqa: E402
 from tests.support import random_inputs  # noqa: E402
 
 MODELS = {
@@ -50,8 +51,8 @@ def check(model, args):
     f32 = lambda x: np.asarray(x, np.float32)
     gates32 = {n: f32(g) for n, g in gates.items()}
     x = prepare(structure, f32(q), f32(k), f32(v), gates32, validate=False)
-    state = initial_state(structure, None, batch=1, heads=args.heads, key_dim=args.dim, value_dim=args.dim,
-                          dtype=np.float32)
+    state = prior_state(structure, batch=1, heads=args.heads, key_dim=args.dim, value_dim=args.dim,
+                        dtype=np.float32)
     boundaries = jax.jit(lambda x, p: chunked.covariance_pass(structure, x, p, args.chunk_size)[4])(
         x, state.covariance)
     start = time.perf_counter()
