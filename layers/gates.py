@@ -1,7 +1,7 @@
 """Gate heads: the run-time inputs a design model declares, produced from the layer input ``x``.
 
-Each declared input gets the parameterization of the architecture that made it known, chosen from the
-declared *structure*, so every output is valid by construction:
+Each declared input gets the parameterization of the architecture that made it known, chosen from its
+`designmodels.Domain` (and its shape), so every output is valid by construction:
 
 ===================  =====================================================================  ==========
 input                parameterization                                                       range
@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 import designmodels as dm
+from designmodels import Domain
 
 
 def _dt_bias_init(dt_min=1e-3, dt_max=0.1):
@@ -49,38 +50,39 @@ class Gates(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        specs = self.model.runtime_inputs
+        specs = self.model.structure.inputs
+        domain = {(spec.domain, spec.trailing): spec.name for spec in specs}
+        scalar_decay, channel_decay = domain.get((Domain.LOG_DECAY, ())), domain.get((Domain.LOG_DECAY, ("K",)))
         heads, key_dim = self.num_heads, self.key_dim
         lead = x.shape[:-1]
         f32 = lambda z: z.astype(jnp.float32)
         dense = lambda n, name, **kw: f32(nn.Dense(n, name=name, dtype=x.dtype, **kw)(x))
         gates = {}
-        if "log_decay" in specs and specs["log_decay"].trailing == () or "input_scale" in specs:
+        if scalar_decay or (Domain.INPUT_SCALE, ()) in domain:
             dt = jax.nn.softplus(dense(heads, "dt_proj", use_bias=False)
                                  + self.param("dt_bias", _dt_bias_init(), (heads,)))
-            if "input_scale" in specs:
-                gates["input_scale"] = dt
-            if "log_decay" in specs and specs["log_decay"].trailing == ():
+            if (Domain.INPUT_SCALE, ()) in domain:
+                gates[domain[Domain.INPUT_SCALE, ()]] = dt
+            if scalar_decay:
                 a_log = self.param("A_log", lambda k, s: jnp.log(jax.random.uniform(k, s, jnp.float32, 1, 16)),
                                    (heads,))
-                gates["log_decay"] = -jnp.exp(a_log) * dt
-        if "log_decay" in specs and specs["log_decay"].trailing == ("K",):
+                gates[scalar_decay] = -jnp.exp(a_log) * dt
+        if channel_decay:
             logits = dense(heads * key_dim, "decay_proj").reshape(*lead, heads, key_dim)
-            gates["log_decay"] = jax.nn.log_sigmoid(logits) / self.gate_logit_normalizer
-        if "beta" in specs:
+            gates[channel_decay] = jax.nn.log_sigmoid(logits) / self.gate_logit_normalizer
+        if (Domain.WRITE_STRENGTH, ()) in domain:
+            gates[domain[Domain.WRITE_STRENGTH, ()]] = jax.nn.sigmoid(dense(heads, "beta_proj"))
+        if (Domain.PRECISION, ()) in domain:
             logits = dense(heads, "beta_proj")
-            if "write strength" in specs["beta"].accepted:
-                gates["beta"] = jax.nn.sigmoid(logits)
-            else:
-                gates["beta"] = self.beta_min + (self.beta_max - self.beta_min) * jax.nn.sigmoid(logits)
-        if "process_noise" in specs:
-            gates["process_noise"] = jax.nn.softplus(dense(heads, "noise_proj") - 4.0)
-        if "transition" in specs:
+            gates[domain[Domain.PRECISION, ()]] = self.beta_min + (self.beta_max - self.beta_min) * jax.nn.sigmoid(logits)
+        if (Domain.PROCESS_NOISE, ()) in domain:
+            gates[domain[Domain.PROCESS_NOISE, ()]] = jax.nn.softplus(dense(heads, "noise_proj") - 4.0)
+        if (Domain.TRANSITION, ("K", "K")) in domain:
             z = dense(heads * key_dim * key_dim, "transition_proj").reshape(*lead, heads, key_dim, key_dim)
             z = z + jnp.eye(key_dim)
             norm = jnp.sqrt(jnp.sum(z * z, axis=(-2, -1), keepdims=True))
-            gates["transition"] = z / jnp.maximum(1.0, norm)
-        missing = set(specs) - set(gates)
-        if missing:  # every InputSpec name above is handled; a new one must be given a parameterization
-            raise NotImplementedError(f"Gates: no parameterization for run-time inputs {sorted(missing)}.")
+            gates[domain[Domain.TRANSITION, ("K", "K")]] = z / jnp.maximum(1.0, norm)
+        missing = [spec.name for spec in specs if spec.name not in gates]
+        if missing:  # every domain above is handled; a new one must be given a parameterization
+            raise NotImplementedError(f"Gates: no parameterization for run-time inputs {missing}.")
         return gates

@@ -17,23 +17,23 @@ def random_inputs(model: dm.DesignModel, *, batch=2, time=7, heads=3, key_dim=4,
         k /= np.linalg.norm(k, axis=-1, keepdims=True)
     v = rng.normal(size=(*lead, value_dim))
     gates = {}
-    for name, spec in model.runtime_inputs.items():
+    for spec in model.structure.inputs:
         shape = (*lead, *(key_dim for _ in spec.trailing))
-        if name == "log_decay":
-            gates[name] = -rng.uniform(0.01, 0.7, size=shape)
-        elif name == "transition":
+        if spec.domain is dm.Domain.LOG_DECAY:
+            gates[spec.name] = -rng.uniform(0.01, 0.7, size=shape)
+        elif spec.domain is dm.Domain.TRANSITION:
             a = rng.normal(size=shape) / np.sqrt(key_dim)
-            gates[name] = 0.9 * a / np.linalg.norm(a, ord=2, axis=(-2, -1), keepdims=True)
-        elif name == "process_noise":
-            gates[name] = rng.uniform(0.0, 0.3, size=shape)
-        elif name == "input_scale":
-            gates[name] = rng.uniform(0.05, 1.0, size=shape)
-        elif name == "beta" and "write strength" in spec.accepted:
-            gates[name] = rng.uniform(0.05, 0.95, size=shape) / np.sum(k * k, -1)
-        elif name == "beta":
-            gates[name] = rng.uniform(0.2, 5.0, size=shape)
+            gates[spec.name] = 0.9 * a / np.linalg.norm(a, ord=2, axis=(-2, -1), keepdims=True)
+        elif spec.domain is dm.Domain.PROCESS_NOISE:
+            gates[spec.name] = rng.uniform(0.0, 0.3, size=shape)
+        elif spec.domain is dm.Domain.INPUT_SCALE:
+            gates[spec.name] = rng.uniform(0.05, 1.0, size=shape)
+        elif spec.domain is dm.Domain.WRITE_STRENGTH:
+            gates[spec.name] = rng.uniform(0.05, 0.95, size=shape) / np.sum(k * k, -1)
+        elif spec.domain is dm.Domain.PRECISION:
+            gates[spec.name] = rng.uniform(0.2, 5.0, size=shape)
         else:
-            raise KeyError(name)
+            raise KeyError(spec.domain)
     cast = lambda x: np.asarray(x, dtype)
     return cast(q), cast(k), cast(v), {n: cast(g) for n, g in gates.items()}
 

@@ -229,7 +229,7 @@ def test_auto_picks_chunked_where_it_applies():
 def test_step_inputs_keep_qkv_in_their_dtype_and_gates_in_the_compute_dtype():
     """bf16 q, k, v reach the lowerings as bf16 (a kernel multiplies them on tensor cores); the gates
     and what is derived from them are in float32; every lowering computes in float32 from them."""
-    from filters.inputs import prepare
+    from filters.checks import prepare
 
     model = dm.gated_deltanet()
     q, k, v, gates = random_inputs(model, time=8, seed=1)
