@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import warnings
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -142,8 +141,7 @@ def iota2(size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Layout: the user's [B, T, H, ...] with T padded to a multiple of the chunk size, and the per-chunk
-# view [B, H, N, C, ...] that the plain-JAX references use.
+# Layout: the user's [B, T, H, ...], with T padded to a multiple of the chunk size.
 
 
 def pad_time(x, multiple, value=0.0):
@@ -155,18 +153,6 @@ def pad_time(x, multiple, value=0.0):
     if not pad:
         return x
     return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
-
-
-def to_chunks(x, chunk):
-    """``[B, T, H, ...] -> [B, H, N, C, ...]`` (T a multiple of ``chunk``)."""
-    b, t, h = x.shape[:3]
-    return jnp.moveaxis(x.reshape(b, t // chunk, chunk, h, *x.shape[3:]), 3, 1)
-
-
-def from_chunks(x):
-    """``[B, H, N, C, ...] -> [B, T, H, ...]``."""
-    b, h, n, c = x.shape[:4]
-    return jnp.moveaxis(x, 1, 3).reshape(b, n * c, h, *x.shape[4:])
 
 
 def chunk_log_decay(log_decay, batch, time, heads, chunk):
