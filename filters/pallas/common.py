@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import warnings
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -117,6 +118,25 @@ def on_gpu(kernel_fn, reference_fn, interpret: bool):
         return lax.platform_dependent(*args, cuda=functools.partial(kernel_fn, interpret=False),
                                       default=reference_fn)
     return dispatch
+
+
+def differentiated_by_reference(kernel_fn, reference_fn, interpret: bool):
+    """``on_gpu(kernel_fn, reference_fn, interpret)`` as a `jax.custom_vjp` whose derivative is the
+    reference's VJP (recomputed from the inputs): for kernels that have no backward kernel yet."""
+    forward = on_gpu(kernel_fn, reference_fn, interpret)
+
+    @jax.custom_vjp
+    def run(*args):
+        return forward(*args)
+
+    def fwd(*args):
+        return forward(*args), args
+
+    def bwd(args, cotangents):
+        return jax.vjp(reference_fn, *args)[1](cotangents)
+
+    run.defvjp(fwd, bwd)
+    return run
 
 
 def spec(block, index_map):

@@ -31,7 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from filters import chunked
-from filters.pallas.common import SUB, exact_dot, iota2, launch, masked_exp, on_gpu, pad_time, rows, spec
+from filters.pallas.common import (SUB, differentiated_by_reference, exact_dot, iota2, launch, masked_exp,
+                                   pad_time, rows, spec)
 from filters.pallas.delta_rule import unit_lower_inverse_tile
 
 F32 = jnp.float32
@@ -136,20 +137,8 @@ def _pass(chunk: int, interpret: bool):
         return chunked.covariance_pass(k, k, log_decay, noise, precision, p0, chunk_size=chunk,
                                        variance=False)[:2]
 
-    forward = on_gpu(functools.partial(_kernel_path, multiple=max(chunk, SUB)), reference, interpret)
-
-    @jax.custom_vjp
-    def run(*args):
-        return forward(*args)
-
-    def fwd(*args):
-        return forward(*args), args
-
-    def bwd(args, cotangents):
-        return jax.vjp(reference, *args)[1](cotangents)
-
-    run.defvjp(fwd, bwd)
-    return run
+    return differentiated_by_reference(functools.partial(_kernel_path, multiple=max(chunk, SUB)), reference,
+                                       interpret)
 
 
 def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, chunk_size=64,

@@ -24,8 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from filters import chunked
-from filters.pallas.common import (SUB, Dots, chunk_log_decay, iota2, launch, masked_exp, on_gpu, pad_time, rows,
-                                   spec, tuning)
+from filters.pallas.common import (SUB, Dots, chunk_log_decay, differentiated_by_reference, iota2, launch,
+                                   masked_exp, pad_time, rows, spec, tuning)
 
 F32 = jnp.float32
 
@@ -145,20 +145,8 @@ def _recursion(chunk: int, dots_key: tuple, interpret: bool):
         y, final = chunked.additive(q, k, v, log_decay, s0, chunk_size=chunk)
         return y.astype(F32), final.astype(F32)
 
-    forward = on_gpu(functools.partial(_kernel_path, chunk=chunk, dots=Dots(*dots_key)), reference, interpret)
-
-    @jax.custom_vjp
-    def recursion(*args):
-        return forward(*args)
-
-    def fwd(*args):
-        return forward(*args), args
-
-    def bwd(args, cotangents):
-        return jax.vjp(reference, *args)[1](cotangents)
-
-    recursion.defvjp(fwd, bwd)
-    return recursion
+    return differentiated_by_reference(functools.partial(_kernel_path, chunk=chunk, dots=Dots(*dots_key)),
+                                       reference, interpret)
 
 
 def additive(q, k, v, log_decay, initial_state, *, chunk_size=64, precision="default", interpret=False):
