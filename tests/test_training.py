@@ -64,6 +64,22 @@ def test_logits_at_supervised_positions_only_give_the_same_loss_and_gradients():
                  part_g, full_g)
 
 
+@pytest.mark.parametrize("supervised", [False, True], ids=["full_logits", "supervised_positions"])
+def test_evaluation_of_a_ragged_set_counts_every_supervised_position_once(supervised):
+    """11 rows in batches of 4: the last batch is padded with a row that must count for nothing. Count,
+    accuracy and loss equal those of one pass over the whole set (one row has no supervision at all)."""
+    model, mesh = _tiny("gated_deltanet"), training.data_mesh()
+    data = _data(11, seq_len=16, pairs=3, seed=4)
+    data["labels"][5] = tasks.IGNORE
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(data["tokens"][:1]))
+    step = training.make_eval_step(model, mesh, training.supervised_count(data["labels"]) if supervised else None)
+    got = training.evaluate(step, params, data, batch_size=4, mesh=mesh)
+    loss, want = training.loss_and_metrics(model.apply(params, jnp.asarray(data["tokens"])), jnp.asarray(data["labels"]))
+    assert got["count"] == int(want["count"]) == int(np.sum(data["labels"] != tasks.IGNORE)) == 10 * 3
+    np.testing.assert_allclose(got["accuracy"], want["accuracy"], rtol=1e-6)
+    np.testing.assert_allclose(got["loss"], loss, rtol=1e-5)
+
+
 def test_one_compiled_step_serves_every_learning_rate_and_seed():
     model, mesh = _tiny(), training.data_mesh()
     a = training.TrainSettings(num_steps=10, batch_size=8, learning_rate=1e-3, seed=0)
