@@ -251,3 +251,10 @@ def test_initial_covariance_may_be_singular_but_not_indefinite():
     with pytest.raises(filters.FilterInputError, match="not positive semi-definite"):
         f(q, k, v, initial_state=filters.FilterState(mean, np.broadcast_to(np.diag([1.0, 1.0, 1.0, -1e-3]),
                                                                            (2, 2, 4, 4))), **gates)
+
+
+def test_did_you_mean_offers_at_most_three_close_names():
+    assert dm.did_you_mean("gated_delta", ["gated_deltanet"]) == " (did you mean 'gated_deltanet'?)"
+    hint = dm.did_you_mean("abcd", ["abce", "abcf", "abcg", "abch", "zzzz"])
+    assert hint.count("'abc") == 3 and "zzzz" not in hint
+    assert dm.did_you_mean("xyz", ["gla", "bayesian"]) == ""

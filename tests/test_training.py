@@ -80,6 +80,18 @@ def test_evaluation_of_a_ragged_set_counts_every_supervised_position_once(superv
     np.testing.assert_allclose(got["loss"], loss, rtol=1e-5)
 
 
+def test_weight_decay_applies_to_matrices_only():
+    """AdamW's decoupled weight decay reaches kernels and embeddings (ndim >= 2), never biases or scales."""
+    settings = training.TrainSettings(num_steps=1, batch_size=1, learning_rate=1.0, weight_decay=0.1)
+    tx = training.optimizer(settings)
+    params = {"kernel": jnp.full((2, 3), 2.0), "bias": jnp.full((3,), 2.0), "scale": jnp.full((), 2.0)}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], 0.1 * 2.0)
+    np.testing.assert_allclose(updates["bias"], 0.0)
+    np.testing.assert_allclose(updates["scale"], 0.0)
+
+
 def test_one_compiled_step_serves_every_learning_rate_and_seed():
     model, mesh = _tiny(), training.data_mesh()
     a = training.TrainSettings(num_steps=10, batch_size=8, learning_rate=1e-3, seed=0)

@@ -355,28 +355,35 @@ def _one_line(text: str) -> str:
 
 
 def mutants_of(path: str) -> list[Mutant]:
-    """Every mutant of the file ``path`` (relative to the repository root), in source order, each one
-    checked to parse and to differ from the original."""
-    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
-        source = f.read()
-    collector = _Collector(path, source)
-    collector.visit(ast.parse(source, filename=path))
-    original_tree = ast.dump(ast.parse(source))
+    """Every candidate mutant of the file ``path`` (relative to the repository root), in source order
+    (`planted` checks that one parses and changes the program)."""
+    collector = _Collector(path, _source(path))
+    collector.visit(ast.parse(_source(path), filename=path))
     seen: dict = {}
-    out = []
     for mutant in collector.mutants:
-        applied = mutant.apply(source)
-        try:
-            tree = ast.parse(applied)
-        except SyntaxError:
-            continue
-        if ast.dump(tree) == original_tree:
-            continue
         key = (mutant.scope, mutant.operator, mutant.original, mutant.mutated)
         mutant.occurrence = seen.get(key, 0)
         seen[key] = mutant.occurrence + 1
-        out.append(mutant)
-    return out
+    return collector.mutants
+
+
+_SOURCES: dict = {}
+
+
+def _source(path: str) -> str:
+    if path not in _SOURCES:
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            _SOURCES[path] = f.read()
+    return _SOURCES[path]
+
+
+def planted(mutant: Mutant) -> bool:
+    """Whether the mutated file parses and differs from the original as a program (not only in layout)."""
+    try:
+        tree = ast.parse(mutant.apply(_source(mutant.path)))
+    except SyntaxError:
+        return False
+    return ast.dump(tree) != ast.dump(ast.parse(_source(mutant.path)))
 
 
 def select_files(patterns) -> list[str]:
@@ -389,12 +396,16 @@ def select_files(patterns) -> list[str]:
 
 
 def sample(mutants: list[Mutant], size: int, seed: int) -> list[Mutant]:
-    """The ``size`` mutants of smallest ``sha256(seed:id)`` (all when ``size`` is 0), in source order."""
-    if size and size < len(mutants):
-        rank = lambda m: hashlib.sha256(f"{seed}:{m.id}".encode()).hexdigest()
-        chosen = {id(m) for m in sorted(mutants, key=rank)[:size]}
-        mutants = [m for m in mutants if id(m) in chosen]
-    return mutants
+    """The ``size`` mutants of smallest ``sha256(seed:id)`` that `planted` accepts (all when ``size`` is
+    0), in source order."""
+    rank = lambda m: hashlib.sha256(f"{seed}:{m.id}".encode()).hexdigest()
+    chosen = set()
+    for mutant in sorted(mutants, key=rank):
+        if size and len(chosen) == size:
+            break
+        if planted(mutant):
+            chosen.add(id(mutant))
+    return [m for m in mutants if id(m) in chosen]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -451,10 +462,11 @@ def coverage_map(test_files: list[str], include: list[str], cache_dir: str, jobs
     # what the recorded lines depend on: the code and the test helpers (this script itself does not count)
     sources = [p for p in _python_files() if p not in test_files and p != os.path.join("tools", "mutate.py")]
     base = _digest(sources)
+    cache_path = lambda test_file: os.path.join(cache_dir, "{}.{}.json".format(os.path.basename(test_file), hashlib.sha256(
+        f"{base}:{_digest([test_file])}".encode()).hexdigest()[:16]))
     todo, results = [], {}
     for test_file in test_files:
-        key = hashlib.sha256(f"{base}:{_digest([test_file])}".encode()).hexdigest()[:16]
-        cached = os.path.join(cache_dir, f"{os.path.basename(test_file)}.{key}.json")
+        cached = cache_path(test_file)
         if os.path.exists(cached):
             with open(cached, encoding="utf-8") as f:
                 results[test_file] = json.load(f)
@@ -462,7 +474,8 @@ def coverage_map(test_files: list[str], include: list[str], cache_dir: str, jobs
             todo.append((test_file, cached))
 
     def collect(item):
-        test_file, cached = item
+        test_file, _ = item
+        cached = cache_path(test_file)      # the file as pytest reads it now (it may have been edited since)
         start = time.time()
         env = {**os.environ, "MUTATE_INCLUDE": json.dumps([os.path.join(ROOT, p) for p in include]),
                "MUTATE_OUTPUT": cached + ".part", "PYTHONPATH": os.pathsep.join(
