@@ -248,8 +248,11 @@ def test_initial_covariance_may_be_singular_but_not_indefinite():
     mean = np.zeros((2, 2, 5, 4))
     f(q, k, v, initial_state=filters.FilterState(mean, np.broadcast_to(np.diag([1.0, 1.0, 1.0, 0.0]), (2, 2, 4, 4))),
       **gates)
+    # round-off is tolerated: an eigenvalue down to -1e-6 times the largest entry (at least 1)
+    f(q, k, v, initial_state=filters.FilterState(mean, np.broadcast_to(np.diag([1.0, 1.0, 1.0, -1e-6]), (2, 2, 4, 4))),
+      **gates)
     with pytest.raises(filters.FilterInputError, match="not positive semi-definite"):
-        f(q, k, v, initial_state=filters.FilterState(mean, np.broadcast_to(np.diag([1.0, 1.0, 1.0, -1e-3]),
+        f(q, k, v, initial_state=filters.FilterState(mean, np.broadcast_to(np.diag([1.0, 1.0, 1.0, -1.01e-6]),
                                                                            (2, 2, 4, 4))), **gates)
 
 

@@ -70,6 +70,16 @@ def test_gates_are_in_range_by_construction():
             assert np.all(np.linalg.norm(np.asarray(g["transition"]), ord=2, axis=(-2, -1)) <= 1 + 1e-6)
 
 
+@pytest.mark.parametrize("name", ["gated_deltanet", "bayesian"])
+def test_a_zero_input_gives_a_finite_output(name):
+    """A zero input (e.g. a zero embedding) gives zero queries and keys after the convolution; their
+    L2 normalization must keep them finite (zero), not divide by zero."""
+    layer = _layer(MODELS[name], "sequential")
+    x = jnp.zeros((1, 4, 12), jnp.float32)
+    y = layer.apply(layer.init(jax.random.PRNGKey(0), x + 1.0), x)
+    assert np.all(np.isfinite(y))
+
+
 def test_named_layer_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown layer 'mamba3'; accepted: linear_attention"):
         layers.named_layer("mamba3", d_model=8)

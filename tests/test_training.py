@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,33 @@ def test_batches_are_a_function_of_the_step():
     assert len(set(epoch)) == 9                                   # no repeat within an epoch
     np.testing.assert_array_equal(a(7)["tokens"], b(7)["tokens"])  # random access = sequential access
     assert not np.array_equal(a(0)["tokens"], a(3)["tokens"])       # epochs are reshuffled
+
+
+def test_a_training_set_of_one_batch_is_the_smallest_accepted():
+    data = {"tokens": np.arange(4)[:, None], "labels": np.arange(4)[:, None]}
+    one = training.BatchSchedule(data, 4, seed=0)
+    assert one.steps_per_epoch == 1
+    np.testing.assert_array_equal(one(0)["tokens"][:, 0], np.arange(4))
+    with pytest.raises(ValueError, match="the training set has 4 examples, fewer than one batch of 5"):
+        training.BatchSchedule(data, 5, seed=0)
+
+
+def test_throughput_is_tokens_over_the_measured_seconds_per_step():
+    calls = []
+
+    def step(state, batch):
+        calls.append(1)
+        return jax.tree.map(lambda x: x + 1, state), {"loss": jnp.zeros(())}
+
+    state = {"w": jnp.zeros(3)}
+    start = time.perf_counter()
+    out = training.measure_throughput(step, state, {"tokens": np.zeros((2, 8), np.int32)}, steps=3)
+    elapsed = time.perf_counter() - start
+    assert len(calls) == 1 + 3 and np.all(state["w"] == 0)          # a warm-up step, then 3 timed on a copy
+    assert out["tokens_per_step"] == 16 and out["timed_steps"] == 3
+    assert 0 < out["seconds_per_step"] * 3 <= elapsed
+    np.testing.assert_allclose(out["tokens_per_second"], 16 / out["seconds_per_step"])
+    assert training.measure_throughput(step, state, {"tokens": np.zeros((2, 8), np.int32)}, steps=0) == {}
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, name="bayesian"):
