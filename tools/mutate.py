@@ -615,9 +615,14 @@ def write_report(out: str, records: list[dict], summary: dict) -> None:
              f"`{summary['command']}` at commit `{summary['commit']}`: **{summary['score']['score']}%** of "
              f"{summary['score']['mutants'] - summary['score']['equivalent'] - summary['score']['error']} mutants "
              f"detected ({summary['score']['equivalent']} known equivalents left out), in "
-             f"{summary['seconds'] / 60:.0f} min.", "",
-             "| module | mutants | killed | timeout | survived | no coverage | equivalent | error | score |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{summary['seconds'] / 60:.0f} min.", ""]
+    if "rerun_of" in summary:
+        first = summary["rerun_of"]
+        lines += [f"This run ran again the {summary['rerun']} mutants that survived `{first['command']}` "
+                  f"({first['date']}, commit `{first['commit']}`, {first['seconds'] / 60:.0f} min); the records of "
+                  "the others are carried over from it.", ""]
+    lines += ["| module | mutants | killed | timeout | survived | no coverage | equivalent | error | score |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for path in sorted({r["path"] for r in records}):
         s = score([r for r in records if r["path"] == path])
         lines.append(f"| `{path}` | {s['mutants']} | {s['killed']} | {s['timeout']} | {s['survived']} | "
@@ -685,15 +690,22 @@ def main(argv=None) -> int:
     everything = [m for path in files for m in mutants_of(path)]
     mutants = sample(everything, args.sample, args.seed)
     wanted = set(args.ids or ())
+    carried, previous = [], None
     if args.rerun:
+        # run the earlier survivors again (after tests were added); the mutants that were killed stay killed
+        # as long as no test was weakened, so their records are carried into this run's report
         with open(args.rerun, encoding="utf-8") as f:
-            wanted |= {r["id"] for r in json.load(f)["mutants"] if r["status"] in ("survived", "no coverage", "error")}
+            previous = json.load(f)
+        again = {r["id"] for r in previous["mutants"] if r["status"] in ("survived", "no coverage", "error")}
+        wanted |= again
+        carried = [r for r in previous["mutants"] if r["id"] not in again]
     if wanted:
         mutants = [m for m in everything if m.id in wanted]
         missing = wanted - {m.id for m in mutants}
         if missing:
             log(f"{len(missing)} requested ids are not mutants of today's code (the code changed): "
                 + "; ".join(sorted(missing)[:5]))
+            carried += [r for r in (previous or {"mutants": []})["mutants"] if r["id"] in missing]
     log(f"{len(everything)} mutants in {len(files)} files; running {len(mutants)}")
 
     test_files = [p for p in (os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, args.tests))))
@@ -752,11 +764,15 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    records.sort(key=lambda r: (r["path"], r["line"], r["id"]))
+    rerun = len(records)
+    records = sorted(records + carried, key=lambda r: (r["path"], r["line"], r["id"]))
     summary = {"date": datetime.date.today().isoformat(), "commit": _commit(),
                "command": "python tools/mutate.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "seconds": round(time.time() - started), "score": score(records),
                "total_mutants": len(everything), "files": files}
+    if previous is not None:
+        summary["rerun_of"] = {k: previous["summary"][k] for k in ("date", "commit", "command", "seconds")}
+        summary["rerun"] = rerun
     write_report(out, records, summary)
     s = summary["score"]
     log(f"score {s['score']}%: {s['killed']} killed, {s['timeout']} timeouts, {s['survived']} survived, "
