@@ -585,10 +585,12 @@ def load_equivalents() -> list[dict]:
 
 def equivalent_reason(mutant: Mutant, equivalents: list[dict]) -> Optional[str]:
     """The reason recorded for a known equivalent mutant: matched by file name, scope, original and
-    mutated text (not by line), so that it follows the code when other code moves."""
+    mutated text (not by line), so that it follows the code when other code moves; ``occurrence``, when
+    given, picks one of several identical edits in one scope (counted in source order from 0)."""
     for entry in equivalents:
         if (os.path.basename(mutant.path) == os.path.basename(entry["file"]) and mutant.scope == entry["scope"]
-                and mutant.original == entry["original"] and mutant.mutated == entry["mutated"]):
+                and mutant.original == entry["original"] and mutant.mutated == entry["mutated"]
+                and entry.get("occurrence", mutant.occurrence) == mutant.occurrence):
             return entry["reason"]
     return None
 
