@@ -560,7 +560,8 @@ def run_mutant(mutant: Mutant, tests: list[str], copy: str, timeout: float) -> d
     output = run.stdout + run.stderr
     if run.returncode == 0:
         return {"status": "survived", "seconds": seconds, "killed_by": None}
-    if run.returncode == 5 or (run.returncode == 4 and "not found:" in output):   # the tool's fault
+    if run.returncode < 0 or run.returncode == 5 or (run.returncode == 4 and "not found:" in output):
+        # stopped by a signal from outside, or the tool's fault (no test collected, a test not found)
         return {"status": "error", "seconds": seconds, "killed_by": None, "output": output[-2000:]}
     if run.returncode:                # a test failed, or the mutant broke an import or collection
         failed = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
@@ -730,6 +731,9 @@ def main(argv=None) -> int:
 
     records: list = []
     lock = threading.Lock()
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "partial.jsonl")):
+        os.remove(os.path.join(out, "partial.jsonl"))
     copies: queue.Queue = queue.Queue()
     workdir = tempfile.mkdtemp(prefix="mutate-")
     try:
@@ -757,6 +761,8 @@ def main(argv=None) -> int:
                     copies.put(copy)
             with lock:
                 records.append(record)
+                with open(os.path.join(out, "partial.jsonl"), "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")     # a run cut short keeps what it measured
                 log(f"{len(records)}/{len(plan)} {record['status']:<11} {record['seconds']:>6.1f} s  "
                     f"{mutant.path}:{mutant.line} {mutant.id.split('::', 2)[2]}")
             return record
