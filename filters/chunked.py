@@ -86,10 +86,10 @@ def _to_chunks(x, chunk: int, pad_value=0.0):
     return x.reshape(n, batch * heads, chunk, *x.shape[4:])
 
 
-def _from_chunks(x, batch: int, time: int):
+def _from_chunks(x, batch: int, heads: int, time: int):
     """``[N, B*H, C, ...] -> [B, T, H, ...]``."""
     n, _, chunk = x.shape[:3]
-    x = x.reshape(n, batch, -1, chunk, *x.shape[3:])
+    x = x.reshape(n, batch, heads, chunk, *x.shape[3:])   # heads named: B = 0 leaves no -1 to infer
     x = jnp.moveaxis(x, (0, 2), (1, 3))                                  # [B, N, C, H, ...]
     return x.reshape(batch, n * chunk, *x.shape[3:])[:, :time]
 
@@ -232,13 +232,13 @@ def additive(q, k, v, log_decay, initial_state, *, chunk_size: int):
     Returns ``y [B, T, H, V]`` and ``S_T [B, H, K, V]`` in the compute dtype (float32, or float64).
     """
     dtype = compute_dtype(q, k, v, initial_state)
-    batch, time = q.shape[:2]
+    batch, time, heads = q.shape[:3]
     with jax.default_matmul_precision("float32"):
         q, k, v = (_to_chunks(x.astype(dtype), chunk_size) for x in (q, k, v))
         log_decay = None if log_decay is None else _to_chunks(log_decay.astype(dtype), chunk_size)
         terms = _every_chunk(_additive_chunk, q, k, v, log_decay)
         final, y = _through_chunks(_additive_step, _heads(initial_state.astype(dtype)), terms)
-    return _from_chunks(y, batch, time), final.reshape(initial_state.shape)
+    return _from_chunks(y, batch, heads, time), final.reshape(initial_state.shape)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,13 +278,13 @@ def delta_rule(q, k, w, v, log_decay, initial_state, *, chunk_size: int):
     write key ``w`` (reset family: ``w = eta k``; exact family: ``w = Kg``), in chunks (module doc,
     `DeltaChunk`). Layouts as `additive`, ``w [B, T, H, K]``."""
     dtype = compute_dtype(q, k, w, v, initial_state)
-    batch, time = q.shape[:2]
+    batch, time, heads = q.shape[:3]
     with jax.default_matmul_precision("float32"):
         q, k, w, v = (_to_chunks(x.astype(dtype), chunk_size) for x in (q, k, w, v))
         log_decay = None if log_decay is None else _to_chunks(log_decay.astype(dtype), chunk_size)
         terms = _every_chunk(_delta_chunk, q, k, w, v, log_decay)
         final, y = _through_chunks(_delta_step, _heads(initial_state.astype(dtype)), terms)
-    return _from_chunks(y, batch, time), final.reshape(initial_state.shape)
+    return _from_chunks(y, batch, heads, time), final.reshape(initial_state.shape)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ def _covariance_scan(q, k, log_decay, noise, precision, initial_covariance, *, c
     """`covariance_pass`, and with ``boundaries`` also ``P`` at the start of every chunk
     ``[N, B*H, K, K]`` (for numerical checks, `benchmarks/long_sequence.py`)."""
     dtype = compute_dtype(q, k, noise, precision, initial_covariance)
-    batch, time = q.shape[:2]
+    batch, time, heads = q.shape[:3]
     with jax.default_matmul_precision("float32"):
         q, k = (_to_chunks(x.astype(dtype), chunk_size) for x in (q, k))
         log_decay = None if log_decay is None else _to_chunks(log_decay.astype(dtype), chunk_size)
@@ -355,8 +355,8 @@ def _covariance_scan(q, k, log_decay, noise, precision, initial_covariance, *, c
                              precision)
         final, out = _through_chunks(functools.partial(_covariance_step, boundaries=boundaries),
                                      _heads(initial_covariance.astype(dtype)), terms)
-    gains = _from_chunks(out["gains"], batch, time)
-    predictive = _from_chunks(out["variance"], batch, time) if variance else None
+    gains = _from_chunks(out["gains"], batch, heads, time)
+    predictive = _from_chunks(out["variance"], batch, heads, time) if variance else None
     return gains, final.reshape(initial_covariance.shape), predictive, out.get("start")
 
 

@@ -246,7 +246,7 @@ def test_initial_covariance_may_be_singular_but_not_indefinite():
     model = dm.bayesian()
     q, k, v, gates = _inputs(model)
     f = filters.compile(model, backend="sequential")
-    mean = np.zeros((2, 2, 5, 4))
+    mean = np.zeros((2, 2, 4, 5))
     f(q, k, v, initial_state=filters.FilterState(mean, np.broadcast_to(np.diag([1.0, 1.0, 1.0, 0.0]), (2, 2, 4, 4))),
       **gates)
     # round-off is tolerated: an eigenvalue down to -1e-6 times the largest entry (at least 1)

@@ -90,7 +90,7 @@ def test_weight_decay_applies_to_matrices_only():
     params = {"kernel": jnp.full((2, 3), 2.0), "bias": jnp.full((3,), 2.0), "scale": jnp.full((), 2.0)}
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
-    np.testing.assert_allclose(updates["kernel"], 0.1 * 2.0)
+    np.testing.assert_allclose(updates["kernel"], -1.0 * 0.1 * 2.0)  # u = -lr * weight_decay * p
     np.testing.assert_allclose(updates["bias"], 0.0)
     np.testing.assert_allclose(updates["scale"], 0.0)
 
