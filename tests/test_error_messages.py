@@ -119,8 +119,8 @@ MISTAKES = [
     ("a misspelled named model", lambda: dm.NAMED_MODELS["gated_delta_net"], dm.UnknownModelError,
      [r"'gated_delta_net': not a named design model \(did you mean 'gated_deltanet'", "accepted: linear_attention"]),
     # ---- compile: backends and options
-    ("an unknown backend", lambda: filters.compile(dm.gla(), backend="pallas"), BE,
-     [r"backend='pallas': unknown", "accepted: 'auto', 'sequential', 'associative', 'chunked'"]),
+    ("an unknown backend", lambda: filters.compile(dm.gla(), backend="cuda"), BE,
+     [r"backend='cuda': unknown", "accepted: 'auto', 'sequential', 'associative', 'chunked'"]),
     ("a capitalized backend", lambda: filters.compile(dm.gla(), backend="Chunked"), BE,
      [r"backend='Chunked': unknown \(did you mean 'chunked'\?\)"]),
     ("chunked for a dense transition",

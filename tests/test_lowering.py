@@ -59,7 +59,7 @@ def test_a_registered_lowering_is_compiled_explained_and_chosen_like_the_built_i
     assert filters.Filter(exact, "auto").backend == "chunked"
     with pytest.raises(filters.BackendError, match=r"backend='doubling' does not apply to this design model: "
                                                    r"only the reset family.*accepted here: sequential, "
-                                                   r"associative, chunked\."):
+                                                   r"associative, chunked"):
         filters.Filter(exact, "doubling")
     # its option is checked by its own validator, and refused for a lowering that does not take it
     with pytest.raises(filters.BackendError, match=r"repeats=3: accepted: 1 or 2\."):
@@ -69,16 +69,16 @@ def test_a_registered_lowering_is_compiled_explained_and_chosen_like_the_built_i
         filters.Filter(model, "chunked", options=(("repeats", 2),))
     with pytest.raises(filters.BackendError, match=r"backend='doublin': unknown \(did you mean 'doubling'\?\); "
                                                    r"accepted: 'auto', 'sequential', 'associative', 'chunked', "
-                                                   r"'doubling'"):
+                                                   r"(.*, )?'doubling'"):
         filters.Filter(model, "doublin")
     # diagnostics: it reports none, so auto passes it over
     assert filters.Filter(model, "auto", diagnostics=True).backend == "sequential"
 
 
-def test_auto_reads_the_preference_of_the_platform_and_skips_what_is_not_registered():
+def test_auto_reads_the_preference_of_the_platform_and_skips_what_is_not_registered(monkeypatch):
     chunkable, dense = filters.analyze(dm.gated_deltanet()), filters.analyze(
         dm.DesignModel(transition=dm.DenseTransition(None)))
-    assert "pallas" not in filters.LOWERINGS                         # preferred on GPUs, not registered here
+    monkeypatch.delitem(filters.LOWERINGS, "pallas", raising=False)   # preferred on GPUs; here unregistered
     assert lowering_module.auto(chunkable, platform="gpu").name == "chunked"
     assert lowering_module.auto(dense, platform="gpu").name == "associative"
     assert lowering_module.auto(dense, platform="cpu").name == "sequential"
