@@ -64,7 +64,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from filters import kalman, linalg
+from filters import kalman, linalg, shapes
 from filters.inputs import FilterState, StepInputs, compute_dtype
 from filters.lowering import BackendError, FilterOutput, Lowering
 
@@ -202,24 +202,29 @@ def _pairwise(x, y, b, *, strict: bool):
 class AdditiveChunk(NamedTuple):
     """The terms of one chunk (one head) that do not read ``S_0``."""
 
-    q_gamma: jax.Array        # Q * gamma                                      [C, K]
-    y_intra: jax.Array        # [q_i . k_j exp(b_i - b_j)]_{j<=i} V            [C, V]
-    update: jax.Array         # (K * exp(b_C - b))^T V                         [K, V]
-    gamma_end: jax.Array      # gamma_C                                        [1 | K]
+    q_gamma: shapes.ChunkKeys        # Q * gamma                                      [C, K]
+    y_intra: shapes.ChunkValues      # [q_i . k_j exp(b_i - b_j)]_{j<=i} V            [C, V]
+    update: shapes.ChunkState        # (K * exp(b_C - b))^T V                         [K, V]
+    gamma_end: shapes.EndDecay       # gamma_C                                        [1 | K]
 
 
-def _additive_chunk(q, k, v, log_decay) -> AdditiveChunk:
+@shapes.typed
+def _additive_chunk(q: shapes.ChunkKeys, k: shapes.ChunkKeys, v: shapes.ChunkValues,
+                    log_decay: shapes.ChunkLogDecay) -> AdditiveChunk:
     b = _cumulative_log_decay(log_decay, q.shape[0], q.dtype)
     return AdditiveChunk(q_gamma=q * jnp.exp(b), y_intra=_pairwise(q, k, b, strict=False) @ v,
                          update=(k * jnp.exp(b[-1] - b)).T @ v, gamma_end=jnp.exp(b[-1]))
 
 
-def _additive_step(s0, c: AdditiveChunk):
+@shapes.typed
+def _additive_step(s0: shapes.ChunkState, c: AdditiveChunk) -> tuple[shapes.ChunkState, shapes.ChunkValues]:
     """``S_0 -> S_C`` and the chunk's readouts ``Y``."""
     return c.gamma_end[:, None] * s0 + c.update, c.q_gamma @ s0 + c.y_intra
 
 
-def additive(q, k, v, log_decay, initial_state, *, chunk_size: int):
+@shapes.typed
+def additive(q: shapes.Queries, k: shapes.Keys, v: shapes.Values, log_decay: shapes.LogDecay,
+             initial_state: shapes.Mean, *, chunk_size: int) -> tuple[shapes.Readouts, shapes.Mean]:
     """``S_t = A_t S_{t-1} + k_t v_t^T``, ``y_t = S_t^T q_t``, in chunks (module doc, `AdditiveChunk`).
 
     Args:
@@ -248,14 +253,16 @@ def additive(q, k, v, log_decay, initial_state, *, chunk_size: int):
 class DeltaChunk(NamedTuple):
     """The terms of one chunk (one head) that do not read ``S_0``."""
 
-    readers: jax.Array        # [T (K * gamma); Q * gamma]: every row that reads S_0       [2C, K]
-    t_v: jax.Array            # T V, T = (I + L)^{-1}                                       [C, V]
-    attend: jax.Array         # Att = [q_i . w_j exp(b_i - b_j)]_{j<=i}                     [C, C]
-    w_end: jax.Array          # W * exp(b_C - b)                                            [C, K]
-    gamma_end: jax.Array      # gamma_C                                                     [1 | K]
+    t_v: shapes.ChunkValues                     # T V, T = (I + L)^{-1}                            [C, V]
+    attend: shapes.ChunkSquare                  # Att = [q_i . w_j exp(b_i - b_j)]_{j<=i}          [C, C]
+    w_end: shapes.ChunkKeys                     # W * exp(b_C - b)                                 [C, K]
+    gamma_end: shapes.EndDecay                  # gamma_C                                          [1 | K]
+    readers: shapes.ChunkReaders                # [T (K * gamma); Q * gamma]: the rows reading S_0 [2C, K]
 
 
-def _delta_chunk(q, k, w, v, log_decay) -> DeltaChunk:
+@shapes.typed
+def _delta_chunk(q: shapes.ChunkKeys, k: shapes.ChunkKeys, w: shapes.ChunkKeys, v: shapes.ChunkValues,
+                 log_decay: shapes.ChunkLogDecay) -> DeltaChunk:
     b = _cumulative_log_decay(log_decay, q.shape[0], q.dtype)
     gamma = jnp.exp(b)
     t = linalg.unit_lower_inverse(_pairwise(k, w, b, strict=True))       # T = (I + L)^{-1}
@@ -265,7 +272,8 @@ def _delta_chunk(q, k, w, v, log_decay) -> DeltaChunk:
                       gamma_end=jnp.exp(b[-1]))
 
 
-def _delta_step(s0, c: DeltaChunk):
+@shapes.typed
+def _delta_step(s0: shapes.ChunkState, c: DeltaChunk) -> tuple[shapes.ChunkState, shapes.ChunkValues]:
     """``S_0 -> S_C`` and the chunk's readouts ``Y``."""
     chunk = c.t_v.shape[0]
     read = c.readers @ s0                                                # [(T (K * gamma)) S_0; (Q * gamma) S_0]
@@ -273,7 +281,9 @@ def _delta_step(s0, c: DeltaChunk):
     return c.gamma_end[:, None] * s0 + c.w_end.T @ innovations, read[chunk:] + c.attend @ innovations
 
 
-def delta_rule(q, k, w, v, log_decay, initial_state, *, chunk_size: int):
+@shapes.typed
+def delta_rule(q: shapes.Queries, k: shapes.Keys, w: shapes.Keys, v: shapes.Values, log_decay: shapes.LogDecay,
+               initial_state: shapes.Mean, *, chunk_size: int) -> tuple[shapes.Readouts, shapes.Mean]:
     """``S_t = A_t S_{t-1} + w_t (v_t - (A_t S_{t-1})^T k_t)^T``, ``y_t = S_t^T q_t``: erase key ``k``,
     write key ``w`` (reset family: ``w = eta k``; exact family: ``w = Kg``), in chunks (module doc,
     `DeltaChunk`). Layouts as `additive`, ``w [B, T, H, K]``."""
@@ -294,18 +304,21 @@ def delta_rule(q, k, w, v, log_decay, initial_state, *, chunk_size: int):
 class CovarianceChunk(NamedTuple):
     """The terms of one chunk (one head) that do not read ``P_c``."""
 
-    g: jax.Array              # G = K * gamma                                             [C, K]
-    n: jax.Array              # N = (R * alpha_min) * (K K^T) + diag(1 / beta)            [C, C]
-    k_alpha: jax.Array        # K * alpha                                                 [C, K]
-    k_end: jax.Array          # K * R_C. alpha: the noise of each step left at the end    [C, K]
-    r: jax.Array              # R_ij = exp(b_i - b_j) (j <= i), else 0                    [C, C]
-    gamma: jax.Array          # gamma                                                     [C]
-    alpha: jax.Array          # alpha                                                     [C]
-    q: Optional[jax.Array]    # Q (for the predictive variance only)                      [C, K]
-    f: Optional[jax.Array]    # F_im = R_im alpha_m q_i . k_m (m <= i) (variance only)   [C, C]
+    g: shapes.ChunkKeys                 # G = K * gamma                                          [C, K]
+    n: shapes.ChunkSquare               # N = (R * alpha_min) * (K K^T) + diag(1 / beta)         [C, C]
+    k_alpha: shapes.ChunkKeys           # K * alpha                                              [C, K]
+    k_end: shapes.ChunkKeys             # K * R_C. alpha: the noise of each step left at the end [C, K]
+    r: shapes.ChunkSquare               # R_ij = exp(b_i - b_j) (j <= i), else 0                 [C, C]
+    gamma: shapes.ChunkSteps            # gamma                                                  [C]
+    alpha: shapes.ChunkSteps            # alpha                                                  [C]
+    q: Optional[shapes.ChunkKeys]       # Q (for the predictive variance only)                   [C, K]
+    f: Optional[shapes.ChunkSquare]     # F_im = R_im alpha_m q_i . k_m (m <= i) (variance only) [C, C]
 
 
-def _covariance_chunk(q, k, log_decay, noise, precision, *, variance: bool) -> CovarianceChunk:
+@shapes.typed
+def _covariance_chunk(q: shapes.ChunkKeys, k: shapes.ChunkKeys, log_decay: Optional[shapes.ChunkSteps],
+                      noise: shapes.ChunkSteps, precision: shapes.ChunkSteps, *,
+                      variance: bool) -> CovarianceChunk:
     chunk = k.shape[0]
     b = _cumulative_log_decay(log_decay, chunk, k.dtype)[:, 0]                    # scalar decay: b [C]
     lower = jnp.tril(jnp.ones((chunk, chunk), bool))
@@ -321,7 +334,9 @@ def _covariance_chunk(q, k, log_decay, noise, precision, *, variance: bool) -> C
         f=r * (q @ k.T) * alpha[None, :] if variance else None)
 
 
-def _covariance_step(p, c: CovarianceChunk, *, boundaries: bool = False):
+@shapes.typed
+def _covariance_step(p: shapes.ChunkCovariance, c: CovarianceChunk, *,
+                     boundaries: bool = False) -> tuple[shapes.ChunkCovariance, dict]:
     """``P_c -> P_C`` and the chunk's gains ``Kg`` (and predictive variances, and ``P_c``, if asked)."""
     sigma = c.g @ p @ c.g.T + c.n
     chol, x = linalg.cholesky_with_inverse(kalman.symmetrize(sigma))   # L and X = L^{-1}
@@ -360,8 +375,10 @@ def _covariance_scan(q, k, log_decay, noise, precision, initial_covariance, *, c
     return gains, final.reshape(initial_covariance.shape), predictive, out.get("start")
 
 
-def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, chunk_size: int,
-                    variance: bool):
+@shapes.typed
+def covariance_pass(q: shapes.Queries, k: shapes.Keys, log_decay: Optional[shapes.PerHead], noise: shapes.PerHead,
+                    precision: shapes.PerHead, initial_covariance: shapes.Covariance, *, chunk_size: int,
+                    variance: bool) -> tuple[shapes.Keys, shapes.Covariance, Optional[shapes.PerHead]]:
     """The exact family's covariance recursion, in chunks (module doc, `CovarianceChunk`): scalar or no
     decay, ``Q_t = noise_t I``.
 
@@ -410,6 +427,7 @@ def _isotropic_noise(structure, x: StepInputs):
     return jnp.zeros(x.k.shape[:3], dtype)
 
 
+@shapes.typed
 def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE) -> FilterOutput:
     if structure.family == "additive":

@@ -1,13 +1,13 @@
 """`compile`: the one dispatch point from a design model to a filter.
 
-The compiler analyses the declared structure (`filters.structure`), checks that the requested lowering
-applies, and returns a `Filter` whose call, step and state have the same form on every backend.
+The compiler takes the declared structure (`filters.structure`), picks the lowering (`filters.lowering`:
+the one interface, its registry and ``auto``), checks that it applies and that it takes the options
+given, and returns a `Filter` whose call, step and state have the same form on every backend.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +72,10 @@ class Filter:
 
     ``y, state = f(q, k, v, initial_state=None, **gates)``; with ``diagnostics=True`` (at compile or
     call time) ``y, state, Diagnostics``. Shapes and dtypes are always checked; values (and a finite
-    readout) are checked too: now when they are concrete, and under ``jit``, ``grad``, ``vmap`` or ``scan``
-    by a host callback that raises when the computation runs. ``validate=False`` skips the value checks
-    for inputs valid by construction (the layers). ``y [B,T,H,V]`` has the dtype of ``v``; the state is a
+    readout) are checked too (`filters.checks`): at once when they are concrete, and under ``jit``,
+    ``grad``, ``vmap`` or ``scan`` when the computation runs (JAX then raises ``jax.errors.JaxRuntimeError``
+    carrying the `FilterInputError` message; `filters.reraise_input_errors` gives the `FilterInputError`
+    itself). ``validate=False`` skips the value checks for inputs valid by construction (the layers). ``y [B,T,H,V]`` has the dtype of ``v``; the state is a
     `FilterState` in the compute dtype (float32, or float64 when the inputs are).
     """
 

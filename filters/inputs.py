@@ -1,7 +1,7 @@
 """Run-time inputs as every lowering sees them, and the parameterization that makes them: pure math from
 checked gates to `StepInputs` (the checks themselves are at the boundary, `filters.checks`).
 
-Shape legend (the layout of the PyTorch peer ``flash-linear-attention``)::
+Shape legend (the layout of the PyTorch peer ``flash-linear-attention``; the aliases are in `filters.shapes`)::
 
     q, k   [B, T, H, K]      queries and keys (Mamba-2: C and B)
     v      [B, T, H, V]      values (Mamba-2: x)
@@ -27,6 +27,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from filters import shapes
 from filters.structure import Structure
 
 
@@ -40,8 +41,8 @@ class FilterState(NamedTuple):
     cannot tell the two apart, so transpose such a state yourself (``swapaxes(-1, -2)``).
     """
 
-    mean: jax.Array
-    covariance: Optional[jax.Array] = None
+    mean: shapes.Mean
+    covariance: Optional[shapes.Covariance] = None
 
 
 class StepInputs(NamedTuple):
@@ -56,15 +57,15 @@ class StepInputs(NamedTuple):
     ``sigma_t^2``. ``precision``: the exact family's ``beta_t``. ``input_scale``: the additive ``s_t``.
     """
 
-    q: jax.Array
-    k: jax.Array
-    v: jax.Array
-    transition: Optional[jax.Array] = None
-    process_noise: Optional[jax.Array] = None
-    precision: Optional[jax.Array] = None
-    write_strength: Optional[jax.Array] = None
-    reset_variance: Optional[jax.Array] = None
-    input_scale: Optional[jax.Array] = None
+    q: shapes.SteppedKeys
+    k: shapes.SteppedKeys
+    v: shapes.SteppedValues
+    transition: Optional[shapes.SteppedTransition] = None
+    process_noise: Optional[shapes.SteppedPerHead] = None
+    precision: Optional[shapes.SteppedPerHead] = None
+    write_strength: Optional[shapes.SteppedPerHead] = None
+    reset_variance: Optional[shapes.SteppedPerHead] = None
+    input_scale: Optional[shapes.SteppedPerHead] = None
 
     @property
     def compute_dtype(self):

@@ -23,6 +23,7 @@ import numpy as np
 import designmodels as dm
 import filters
 from designmodels.packaging import require_sibling
+from filters import shapes
 from layers.gates import Gates
 
 require_sibling(filters)   # a shadowing module of that name fails here, by name
@@ -130,7 +131,9 @@ class DesignLayer(nn.Module):
     def _normalize(self) -> bool:
         return self.model.family != "additive" if self.normalize_qk is None else self.normalize_qk
 
-    def _features(self, x, conv_cache):
+    @shapes.typed
+    def _features(self, x: shapes.Activations, conv_cache
+                  ) -> tuple[shapes.Queries, shapes.Keys, shapes.Values, dict, Any]:
         """Projections, convolution and normalization: ``q, k [B,T,H,K]``, ``v [B,T,H,V]``, gates."""
         heads = self.num_heads
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -150,7 +153,8 @@ class DesignLayer(nn.Module):
             q = q * self.key_dim ** -0.5
         return q, k, v, self.gates(x), new_conv
 
-    def _output(self, x, y):
+    @shapes.typed
+    def _output(self, x: shapes.SteppedActivations, y: shapes.SteppedValues) -> shapes.SteppedActivations:
         if self.output_norm:
             y = self.norm(y)
         y = y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1]).astype(self.dtype)
@@ -158,7 +162,7 @@ class DesignLayer(nn.Module):
             y = y * jax.nn.silu(self.gate_proj(x))
         return self.out_proj(y)
 
-    def __call__(self, x, cache=None, *, return_cache: bool = False):
+    def __call__(self, x: shapes.Activations, cache=None, *, return_cache: bool = False):
         """``x [B, T, D] -> y [B, T, D]``; with ``return_cache`` also the cache for decoding onwards."""
         self._check_input(x, 3, "[B, T, D]")
         cache = cache or {}
@@ -167,7 +171,7 @@ class DesignLayer(nn.Module):
         out = self._output(x, y)
         return (out, {"filter": state, "conv": conv}) if return_cache else out
 
-    def step(self, x, cache=None):
+    def step(self, x: shapes.StepActivations, cache=None):
         """One decoding step: ``x [B, D] -> (y [B, D], cache)``."""
         self._check_input(x, 2, "[B, D]")
         cache = cache or {}

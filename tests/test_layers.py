@@ -7,11 +7,8 @@ import pytest
 
 import designmodels as dm
 import layers
-from tests.test_filters import USER_EXACT_MODELS, USER_OTHER_MODELS
-
-MODELS = {**{n: f() for n, f in dm.NAMED_MODELS.items()},
-          "dense_transition_input_noise": USER_EXACT_MODELS["dense_transition_input_noise"],
-          "kda_style_channel_reset": USER_OTHER_MODELS["kda_style_channel_reset"]}
+from tests import contract
+from tests.support import LAYER_MODELS as MODELS
 
 
 def _layer(model, backend, conv_size=4):
@@ -19,19 +16,26 @@ def _layer(model, backend, conv_size=4):
                               conv_size=conv_size)
 
 
+def _sequence_model(layer, params):
+    """A layer as the test contract sees it: ``(parallel, step)`` on ``x [B, T, D]`` and its cache."""
+    def parallel(x, cache):
+        return layer.apply(params, x, cache, return_cache=True)
+
+    def step(cache, x_t):
+        return layer.apply(params, x_t, cache, method=layers.DesignLayer.step)
+
+    return parallel, step
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_prefill_then_decode_equals_parallel(name):
+def test_prefill_then_decode_equals_parallel_and_batch_rows_are_independent(name):
     layer = _layer(MODELS[name], "sequential")
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 12), jnp.float32)
     params = layer.init(jax.random.PRNGKey(1), x)
-    y = layer.apply(params, x)
-    assert y.shape == x.shape and y.dtype == jnp.float32
-    prefix, cache = layer.apply(params, x[:, :3], return_cache=True)
-    outs = [prefix]
-    for t in range(3, 7):
-        y_t, cache = layer.apply(params, x[:, t], cache, method=layers.DesignLayer.step)
-        outs.append(y_t[:, None])
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), y, rtol=1e-5, atol=1e-5)
+    parallel, step = _sequence_model(layer, params)
+    contract.assert_step_equals_parallel(parallel, step, x, split=3, rtol=1e-5, atol=1e-5)
+    contract.assert_batch_independent(parallel, x, rtol=1e-5, atol=1e-6)
+    contract.assert_dtypes(parallel, x, readout=jnp.float32, state=jnp.float32)
 
 
 @pytest.mark.parametrize("name", ["gla", "gated_deltanet", "bayesian", "dense_transition_input_noise"])
@@ -40,11 +44,7 @@ def test_gradients_reach_every_parameter(name, backend):
     layer = _layer(MODELS[name], backend)
     x = jax.random.normal(jax.random.PRNGKey(2), (1, 5, 12))
     params = layer.init(jax.random.PRNGKey(3), x)
-    grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2)))(params)
-    flat = jax.tree_util.tree_leaves_with_path(grads)
-    assert all(np.all(np.isfinite(g)) for _, g in flat)
-    zero = [jax.tree_util.keystr(p) for p, g in flat if not np.any(g)]
-    assert not zero, f"no gradient reaches {zero}"
+    contract.assert_gradients_reach(lambda p: jnp.sum(layer.apply(p, x) ** 2), params)
 
 
 def test_backends_give_the_same_layer():
