@@ -7,3 +7,4 @@ from layers.gates import Gates
 from layers.named import (
     GLA, BayesianLayer, DeltaNet, GatedDeltaNet, LinearAttention, Longhorn, Mamba2, RetNet, named_layer,
 )
+from layers import nnx  # noqa: E402  (after the linen layer, which layers.nnx converts to)

@@ -200,13 +200,6 @@ def parameter_tree(spec: LayerSpec) -> dict:
     return tree
 
 
-def init_parameters(tree: Mapping, key) -> dict:
-    """Arrays for a tree of `ParamSpec` (one key per leaf, split in the tree's order)."""
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, ParamSpec))
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [leaf.create(k) for leaf, k in zip(leaves, keys)])
-
-
 # ----------------------------------------------------------------------------------------------------
 # the pieces
 # ----------------------------------------------------------------------------------------------------

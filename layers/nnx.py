@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
