@@ -30,6 +30,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from designmodels import did_you_mean
 from experiments.tasks import IGNORE
 
 Batch = dict[str, np.ndarray]      # "tokens" [N, L] int, "labels" [N, L] int, optional "vectors" [N, L, F]
@@ -157,13 +158,8 @@ def _optax_function(name: str, field: str, text: str, kind: str) -> Callable:
         examples = ("adamw, lion, sgd, adafactor, contrib.muon" if kind == "optimizer" else
                     "'cosine', 'linear', 'constant', exponential_decay, cosine_decay_schedule")
         raise OptimizerError(f"TrainSettings.{field}={text!r}: optax has no {kind} {name!r}"
-                             f"{_did_you_mean(name, known)}; accepted: any optax {kind} by name, e.g. {examples}.")
+                             f"{did_you_mean(name, known)}; accepted: any optax {kind} by name, e.g. {examples}.")
     return function
-
-
-def _did_you_mean(name: str, known) -> str:
-    from designmodels import did_you_mean
-    return did_you_mean(name, known)
 
 
 def _check_keywords(function: Callable, kwargs: dict, field: str, text: str, name: str) -> None:
@@ -173,7 +169,7 @@ def _check_keywords(function: Callable, kwargs: dict, field: str, text: str, nam
     unknown = sorted(set(kwargs) - set(parameters))
     if unknown:
         raise OptimizerError(f"TrainSettings.{field}={text!r}: optax.{name} takes no {', '.join(unknown)}"
-                             f"{''.join(_did_you_mean(u, parameters) for u in unknown)}; accepted: "
+                             f"{''.join(did_you_mean(u, parameters) for u in unknown)}; accepted: "
                              f"{', '.join(parameters)}.")
 
 
