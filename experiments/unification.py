@@ -20,8 +20,8 @@ import designmodels as dm
 import filters
 from designmodels.packaging import require_sibling
 from experiments import common
-from tests import joint_gaussian, published_recurrences as published
-from tests.support import random_inputs, relative_error
+from experiments.oracles import joint_gaussian, published_recurrences as published
+from experiments.oracles.support import random_inputs, relative_error
 
 require_sibling(filters)   # a shadowing module of that name fails here, by name
 
