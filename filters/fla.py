@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 import designmodels as dm
 from filters.compiler import compile as _compile
-from filters.inputs import FilterInputError
+from filters.checks import FilterInputError
 
 # the design models of the shared layers (their proofs: docs/unification.md, tests/test_unification.py)
 LINEAR_ATTENTION = dm.linear_attention()
