@@ -85,6 +85,10 @@ TUNING = {
     "delta_rule_chunk_backward": dict(num_warps=4),
     "covariance_pass": dict(num_warps=4),   # 12 ms alone at 4 warps; 8 warps made the whole pass 4x slower
     "gla_output": dict(diagonal="slices"),
+    # Not yet measured on a GPU: the backward reruns the state pass (as flash-linear-attention does) rather
+    # than keeping the chunk states from the forward (False keeps them: one kernel less, 2 T K V / C more
+    # bytes held per head between the passes).
+    "gla_backward": dict(recompute_states=True),
 }
 DEFAULT_TUNING = dict(num_warps=4, num_stages=1)
 

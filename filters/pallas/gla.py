@@ -24,8 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from filters import chunked
-from filters.pallas.common import (SUB, Dots, chunk_log_decay, differentiated_by_reference, iota2, launch,
-                                   masked_exp, pad_time, rows, spec, tuning)
+from filters.pallas.common import (SUB, Dots, chunk_log_decay, iota2, launch, masked_exp, on_gpu, pad_time,
+                                   rows, spec, tuning)
 
 F32 = jnp.float32
 
@@ -112,7 +112,8 @@ def _output_kernel(q_ref, k_ref, b_ref, h_ref, v_ref, y_ref, *, dots, slices):
 
 
 def output_kernel(q, k, b, h, v, *, chunk, dots, interpret=False):
-    """``q, k, b [B,T,H,K]``, ``h [B,H,N,K,V]``, ``v [B,T,H,V]`` -> ``y [B,T,H,V]`` float32."""
+    """``q, k, b [B,T,H,K]``, ``h [B,H,N,K,V]``, ``v [B,T,H,V]`` -> ``y [B,T,H,V]`` in the values' dtype
+    (what the filter returns)."""
     batch, time, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     n = time // chunk
@@ -123,38 +124,208 @@ def output_kernel(q, k, b, h, v, *, chunk, dots, interpret=False):
     return launch(
         functools.partial(_output_kernel, dots=dots, slices=slices), grid=(batch, heads, n, value_dim // bv),
         in_specs=[block, block, block, spec((None, None, key_dim, bv), lambda i, hh, c, j: (i, hh, c, j)), block_v],
-        out_specs=block_v, out_shape=jax.ShapeDtypeStruct((batch, time, heads, value_dim), F32),
+        out_specs=block_v, out_shape=jax.ShapeDtypeStruct((batch, time, heads, value_dim), v.dtype),
         interpret=interpret, name="gla_output")(q, k, b, h.reshape(batch, heads, n * key_dim, value_dim), v)
 
 
-def _kernel_path(q, k, v, log_decay, s0, *, chunk, dots, interpret=False):
-    batch, time, heads, _ = q.shape
-    padded = -(-time // chunk) * chunk
-    b = chunk_log_decay(pad_time(log_decay, chunk), batch, padded, heads, chunk)
-    q, k, v = (pad_time(x, chunk) for x in (q, k, v))
-    h, final = state_kernel(k, v, b, s0, chunk=chunk, dots=dots, interpret=interpret)
-    y = output_kernel(q, k, b, h, v, chunk=chunk, dots=dots, interpret=interpret)
-    return y[:, :time], final
+# ----------------------------------------------------------------------------------------------------
+# Backward: the state pass in reverse, then one kernel per chunk for dq, dk, dv and db.
+
+
+def _state_backward_kernel(q_ref, b_ref, dy_ref, dsf_ref, g_ref, ds0_ref, *, chunk, dots):
+    key_dim = q_ref.shape[1]
+    n = q_ref.shape[0] // chunk
+
+    def body(i, grad):
+        c = n - 1 - i
+        t0 = pl.multiple_of(c * chunk, chunk)
+        g_ref[pl.ds(pl.multiple_of(c * key_dim, key_dim), key_dim), :] = grad.astype(g_ref.dtype)
+        b = rows(b_ref, t0, chunk)
+        b_last = jnp.min(b, axis=0)                              # per channel, non-increasing
+        q_gamma = rows(q_ref, t0, chunk).astype(F32) * jnp.exp(b)
+        # G_c = diag(exp(b_C)) G_{c+1} + (Q * exp(b))^T dY: the output's cotangent of S_c computed here,
+        # from q and dY, rather than stored by another kernel
+        return jnp.exp(b_last)[:, None] * grad + dots.tn(q_gamma, rows(dy_ref, t0, chunk))
+
+    ds0_ref[...] = lax.fori_loop(0, n, body, dsf_ref[...].astype(F32))
+
+
+def state_backward_kernel(q, b, dy, dsf, *, chunk, dots, interpret=False):
+    """The state pass in reverse: ``q, b [B,T,H,K]``, ``dy [B,T,H,V]``, ``dsf [B,H,K,V]`` (the cotangent
+    of the final state) -> ``G [B,H,N,K,V]``, the cotangent of the state after every chunk (``G_{c+1}``
+    for chunk ``c``; product dtype), and that of the initial state ``[B,H,K,V]`` float32."""
+    batch, time, heads, key_dim = q.shape
+    value_dim = dy.shape[-1]
+    bv = min(value_dim, tuning("gla_state_backward", "block_v") or (64 if key_dim <= 128 else 32))
+    n = time // chunk
+    seq_k = spec((None, time, None, key_dim), lambda i, h, j: (i, 0, h, 0))
+    state = spec((None, None, key_dim, bv), lambda i, h, j: (i, h, 0, j))
+    g, ds0 = launch(
+        functools.partial(_state_backward_kernel, chunk=chunk, dots=dots), grid=(batch, heads, value_dim // bv),
+        in_specs=[seq_k, seq_k, spec((None, time, None, bv), lambda i, h, j: (i, 0, h, j)), state],
+        out_specs=[spec((None, None, n * key_dim, bv), lambda i, h, j: (i, h, 0, j)), state],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, n * key_dim, value_dim), dots.dtype),
+                   jax.ShapeDtypeStruct(dsf.shape, F32)],
+        interpret=interpret, name="gla_state_backward")(q, b, dy, dsf)
+    return g.reshape(batch, heads, n, key_dim, value_dim), ds0
+
+
+def _diagonal_backward(q_ref, k_ref, b_ref, start, dattend):
+    """On the diagonal 16 x 16 block (steps ``start..start+15``), from ``dA`` (its cotangent, lower
+    triangular entries used): ``A``, and the contributions ``dq_a = sum_{j<=a} dA_aj k_j exp(b_a - b_j)``
+    and ``dk_j = sum_{a>=j} dA_aj q_a exp(b_a - b_j)``, one step ``m`` of the block at a time (``A``'s
+    column ``m``, ``dq``'s terms of key ``m``, ``dk``'s terms of query ``m``)."""
+    r, c = iota2(SUB)
+    row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+    q = rows(q_ref, start, SUB).astype(F32)
+    k = rows(k_ref, start, SUB).astype(F32)
+    b = rows(b_ref, start, SUB)
+
+    def step(m, carry):
+        attend, dq, dk = carry
+        q_m = rows(q_ref, start + m, 1).astype(F32)
+        k_m = rows(k_ref, start + m, 1).astype(F32)
+        b_m = rows(b_ref, start + m, 1)
+        to_m = masked_exp(b - b_m, row >= m)                         # exp(b_a - b_m), a >= m
+        from_m = masked_exp(b_m - b, row <= m)                       # exp(b_m - b_j), j <= m
+        column = jnp.sum(jnp.where(c == m, dattend, 0.0), axis=1)[:, None]   # dA[:, m]
+        line = jnp.sum(jnp.where(r == m, dattend, 0.0), axis=0)[:, None]     # dA[m, :] as a column
+        weighted = k_m * to_m
+        attend = jnp.where(c == m, jnp.sum(q * weighted, axis=1)[:, None], attend)
+        return attend, dq + column * weighted, dk + line * q_m * from_m
+
+    zero = jnp.zeros(q.shape, F32)
+    return lax.fori_loop(0, SUB, step, (jnp.zeros((SUB, SUB), F32), zero, zero))
+
+
+def _chunk_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_ref, dk_ref, dv_ref, db_ref,
+                           *, dots):
+    chunk, key_dim = q_ref.shape
+    n = chunk // SUB
+    at = lambda ref, i: rows(ref, i * SUB, SUB)
+    h, g = h_ref[...], g_ref[...]
+    b_end = rows(b_ref, chunk - 1, 1)                               # b_C, [1, K]
+    dk, dv, q_dq = {}, {}, {}
+    k_dk_state = jnp.zeros((1, key_dim), F32)
+    for i in range(n):
+        q_i, k_i, b_i = at(q_ref, i).astype(F32), at(k_ref, i).astype(F32), at(b_ref, i)
+        v_i, dy_i = at(v_ref, i), at(dy_ref, i)
+        # The state update S_{c+1} = diag(exp(b_C)) S_c + (K * exp(b_C - b))^T V, pulled back with G.
+        to_end = jnp.exp(b_end - b_i)
+        dk_state = dots.nt(v_i, g) * to_end
+        k_dk_state = k_dk_state + jnp.sum(k_i * dk_state, axis=0)[None, :]
+        dv[i] = dots(k_i * to_end, g)
+        # The output Y = (Q * exp(b)) S_c + A V: its inter-chunk part, and A's diagonal block.
+        attend, dq_diag, dk[i] = _diagonal_backward(q_ref, k_ref, b_ref, i * SUB, dots.nt(dy_i, v_i))
+        dk[i] = dk[i] + dk_state
+        dv[i] = dv[i] + dots.tn(attend, dy_i)
+        dq = dots.nt(dy_i, h) * jnp.exp(b_i) + dq_diag
+        # A's blocks left of the diagonal, decayed towards r, the first step of block i (both exponents
+        # <= 0, as in the forward): A_ij = (Q_i exp(b_i - r)) (K_j exp(r - b_j))^T.
+        ref = rows(b_ref, i * SUB, 1)
+        q_rel = q_i * jnp.exp(b_i - ref)
+        dq_rel = jnp.zeros(q_i.shape, F32)
+        for j in range(i):
+            to_ref = jnp.exp(ref - at(b_ref, j))
+            k_rel = at(k_ref, j).astype(F32) * to_ref
+            dattend = dots.nt(dy_i, at(v_ref, j))                    # dA_ij = dY_i V_j^T
+            dq_rel = dq_rel + dots(dattend, k_rel)
+            dk[j] = dk[j] + dots.tn(dattend, q_rel) * to_ref
+            dv[j] = dv[j] + dots.tn(dots.nt(q_rel, k_rel), dy_i)
+        dq = dq + dq_rel * jnp.exp(b_i - ref)
+        dq_ref[pl.ds(i * SUB, SUB), :] = dq
+        q_dq[i] = q_i * dq
+    # db = q * dq - k * dk (every exponent is b_i - b_j, or b_i alone for the queries), and at the
+    # chunk's last step the terms of b_C: exp(b_C) * rowsum(G * S_c) and sum_j k_j * dk_j(state).
+    last = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0) == SUB - 1
+    end = jnp.exp(b_end) * jnp.sum(g.astype(F32) * h.astype(F32), axis=1)[None, :] + k_dk_state
+    for i in range(n):
+        block = pl.ds(i * SUB, SUB)
+        dk_ref[block, :] = dk[i]
+        dv_ref[block, :] = dv[i]
+        db = q_dq[i] - at(k_ref, i).astype(F32) * dk[i]
+        db_ref[block, :] = jnp.where(last, db + end, db) if i == n - 1 else db
+
+
+def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, interpret=False):
+    """Per chunk, the cotangents of ``q, k [B,T,H,K]``, ``v [B,T,H,V]`` and the cumulative log decay
+    ``b [B,T,H,K]`` (float32), from the chunk states ``h`` and their cotangents ``g`` (``[B,H,N,K,V]``,
+    `state_backward_kernel`'s) and ``dy [B,T,H,V]``."""
+    batch, time, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    n = time // chunk
+    block = spec((None, chunk, None, key_dim), lambda i, hh, c: (i, c, hh, 0))
+    block_v = spec((None, chunk, None, value_dim), lambda i, hh, c: (i, c, hh, 0))
+    state = spec((None, None, key_dim, value_dim), lambda i, hh, c: (i, hh, c, 0))
+    f32 = lambda x: jax.ShapeDtypeStruct(x.shape, F32)
+    flat = lambda s: s.reshape(batch, heads, n * key_dim, value_dim)
+    return tuple(launch(
+        functools.partial(_chunk_backward_kernel, dots=dots), grid=(batch, heads, n),
+        in_specs=[block, block, block_v, block, state, state, block_v],
+        out_specs=[block, block, block_v, block], out_shape=[f32(q), f32(k), f32(v), f32(b)],
+        interpret=interpret, name="gla_chunk_backward")(q, k, v, b, flat(h), flat(g), dy))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The recursion: the kernels composed, differentiated by the backward kernels.
 
 
 @functools.lru_cache(maxsize=None)
-def _recursion(chunk: int, dots_key: tuple, interpret: bool):
-    """A `jax.custom_vjp` of ``(q, k, v, log_decay, s0)``: the kernels on CUDA (or in the interpreter),
-    the chunked reference elsewhere; the derivative is the reference's."""
-    def reference(q, k, v, log_decay, s0):
-        y, final = chunked.additive(q, k, v, log_decay, s0, chunk_size=chunk)
-        return y.astype(F32), final.astype(F32)
+def _kernels(chunk: int, dots_key: tuple, interpret: bool):
+    """The kernels of one configuration as a `jax.custom_vjp` of ``(q, k, v, b, s0)``, ``b`` the chunk's
+    cumulative log decay ``[B,T,H,K]``, T a multiple of ``chunk``; the derivative of the cumulative sum
+    (a reverse cumulative sum of ``db`` in each chunk) is left to JAX outside.
 
-    return differentiated_by_reference(functools.partial(_kernel_path, chunk=chunk, dots=Dots(*dots_key)),
-                                       reference, interpret)
+    With ``TUNING["gla_backward"]["recompute_states"]`` (the default, as flash-linear-attention does),
+    the backward pass reruns the state pass instead of keeping the chunk states ``[B,H,N,K,V]`` from the
+    forward: the residuals are the inputs alone."""
+    opts = dict(chunk=chunk, dots=Dots(*dots_key), interpret=interpret)
+
+    def forward(q, k, v, b, s0):
+        h, final = state_kernel(k, v, b, s0, **opts)
+        return (output_kernel(q, k, b, h, v, **opts), final), h
+
+    @jax.custom_vjp
+    def recursion(q, k, v, b, s0):
+        return forward(q, k, v, b, s0)[0]
+
+    def fwd(q, k, v, b, s0):
+        out, h = forward(q, k, v, b, s0)
+        return out, ((q, k, v, b, s0), None if tuning("gla_backward", "recompute_states") else h)
+
+    def bwd(saved, cotangents):
+        args, h = saved
+        q, k, v, b, s0 = args
+        dy, dsf = cotangents
+        if h is None:
+            h, _ = state_kernel(k, v, b, s0, **opts)
+        g, ds0 = state_backward_kernel(q, b, dy, dsf, **opts)
+        dq, dk, dv, db = chunk_backward_kernel(q, k, v, b, h, g, dy, **opts)
+        return tuple(d.astype(a.dtype) for d, a in zip((dq, dk, dv, db, ds0), args))
+
+    recursion.defvjp(fwd, bwd)
+    return recursion
 
 
 def additive(q, k, v, log_decay, initial_state, *, chunk_size=64, precision="default", interpret=False):
     """``S_t = diag(a_t) S_{t-1} + k_t v_t^T``, ``y_t = S_t^T q_t`` with ``log_decay [B,T,H,K]``. Same
-    signature and results as its plain-JAX reference `filters.chunked.additive` (which runs off CUDA and
-    gives the derivative); ``y`` in the values' dtype."""
+    signature and results as its plain-JAX reference `filters.chunked.additive` (which runs off CUDA);
+    ``y`` in the values' dtype, the final state float32. The kernels are differentiated by the backward
+    kernels (module doc)."""
     if chunk_size % SUB:
         raise ValueError(f"chunk_size={chunk_size}: the channel-wise kernels need a multiple of {SUB}")
-    recursion = _recursion(chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)
-    y, final = recursion(q, k, v, log_decay.astype(F32), initial_state.astype(F32))
-    return y.astype(v.dtype), final
+    dots_key = (jnp.dtype(v.dtype).name, precision)
+
+    def kernels(q, k, v, log_decay, s0, interpret=False):
+        batch, time, heads, _ = q.shape
+        padded = -(-time // chunk_size) * chunk_size
+        b = chunk_log_decay(pad_time(log_decay, chunk_size), batch, padded, heads, chunk_size)
+        recursion = _kernels(chunk_size, dots_key, interpret)
+        y, final = recursion(*(pad_time(x, chunk_size) for x in (q, k, v)), b, s0.astype(F32))
+        return y[:, :time], final
+
+    def reference(q, k, v, log_decay, s0):
+        y, final = chunked.additive(q, k, v, log_decay, s0, chunk_size=chunk_size)
+        return y.astype(v.dtype), final.astype(F32)
+
+    return on_gpu(kernels, reference, interpret)(q, k, v, log_decay, initial_state)
