@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from filters.pallas import covariance, delta_rule, gla
+from filters.pallas import common, covariance, delta_rule, gla
 
 RNG = np.random.default_rng(20261130)
 B, T, H, K, V = 1, 37, 2, 16, 16          # T is not a multiple of the chunk: the last chunk is padded
@@ -99,6 +99,41 @@ def test_additive_channelwise_decay(interpret):
            (q, k, v, log_decay, s0))
 
 
+@pytest.mark.parametrize("dtype, key_dim, value_dim, chunk, keep_states", [
+    ("bfloat16", 32, 16, 16, False), ("float32", 16, 64, 64, True)])
+def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_dim, chunk, keep_states):
+    """The channel-wise kernels and their backward kernels in the interpreter, K != V, every chunk size
+    the sub-blocks tile differently (1 block per chunk at 16, 4 at 64), the last chunk padded, against
+    the float64 recurrence on the same (rounded) inputs; bf16 with the default products (bf16 on tensor
+    cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed."""
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states))
+    low = jnp.dtype(dtype) == jnp.bfloat16
+    q, k, v = RNG.normal(size=(B, T, H, key_dim)), RNG.normal(size=(B, T, H, key_dim)), RNG.normal(size=(B, T, H, value_dim))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    log_decay = -RNG.uniform(0.01, 0.6, size=(B, T, H, key_dim))
+    s0 = 0.3 * RNG.normal(size=(B, H, key_dim, value_dim))
+    rounded = [jnp.asarray(jnp.asarray(x, dtype), jnp.float64) for x in (q, k, v)]
+    args64 = (*rounded, jnp.asarray(log_decay), jnp.asarray(s0))
+    weights = [jnp.asarray(RNG.normal(size=shape)) for shape in ((B, T, H, value_dim), s0.shape)]
+
+    def ours(q_, k_, v_, ld, s):
+        return gla.additive(q_.astype(dtype), k_.astype(dtype), v_.astype(dtype), ld, s, chunk_size=chunk,
+                            precision="default" if low else "highest", interpret=True)
+
+    oracle = lambda q_, k_, v_, ld, s: _recurrence(q_, k_, k_, v_, ld, s, erase=False, channelwise=True)
+    loss = lambda f, *a: sum(jnp.sum(o.astype(jnp.float64) * r) for o, r in zip(f(*a), weights))
+    tol = 1e-2 if low else 5e-6      # bf16: 2-4e-3 measured (y itself is rounded to bf16)
+    y, final = ours(*(a.astype(jnp.float32) for a in args64))
+    want_y, want_final = oracle(*args64)
+    assert y.dtype == jnp.dtype(dtype) and final.dtype == jnp.float32
+    assert _relative(y, want_y) < tol and _relative(final, want_final) < tol
+    argnums = tuple(range(5))
+    grads = jax.grad(lambda *a: loss(ours, *a), argnums)(*(a.astype(jnp.float32) for a in args64))
+    want = jax.grad(lambda *a: loss(oracle, *a), argnums)(*args64)
+    for got, expected in zip(grads, want):
+        assert _relative(got, expected) < tol
+
+
 def _kalman_covariance(k, log_decay, noise, beta, p0):
     """The exact filter's covariance recursion step by step: ``P_bar = a^2 P + q I``, ``u = P_bar k``,
     ``Kg = u / (k^T u + 1/beta)``, ``P = P_bar - u Kg^T``; returns the gains and the final P."""
@@ -164,10 +199,31 @@ def test_kernels_lower_for_cuda():
         return jnp.sum(y) + jnp.sum(final)
 
     assert _triton_calls(jax.grad(additive, argnums=(0, 1, 2, 3, 4)), seq, seq, seq, gate, state) == 5
-    assert _triton_calls(lambda q, k, v, ld, s: gla.additive(q, k, v, ld, s), seq, seq, seq,
-                         sd(b, t, h, d, dtype=f32), state) == 2
     assert _triton_calls(lambda k, ld, n, bt, p: covariance.covariance_pass(None, k, ld, n, bt, p)[:2],
                          seq, gate, gate, gate, state) == 1
+
+
+@pytest.mark.parametrize("key_dim, value_dim, chunk", [(16, 16, 16), (32, 128, 32), (128, 64, 128), (128, 128, 64),
+                                                     (256, 256, 64)])
+def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
+    """The channel-wise kernels lowered for CUDA on this CPU: forward (state pass, output), and with the
+    gradient the backward kernels (state pass in reverse, per-chunk backward) and the state pass again,
+    unless the chunk states are kept from the forward."""
+    sd = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+    b, t, h = 2, 200, 2
+    args = (sd(b, t, h, key_dim), sd(b, t, h, key_dim), sd(b, t, h, value_dim),
+            sd(b, t, h, key_dim, dtype=jnp.float32), sd(b, h, key_dim, value_dim, dtype=jnp.float32))
+
+    def loss(q, k, v, ld, s):
+        y, final = gla.additive(q, k, v, ld, s, chunk_size=chunk)
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final)
+
+    # a new function for each setting: jit caches a trace by the function it traces
+    grad = lambda *a: jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a)
+    assert _triton_calls(loss, *args) == 2
+    assert _triton_calls(grad, *args) == 5
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=False))
+    assert _triton_calls(lambda *a: grad(*a), *args) == 4
 
 
 # ----------------------------------------------------------------------------------------------------

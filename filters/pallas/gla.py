@@ -271,14 +271,15 @@ def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, interpret=False)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(chunk: int, dots_key: tuple, interpret: bool):
+def _kernels(chunk: int, dots_key: tuple, interpret: bool, recompute_states: bool):
     """The kernels of one configuration as a `jax.custom_vjp` of ``(q, k, v, b, s0)``, ``b`` the chunk's
     cumulative log decay ``[B,T,H,K]``, T a multiple of ``chunk``; the derivative of the cumulative sum
     (a reverse cumulative sum of ``db`` in each chunk) is left to JAX outside.
 
-    With ``TUNING["gla_backward"]["recompute_states"]`` (the default, as flash-linear-attention does),
+    With ``recompute_states`` (``TUNING["gla_backward"]``; the default, as flash-linear-attention does),
     the backward pass reruns the state pass instead of keeping the chunk states ``[B,H,N,K,V]`` from the
-    forward: the residuals are the inputs alone."""
+    forward: the residuals are the inputs alone. (A key of the cache, not read inside ``fwd``: JAX
+    caches the trace of ``fwd``.)"""
     opts = dict(chunk=chunk, dots=Dots(*dots_key), interpret=interpret)
 
     def forward(q, k, v, b, s0):
@@ -291,7 +292,7 @@ def _kernels(chunk: int, dots_key: tuple, interpret: bool):
 
     def fwd(q, k, v, b, s0):
         out, h = forward(q, k, v, b, s0)
-        return out, ((q, k, v, b, s0), None if tuning("gla_backward", "recompute_states") else h)
+        return out, ((q, k, v, b, s0), None if recompute_states else h)
 
     def bwd(saved, cotangents):
         args, h = saved
@@ -315,12 +316,13 @@ def additive(q, k, v, log_decay, initial_state, *, chunk_size=64, precision="def
     if chunk_size % SUB:
         raise ValueError(f"chunk_size={chunk_size}: the channel-wise kernels need a multiple of {SUB}")
     dots_key = (jnp.dtype(v.dtype).name, precision)
+    recompute_states = bool(tuning("gla_backward", "recompute_states"))
 
     def kernels(q, k, v, log_decay, s0, interpret=False):
         batch, time, heads, _ = q.shape
         padded = -(-time // chunk_size) * chunk_size
         b = chunk_log_decay(pad_time(log_decay, chunk_size), batch, padded, heads, chunk_size)
-        recursion = _kernels(chunk_size, dots_key, interpret)
+        recursion = _kernels(chunk_size, dots_key, interpret, recompute_states)
         y, final = recursion(*(pad_time(x, chunk_size) for x in (q, k, v)), b, s0.astype(F32))
         return y[:, :time], final
 
