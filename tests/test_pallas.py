@@ -100,7 +100,7 @@ def test_additive_channelwise_decay(interpret):
 
 
 @pytest.mark.parametrize("dtype, key_dim, value_dim, chunk, keep_states", [
-    ("bfloat16", 32, 16, 16, False), ("float32", 16, 64, 64, True)])
+    ("bfloat16", 32, 16, 16, True), ("float32", 16, 64, 64, False)])
 def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_dim, chunk, keep_states):
     """The channel-wise kernels and their backward kernels in the interpreter, K != V, every chunk size
     the sub-blocks tile differently (1 block per chunk at 16, 4 at 64), the last chunk padded, against
@@ -220,10 +220,26 @@ def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
 
     # a new function for each setting: jit caches a trace by the function it traces
     grad = lambda *a: jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a)
-    assert _triton_calls(loss, *args) == 2
-    assert _triton_calls(grad, *args) == 5
+    assert _triton_calls(loss, *args) == 3                 # state pass, A, readout
+    assert _triton_calls(grad, *args) == 6
     monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=False))
-    assert _triton_calls(lambda *a: grad(*a), *args) == 4
+    assert _triton_calls(lambda *a: grad(*a), *args) == 5
+    monkeypatch.setitem(common.TUNING, "gla_output", dict(form="fused"))
+    assert _triton_calls(lambda *a: loss(*a), *args) == 2    # state pass, output with A in registers
+
+
+@pytest.mark.parametrize("output", [dict(form="fused"), dict(form="fused", diagonal="columns"),
+                                    dict(diagonal="columns")])
+def test_gla_output_forms(monkeypatch, output):
+    """Every form of the channel-wise output (A through memory or in registers; its diagonal blocks
+    over channel slices or column by column) in the interpreter against the float64 recurrence."""
+    monkeypatch.setitem(common.TUNING, "gla_output", output)
+    q, k, v, _, log_decay, s0 = _inputs(channelwise=True)
+    args = [jnp.asarray(x) for x in (q, k, v, log_decay, s0)]
+    y, final = gla.additive(*(x.astype(jnp.float32) for x in args), chunk_size=32, precision="highest",
+                            interpret=True)
+    want_y, want_final = _recurrence(*args[:2], *args[1:], erase=False, channelwise=True)
+    assert _relative(y, want_y) < 5e-6 and _relative(final, want_final) < 5e-6
 
 
 # ----------------------------------------------------------------------------------------------------

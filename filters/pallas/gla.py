@@ -24,8 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from filters import chunked
-from filters.pallas.common import (SUB, Dots, chunk_log_decay, iota2, launch, masked_exp, on_gpu, pad_time,
-                                   rows, spec, tuning)
+from filters.pallas.common import (SUB, TUNING, Dots, chunk_log_decay, iota2, launch, masked_exp, on_gpu,
+                                   pad_time, rows, spec, tuning)
 
 F32 = jnp.float32
 
@@ -94,37 +94,99 @@ def _diagonal_by_slices(q_ref, k_ref, b_ref, start, q, b, width=32):
     return diag
 
 
-def _output_kernel(q_ref, k_ref, b_ref, h_ref, v_ref, y_ref, *, dots, slices):
-    chunk = q_ref.shape[0]
+def _attention_row(q_ref, k_ref, b_ref, i, dots, slices):
+    """The blocks ``A_i0, ..., A_ii`` (16 x 16 each) of row block ``i`` of ``A``: left of the diagonal
+    ``(Q_i exp(b_i - r)) (K_j exp(r - b_j))^T`` with ``r`` the block's first step, then the diagonal."""
+    q = rows(q_ref, i * SUB, SUB).astype(F32)
+    b = rows(b_ref, i * SUB, SUB)
+    ref = rows(b_ref, i * SUB, 1)                                       # b at the block's first step
+    q_rel = q * jnp.exp(b - ref)
+    blocks = [dots.nt(q_rel, rows(k_ref, j * SUB, SUB).astype(F32) * jnp.exp(ref - rows(b_ref, j * SUB, SUB)))
+              for j in range(i)]
+    diagonal = _diagonal_by_slices if slices else _diagonal_by_columns
+    return blocks + [diagonal(q_ref, k_ref, b_ref, i * SUB, q, b)]
+
+
+def _fused_output_kernel(q_ref, k_ref, b_ref, h_ref, v_ref, y_ref, *, dots, slices):
+    """``Y`` row block by row block: ``(Q_i exp(b_i)) S_c + sum_j A_ij V_j``, every product 16 rows."""
     h = h_ref[...]
-    for i in range(chunk // SUB):
-        q = rows(q_ref, i * SUB, SUB).astype(F32)
-        b = rows(b_ref, i * SUB, SUB)
-        acc = dots(q * jnp.exp(b), h)
-        ref = rows(b_ref, i * SUB, 1)                                   # b at the block's first step
-        q_rel = q * jnp.exp(b - ref)
-        for j in range(i):
-            k_rel = rows(k_ref, j * SUB, SUB).astype(F32) * jnp.exp(ref - rows(b_ref, j * SUB, SUB))
-            acc = acc + dots(dots.nt(q_rel, k_rel), rows(v_ref, j * SUB, SUB))
-        diagonal = _diagonal_by_slices if slices else _diagonal_by_columns
-        acc = acc + dots(diagonal(q_ref, k_ref, b_ref, i * SUB, q, b), rows(v_ref, i * SUB, SUB))
+    for i in range(q_ref.shape[0] // SUB):
+        acc = dots(rows(q_ref, i * SUB, SUB).astype(F32) * jnp.exp(rows(b_ref, i * SUB, SUB)), h)
+        for j, attend in enumerate(_attention_row(q_ref, k_ref, b_ref, i, dots, slices)):
+            acc = acc + dots(attend, rows(v_ref, j * SUB, SUB))
         y_ref[pl.ds(i * SUB, SUB), :] = acc.astype(y_ref.dtype)
 
 
-def output_kernel(q, k, b, h, v, *, chunk, dots, interpret=False):
-    """``q, k, b [B,T,H,K]``, ``h [B,H,N,K,V]``, ``v [B,T,H,V]`` -> ``y [B,T,H,V]`` in the values' dtype
-    (what the filter returns)."""
+def _attention_kernel(q_ref, k_ref, b_ref, a_ref, *, dots, slices):
+    n = q_ref.shape[0] // SUB
+    zero = jnp.zeros((SUB, SUB), F32)
+    for i in range(n):
+        blocks = _attention_row(q_ref, k_ref, b_ref, i, dots, slices)
+        for j in range(n):
+            a_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = blocks[j] if j <= i else zero
+
+
+def _readout_kernel(q_ref, b_ref, h_ref, a_ref, v_ref, y_ref, *, dots):
+    """``Y = (Q * exp(b)) S_c + A V``: two full-tile products (``C`` rows each)."""
+    y = dots(q_ref[...].astype(F32) * jnp.exp(b_ref[...]), h_ref[...]) + dots(a_ref[...], v_ref[...])
+    y_ref[...] = y.astype(y_ref.dtype)
+
+
+def _output_specs(chunk, key_dim, bv):
+    return dict(k=spec((None, chunk, None, key_dim), lambda i, hh, c, j: (i, c, hh, 0)),
+                v=spec((None, chunk, None, bv), lambda i, hh, c, j: (i, c, hh, j)),
+                state=spec((None, None, key_dim, bv), lambda i, hh, c, j: (i, hh, c, j)),
+                square=spec((None, chunk, None, chunk), lambda i, hh, c, j: (i, c, hh, 0)))
+
+
+def attention_kernel(q, k, b, *, chunk, dots, interpret=False):
+    """``q, k, b [B,T,H,K]`` -> ``A [B,T,H,C]`` float32 (row ``i`` of each chunk's ``A``, zero above the
+    diagonal), computed once per chunk, whatever the value width."""
+    batch, time, heads, key_dim = q.shape
+    s = _output_specs(chunk, key_dim, 1)
+    return launch(
+        functools.partial(_attention_kernel, dots=dots, slices=tuning("gla_output", "diagonal") != "columns"),
+        grid=(batch, heads, time // chunk, 1), in_specs=[s["k"]] * 3, out_specs=s["square"],
+        out_shape=jax.ShapeDtypeStruct((batch, time, heads, chunk), F32),
+        interpret=interpret, name="gla_attention")(q, k, b)
+
+
+def readout_kernel(q, b, h, attend, v, *, chunk, dots, interpret=False):
+    """``q, b [B,T,H,K]``, ``h [B,H,N,K,V]``, ``attend [B,T,H,C]`` (`attention_kernel`'s), ``v
+    [B,T,H,V]`` -> ``y [B,T,H,V]`` in the values' dtype."""
     batch, time, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     n = time // chunk
     bv = min(value_dim, tuning("gla_output", "block_v") or 128)
-    block = spec((None, chunk, None, key_dim), lambda i, hh, c, j: (i, c, hh, 0))
-    block_v = spec((None, chunk, None, bv), lambda i, hh, c, j: (i, c, hh, j))
+    s = _output_specs(chunk, key_dim, bv)
+    return launch(
+        functools.partial(_readout_kernel, dots=dots), grid=(batch, heads, n, value_dim // bv),
+        in_specs=[s["k"], s["k"], s["state"], s["square"], s["v"]], out_specs=s["v"],
+        out_shape=jax.ShapeDtypeStruct((batch, time, heads, value_dim), v.dtype),
+        interpret=interpret, name="gla_readout")(q, b, h.reshape(batch, heads, n * key_dim, value_dim), attend, v)
+
+
+def output_kernel(q, k, b, h, v, *, chunk, dots, interpret=False):
+    """``q, k, b [B,T,H,K]``, ``h [B,H,N,K,V]``, ``v [B,T,H,V]`` -> ``y [B,T,H,V]`` in the values' dtype
+    (what the filter returns).
+
+    ``TUNING["gla_output"]["form"]``: ``"two_pass"`` (the default) computes ``A`` in its own kernel,
+    through memory (``[C, C]`` float32 per chunk), so that the readout is two full-tile products, as
+    flash-linear-attention's chunk_gla does; ``"fused"`` keeps ``A`` in registers, in one kernel of
+    16-row products."""
+    if tuning("gla_output", "form") != "fused":
+        attend = attention_kernel(q, k, b, chunk=chunk, dots=dots, interpret=interpret)
+        return readout_kernel(q, b, h, attend, v, chunk=chunk, dots=dots, interpret=interpret)
+    batch, time, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    n = time // chunk
+    bv = min(value_dim, tuning("gla_output", "block_v") or 128)
+    s = _output_specs(chunk, key_dim, bv)
     slices = tuning("gla_output", "diagonal") != "columns"
     return launch(
-        functools.partial(_output_kernel, dots=dots, slices=slices), grid=(batch, heads, n, value_dim // bv),
-        in_specs=[block, block, block, spec((None, None, key_dim, bv), lambda i, hh, c, j: (i, hh, c, j)), block_v],
-        out_specs=block_v, out_shape=jax.ShapeDtypeStruct((batch, time, heads, value_dim), v.dtype),
+        functools.partial(_fused_output_kernel, dots=dots, slices=slices), grid=(batch, heads, n, value_dim // bv),
+        in_specs=[s["k"], s["k"], s["k"], s["state"], s["v"]], out_specs=s["v"],
+        out_shape=jax.ShapeDtypeStruct((batch, time, heads, value_dim), v.dtype),
         interpret=interpret, name="gla_output")(q, k, b, h.reshape(batch, heads, n * key_dim, value_dim), v)
 
 
@@ -271,15 +333,18 @@ def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, interpret=False)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(chunk: int, dots_key: tuple, interpret: bool, recompute_states: bool):
+def _kernels(chunk: int, dots_key: tuple, interpret: bool, settings: tuple):
     """The kernels of one configuration as a `jax.custom_vjp` of ``(q, k, v, b, s0)``, ``b`` the chunk's
     cumulative log decay ``[B,T,H,K]``, T a multiple of ``chunk``; the derivative of the cumulative sum
     (a reverse cumulative sum of ``db`` in each chunk) is left to JAX outside.
 
-    With ``recompute_states`` (``TUNING["gla_backward"]``; the default, as flash-linear-attention does),
+    With ``TUNING["gla_backward"]["recompute_states"]`` (the default, as flash-linear-attention does),
     the backward pass reruns the state pass instead of keeping the chunk states ``[B,H,N,K,V]`` from the
-    forward: the residuals are the inputs alone. (A key of the cache, not read inside ``fwd``: JAX
-    caches the trace of ``fwd``.)"""
+    forward: the residuals are the inputs alone.
+
+    ``settings`` is the kernels' `TUNING` when called: a key of the cache only, since JAX caches the
+    traces of ``fwd`` and ``bwd`` (where the settings are read) by function."""
+    recompute_states = bool(tuning("gla_backward", "recompute_states"))
     opts = dict(chunk=chunk, dots=Dots(*dots_key), interpret=interpret)
 
     def forward(q, k, v, b, s0):
@@ -316,13 +381,14 @@ def additive(q, k, v, log_decay, initial_state, *, chunk_size=64, precision="def
     if chunk_size % SUB:
         raise ValueError(f"chunk_size={chunk_size}: the channel-wise kernels need a multiple of {SUB}")
     dots_key = (jnp.dtype(v.dtype).name, precision)
-    recompute_states = bool(tuning("gla_backward", "recompute_states"))
+    settings = tuple(sorted((name, tuple(sorted(values.items()))) for name, values in TUNING.items()
+                            if name.startswith("gla")))
 
     def kernels(q, k, v, log_decay, s0, interpret=False):
         batch, time, heads, _ = q.shape
         padded = -(-time // chunk_size) * chunk_size
         b = chunk_log_decay(pad_time(log_decay, chunk_size), batch, padded, heads, chunk_size)
-        recursion = _kernels(chunk_size, dots_key, interpret, recompute_states)
+        recursion = _kernels(chunk_size, dots_key, interpret, settings)
         y, final = recursion(*(pad_time(x, chunk_size) for x in (q, k, v)), b, s0.astype(F32))
         return y[:, :time], final
 
