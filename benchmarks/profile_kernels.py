@@ -55,6 +55,7 @@ def kernel_calls(shape, seed=0):
     g_next, ubar, _ = st.state_backward(wp, w, b, dh, du, s0)
     h_add, _, _ = st.state(None, v, k, b, s0)
     h_gla, _ = gla.state_kernel(k, v, bk, s0, **opts)
+    attend_gla = gla.attention_kernel(q, k, bk, **opts)
     g_gla, _ = gla.state_backward_kernel(q, bk, dy, s0, **opts)
     noise = jnp.full(log_decay.shape, 0.01, jnp.float32)
     inv_beta = 1.0 / (0.5 + 3.5 * jax.nn.sigmoid(normal(7, (batch, time_, heads))))
@@ -70,7 +71,9 @@ def kernel_calls(shape, seed=0):
         "additive_state": (part(delta_rule.state_kernel, None, **opts), (v, k, b, s0)),
         "additive_output": (part(delta_rule.output_kernel, **opts), (q, k, b, h_add, v)),
         "gla_state": (part(gla.state_kernel, **opts), (k, v, bk, s0)),
-        "gla_output": (part(gla.output_kernel, **opts), (q, k, bk, h_gla, v)),
+        "gla_output": (part(gla.output_kernel, **opts), (q, k, bk, h_gla, v)),    # attention + readout, or fused
+        "gla_attention": (part(gla.attention_kernel, **opts), (q, k, bk)),
+        "gla_readout": (part(gla.readout_kernel, **opts), (q, bk, h_gla, attend_gla, v)),
         "gla_state_backward": (part(gla.state_backward_kernel, **opts), (q, bk, dy, s0)),
         "gla_chunk_backward": (part(gla.chunk_backward_kernel, **opts), (q, k, v, bk, h_gla, g_gla, dy)),
         "covariance_pass": (part(covariance.covariance_kernel, interpret=interpret),

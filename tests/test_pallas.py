@@ -108,7 +108,8 @@ def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_di
     cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed."""
     monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states))
     low = jnp.dtype(dtype) == jnp.bfloat16
-    q, k, v = RNG.normal(size=(B, T, H, key_dim)), RNG.normal(size=(B, T, H, key_dim)), RNG.normal(size=(B, T, H, value_dim))
+    q, k = RNG.normal(size=(B, T, H, key_dim)), RNG.normal(size=(B, T, H, key_dim))
+    v = RNG.normal(size=(B, T, H, value_dim))
     k /= np.linalg.norm(k, axis=-1, keepdims=True)
     log_decay = -RNG.uniform(0.01, 0.6, size=(B, T, H, key_dim))
     s0 = 0.3 * RNG.normal(size=(B, H, key_dim, value_dim))
@@ -308,6 +309,15 @@ def test_the_filter_lowered_for_cuda_holds_the_kernels():
 
     assert _triton_calls(loss, *args) == 3
     assert _triton_calls(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), *args) == 6
+
+    gla_filter = filters.compile(dm.gla(), backend="pallas")
+
+    def gla_loss(q, k, v, log_decay):
+        return jnp.sum(gla_filter(q, k, v, log_decay=log_decay, validate=False)[0].astype(jnp.float32))
+
+    gla_args = args[:3] + (sd(2, 128, 2, 64, dtype=jnp.float32),)
+    assert _triton_calls(gla_loss, *gla_args) == 3                                    # state, A, readout
+    assert _triton_calls(jax.grad(gla_loss, argnums=(0, 1, 2, 3)), *gla_args) == 6    # + state, reverse, chunk
 
 
 def test_auto_picks_the_kernels_on_a_gpu_where_they_were_measured_faster():

@@ -1,18 +1,42 @@
-"""Pallas GPU kernels of the additive recursion with a channel-wise decay (GLA).
+"""Pallas GPU kernels of the additive recursion with a channel-wise decay (GLA), forward and backward.
 
 ``S_t = diag(a_t) S_{t-1} + k_t v_t^T``, ``y_t = S_t^T q_t`` with ``a_t = exp(log_decay_t)`` per key
-channel. In a chunk, with ``b_i`` the per-channel log decay accumulated since the chunk start::
+channel. In a chunk, with ``b_i`` the per-channel log decay accumulated since the chunk start (row ``i``
+of ``b [C, K]``; ``b_C`` its last row) and ``S_c`` the state at the chunk start::
 
-    S_{c+1} = diag(exp(b_C)) S_c + (K * exp(b_C - b))^T V                     state pass
-    Y = (Q * exp(b)) S_c + A V,  A_ij = sum_c q_ic k_jc exp(b_ic - b_jc), j <= i   output
+    S_{c+1} = diag(exp(b_C)) S_c + (K * exp(b_C - b))^T V                      state pass
+    A_ij = sum_c q_ic k_jc exp(b_ic - b_jc)  (j <= i, else 0)                     attention
+    Y = (Q * exp(b)) S_c + A V                                                    readout
 
-``A`` has no matmul form over the whole chunk (the decay differs per channel), so the output kernel
-works on 16-row blocks: a block below the diagonal is a product of ``Q`` and ``K`` decayed towards
-the first step ``r`` of the row block, ``(q_i exp(b_i - b_r)) . (k_j exp(b_r - b_j))`` (both exponents
-<= 0), and a diagonal block is summed directly, as ``[16, 16, 32]`` products over slices of the
-channels (or column by column: ``TUNING["gla_output"]["diagonal"] = "columns"``). The derivative is the
-plain-JAX reference's, `filters.chunked.additive` (a backward kernel for the channel-wise decay does
-not exist yet).
+``A`` has no matmul form over the whole chunk (the decay differs per channel), so it is built on 16-row
+blocks: a block below the diagonal is a product of ``Q`` and ``K`` decayed towards the first step ``r``
+of the row block, ``(Q_i exp(b_i - b_r)) (K_j exp(b_r - b_j))^T`` (both exponents <= 0), and a diagonal
+block is summed directly, as ``[16, 16, 32]`` products over slices of the channels (or column by
+column: ``TUNING["gla_output"]["diagonal"] = "columns"``). By default ``A`` goes through memory (its own
+kernel), so the readout is two full-tile products; ``TUNING["gla_output"]["form"] = "fused"`` keeps it in
+registers in one kernel of 16-row products.
+
+The backward pass, with cotangents written ``dX`` and ``G_{c+1}`` the cotangent of ``S_{c+1}``::
+
+    state (reverse):  G_N = dS_final,  G_c = diag(exp(b_C)) G_{c+1} + (Q * exp(b))^T dY,  dS_0 = G_0
+    chunk:  dA = lower(dY V^T)
+            dQ = (dY S_c^T) * exp(b) + [sum_{j<=i} dA_ij k_j exp(b_i - b_j)]_i
+            dK = (V G_{c+1}^T) * exp(b_C - b) + [sum_{i>=j} dA_ij q_i exp(b_i - b_j)]_j
+            dV = A^T dY + (K * exp(b_C - b)) G_{c+1}
+            db = Q * dQ - K * dK,  and on the last row also exp(b_C) * rowsum(G_{c+1} * S_c)
+                 + sum_j k_j * (V G_{c+1}^T)_j exp(b_C - b_j)
+
+(every exponent is ``b_i - b_j`` or ``b_i`` alone: a query's side gains ``q * dq``, a key's side loses
+``k * dk``; ``b_C`` gathers the terms of the state update), and ``d log a_m = sum_{i >= m in its chunk}
+db_i``, a reverse cumulative sum that JAX derives from `chunk_log_decay`. The sums over ``dA`` use the
+same 16-row blocks as ``A``. The chunk states are recomputed in the backward pass by the state kernel
+rather than kept (``TUNING["gla_backward"]["recompute_states"]``), as flash-linear-attention does:
+memory stays linear in T either way.
+
+Products take their operands in the input dtype (bf16 on tensor cores) with float32 accumulation; the
+decays, ``A``, the state and the cotangents are float32, the chunk states and ``G`` are stored in the
+product dtype. `additive` has the signature of its plain-JAX reference `filters.chunked.additive`,
+which runs on a platform without the kernels (`filters.pallas.common.on_gpu`).
 """
 from __future__ import annotations
 
@@ -240,7 +264,6 @@ def _diagonal_backward(q_ref, k_ref, b_ref, start, dattend):
     r, c = iota2(SUB)
     row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
     q = rows(q_ref, start, SUB).astype(F32)
-    k = rows(k_ref, start, SUB).astype(F32)
     b = rows(b_ref, start, SUB)
 
     def step(m, carry):

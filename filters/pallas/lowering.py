@@ -58,7 +58,7 @@ class Pallas(Lowering):
     name = "pallas"
     summary = ("fused Pallas GPU kernels (Triton) of the chunked forms: prepare (UT transform, in-kernel "
                "triangular inverse), state pass with the state in registers, output; backward kernels for the "
-               "scalar-decay delta rule and additive forms; exact family: a covariance-pass kernel (in-kernel "
+               "scalar-decay delta rule and additive forms and for the channel-wise decay (GLA); exact family: a covariance-pass kernel (in-kernel "
                "16 x 16 Cholesky, P carried on chip) feeding the delta rule; the plain-JAX references off CUDA")
     options = {"chunk_size": check_chunk_size, "precision": check_precision, "interpret": check_interpret}
 
@@ -75,14 +75,14 @@ class Pallas(Lowering):
         return None
 
     def reason_auto_passes_over(self, structure):
-        # Measured on an H200 (docs/results/gpu_kernels.md): the channel-wise decay's backward and the
-        # covariance pass are not yet faster than the chunked lowering for training.
+        # Measured on an H200 (docs/results/gpu_kernels.md): the covariance pass is not yet faster than the
+        # chunked lowering for training; the channel-wise decay's backward kernels are new and unmeasured.
         if structure.family == "exact":
             return ("the covariance-pass kernel is slower than the chunked lowering on the H200 "
                     "(docs/results/gpu_kernels.md)")
         if structure.family == "additive" and structure.transition == "diagonal":
-            return ("the channel-wise decay has no backward kernel yet: forward+backward is not faster than "
-                    "the chunked lowering (docs/results/gpu_kernels.md)")
+            return ("the channel-wise decay's kernels (forward in two passes, backward kernels) are not yet "
+                    "measured against the chunked lowering on a GPU (docs/performance.md)")
         return None
 
     def run(self, structure, x, state, *, diagnostics, chunk_size=chunked.DEFAULT_CHUNK_SIZE,
