@@ -28,8 +28,10 @@ The backward pass, with cotangents written ``dX`` and ``G_{c+1}`` the cotangent 
 
 (every exponent is ``b_i - b_j`` or ``b_i`` alone: a query's side gains ``q * dq``, a key's side loses
 ``k * dk``; ``b_C`` gathers the terms of the state update), and ``d log a_m = sum_{i >= m in its chunk}
-db_i``, a reverse cumulative sum that JAX derives from `chunk_log_decay`. The sums over ``dA`` use the
-same 16-row blocks as ``A``. The chunk states are recomputed in the backward pass by the state kernel
+db_i``, a reverse cumulative sum that JAX derives from `chunk_log_decay`. (The last row's terms are
+``rowsum(G_{c+1} * S_{c+1})``: the derivative of ``S_{c+1}`` in ``b_C``.) The sums over ``dA`` use the
+same 16-row blocks as ``A``, in two passes per chunk: by rows (``dq``), then by columns (``dk, dv``),
+the partial sums of each block through memory rather than all alive in registers. The chunk states are recomputed in the backward pass by the state kernel
 rather than kept (``TUNING["gla_backward"]["recompute_states"]``), as flash-linear-attention does:
 memory stays linear in T either way.
 
@@ -49,7 +51,7 @@ from jax.experimental import pallas as pl
 
 from filters import chunked
 from filters.pallas.common import (SUB, TUNING, Dots, chunk_log_decay, iota2, launch, masked_exp, on_gpu,
-                                   pad_time, rows, spec, tuning)
+                                   pad_time, pltriton, rows, spec, tuning)
 
 F32 = jnp.float32
 
@@ -284,52 +286,58 @@ def _diagonal_backward(q_ref, k_ref, b_ref, start, dattend):
 
 
 def _chunk_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_ref, dk_ref, dv_ref, db_ref,
-                           *, dots):
-    chunk, key_dim = q_ref.shape
+                           *, dots, interpret):
+    chunk = q_ref.shape[0]
     n = chunk // SUB
     at = lambda ref, i: rows(ref, i * SUB, SUB)
-    h, g = h_ref[...], g_ref[...]
-    b_end = rows(b_ref, chunk - 1, 1)                               # b_C, [1, K]
-    dk, dv, q_dq = {}, {}, {}
-    k_dk_state = jnp.zeros((1, key_dim), F32)
-    for i in range(n):
-        q_i, k_i, b_i = at(q_ref, i).astype(F32), at(k_ref, i).astype(F32), at(b_ref, i)
-        v_i, dy_i = at(v_ref, i), at(dy_ref, i)
-        # The state update S_{c+1} = diag(exp(b_C)) S_c + (K * exp(b_C - b))^T V, pulled back with G.
-        to_end = jnp.exp(b_end - b_i)
-        dk_state = dots.nt(v_i, g) * to_end
-        k_dk_state = k_dk_state + jnp.sum(k_i * dk_state, axis=0)[None, :]
-        dv[i] = dots(k_i * to_end, g)
-        # The output Y = (Q * exp(b)) S_c + A V: its inter-chunk part, and A's diagonal block.
-        attend, dq_diag, dk[i] = _diagonal_backward(q_ref, k_ref, b_ref, i * SUB, dots.nt(dy_i, v_i))
-        dk[i] = dk[i] + dk_state
-        dv[i] = dv[i] + dots.tn(attend, dy_i)
-        dq = dots.nt(dy_i, h) * jnp.exp(b_i) + dq_diag
-        # A's blocks left of the diagonal, decayed towards r, the first step of block i (both exponents
-        # <= 0, as in the forward): A_ij = (Q_i exp(b_i - r)) (K_j exp(r - b_j))^T.
-        ref = rows(b_ref, i * SUB, 1)
-        q_rel = q_i * jnp.exp(b_i - ref)
-        dq_rel = jnp.zeros(q_i.shape, F32)
-        for j in range(i):
-            to_ref = jnp.exp(ref - at(b_ref, j))
-            k_rel = at(k_ref, j).astype(F32) * to_ref
-            dattend = dots.nt(dy_i, at(v_ref, j))                    # dA_ij = dY_i V_j^T
-            dq_rel = dq_rel + dots(dattend, k_rel)
-            dk[j] = dk[j] + dots.tn(dattend, q_rel) * to_ref
-            dv[j] = dv[j] + dots.tn(dots.nt(q_rel, k_rel), dy_i)
-        dq = dq + dq_rel * jnp.exp(b_i - ref)
-        dq_ref[pl.ds(i * SUB, SUB), :] = dq
-        q_dq[i] = q_i * dq
-    # db = q * dq - k * dk (every exponent is b_i - b_j, or b_i alone for the queries), and at the
-    # chunk's last step the terms of b_C: exp(b_C) * rowsum(G * S_c) and sum_j k_j * dk_j(state).
-    last = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0) == SUB - 1
-    end = jnp.exp(b_end) * jnp.sum(g.astype(F32) * h.astype(F32), axis=1)[None, :] + k_dk_state
+    # Blocks left of the diagonal of A are decayed towards r, the first step of row block i (both
+    # exponents <= 0, as in the forward): A_ij = (Q_i exp(b_i - r)) (K_j exp(r - b_j))^T.
+    first = lambda i: rows(b_ref, i * SUB, 1)
+    q_rel = lambda i: at(q_ref, i).astype(F32) * jnp.exp(at(b_ref, i) - first(i))
+    k_rel = lambda j, i: at(k_ref, j).astype(F32) * jnp.exp(first(i) - at(b_ref, j))
+    # Two passes over the 16-row blocks, each block's partial sums through the outputs (S_c, G and the
+    # tiles are reloaded where used: the kernel is bound by registers, not by loads).
+    # Rows i: dq (complete), the diagonal block's parts of dk and dv, and q * dq towards db.
     for i in range(n):
         block = pl.ds(i * SUB, SUB)
-        dk_ref[block, :] = dk[i]
-        dv_ref[block, :] = dv[i]
-        db = q_dq[i] - at(k_ref, i).astype(F32) * dk[i]
-        db_ref[block, :] = jnp.where(last, db + end, db) if i == n - 1 else db
+        b_i, dy_i = at(b_ref, i), at(dy_ref, i)
+        attend, dq, dk = _diagonal_backward(q_ref, k_ref, b_ref, i * SUB, dots.nt(dy_i, at(v_ref, i)))
+        dq_rel = jnp.zeros(dq.shape, F32)
+        for j in range(i):
+            dq_rel = dq_rel + dots(dots.nt(dy_i, at(v_ref, j)), k_rel(j, i))      # dA_ij K_j exp(r - b_j)
+        dq = dq + dq_rel * jnp.exp(b_i - first(i)) + dots.nt(dy_i, h_ref[...]) * jnp.exp(b_i)
+        dq_ref[block, :] = dq
+        db_ref[block, :] = at(q_ref, i).astype(F32) * dq
+        dk_ref[block, :] = dk
+        dv_ref[block, :] = dots.tn(attend, dy_i)
+    if not interpret:
+        pltriton.debug_barrier()          # the program's own stores, read back by other threads below
+    # Columns j: the blocks below the diagonal and the state update
+    # S_{c+1} = diag(exp(b_C)) S_c + (K * exp(b_C - b))^T V, pulled back with G = G_{c+1}.
+    b_end = rows(b_ref, chunk - 1, 1)                               # b_C, [1, K]
+    k_dk_state = jnp.zeros(b_end.shape, F32)
+    for j in range(n):
+        block = pl.ds(j * SUB, SUB)
+        k_j, v_j = at(k_ref, j).astype(F32), at(v_ref, j)
+        to_end = jnp.exp(b_end - at(b_ref, j))
+        dk_state = dots.nt(v_j, g_ref[...]) * to_end
+        k_dk_state = k_dk_state + jnp.sum(k_j * dk_state, axis=0)[None, :]
+        dk = dk_ref[block, :] + dk_state
+        dv = dv_ref[block, :] + dots(k_j * to_end, g_ref[...])
+        for i in range(j + 1, n):
+            dy_i, k_ji = at(dy_ref, i), k_rel(j, i)
+            dk = dk + dots.tn(dots.nt(dy_i, v_j), q_rel(i)) * jnp.exp(first(i) - at(b_ref, j))   # dA_ij^T
+            dv = dv + dots.tn(dots.nt(q_rel(i), k_ji), dy_i)                                       # A_ij^T dY_i
+        dk_ref[block, :] = dk
+        dv_ref[block, :] = dv
+        # db = q * dq - k * dk (every exponent is b_i - b_j, or b_i alone for the queries), and on the
+        # chunk's last step the terms of b_C: exp(b_C) * rowsum(G * S_c) + sum_j k_j * dk_j(state).
+        db = db_ref[block, :] - k_j * dk
+        if j == n - 1:
+            end = (jnp.exp(b_end) * jnp.sum(g_ref[...].astype(F32) * h_ref[...].astype(F32), axis=1)[None, :]
+                   + k_dk_state)
+            db = jnp.where(lax.broadcasted_iota(jnp.int32, (SUB, 1), 0) == SUB - 1, db + end, db)
+        db_ref[block, :] = db
 
 
 def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, interpret=False):
@@ -345,7 +353,7 @@ def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, interpret=False)
     f32 = lambda x: jax.ShapeDtypeStruct(x.shape, F32)
     flat = lambda s: s.reshape(batch, heads, n * key_dim, value_dim)
     return tuple(launch(
-        functools.partial(_chunk_backward_kernel, dots=dots), grid=(batch, heads, n),
+        functools.partial(_chunk_backward_kernel, dots=dots, interpret=interpret), grid=(batch, heads, n),
         in_specs=[block, block, block_v, block, state, state, block_v],
         out_specs=[block, block, block_v, block], out_shape=[f32(q), f32(k), f32(v), f32(b)],
         interpret=interpret, name="gla_chunk_backward")(q, k, v, b, flat(h), flat(g), dy))
