@@ -290,52 +290,56 @@ def _chunk_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_
     chunk = q_ref.shape[0]
     n = chunk // SUB
     at = lambda ref, i: rows(ref, i * SUB, SUB)
-    # Blocks left of the diagonal of A are decayed towards r, the first step of row block i (both
-    # exponents <= 0, as in the forward): A_ij = (Q_i exp(b_i - r)) (K_j exp(r - b_j))^T.
+    sync = (lambda: None) if interpret else pltriton.debug_barrier   # the program's stores, read back below
+    # The products with S_c and G = G_{c+1} as full tiles (C rows): the inter-chunk part of dq, and the
+    # state update S_{c+1} = diag(exp(b_C)) S_c + (K * exp(b_C - b))^T V pulled back with G.
+    b = b_ref[...]
+    b_end = rows(b_ref, chunk - 1, 1)                               # b_C, [1, K]
+    to_end = jnp.exp(b_end - b)
+    dk_state = dots.nt(v_ref[...], g_ref[...]) * to_end
+    k = k_ref[...].astype(F32)
+    # db's terms of b_C, for the last row: exp(b_C) rowsum(G * S_c) + sum_j k_j * dk_j(state)
+    # (together rowsum(G * S_{c+1}), the derivative of S_{c+1} in b_C)
+    end = (jnp.exp(b_end) * jnp.sum(g_ref[...].astype(F32) * h_ref[...].astype(F32), axis=1)[None, :]
+           + jnp.sum(k * dk_state, axis=0)[None, :])
+    dk_ref[...] = dk_state
+    dv_ref[...] = dots(k * to_end, g_ref[...])
+    dq_ref[...] = dots.nt(dy_ref[...], h_ref[...]) * jnp.exp(b)
+    sync()
+    # A's blocks left of the diagonal are decayed towards r, the first step of row block i (both
+    # exponents <= 0, as in the forward): A_ij = (Q_i exp(b_i - r)) (K_j exp(r - b_j))^T. Two passes
+    # over the 16-row blocks, the partial sums of each block through the outputs (not all alive in
+    # registers): by rows, dq (complete), the diagonal blocks' parts of dk and dv, and q * dq towards db;
+    # then by columns, dk, dv and db.
     first = lambda i: rows(b_ref, i * SUB, 1)
     q_rel = lambda i: at(q_ref, i).astype(F32) * jnp.exp(at(b_ref, i) - first(i))
     k_rel = lambda j, i: at(k_ref, j).astype(F32) * jnp.exp(first(i) - at(b_ref, j))
-    # Two passes over the 16-row blocks, each block's partial sums through the outputs (S_c, G and the
-    # tiles are reloaded where used: the kernel is bound by registers, not by loads).
-    # Rows i: dq (complete), the diagonal block's parts of dk and dv, and q * dq towards db.
     for i in range(n):
         block = pl.ds(i * SUB, SUB)
-        b_i, dy_i = at(b_ref, i), at(dy_ref, i)
+        dy_i = at(dy_ref, i)
         attend, dq, dk = _diagonal_backward(q_ref, k_ref, b_ref, i * SUB, dots.nt(dy_i, at(v_ref, i)))
         dq_rel = jnp.zeros(dq.shape, F32)
         for j in range(i):
             dq_rel = dq_rel + dots(dots.nt(dy_i, at(v_ref, j)), k_rel(j, i))      # dA_ij K_j exp(r - b_j)
-        dq = dq + dq_rel * jnp.exp(b_i - first(i)) + dots.nt(dy_i, h_ref[...]) * jnp.exp(b_i)
+        dq = dq_ref[block, :] + dq + dq_rel * jnp.exp(at(b_ref, i) - first(i))
         dq_ref[block, :] = dq
         db_ref[block, :] = at(q_ref, i).astype(F32) * dq
-        dk_ref[block, :] = dk
-        dv_ref[block, :] = dots.tn(attend, dy_i)
-    if not interpret:
-        pltriton.debug_barrier()          # the program's own stores, read back by other threads below
-    # Columns j: the blocks below the diagonal and the state update
-    # S_{c+1} = diag(exp(b_C)) S_c + (K * exp(b_C - b))^T V, pulled back with G = G_{c+1}.
-    b_end = rows(b_ref, chunk - 1, 1)                               # b_C, [1, K]
-    k_dk_state = jnp.zeros(b_end.shape, F32)
+        dk_ref[block, :] = dk_ref[block, :] + dk
+        dv_ref[block, :] = dv_ref[block, :] + dots.tn(attend, dy_i)
+    sync()
     for j in range(n):
         block = pl.ds(j * SUB, SUB)
-        k_j, v_j = at(k_ref, j).astype(F32), at(v_ref, j)
-        to_end = jnp.exp(b_end - at(b_ref, j))
-        dk_state = dots.nt(v_j, g_ref[...]) * to_end
-        k_dk_state = k_dk_state + jnp.sum(k_j * dk_state, axis=0)[None, :]
-        dk = dk_ref[block, :] + dk_state
-        dv = dv_ref[block, :] + dots(k_j * to_end, g_ref[...])
+        v_j = at(v_ref, j)
+        dk, dv = dk_ref[block, :], dv_ref[block, :]
         for i in range(j + 1, n):
-            dy_i, k_ji = at(dy_ref, i), k_rel(j, i)
+            dy_i = at(dy_ref, i)
             dk = dk + dots.tn(dots.nt(dy_i, v_j), q_rel(i)) * jnp.exp(first(i) - at(b_ref, j))   # dA_ij^T
-            dv = dv + dots.tn(dots.nt(q_rel(i), k_ji), dy_i)                                       # A_ij^T dY_i
+            dv = dv + dots.tn(dots.nt(q_rel(i), k_rel(j, i)), dy_i)                               # A_ij^T dY_i
         dk_ref[block, :] = dk
         dv_ref[block, :] = dv
-        # db = q * dq - k * dk (every exponent is b_i - b_j, or b_i alone for the queries), and on the
-        # chunk's last step the terms of b_C: exp(b_C) * rowsum(G * S_c) + sum_j k_j * dk_j(state).
-        db = db_ref[block, :] - k_j * dk
+        # db = q * dq - k * dk: every exponent is b_i - b_j (or b_i alone, for the queries)
+        db = db_ref[block, :] - at(k_ref, j).astype(F32) * dk
         if j == n - 1:
-            end = (jnp.exp(b_end) * jnp.sum(g_ref[...].astype(F32) * h_ref[...].astype(F32), axis=1)[None, :]
-                   + k_dk_state)
             db = jnp.where(lax.broadcasted_iota(jnp.int32, (SUB, 1), 0) == SUB - 1, db + end, db)
         db_ref[block, :] = db
 
