@@ -84,10 +84,12 @@ TUNING = {
     "additive_state_backward": dict(num_warps=8, num_stages=3, block_v=64),
     "delta_rule_chunk_backward": dict(num_warps=4),
     "covariance_pass": dict(num_warps=4),   # 12 ms alone at 4 warps; 8 warps made the whole pass 4x slower
-    "gla_output": dict(diagonal="slices"),
-    # Not yet measured on a GPU: the backward reruns the state pass (as flash-linear-attention does) rather
-    # than keeping the chunk states from the forward (False keeps them: one kernel less, 2 T K V / C more
-    # bytes held per head between the passes).
+    # Not yet measured on a GPU: the channel-wise output in two passes (A through memory, then full-tile
+    # products; "fused": one kernel of 16-row products, the form measured at 4.54 ms forward), and the
+    # backward rerunning the state pass (as flash-linear-attention does) rather than keeping the chunk
+    # states from the forward (False keeps them: one kernel less, 2 T K V / C more bytes held per head
+    # between the passes).
+    "gla_output": dict(diagonal="slices", form="two_pass"),
     "gla_backward": dict(recompute_states=True),
 }
 DEFAULT_TUNING = dict(num_warps=4, num_stages=1)
