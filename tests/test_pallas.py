@@ -100,9 +100,10 @@ def test_additive_channelwise_decay(interpret):
 
 
 @pytest.mark.parametrize("dtype, key_dim, value_dim, chunk, keep_states, strongest", [
-    ("bfloat16", 32, 16, 16, True, 0.6), ("float32", 16, 64, 64, False, 4.0)])
+    ("bfloat16", 32, 16, 16, True, 0.6), ("float32", 16, 256, 64, False, 4.0)])
 def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_dim, chunk, keep_states, strongest):
-    """The channel-wise kernels and their backward kernels in the interpreter, K != V, every chunk size
+    """The channel-wise kernels and their backward kernels in the interpreter, K != V (V = 256: value
+    blocks of 128 in the backward, 2 readout programs per chunk), chunk sizes
     the sub-blocks tile differently (1 block per chunk at 16, 4 at 64), the last chunk padded, against
     the float64 recurrence on the same (rounded) inputs; bf16 with the default products (bf16 on tensor
     cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed.

@@ -286,25 +286,29 @@ def _diagonal_backward(q_ref, k_ref, b_ref, start, dattend):
 
 
 def _chunk_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_ref, dk_ref, dv_ref, db_ref,
-                           *, dots, interpret):
+                           *, dots, block_v, interpret):
     chunk = q_ref.shape[0]
     n = chunk // SUB
     at = lambda ref, i: rows(ref, i * SUB, SUB)
     sync = (lambda: None) if interpret else pltriton.debug_barrier   # the program's stores, read back below
     # The products with S_c and G = G_{c+1} as full tiles (C rows): the inter-chunk part of dq, and the
     # state update S_{c+1} = diag(exp(b_C)) S_c + (K * exp(b_C - b))^T V pulled back with G.
+    # Contractions over V run over blocks of at most 128 columns (as the delta rule's backward does), so
+    # that no [K, V] tile larger than 128 x 128 is alive.
+    value_blocks = [pl.ds(j * block_v, block_v) for j in range(v_ref.shape[1] // block_v)]
     b = b_ref[...]
     b_end = rows(b_ref, chunk - 1, 1)                               # b_C, [1, K]
     to_end = jnp.exp(b_end - b)
-    dk_state = dots.nt(v_ref[...], g_ref[...]) * to_end
-    k = k_ref[...].astype(F32)
+    k_end = k_ref[...].astype(F32) * to_end
+    dk_state = sum(dots.nt(v_ref[:, cols], g_ref[:, cols]) for cols in value_blocks)   # of K * exp(b_C - b)
+    g_h = sum(jnp.sum(g_ref[:, cols].astype(F32) * h_ref[:, cols].astype(F32), axis=1) for cols in value_blocks)
     # db's terms of b_C, for the last row: exp(b_C) rowsum(G * S_c) + sum_j k_j * dk_j(state)
     # (together rowsum(G * S_{c+1}), the derivative of S_{c+1} in b_C)
-    end = (jnp.exp(b_end) * jnp.sum(g_ref[...].astype(F32) * h_ref[...].astype(F32), axis=1)[None, :]
-           + jnp.sum(k * dk_state, axis=0)[None, :])
-    dk_ref[...] = dk_state
-    dv_ref[...] = dots(k * to_end, g_ref[...])
-    dq_ref[...] = dots.nt(dy_ref[...], h_ref[...]) * jnp.exp(b)
+    end = jnp.exp(b_end) * g_h[None, :] + jnp.sum(k_end * dk_state, axis=0)[None, :]
+    dk_ref[...] = dk_state * to_end
+    for cols in value_blocks:
+        dv_ref[:, cols] = dots(k_end, g_ref[:, cols])
+    dq_ref[...] = sum(dots.nt(dy_ref[:, cols], h_ref[:, cols]) for cols in value_blocks) * jnp.exp(b)
     sync()
     # A's blocks left of the diagonal are decayed towards r, the first step of row block i (both
     # exponents <= 0, as in the forward): A_ij = (Q_i exp(b_i - r)) (K_j exp(r - b_j))^T. Two passes
@@ -357,7 +361,8 @@ def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, interpret=False)
     f32 = lambda x: jax.ShapeDtypeStruct(x.shape, F32)
     flat = lambda s: s.reshape(batch, heads, n * key_dim, value_dim)
     return tuple(launch(
-        functools.partial(_chunk_backward_kernel, dots=dots, interpret=interpret), grid=(batch, heads, n),
+        functools.partial(_chunk_backward_kernel, dots=dots, block_v=min(value_dim, 128), interpret=interpret),
+        grid=(batch, heads, n),
         in_specs=[block, block, block_v, block, state, state, block_v],
         out_specs=[block, block, block_v, block], out_shape=[f32(q), f32(k), f32(v), f32(b)],
         interpret=interpret, name="gla_chunk_backward")(q, k, v, b, flat(h), flat(g), dy))
