@@ -58,8 +58,9 @@ class Pallas(Lowering):
     name = "pallas"
     summary = ("fused Pallas GPU kernels (Triton) of the chunked forms: prepare (UT transform, in-kernel "
                "triangular inverse), state pass with the state in registers, output; backward kernels for the "
-               "scalar-decay delta rule and additive forms and for the channel-wise decay (GLA); exact family: a covariance-pass kernel (in-kernel "
-               "16 x 16 Cholesky, P carried on chip) feeding the delta rule; the plain-JAX references off CUDA")
+               "scalar-decay delta rule and additive forms and for the channel-wise decay (GLA); exact family: a "
+               "covariance-pass kernel (in-kernel 16 x 16 Cholesky, P carried on chip) feeding the delta rule; "
+               "the plain-JAX references off CUDA")
     options = {"chunk_size": check_chunk_size, "precision": check_precision, "interpret": check_interpret}
 
     def reason_not_applicable(self, structure):
