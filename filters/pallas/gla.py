@@ -29,11 +29,12 @@ The backward pass, with cotangents written ``dX`` and ``G_{c+1}`` the cotangent 
 (every exponent is ``b_i - b_j`` or ``b_i`` alone: a query's side gains ``q * dq``, a key's side loses
 ``k * dk``; ``b_C`` gathers the terms of the state update), and ``d log a_m = sum_{i >= m in its chunk}
 db_i``, a reverse cumulative sum that JAX derives from `chunk_log_decay`. (The last row's terms are
-``rowsum(G_{c+1} * S_{c+1})``: the derivative of ``S_{c+1}`` in ``b_C``.) The sums over ``dA`` use the
-same 16-row blocks as ``A``, in two passes per chunk: by rows (``dq``), then by columns (``dk, dv``),
-the partial sums of each block through memory rather than all alive in registers. The chunk states are recomputed in the backward pass by the state kernel
-rather than kept (``TUNING["gla_backward"]["recompute_states"]``), as flash-linear-attention does:
-memory stays linear in T either way.
+``rowsum(G_{c+1} * S_{c+1})``: the derivative of ``S_{c+1}`` in ``b_C``.) The products with ``S_c``
+and ``G_{c+1}`` are full ``C``-row tiles; the sums over ``dA`` use the same 16-row blocks as ``A``, in
+two passes per chunk: by rows (``dq``), then by columns (``dk, dv``), the partial sums of each block
+through memory rather than all alive in registers. The chunk states are recomputed in the backward
+pass by the state kernel rather than kept (``TUNING["gla_backward"]["recompute_states"]``), as
+flash-linear-attention does: memory stays linear in T either way.
 
 Products take their operands in the input dtype (bf16 on tensor cores) with float32 accumulation; the
 decays, ``A``, the state and the cotangents are float32, the chunk states and ``G`` are stored in the
