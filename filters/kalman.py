@@ -36,7 +36,8 @@ Its sum over ``t`` is the marginal log-likelihood ``log p(v_1..T)`` (a Kalman fi
   observation precision is one by convention (only ``sigma^2 beta`` is identified by the mean), so
   ``s = 1 / (1 - eta |k|^2)``. A reset is a Kalman filter restarted at every step from
   ``N(S_bar, sigma^2 I)``: the product of these conditionals is a proper density of the values, but not
-  the marginal of one linear-Gaussian model of the memory over time;
+  the marginal likelihood of a state space model of the memory (the reset discards the covariance such a
+  model would carry);
 * additive family: None. The values are not observed but written (``U_t = s_t k_t v_t^T`` is a known
   input of the transition): the model assigns them no density.
 """
