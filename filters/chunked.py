@@ -53,13 +53,19 @@ and the predictive variance ``q_i^T P_i q_i = gamma_i^2 q_i^T P_c q_i + alpha_i 
 with ``E = diag(gamma) Q P_c Gw^T + F X^T``, ``F_im = R_im alpha_m q_i . k_m`` (``m <= i``). The mean
 pass is then the generalized delta rule above with ``w = Kg``.
 
+**The likelihood** (diagnostics): ``L_ii^2`` is the variance of ``y_i`` given every earlier observation,
+i.e. the innovation variance ``s_i = k_i^T P_bar_i k_i + 1/beta_i``, and the mean pass's ``U`` holds the
+innovations ``u_i = v_i - (A_i S_{i-1})^T k_i``; so ``log p(v_i | v_<i) = -1/2 (V log(2 pi s_i) +
+|u_i|^2 / s_i)`` costs one extra ``[C]`` output of each pass (`filters.kalman.log_predictive_density`),
+and nothing when diagnostics are off.
+
 Precision: the inputs may be any float dtype; everything here runs in float32 (float64 with x64 inputs),
 with full-float32 matrix products, including covariances, Gram matrices and factorizations.
 """
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -273,12 +279,14 @@ def _delta_chunk(q: shapes.ChunkKeys, k: shapes.ChunkKeys, w: shapes.ChunkKeys, 
 
 
 @shapes.typed
-def _delta_step(s0: shapes.ChunkState, c: DeltaChunk) -> tuple[shapes.ChunkState, shapes.ChunkValues]:
-    """``S_0 -> S_C`` and the chunk's readouts ``Y``."""
+def _delta_step(s0: shapes.ChunkState, c: DeltaChunk, *, innovations: bool = False
+                ) -> tuple[shapes.ChunkState, Union[shapes.ChunkValues, tuple[shapes.ChunkValues, shapes.ChunkSteps]]]:
+    """``S_0 -> S_C`` and the chunk's readouts ``Y`` (with ``innovations``: ``(Y, |u_i|^2)``)."""
     chunk = c.t_v.shape[0]
     read = c.readers @ s0                                                # [(T (K * gamma)) S_0; (Q * gamma) S_0]
-    innovations = c.t_v - read[:chunk]                                   # U
-    return c.gamma_end[:, None] * s0 + c.w_end.T @ innovations, read[chunk:] + c.attend @ innovations
+    u = c.t_v - read[:chunk]                                             # U: the innovations
+    y = read[chunk:] + c.attend @ u
+    return c.gamma_end[:, None] * s0 + c.w_end.T @ u, ((y, jnp.sum(u * u, -1)) if innovations else y)
 
 
 @shapes.typed
@@ -287,14 +295,23 @@ def delta_rule(q: shapes.Queries, k: shapes.Keys, w: shapes.Keys, v: shapes.Valu
     """``S_t = A_t S_{t-1} + w_t (v_t - (A_t S_{t-1})^T k_t)^T``, ``y_t = S_t^T q_t``: erase key ``k``,
     write key ``w`` (reset family: ``w = eta k``; exact family: ``w = Kg``), in chunks (module doc,
     `DeltaChunk`). Layouts as `additive`, ``w [B, T, H, K]``."""
+    return _delta_scan(q, k, w, v, log_decay, initial_state, chunk_size=chunk_size, innovations=False)[:2]
+
+
+def _delta_scan(q, k, w, v, log_decay, initial_state, *, chunk_size: int, innovations: bool):
+    """`delta_rule`'s ``(y, S_T)``, and the squared innovations ``|u_t|^2 [B, T, H]`` (None unless
+    ``innovations``; for the likelihood)."""
     dtype = compute_dtype(q, k, w, v, initial_state)
     batch, time, heads = q.shape[:3]
     with jax.default_matmul_precision("float32"):
         q, k, w, v = (_to_chunks(x.astype(dtype), chunk_size) for x in (q, k, w, v))
         log_decay = None if log_decay is None else _to_chunks(log_decay.astype(dtype), chunk_size)
         terms = _every_chunk(_delta_chunk, q, k, w, v, log_decay)
-        final, y = _through_chunks(_delta_step, _heads(initial_state.astype(dtype)), terms)
-    return _from_chunks(y, batch, heads, time), final.reshape(initial_state.shape)
+        final, out = _through_chunks(functools.partial(_delta_step, innovations=innovations),
+                                     _heads(initial_state.astype(dtype)), terms)
+    y, squared = out if innovations else (out, None)
+    squared = None if squared is None else _from_chunks(squared, batch, heads, time)
+    return _from_chunks(y, batch, heads, time), final.reshape(initial_state.shape), squared
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -337,7 +354,8 @@ def _covariance_chunk(q: shapes.ChunkKeys, k: shapes.ChunkKeys, log_decay: Optio
 @shapes.typed
 def _covariance_step(p: shapes.ChunkCovariance, c: CovarianceChunk, *,
                      boundaries: bool = False) -> tuple[shapes.ChunkCovariance, dict]:
-    """``P_c -> P_C`` and the chunk's gains ``Kg`` (and predictive variances, and ``P_c``, if asked)."""
+    """``P_c -> P_C`` and the chunk's gains ``Kg`` (and predictive and innovation variances, and ``P_c``,
+    if asked)."""
     sigma = c.g @ p @ c.g.T + c.n
     chol, x = linalg.cholesky_with_inverse(kalman.symmetrize(sigma))   # L and X = L^{-1}
     gw_p = x @ c.g @ p                                                   # Gw P_c
@@ -346,7 +364,8 @@ def _covariance_step(p: shapes.ChunkCovariance, c: CovarianceChunk, *,
     eye = jnp.eye(p.shape[-1], dtype=p.dtype)
     p_end = kalman.symmetrize(c.gamma[-1] ** 2 * p + c.alpha[-1] * eye - z.T @ z)
     out = {"gains": gains}
-    if c.q is not None:                                                  # q_i^T P_i q_i
+    if c.q is not None:                                                  # diagnostics
+        out["innovation_variance"] = jnp.diagonal(chol) ** 2             # s_i = Var(y_i | y_<i) = L_ii^2
         e = jnp.tril(c.gamma[:, None] * (c.q @ gw_p.T) + c.f @ x.T)
         out["variance"] = (c.gamma ** 2 * jnp.sum((c.q @ p) * c.q, -1) + c.alpha * jnp.sum(c.q * c.q, -1)
                            - jnp.sum(e * e, -1))
@@ -357,8 +376,9 @@ def _covariance_step(p: shapes.ChunkCovariance, c: CovarianceChunk, *,
 
 def _covariance_scan(q, k, log_decay, noise, precision, initial_covariance, *, chunk_size: int,
                      variance: bool, boundaries: bool = False):
-    """`covariance_pass`, and with ``boundaries`` also ``P`` at the start of every chunk
-    ``[N, B*H, K, K]`` (for numerical checks, `benchmarks/long_sequence.py`)."""
+    """`covariance_pass`'s three results, then with ``boundaries`` ``P`` at the start of every chunk
+    ``[N, B*H, K, K]`` (for numerical checks, `benchmarks/long_sequence.py`; else None), then with
+    ``variance`` the innovation variances ``s_t [B, T, H]`` (for the likelihood; else None)."""
     dtype = compute_dtype(q, k, noise, precision, initial_covariance)
     batch, time, heads = q.shape[:3]
     with jax.default_matmul_precision("float32"):
@@ -371,8 +391,9 @@ def _covariance_scan(q, k, log_decay, noise, precision, initial_covariance, *, c
         final, out = _through_chunks(functools.partial(_covariance_step, boundaries=boundaries),
                                      _heads(initial_covariance.astype(dtype)), terms)
     gains = _from_chunks(out["gains"], batch, heads, time)
-    predictive = _from_chunks(out["variance"], batch, heads, time) if variance else None
-    return gains, final.reshape(initial_covariance.shape), predictive, out.get("start")
+    predictive, innovation = ((_from_chunks(out[n], batch, heads, time) for n in ("variance", "innovation_variance"))
+                              if variance else (None, None))
+    return gains, final.reshape(initial_covariance.shape), predictive, out.get("start"), innovation
 
 
 @shapes.typed
@@ -438,14 +459,17 @@ def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = Fal
         w = x.write_strength[..., None] * x.k                            # Kg = eta k
         y, mean = delta_rule(x.q, x.k, w, x.v, x.transition, state.mean, chunk_size=chunk_size)
         return FilterOutput(y, FilterState(mean, None))
-    gains, covariance, variance = covariance_pass(
+    # Without diagnostics this is covariance_pass, then delta_rule (the signatures a kernel implements).
+    gains, covariance, variance, _, innovation_variance = _covariance_scan(
         x.q, x.k, x.transition, _isotropic_noise(structure, x), x.precision, state.covariance,
         chunk_size=chunk_size, variance=diagnostics)
-    y, mean = delta_rule(x.q, x.k, gains, x.v, x.transition, state.mean, chunk_size=chunk_size)
+    y, mean, squared_innovation = _delta_scan(x.q, x.k, gains, x.v, x.transition, state.mean,
+                                              chunk_size=chunk_size, innovations=diagnostics)
     out = FilterOutput(y, FilterState(mean, covariance))
     if diagnostics:
         write_gain = jnp.sum(x.k.astype(gains.dtype) * gains, -1)       # g_t = k_t^T Kg_t
-        out = out._replace(diagnostics=kalman.Diagnostics(write_gain, variance))
+        log_density = kalman.log_predictive_density(squared_innovation, innovation_variance, x.v.shape[-1])
+        out = out._replace(diagnostics=kalman.Diagnostics(write_gain, variance, log_density))
     return out
 
 

@@ -71,7 +71,8 @@ class Filter:
     """A compiled filter. Call it on a whole sequence, or `step` it one token at a time.
 
     ``y, state = f(q, k, v, initial_state=None, **gates)``; with ``diagnostics=True`` (at compile or
-    call time) ``y, state, Diagnostics``. Shapes and dtypes are always checked; values (and a finite
+    call time) ``y, state, Diagnostics`` (write gain, predictive variance and ``log p(v_t | v_<t)``,
+    `filters.kalman`). Shapes and dtypes are always checked; values (and a finite
     readout) are checked too (`filters.checks`): at once when they are concrete, and under ``jit``,
     ``grad``, ``vmap`` or ``scan`` when the computation runs (JAX then raises ``jax.errors.JaxRuntimeError``
     carrying the `FilterInputError` message; `filters.reraise_input_errors` gives the `FilterInputError`
@@ -167,7 +168,9 @@ def compile(model: dm.DesignModel, backend: str = "auto", *, diagnostics: bool =
       model: any `designmodels.DesignModel` (a named one or one you declare).
       backend: ``"sequential"``, ``"associative"``, ``"chunked"`` or ``"auto"`` (the fastest that applies
         here).
-      diagnostics: also return the per-step `Diagnostics` (write gain, predictive variance).
+      diagnostics: also return the per-step `Diagnostics` (write gain, predictive variance, and the log
+        predictive density ``log p(v_t | v_<t)`` of the values, whose sum over time is the marginal
+        log-likelihood; None for the additive family). Off by default, and then not computed.
       **options: lowering options, e.g. ``chunk_size`` (default 64) for ``"chunked"``.
 
     Raises:

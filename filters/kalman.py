@@ -18,8 +18,28 @@ The reset family replaces ``P_bar`` by ``sigma^2 I``, so ``Kg = eta k`` with
 observation: ``S = S_bar + s k v^T``, and ``P`` evolves without the data.
 
 Diagnostics, per step: the write gain ``g = k^T Kg`` (the fraction by which the readout at ``k`` moves
-to ``v``; ``beta k^T P k`` for the exact family, ``eta |k|^2`` for a reset, ``s |k|^2`` for a latent input)
-and the predictive variance ``q^T P q`` of the readout.
+to ``v``; ``beta k^T P k`` for the exact family, ``eta |k|^2`` for a reset, ``s |k|^2`` for a latent input),
+the predictive variance ``q^T P q`` of the readout, and the log predictive density of the values
+``log p(v_t | v_<t)`` (`log_predictive_density`): every value column ``r`` is an independent scalar
+observation ``v_t[r] = k_t^T s_r + e_r`` sharing the covariance, so given the past it is Gaussian with
+mean ``(S_bar^T k)[r]`` and the innovation variance ``s``, and the columns' log densities add::
+
+    e = v - S_bar^T k                                  (the innovation, [V])
+    log p(v_t | v_<t) = -1/2 (V log(2 pi s) + |e|^2 / s)
+
+Its sum over ``t`` is the marginal log-likelihood ``log p(v_1..T)`` (a Kalman filter's, e.g. dynamax's
+``lgssm_filter(...).marginal_loglik``, summed over value columns, heads and batch).
+
+* exact family: ``s = k^T P_bar k + 1/beta``, the filter's own;
+* reset family: the same density with ``P_bar = sigma^2 I`` (the reset, docs/unification.md), so
+  ``s = sigma^2 |k|^2 + 1/beta = sigma^2 / eta``; under the write-strength parameterization the
+  observation precision is one by convention (only ``sigma^2 beta`` is identified by the mean), so
+  ``s = 1 / (1 - eta |k|^2)``. A reset is a Kalman filter restarted at every step from
+  ``N(S_bar, sigma^2 I)``: the product of these conditionals is a proper density of the values, but not
+  the marginal likelihood of a state space model of the memory (the reset discards the covariance such a
+  model would carry);
+* additive family: None. The values are not observed but written (``U_t = s_t k_t v_t^T`` is a known
+  input of the transition): the model assigns them no density.
 """
 from __future__ import annotations
 
@@ -33,11 +53,30 @@ from filters.inputs import FilterState, StepInputs
 
 
 class Diagnostics(NamedTuple):
-    """Per-step diagnostics ``[B, T, H]`` (``[B, H]`` for one step): ``write_gain`` ``g_t`` and
-    ``predictive_variance`` ``q_t^T P_t q_t``."""
+    """Per-step diagnostics ``[B, T, H]`` (``[B, H]`` for one step): ``write_gain`` ``g_t``,
+    ``predictive_variance`` ``q_t^T P_t q_t`` and ``log_predictive_density`` ``log p(v_t | v_<t)``
+    summed over the value columns (module docstring; None for the additive family, whose values are
+    inputs, not observations)."""
 
     write_gain: shapes.SteppedPerHead
     predictive_variance: shapes.SteppedPerHead
+    log_predictive_density: Optional[shapes.SteppedPerHead] = None
+
+
+def log_predictive_density(squared_innovation, innovation_variance, value_dim: int):
+    """``log p(v_t | v_<t) = -1/2 (V log(2 pi s) + |e|^2 / s)``: ``V`` independent value columns, each
+    ``N(0, s)`` in its innovation ``e[r]``; ``squared_innovation`` is ``|e|^2`` (summed over columns),
+    ``innovation_variance`` is ``s``."""
+    return -0.5 * (value_dim * jnp.log(2 * jnp.pi * innovation_variance)
+                   + squared_innovation / innovation_variance)
+
+
+def reset_innovation_variance(structure, x: StepInputs):
+    """The reset family's ``s = sigma^2 |k|^2 + 1/beta`` (module docstring): ``1 / (1 - eta |k|^2)``
+    under the write-strength parameterization (unit observation precision), else ``sigma^2 / eta``."""
+    if structure.write_strength:
+        return 1.0 / (1.0 - x.write_strength * _dot(x.k, x.k))
+    return x.reset_variance / x.write_strength
 
 
 def _dot(a, b):
@@ -82,6 +121,7 @@ def step(structure, state: FilterState, x: StepInputs, stationary_cov: Optional[
     """
     mean = transitions.apply(state.mean, structure.transition, x.transition)
     cov = state.covariance
+    log_density = None                              # the additive family observes nothing
     if structure.family == "additive":
         write = x.k if x.input_scale is None else x.k * x.input_scale[..., None]
         mean = mean + _outer(write, x.v)
@@ -91,18 +131,23 @@ def step(structure, state: FilterState, x: StepInputs, stationary_cov: Optional[
         variance = None if cov is None else _dot(x.q, _matvec(cov, x.q))
     elif structure.family == "reset":
         eta = x.write_strength[..., None]
-        mean = mean + _outer(eta * x.k, x.v - _read(mean, x.k))
+        innovation = x.v - _read(mean, x.k)
+        mean = mean + _outer(eta * x.k, innovation)
         gain = x.write_strength * _dot(x.k, x.k)
         variance = x.reset_variance * (_dot(x.q, x.q) - x.write_strength * _dot(x.k, x.q) ** 2)
+        log_density = log_predictive_density(_dot(innovation, innovation),
+                                             reset_innovation_variance(structure, x), x.v.shape[-1])
     else:
         p_bar = predict_covariance(structure, cov, x, stationary_cov)
         u = _matvec(p_bar, x.k)
         s = _dot(x.k, u) + 1.0 / x.precision
         gain_vector = u / s[..., None]
-        mean = mean + _outer(gain_vector, x.v - _read(mean, x.k))
+        innovation = x.v - _read(mean, x.k)
+        mean = mean + _outer(gain_vector, innovation)
         cov = symmetrize(p_bar - _outer(u, gain_vector))
         gain = _dot(x.k, gain_vector)
         variance = _dot(x.q, _matvec(cov, x.q))
+        log_density = log_predictive_density(_dot(innovation, innovation), s, x.v.shape[-1])
     y = _read(mean, x.q)
-    diagnostics = Diagnostics(gain, variance) if variance is not None else None
+    diagnostics = Diagnostics(gain, variance, log_density) if variance is not None else None
     return y, FilterState(mean, cov), diagnostics

@@ -33,8 +33,8 @@ def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = Fal
     if carry_prior:
         final = final._replace(covariance=None)
     y = jnp.moveaxis(ys, 0, 1)
-    if diagnostics:
-        return FilterOutput(y, final, kalman.Diagnostics(*(jnp.moveaxis(d, 0, 1) for d in diags)))
+    if diagnostics:   # tree_map keeps a None field (the additive family's log density) None
+        return FilterOutput(y, final, jax.tree_util.tree_map(lambda d: jnp.moveaxis(d, 0, 1), diags))
     return FilterOutput(y, final)
 
 
