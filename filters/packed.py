@@ -68,7 +68,7 @@ def _non_negative(x):
 def check_cu_seqlens(cu_seqlens, *, batch: int, total: int, max_seqlen: Optional[int] = None,
                      validate: bool = True, name: str = "q") -> tuple[jax.Array, int]:
     """``cu_seqlens`` against a packed row of ``batch`` (must be 1) by ``total`` steps; returns it as
-    int32 and ``T_max``, the padded length (`module docstring <filters.packed>`).
+    int32 and ``T_max``, the padded length (see the module docstring).
 
     Shapes, dtype, the batch and ``max_seqlen`` are checked always; the values (``cu[0] = 0``,
     non-decreasing, ``cu[N] = T``, no sequence longer than ``max_seqlen``) unless ``validate=False``:

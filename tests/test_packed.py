@@ -115,8 +115,7 @@ def test_packed_pallas_kernels_in_the_interpreter(name):
         assert relative_error(final.mean[n:n + 1], want.mean) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["chunked", "associative"])
-@pytest.mark.parametrize("name", ["gated_deltanet", "bayesian_random_walk"])
+@pytest.mark.parametrize("name,backend", [("gated_deltanet", "associative"), ("bayesian_random_walk", "chunked")])
 def test_packed_gradients_equal_those_of_the_sequences_alone(name, backend):
     """Reverse mode through the gathers: the gradient of a loss on the packed readouts and final states,
     with respect to every input and the initial states, is that of the sequences run alone."""
@@ -210,11 +209,20 @@ def test_packed_batch_must_be_one_row():
 # ----------------------------------------------------------------------------------------------------
 # the layers
 
-@pytest.mark.parametrize("name", ["gated_deltanet", "bayesian"])
-def test_layer_on_a_packed_row_equals_each_sequence_alone(name):
+def test_short_convolution_does_not_reach_across_a_boundary():
+    kernel = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, T, 3))
+    positions = filters.packed.positions(jnp.asarray(CU), T)[1]
+    np.testing.assert_array_equal(positions, np.concatenate([np.arange(b - a) for a, b in zip(CU[:-1], CU[1:])]))
+    y, _ = layers.core.short_conv(kernel, x, positions=positions)
+    want = jnp.concatenate([layers.core.short_conv(kernel, x[:, a:b])[0] for a, b in zip(CU[:-1], CU[1:]) if a < b], 1)
+    assert relative_error(y, want) < 1e-12
+
+
+def test_layer_on_a_packed_row_equals_each_sequence_alone():
     """The short convolution (size 4) and the filter restart at every boundary: each sequence's outputs
     are those of the layer applied to it alone; linen and NNX alike, eager and under jit."""
-    layer = layers.named_layer(name, 16, num_heads=2, key_dim=8, conv_size=4, backend="chunked")
+    layer = layers.named_layer("gated_deltanet", 16, num_heads=2, key_dim=8, conv_size=4, backend="chunked")
     x = jax.random.normal(jax.random.PRNGKey(0), (1, T, 16))
     params = layer.init(jax.random.PRNGKey(1), x[:, :5])
     y = layer.apply(params, x, cu_seqlens=CU)
@@ -263,3 +271,15 @@ def test_fla_ops_take_cu_seqlens():
                         initial_state=h0[n:n + 1], output_final_state=True, **options)
             assert relative_error(o[:, a:b], on) < 1e-10, op.__name__
             assert relative_error(final[n:n + 1], fn) < 1e-10, op.__name__
+
+
+def test_fla_packed_under_jit_reads_the_length_from_cu_seqlens_cpu():
+    """fla's host copy ``cu_seqlens_cpu`` gives the padded length when ``cu_seqlens`` is traced."""
+    rng = np.random.default_rng(14)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, T, 2, 8))) for _ in range(3))
+    g = jnp.asarray(-rng.uniform(0.01, 0.5, size=(1, T, 2, 8)))
+    eager, _ = fla.chunk_gla(q, k, v, g, cu_seqlens=CU)
+    jitted, _ = jax.jit(lambda cu: fla.chunk_gla(q, k, v, g, cu_seqlens=cu, cu_seqlens_cpu=CU))(jnp.asarray(CU))
+    assert relative_error(jitted, eager) < 1e-12
+    with pytest.raises(filters.FilterInputError, match="max_seqlen: needed when cu_seqlens is traced"):
+        jax.jit(lambda cu: fla.chunk_gla(q, k, v, g, cu_seqlens=cu))(jnp.asarray(CU))
