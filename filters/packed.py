@@ -149,9 +149,12 @@ def unpack(structure: Structure, x: StepInputs, plan: PackedLayout) -> StepInput
     def one(field, a):
         if a is None:
             return None
+        neutral = _neutral(structure, field, a)
+        if a.shape[1] == 0:                                          # an empty row: every sequence is empty
+            return jnp.broadcast_to(neutral, plan.valid.shape + a.shape[2:])
         rows = a[0][plan.gather]                                     # [N, T_max, H, ...]
         mask = plan.valid.reshape(plan.valid.shape + (1,) * (rows.ndim - 2))
-        return jnp.where(mask, rows, _neutral(structure, field, a))
+        return jnp.where(mask, rows, neutral)
     return StepInputs(*(one(field, a) for field, a in zip(StepInputs._fields, x)))
 
 

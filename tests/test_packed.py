@@ -199,6 +199,16 @@ def test_bad_cu_seqlens_say_what_is_accepted(kwargs, message):
         filters.compile(model, backend="sequential")(q, k, v, **kwargs, **gates)
 
 
+def test_an_empty_row_keeps_every_initial_state():
+    model = dm.gated_deltanet()
+    q, k, v, gates = random_inputs(model, batch=1, time=0, heads=2, seed=15)
+    state = random_state(model, 2, 2, 4, 5, seed=16)
+    y, final = filters.compile(model, backend="chunked")(q, k, v, initial_state=state, cu_seqlens=np.array([0, 0, 0]),
+                                                         **gates)
+    assert y.shape == (1, 0, 2, 5)
+    np.testing.assert_array_equal(final.mean, state.mean)
+
+
 def test_packed_batch_must_be_one_row():
     model = dm.gated_deltanet()
     q, k, v, gates = random_inputs(model, batch=2, time=T, heads=2, seed=12)
