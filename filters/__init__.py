@@ -8,6 +8,7 @@ import os
 # or export OPENBLAS_NUM_THREADS=1 yourself.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from filters.compiler import Filter, compile, explain  # noqa: A004
+from filters import packed  # noqa: F401  (filters.packed: cu_seqlens, packed variable-length rows)
 from filters.checks import FilterInputError, reraise_input_errors
 from filters.inputs import FilterState
 from filters.kalman import Diagnostics

@@ -236,7 +236,7 @@ def check_gates(structure: Structure, q, gates: dict, *, time_axis: bool) -> dic
     model = structure.name or "user-declared"
     unknown = sorted(set(gates) - set(specs))
     if unknown:
-        keywords = ("initial_state", "diagnostics", "validate") if time_axis else ("validate",)
+        keywords = ("initial_state", "diagnostics", "validate", "cu_seqlens", "max_seqlen") if time_axis else ("validate",)
         hints = "".join(did_you_mean(u, [*specs, *keywords]) for u in unknown)
         raise FilterInputError(
             f"{', '.join(unknown)}: not an input of this design model ({model}){hints}; accepted keyword "

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 
 import designmodels as dm
-from filters import associative, chunked, kalman, sequential
-from filters.checks import check_output, check_state, prepare
+from filters import associative, chunked, kalman, packed, sequential
+from filters.checks import FilterInputError, check_output, check_state, prepare
 from filters.inputs import FilterState, prior_state
 from filters.pallas import lowering as pallas_lowering
-from filters.lowering import LOWERINGS, BackendError, Lowering, applicable, auto, register
+from filters.lowering import LOWERINGS, BackendError, FilterOutput, Lowering, applicable, auto, register
 from filters.structure import Structure, analyze
 
 
@@ -78,6 +78,15 @@ class Filter:
     carrying the `FilterInputError` message; `filters.reraise_input_errors` gives the `FilterInputError`
     itself). ``validate=False`` skips the value checks for inputs valid by construction (the layers). ``y [B,T,H,V]`` has the dtype of ``v``; the state is a
     `FilterState` in the compute dtype (float32, or float64 when the inputs are).
+
+    **Packed sequences** (`filters.packed`): ``f(q, k, v, cu_seqlens=cu, **gates)`` on one row
+    ``[1, T, H, ...]`` holding ``N`` sequences end to end, sequence ``n`` at steps
+    ``cu[n] <= t < cu[n + 1]`` (``cu [N + 1]`` integers, ``cu[0] = 0``, non-decreasing, ``cu[N] = T``, as
+    fla and FlashAttention take them), equals filtering each sequence alone: the state restarts at every
+    boundary from the prior, or from ``initial_state[n]`` (``S [N, H, K, V]``, one per sequence), and the
+    final state is one per sequence, ``[N, H, K, V]``. Every lowering runs it (on the sequences padded
+    to ``max_seqlen`` steps, a static shape: computed from ``cu`` when it is concrete, required under
+    ``jit``).
     """
 
     def __init__(self, model: dm.DesignModel, backend: str = "auto", diagnostics: bool = False,
@@ -91,20 +100,29 @@ class Filter:
         _check_options(self.options, backend, self.lowering)
         # The lowerings are pure functions of the structure: compile them once per filter. Inputs are
         # checked eagerly (outside jit), so bad values still raise.
-        self._run = jax.jit(self._lower, static_argnames=("backend", "diagnostics"))
+        self._run = jax.jit(self._lower, static_argnames=("backend", "diagnostics", "max_seqlen"))
         self._step = jax.jit(self._one_step)
 
     def _one_step(self, state, x, stationary):
         with jax.default_matmul_precision("float32"):
             return kalman.step(self.structure, state, x.in_compute_dtype(), stationary)
 
-    def _lower(self, x, state, *, backend, diagnostics):
+    def _lower(self, x, state, cu=None, *, backend, diagnostics, max_seqlen=None):
         lowering = LOWERINGS[backend]
         options = {n: v for n, v in self.options.items() if n in lowering.options}
+        plan = None
+        if cu is not None:   # a packed row: every lowering runs the padded batch (filters.packed)
+            plan = packed.layout(cu, x.q.shape[1], max_seqlen)
+            x = packed.unpack(self.structure, x, plan)
         # Full float32 products: GPUs otherwise multiply float32 in TF32 (10-bit mantissa), which costs
         # the chunked and associative forms three digits against the sequential one.
         with jax.default_matmul_precision("float32"):
-            return lowering.run(self.structure, x, state, diagnostics=diagnostics, **options)  # FilterOutput
+            out = lowering.run(self.structure, x, state, diagnostics=diagnostics, **options)  # FilterOutput
+        if plan is None:
+            return out
+        diags = None if out.diagnostics is None else type(out.diagnostics)(
+            *(packed.repack(d, plan) for d in out.diagnostics))
+        return FilterOutput(packed.repack(out.y, plan), out.state, diags)
 
     @property
     def backend(self) -> str:
@@ -118,23 +136,33 @@ class Filter:
         return prior_state(self.structure, batch=batch, heads=heads, key_dim=key_dim, value_dim=value_dim,
                            dtype=dtype)
 
-    def _state(self, state, x, time_axis):
-        """The initial state checked against the inputs ``x``, in their compute dtype."""
-        batch, heads = (x.q.shape[0], x.q.shape[2]) if time_axis else x.q.shape[:2]
+    def _state(self, state, x, time_axis, batch=None):
+        """The initial state checked against the inputs ``x`` (``batch`` states: one per packed sequence),
+        in their compute dtype."""
+        heads = x.q.shape[2] if time_axis else x.q.shape[1]
+        batch = batch if batch is not None else x.q.shape[0]
         return check_state(self.structure, state, batch=batch, heads=heads, key_dim=x.q.shape[-1],
                            value_dim=x.v.shape[-1], dtype=x.compute_dtype,
                            name="initial_state" if time_axis else "state")
 
     def __call__(self, q, k, v, *, initial_state=None, diagnostics: Optional[bool] = None,
-                 validate: bool = True, **gates):
+                 validate: bool = True, cu_seqlens=None, max_seqlen: Optional[int] = None, **gates):
         lowering = self.lowering
         if diagnostics is None:
             diagnostics = self.diagnostics
         elif diagnostics != self.diagnostics:
             lowering = _lowering(self.structure, self.requested_backend, diagnostics)
         x = prepare(self.structure, q, k, v, gates, validate=validate)
-        state = self._state(initial_state, x, time_axis=True)
-        out = self._run(x, state, backend=lowering.name, diagnostics=diagnostics)
+        cu, sequences = None, None
+        if cu_seqlens is not None:
+            cu, max_seqlen = packed.check_cu_seqlens(cu_seqlens, batch=x.q.shape[0], total=x.q.shape[1],
+                                                     max_seqlen=max_seqlen, validate=validate)
+            sequences = cu.shape[0] - 1
+        elif max_seqlen is not None:
+            raise FilterInputError(f"max_seqlen={max_seqlen!r}: the padded length of packed sequences, given "
+                                   "without cu_seqlens; accepted: both (a packed row) or neither.")
+        state = self._state(initial_state, x, time_axis=True, batch=sequences)
+        out = self._run(x, state, cu, backend=lowering.name, diagnostics=diagnostics, max_seqlen=max_seqlen)
         if validate:
             check_output(out.y, lowering.name)
         y = out.y.astype(v.dtype)

@@ -31,13 +31,19 @@ What differs from fla (``docs/fla.md``): DeltaNet and Gated DeltaNet steps must 
 design model, ``0 <= beta_t |k_t|^2 < 1`` (a covariance reset; fla also takes ``beta`` up to 2 with
 ``allow_neg_eigval`` and unnormalized keys): a step outside is a `FilterInputError` that says so. Decays
 must be ``g <= 0``. A decay over values (``gv``) and a ``beta`` per value channel are not design models
-and are refused. Packed variable-length batches (``cu_seqlens``) and context parallelism
-(``cp_context``) are not supported here yet.
+and are refused. Context parallelism (``cp_context``) is not supported here.
+
+Packed variable-length batches as in fla: ``cu_seqlens [N + 1]`` with ``q, k, v [1, T, H, ...]``,
+``initial_state`` and ``final_state`` ``[N, H, K, V]`` (one per sequence); each op passes it to the
+filter (`filters.packed`). Under ``jit`` give ``max_seqlen=`` (an int at least the longest sequence) or
+fla's ``cu_seqlens_cpu`` (a host copy, from which it is read); ``chunk_indices`` is accepted and not
+needed.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import designmodels as dm
 from filters.compiler import compile as _compile
@@ -70,23 +76,30 @@ def _l2norm(x):
 
 
 def _check_options(op: str, cu_seqlens, options: dict) -> dict:
-    """The lowering options among fla's extra keywords (``chunk_size``); the rest refused by name."""
-    if cu_seqlens is not None:
-        raise FlaArgumentError(f"{op}(cu_seqlens=...): packed variable-length batches are not supported here "
-                               "yet; accepted: cu_seqlens=None (pad the sequences into a [B, T, ...] batch, or "
-                               "run each one alone).")
+    """The lowering options among fla's extra keywords (``chunk_size``) and the packing (``cu_seqlens``,
+    ``max_seqlen``, or its length from fla's ``cu_seqlens_cpu``); the rest refused by name."""
     lowering = {}
+    if cu_seqlens is not None:
+        lowering["cu_seqlens"] = cu_seqlens
     for name, value in options.items():
         if name == "chunk_size":
             lowering["chunk_size"] = value
+        elif name == "max_seqlen" and cu_seqlens is not None:
+            lowering["max_seqlen"] = value
+        elif name in ("cu_seqlens_cpu", "chunk_indices") and cu_seqlens is not None:
+            # fla's host copy of cu_seqlens (concrete: it gives the padded length under jit) and its chunk
+            # indices (a function of cu_seqlens, which is all the filter needs)
+            if name == "cu_seqlens_cpu" and value is not None and "max_seqlen" not in options:
+                lowering["max_seqlen"] = max(int(np.diff(np.asarray(value)).max(initial=1)), 1)
         elif name in _NEUTRAL and value is _NEUTRAL[name]:
             continue
-        elif name in _NEUTRAL:
-            raise FlaArgumentError(f"{op}({name}=...): not supported here (context parallelism and packed "
-                                   f"batches are not); accepted: {name}=None.")
+        elif name in _NEUTRAL or name == "max_seqlen":
+            raise FlaArgumentError(f"{op}({name}=...): not supported here (context parallelism is not; "
+                                   f"{name} of a packed batch needs cu_seqlens); accepted: {name}=None.")
         else:
             hint = f"; pass {_RENAMED[name]}" if name in _RENAMED else dm.did_you_mean(
-                name, ["scale", "initial_state", "output_final_state", "chunk_size", "backend", "validate"])
+                name, ["scale", "initial_state", "output_final_state", "chunk_size", "backend", "validate",
+                       "max_seqlen"])
             raise FlaArgumentError(f"{op}: unknown keyword argument {name!r}{hint}.")
     return lowering
 
@@ -134,7 +147,11 @@ def _run(op: str, model: dm.DesignModel, backend: str, q, k, v, *, scale, initia
 
     ``o_t = S_t^T (scale q_t)``: the filter reads out with ``scale q``. ``grouped_values``: fla's grouped
     value attention (``v`` with ``HV`` heads, a multiple of the ``H`` of ``q, k``: value head ``j`` reads
-    query/key head ``j // (HV / H)``). ``reverse``: the recursion from ``t = T - 1`` down to 0."""
+    query/key head ``j // (HV / H)``). ``reverse``: the recursion from ``t = T - 1`` down to 0 (of each
+    packed sequence: the flipped row holds the sequences in reverse order, at ``T - cu`` reversed).
+    ``options``: the lowering's, and ``cu_seqlens`` and ``max_seqlen`` for `filters.Filter`."""
+    options = dict(options)
+    packing = {name: options.pop(name) for name in ("cu_seqlens", "max_seqlen") if name in options}
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
@@ -152,15 +169,22 @@ def _run(op: str, model: dm.DesignModel, backend: str, q, k, v, *, scale, initia
     if initial_state is not None and state_v_first:
         initial_state = jnp.swapaxes(jnp.asarray(initial_state), -1, -2)
     gates = {name: x for name, x in gates.items() if x is not None}
+    packed_reverse = reverse and "cu_seqlens" in packing
     if reverse:
         q, k, v = (jnp.flip(x, axis=1) for x in (q, k, v))
         gates = {name: jnp.flip(jnp.asarray(x), axis=1) for name, x in gates.items()}
-    y, state = _compile(model, backend, **options)(q, k, v, initial_state=initial_state, validate=validate, **gates)
+    if packed_reverse:
+        packing["cu_seqlens"] = q.shape[1] - jnp.flip(jnp.asarray(packing["cu_seqlens"]))
+        if initial_state is not None:
+            initial_state = jnp.flip(jnp.asarray(initial_state), axis=0)
+    y, state = _compile(model, backend, **options)(q, k, v, initial_state=initial_state, validate=validate,
+                                                   **packing, **gates)
     if reverse:
         y = jnp.flip(y, axis=1)
     final = None
     if output_final_state:
-        final = jnp.swapaxes(state.mean, -1, -2) if state_v_first else state.mean
+        final = jnp.flip(state.mean, axis=0) if packed_reverse else state.mean
+        final = jnp.swapaxes(final, -1, -2) if state_v_first else final
     return y.astype(out_dtype), final
 
 

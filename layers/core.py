@@ -228,18 +228,22 @@ def dense(params: Mapping, x, dtype) -> jax.Array:
     return y
 
 
-def short_conv(kernel, x, history=None):
+def short_conv(kernel, x, history=None, positions=None):
     """Depthwise causal convolution over time, ``y_t = SiLU(sum_i w_i x_{t - C + 1 + i})``.
 
     ``kernel [C, channels]``, ``x [B, T, channels]``, ``history [B, C - 1, channels]`` (the previous inputs;
-    zeros at the start). Returns ``(y, new_history)``."""
+    zeros at the start). ``positions [T]``: for a packed row (`filters.packed`), each step's position in
+    its own sequence; a term that reaches back past that sequence's start (``C - 1 - i > positions_t``)
+    is dropped, as if the sequence were alone (zero history). Returns ``(y, new_history)``."""
     size, channels = kernel.shape
     if history is None:
         history = jnp.zeros((x.shape[0], size - 1, channels), x.dtype)
     padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)
     time = x.shape[1]
-    y = sum(padded[:, i:i + time] * kernel[i].astype(x.dtype) for i in range(size))
-    return jax.nn.silu(y), padded[:, time:]
+    terms = [padded[:, i:i + time] * kernel[i].astype(x.dtype) for i in range(size)]
+    if positions is not None:   # term i reads the input C - 1 - i steps back
+        terms = [jnp.where((size - 1 - i <= positions)[None, :, None], term, 0) for i, term in enumerate(terms)]
+    return jax.nn.silu(sum(terms)), padded[:, time:]
 
 
 def rms_norm(scale, y, dtype, epsilon: float = 1e-6):
@@ -311,16 +315,17 @@ def check_input(spec: LayerSpec, x, rank: int, layout: str) -> None:
 
 
 @shapes.typed
-def features(spec: LayerSpec, params: Mapping, x: shapes.Activations, conv_cache=None
+def features(spec: LayerSpec, params: Mapping, x: shapes.Activations, conv_cache=None, positions=None
              ) -> tuple[shapes.Queries, shapes.Keys, shapes.Values, dict, Any]:
     """Projections, convolution and normalization: ``q, k [B,T,H,K]``, ``v [B,T,H,V]`` (float32), the
-    gates, and the convolution's new history (None without a convolution)."""
+    gates, and the convolution's new history (None without a convolution). ``positions [T]``: a packed
+    row's positions in their sequences (`short_conv`)."""
     heads = spec.num_heads
     q, k, v = (dense(params[name], x, spec.dtype) for name in ("q_proj", "k_proj", "v_proj"))
     new_conv = None
     if spec.conv_size:
         conv_cache = conv_cache or (None, None, None)
-        (q, hq), (k, hk), (v, hv) = (short_conv(params[name]["kernel"], z, h) for name, z, h in zip(
+        (q, hq), (k, hk), (v, hv) = (short_conv(params[name]["kernel"], z, h, positions) for name, z, h in zip(
             ("q_conv", "k_conv", "v_conv"), (q, k, v), conv_cache))
         new_conv = (hq, hk, hv)
     # explicit sizes, not -1: reshape cannot infer a dimension of an empty array (a batch of 0)
@@ -347,13 +352,29 @@ def output(spec: LayerSpec, params: Mapping, x: shapes.SteppedActivations, y: sh
     return dense(params["out_proj"], y, spec.dtype)
 
 
-def forward(spec: LayerSpec, params: Mapping, x, cache=None, *, return_cache: bool = False):
+def forward(spec: LayerSpec, params: Mapping, x, cache=None, *, return_cache: bool = False, cu_seqlens=None,
+            max_seqlen: Optional[int] = None):
     """``x [B, T, D] -> y [B, T, D]``; with ``return_cache`` also the cache for decoding onwards,
-    ``{"filter": FilterState, "conv": (q, k, v) histories}``. A ``cache`` continues a sequence."""
+    ``{"filter": FilterState, "conv": (q, k, v) histories}``. A ``cache`` continues a sequence.
+
+    ``cu_seqlens``: ``x [1, T, D]`` is a packed row of sequences laid end to end (`filters.packed`);
+    neither the convolution nor the filter reaches across a boundary, so each sequence's outputs are
+    those it has alone. ``max_seqlen`` as `filters.Filter` takes it (required under ``jit``)."""
     check_input(spec, x, 3, "[B, T, D]")
+    positions = None
+    if cu_seqlens is not None:
+        if cache is not None or return_cache:
+            raise LayerError("cu_seqlens: a packed row is filtered from the prior and returns no decoding cache "
+                             "(one per sequence is not built yet); accepted: cache=None and return_cache=False "
+                             "with cu_seqlens, or a padded batch [B, T, D] for decoding.")
+        # the values are checked here, once per layer call (the filter below trusts them, validate=False)
+        cu, max_seqlen = filters.packed.check_cu_seqlens(cu_seqlens, batch=x.shape[0], total=x.shape[1],
+                                                         max_seqlen=max_seqlen, name="x")
+        positions = filters.packed.positions(cu, x.shape[1])[1]
     cache = cache or {}
-    q, k, v, gate_values, conv = features(spec, params, x, cache.get("conv"))
-    y, state = spec.filter(q, k, v, initial_state=cache.get("filter"), validate=False, **gate_values)
+    q, k, v, gate_values, conv = features(spec, params, x, cache.get("conv"), positions)
+    packing = {} if cu_seqlens is None else {"cu_seqlens": cu, "max_seqlen": max_seqlen}
+    y, state = spec.filter(q, k, v, initial_state=cache.get("filter"), validate=False, **packing, **gate_values)
     out = output(spec, params, x, y)
     return (out, {"filter": state, "conv": conv}) if return_cache else out
 

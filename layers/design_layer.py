@@ -103,9 +103,15 @@ class DesignLayer(nn.Module):
     def _params(self) -> dict:
         return {name: getattr(self, name)() for name in core.parameter_tree(self.spec)}
 
-    def __call__(self, x, cache=None, *, return_cache: bool = False):
-        """``x [B, T, D] -> y [B, T, D]``; with ``return_cache`` also the cache for decoding onwards."""
-        return core.forward(self.spec, self._params(), x, cache, return_cache=return_cache)
+    def __call__(self, x, cache=None, *, return_cache: bool = False, cu_seqlens=None, max_seqlen=None):
+        """``x [B, T, D] -> y [B, T, D]``; with ``return_cache`` also the cache for decoding onwards.
+
+        ``cu_seqlens`` (``[N + 1]`` integers, as fla and FlashAttention take them): ``x [1, T, D]`` holds
+        ``N`` sequences end to end; the short convolution and the filter restart at every boundary, so
+        each sequence's outputs are those it has alone (`layers.core.forward`); ``max_seqlen`` (an int at
+        least the longest sequence) is required under ``jit``."""
+        return core.forward(self.spec, self._params(), x, cache, return_cache=return_cache,
+                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     def step(self, x, cache=None):
         """One decoding step: ``x [B, D] -> (y [B, D], cache)``."""

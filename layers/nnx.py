@@ -95,9 +95,11 @@ class DesignLayer(nnx.Module):
                                    normalize_qk, output_gate, output_norm, dtype)
         self.params = ParameterGroup(core.parameter_tree(self.spec), rngs)
 
-    def __call__(self, x, cache=None, *, return_cache: bool = False):
-        """``x [B, T, D] -> y [B, T, D]``; with ``return_cache`` also the cache for decoding onwards."""
-        return core.forward(self.spec, self.params.values(), x, cache, return_cache=return_cache)
+    def __call__(self, x, cache=None, *, return_cache: bool = False, cu_seqlens=None, max_seqlen=None):
+        """``x [B, T, D] -> y [B, T, D]``; with ``return_cache`` also the cache for decoding onwards;
+        ``cu_seqlens``: ``x [1, T, D]`` packs sequences end to end (`layers.core.forward`)."""
+        return core.forward(self.spec, self.params.values(), x, cache, return_cache=return_cache,
+                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     def step(self, x, cache=None):
         """One decoding step: ``x [B, D] -> (y [B, D], cache)``."""

@@ -157,7 +157,7 @@ MISTAKES = [
     ("a misspelled gate", lambda: gdn(log_decays=LOG_DECAY), FIE,
      [r"log_decays: not an input .*\(did you mean 'log_decay'\?\)"]),
     ("a misspelled call option", lambda: gdn(initial_sate=None), FIE,
-     [r"initial_sate: .*\(did you mean 'initial_state'\?\)", "the options initial_state, diagnostics, validate"]),
+     [r"initial_sate: .*\(did you mean 'initial_state'\?\)", "the options initial_state, diagnostics, validate, cu_seqlens, max_seqlen"]),
     ("q without the batch axis", lambda: gdn(q=Q[0]), FIE,
      [r"q: got rank 3, shape \(3, 2, 4\)", r"rank 4 with layout \[B, T, H, K\]"]),
     ("q as a nested list", lambda: gdn(q=Q.tolist()), FIE, ["q: got list", "convert it with jnp.asarray"]),
