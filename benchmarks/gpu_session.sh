@@ -1,37 +1,56 @@
 #!/bin/bash
-# Everything the GPU kernels need measured, in one call of the lent H200 (device README: carry .whl with
-# the wheels fla-core 0.6.0 and ml_collections, and .cache if an earlier call saved one):
+# Everything the GPU kernels need measured, in a few calls of the lent H200 (device README: carry .whl
+# with the wheels fla-core 0.6.0 and ml_collections, and .cache if an earlier call saved one):
 #
-#   benchmarks/gpu_session.sh OUT_DIR [SECONDS]
+#   benchmarks/gpu_session.sh OUT_DIR [SECONDS] [PHASES]
 #
-# 1. installs the carried wheels into /tmp/site;
-# 2. restores the compilation caches from .cache/caches.tgz if present (Triton's, with fla's autotuning
-#    results: fla's first call autotunes for 70-150 s per op and shape without it; and JAX's);
-# 3. runs the Pallas tests on the GPU (tests/test_pallas.py: the kernels for real against float64
-#    recurrences);
-# 4. times every kernel alone and sweeps the delta rule's launch settings;
-# 5. runs benchmarks/gpu_kernels.py: every model at 4x4096x16x128, then the other two shapes;
-# 6. saves the caches into OUT_DIR/caches.tgz (copy it to .cache/ for the next call) and stops at
-#    SECONDS (default 540), keeping what was measured (each step writes its files as it goes).
+# PHASES (default "tests,kernels,headline"; a call has 600 s, fla autotunes 70-150 s per op and shape
+# on its first call, so give the phases to two or three calls, carrying the caches between them):
+#   tests      tests/test_pallas.py on the GPU (the kernels for real against float64 recurrences)
+#   reference  benchmarks/fla_reference.py: fla's own outputs for tests/test_fla.py (copy the .npz to
+#              tests/data/fla_reference.npz and commit it)
+#   kernels    every kernel alone (the GLA ones included), the covariance pass at 2, 4 and 8 warps
+#   sweep      the delta rule's launch settings
+#   headline   benchmarks/gpu_kernels.py, every model at 4x4096x16x128 beside fla (and MesaNet)
+#   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128)
+#   training   the MQAR training step at d_model 512 (benchmarks/training_throughput.py)
+# It installs the carried wheels into /tmp/site, restores the compilation caches from .cache/caches.tgz
+# if present (Triton's, with fla's autotuning results, and JAX's), and saves them into
+# OUT_DIR/caches.tgz (copy it to .cache/ for the next call); it stops at SECONDS (default 540), keeping
+# what was measured (each step writes its files as it goes).
 set -u
-if [ $# -lt 1 ]; then sed -n 2,15p "$0"; exit 2; fi
-OUT_DIR=$1; BUDGET=${2:-540}; START=$(date +%s)
+if [ $# -lt 1 ]; then sed -n 2,22p "$0"; exit 2; fi
+OUT_DIR=$1; BUDGET=${2:-540}; PHASES=,${3:-tests,kernels,headline},; START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+want() { [[ $PHASES == *,$1,* ]] && [ "$(left)" -gt 30 ]; }
+cap() { local l; l=$(left); echo $(( $1 < l - 15 ? $1 : l - 15 )); }
 mkdir -p "$OUT_DIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 export TRITON_CACHE_DIR=/tmp/caches/triton JAX_COMPILATION_CACHE_DIR=/tmp/caches/jax
 mkdir -p /tmp/caches && [ -f .cache/caches.tgz ] && tar -xzf .cache/caches.tgz -C /tmp/caches
 save() { tar -czf "$OUT_DIR/caches.tgz" -C /tmp/caches . 2>/dev/null; }
 trap save EXIT
-timeout $(( $(left) > 120 ? 120 : $(left) )) python3 -m pytest -q -x -p no:cacheprovider tests/test_pallas.py \
+want tests && timeout "$(cap 150)" python3 -m pytest -q -x -p no:cacheprovider tests/test_pallas.py \
     -k "reference or without_the_interpreter or float64 or bf16" 2>&1 | tail -3 | tee "$OUT_DIR/tests.txt"
-timeout $(( $(left) > 90 ? 90 : $(left) )) python3 benchmarks/profile_kernels.py --time > "$OUT_DIR/kernels.jsonl" 2>&1
-timeout $(( $(left) > 150 ? 150 : $(left) )) python3 benchmarks/gpu_kernels.py --sweep --shapes 4x4096x16x128 \
+want reference && timeout "$(cap 120)" python3 benchmarks/fla_reference.py --out "$OUT_DIR/fla_reference.npz" \
+    2>&1 | tail -3
+if want kernels; then
+    timeout "$(cap 90)" python3 benchmarks/profile_kernels.py --time > "$OUT_DIR/kernels.jsonl" 2>&1
+    for warps in 2 8; do
+        timeout "$(cap 40)" python3 benchmarks/profile_kernels.py --time --kernels covariance_pass \
+            --tune "{\"covariance_pass\": {\"num_warps\": $warps}}" >> "$OUT_DIR/kernels.jsonl" 2>&1
+    done
+fi
+want sweep && timeout "$(cap 150)" python3 benchmarks/gpu_kernels.py --sweep --shapes 4x4096x16x128 \
     --repeats 10 > "$OUT_DIR/sweep.jsonl" 2>&1
-timeout $(( $(left) - 20 )) python3 benchmarks/gpu_kernels.py --shapes 4x4096x16x128 --backends pallas,chunked \
-    --out "$OUT_DIR/gpu_kernels.md" --json "$OUT_DIR/gpu_kernels.jsonl" 2>&1 | grep -v -i deprecat | tail -3
-[ "$(left)" -gt 60 ] && timeout $(( $(left) - 15 )) python3 benchmarks/gpu_kernels.py \
-    --shapes 8x2048x32x64,1x32768x8x128 --oracle none --out "$OUT_DIR/gpu_kernels_shapes.md" \
-    --json "$OUT_DIR/gpu_kernels_shapes.jsonl" 2>&1 | grep -v -i deprecat | tail -3
+want headline && timeout "$(cap 480)" python3 benchmarks/gpu_kernels.py --shapes 4x4096x16x128 \
+    --backends pallas,chunked --out "$OUT_DIR/gpu_kernels.md" --json "$OUT_DIR/gpu_kernels.jsonl" 2>&1 \
+    | grep -v -i deprecat | tail -3
+want shapes && timeout "$(cap 400)" python3 benchmarks/gpu_kernels.py --shapes 8x2048x32x64,1x32768x8x128 \
+    --oracle none --out "$OUT_DIR/gpu_kernels_shapes.md" --json "$OUT_DIR/gpu_kernels_shapes.jsonl" 2>&1 \
+    | grep -v -i deprecat | tail -3
+want training && timeout "$(cap 300)" python3 benchmarks/training_throughput.py --d-models 512 \
+    --models mamba2,deltanet,gated_deltanet,bayesian --backends pallas,chunked \
+    --out "$OUT_DIR/training_throughput.md" 2>&1 | tail -3
 exit 0
