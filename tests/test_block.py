@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import mqar as mqar_config
-from experiments import common, models, mqar, plotting, sweep, tasks, training
+from configs import mqar as mqar_config, mqar_original as mqar_original_config, recall as recall_config
+from experiments import common, models, mqar, plotting, recall, sweep, tasks, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -282,3 +282,50 @@ def test_the_sweep_trains_each_learning_rate_by_seed_block_as_one_program(tmp_pa
 def test_every_model_has_its_own_colour():
     colours = [plotting.color(name, default=None) for name in models.MODELS]
     assert None not in colours and len(set(colours)) == len(colours)
+
+
+def _smoke(module, **overrides):
+    config = module.get_config()
+    config.smoke = True
+    config = common.resolve(config)
+    config.unlock()
+    config.update(throughput_steps=0, **overrides)
+    config.lock()
+    return config
+
+
+def test_the_original_mqar_sweep_trains_one_mixed_length_set_and_reports_the_mean_of_its_test_slices(tmp_path):
+    """Zoology's "original MQAR" (configs/mqar_original.py): one training set of several (L, P) parts padded to
+    the longest, tested on its out-of-distribution slices; 2 seeds as one block; the table's test accuracy is
+    each run's mean over the slices, then mean ± spread over seeds."""
+    config = _smoke(mqar_original_config, models=("attention",), seeds=(0, 1))
+    records = mqar.run(config, str(tmp_path))
+    assert len(records) == 2 and all(r["runs_per_step"] == 2 for r in records)
+    (parts_a, parts_b) = config.train_mixture
+    assert all(r["train_shape"] == [parts_a[2] + parts_b[2], max(parts_a[0], parts_b[0])] for r in records)
+    slices = {mqar.set_name(*shape) for shape in config.test_shapes}
+    assert all(set(r["eval"]) == {mqar.VALID} | slices for r in records)
+    mqar.report(str(tmp_path))
+    line = next(l for l in (tmp_path / "table.md").read_text().splitlines() if l.startswith("| base | mixed |"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    means = [np.mean([r["eval"][s]["accuracy"] for s in slices]) for r in records]
+    assert cells[5] == "2" and cells[6] == sweep.fmt_mean_spread(means)
+    assert all(s.replace("_", " ") in cells[7] for s in slices)           # and each slice, beyond the mean
+
+
+def test_recall_trains_its_seeds_as_one_block_and_reports_mean_and_spread(tmp_path, monkeypatch):
+    calls = []
+    real = training.train_block
+    monkeypatch.setattr(training, "train_block", lambda model, specs, *a, **k: calls.append(len(specs)) or
+                        real(model, specs, *a, **k))
+    config = _smoke(recall_config, models=("attention",), seeds=(0, 1, 2), learning_rates=(3e-3,))
+    records = recall.run(config, str(tmp_path))
+    assert calls == [3] and sorted(r["settings"]["seed"] for r in records) == [0, 1, 2]
+    recall.report(str(tmp_path))
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    split = lambda prefix: [c.strip() for c in next(l for l in lines if l.startswith(prefix)).split("|")[1:-1]]
+    header, cells = split("| model |"), split("| attention |")
+    assert cells[header.index("seeds")] == "3"
+    train = [r["eval"]["train"]["accuracy"] for r in records]
+    assert cells[header.index("train")] == sweep.fmt_mean_spread(train)
+    assert os.path.getsize(tmp_path / "accuracy_by_condition.png") > 0
