@@ -68,7 +68,7 @@ values(argv)
 config = common.resolve_flags(values)
 for d_model in config.d_models:                  # d_model first: every slice finishes the cheap blocks first
     for variant in config.variants:
-        for train_set in mqar.training_sets(config):
+        for train_set in mqar.training_sets(config, variant):      # the shapes the variant's layout fits
             if train_set.name == mqar.MIXED:
                 sys.exit("concurrent_sweep.sh queues fixed training shapes; run a mixed-length config directly.")
             (seq_len, pairs, _), = train_set.parts

@@ -55,11 +55,18 @@ class TrainingSet:
         return max(part[1] for part in self.parts)
 
 
-def training_sets(config) -> list[TrainingSet]:
-    """``config.train_mixture`` as one mixed set when given, else one set per shape of ``config.train_shapes``."""
+def training_sets(config, variant: Optional[str] = None) -> list[TrainingSet]:
+    """``config.train_mixture`` as one mixed set when given, else one set per shape of ``config.train_shapes``;
+    with ``variant``, only the sets whose every part the variant's layout fits (`check` has made sure that each
+    variant fits at least one, and logged the others: e.g. Block-MQAR cannot hold 64 pairs in 512 tokens)."""
     if config.train_mixture:
-        return [TrainingSet(MIXED, tuple(tuple(int(x) for x in part) for part in config.train_mixture))]
-    return [TrainingSet(set_name(L, P), ((int(L), int(P), config.num_train_examples),)) for L, P in config.train_shapes]
+        sets = [TrainingSet(MIXED, tuple(tuple(int(x) for x in part) for part in config.train_mixture))]
+    else:
+        sets = [TrainingSet(set_name(L, P), ((int(L), int(P), config.num_train_examples),))
+                for L, P in config.train_shapes]
+    if variant is None:
+        return sets
+    return [t for t in sets if not any(_fits(config, variant, (L, P)) for L, P, _ in t.parts)]
 
 
 def _task_kwargs(config) -> dict:
@@ -116,13 +123,17 @@ def check(config) -> None:
         raise ValueError("config.train_shapes is empty (and no config.train_mixture): nothing to train on.")
     for lr in config.learning_rates:
         sweep.settings_from_config(config, lr, config.seeds[0], stop_set=VALID)   # its own errors, e.g. early stop
+    field = f"config.train_{'mixture' if config.train_mixture else 'shapes'}"
     for variant in config.variants:
+        unfit = {(L, P): _fits(config, variant, (L, P)) for t in training_sets(config) for L, P, _ in t.parts}
+        unfit = {shape: why for shape, why in unfit.items() if why}
+        if not training_sets(config, variant):       # nothing of this variant could train: the config is wrong
+            shape, why = next(iter(unfit.items()))
+            raise ValueError(f"{field}: {shape} does not fit variant {variant!r}: {why}; accepted: at least one "
+                             f"training shape that each variant fits.")
+        for shape, why in unfit.items():              # the others of the grid train; this cell cannot exist
+            logging.info("%s: %s skipped for variant %r: %s", field, shape, variant, why)
         for train_set in training_sets(config):
-            for seq_len, pairs, _ in train_set.parts:
-                why = _fits(config, variant, (seq_len, pairs))
-                if why:
-                    raise ValueError(f"config.train_{'mixture' if config.train_mixture else 'shapes'}: "
-                                     f"{(seq_len, pairs)} does not fit variant {variant!r}: {why}")
             if train_set.seq_len >= config.vocab_size:
                 raise ValueError(f"config.vocab_size={config.vocab_size} must exceed the training length "
                                  f"{train_set.seq_len}.")
@@ -164,7 +175,7 @@ def runs(config, workdir: str) -> list[sweep.Run]:
     """The runs of the config's grid, each with its identity (from the config alone: the folder of every run
     is checked before anything trains); the data of a (variant, training set) is made when its first run
     trains, and kept while the next runs use it."""
-    grid = [(v, t, m, d, lr, s) for v in config.variants for t in training_sets(config) for m in config.models
+    grid = [(v, t, m, d, lr, s) for v in config.variants for t in training_sets(config, v) for m in config.models
             for d in config.d_models for lr in config.learning_rates for s in config.seeds]
     cache = {}
 

@@ -11,6 +11,7 @@ one-run program given its batch rows in another order). Training carries that ro
 block's own runs (resumed, frozen) bit for bit."""
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 
 from configs import mqar as mqar_config, mqar_original as mqar_original_config, recall as recall_config
 from experiments import common, models, mqar, plotting, recall, sweep, tasks, training
+from tests import test_faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,6 +176,40 @@ def test_a_run_stopped_early_and_killed_before_its_record_resumes_as_stopped(tra
         assert (folder / name).read_text() == (root / "alone0" / name).read_text(), name
 
 
+def test_a_damaged_checkpoint_of_one_run_of_a_block_falls_back_for_that_run_only(trained, tmp_path, caplog):
+    """test_faults' guarantees inside a block: run 1's newest checkpoint (step 4) is unreadable after a kill at
+    step 5; the block resumes run 1 from step 2 (the others wait, frozen, at 4), names the damaged checkpoint
+    in one warning, sets it aside, and ends with every run's files equal to the uninterrupted block's."""
+    root, _, block = trained
+    specs = [_spec(tmp_path / f"run{i}", *run) for i, run in enumerate(RUNS)]
+    with pytest.raises(training.Stopped):
+        training.train_block(MODEL, specs, DATA, EVALS, stop_at_step=5)
+    test_faults._damage_checkpoint(str(tmp_path / "run1"), 4, "truncated")
+    with caplog.at_level(logging.WARNING):
+        resumed = training.train_block(MODEL, specs, DATA, EVALS)
+    warnings = [r.getMessage() for r in caplog.records if "unreadable checkpoint" in r.getMessage()]
+    assert len(warnings) == 1 and os.path.join("run1", "checkpoints", "4") in warnings[0]
+    assert os.path.isdir(tmp_path / "run1" / "checkpoints.unreadable" / "4")
+    for i in range(len(RUNS)):
+        for name in ("metrics.csv", "eval.csv"):
+            assert (tmp_path / f"run{i}" / name).read_text() == (root / f"block{i}" / name).read_text(), (i, name)
+        assert resumed[i]["eval"] == block[i]["eval"] and resumed[i]["status"] == block[i]["status"]
+
+
+def test_a_run_of_a_block_with_no_readable_checkpoint_is_refused_naming_it_before_anything_trains(tmp_path):
+    specs = [_spec(tmp_path / f"run{i}", *run) for i, run in enumerate(RUNS)]
+    with pytest.raises(training.Stopped):
+        training.train_block(MODEL, specs, DATA, EVALS, stop_at_step=5)
+    for step in (2, 4):
+        test_faults._damage_checkpoint(str(tmp_path / "run3"), step, "truncated")
+    with pytest.raises(common.RunFileError) as error:
+        training.train_block(MODEL, specs, DATA, EVALS)
+    text = str(error.value)
+    assert "\n" not in text and text.startswith(f"{tmp_path / 'run3'}: no readable checkpoint")
+    assert int(_rows(tmp_path / "run1" / "metrics.csv")[-1]["step"]) <= 5     # the other runs did not train on
+    assert not os.path.exists(tmp_path / "run1" / "results.json")
+
+
 def test_a_block_refuses_runs_that_cannot_share_a_program(tmp_path):
     specs = [_spec(tmp_path / "a", 1e-3, 0),
              training.RunSpec(str(tmp_path / "b"), dataclasses.replace(BASE, learning_rate=1e-3, batch_size=16))]
@@ -277,6 +313,18 @@ def test_the_sweep_trains_each_learning_rate_by_seed_block_as_one_program(tmp_pa
     for name in ("accuracy_vs_d_model.png", "accuracy_vs_state_size.png"):
         assert os.path.getsize(tmp_path / name) > 0
     assert mqar.run(config, str(tmp_path)) == records and calls == [4]           # finished: nothing trains
+
+
+def test_a_training_shape_that_a_variant_cannot_hold_is_left_out_of_that_variant_only(tmp_path):
+    """The protocol's grid: Block-MQAR cannot hold 64 pairs in 512 tokens (a key, its gap and its value take 8
+    positions each), so (512, 64) is left out of block alone (logged) and the default config is valid; a
+    variant that fits none of the training shapes is still an error (tests/test_training.py)."""
+    config = common.resolve(mqar_config.get_config())
+    mqar.check(config)
+    cells = {(r.description["variant"], r.description["train_set"]) for r in mqar.runs(config, str(tmp_path))}
+    assert {("base", "L512_P64"), ("update", "L512_P64"), ("block", "L256_P16")} <= cells
+    assert ("block", "L512_P64") not in cells
+    assert len(cells) == 4 * 4 - 1
 
 
 def test_every_model_has_its_own_colour():
