@@ -2,12 +2,15 @@
 the value token bound to a random key vector, then evaluated beyond its training regime: more pairs
 than it was trained on (up to and past the key dimension), a longer wait between writing and recall,
 and colliding keys (pairs of keys with a fixed overlap rho). Reproduces the table and figure of
-docs/experiments.md, "Learned associative recall".
+docs/experiments.md, "Learned associative recall", with the learning-rate rule of `configs/mqar.py`: four
+rates (logspace(-4, -2, 4)), three seeds, the rate chosen on a validation split of the training regime (early
+stop at 0.99 there), the conditions reported as the test split, mean ± spread over seeds. Budget: 2,000
+steps of 128 sequences, warm-up 200, the same for every model.
 
     python -m experiments.recall --config=configs/recall.py --workdir=runs/recall
     python -m experiments.recall --config=configs/recall.py --config.smoke=True --workdir=/tmp/recall
 
-Writes runs/<model>/d<d_model>_lr<lr>/ (checkpoints, metrics.csv, eval.csv, results.json) and, over every
+Writes runs/<model>/d<d_model>_lr<lr>_seed<seed>/ (checkpoints, metrics.csv, eval.csv, results.json) and, over every
 finished run of the workdir, results.csv, table.md and accuracy_by_condition.png.
 """
 import ml_collections
@@ -20,7 +23,7 @@ def get_config():
     config.models = ("attention", "linear_attention", "mamba2", "deltanet", "gated_deltanet", "bayesian",
                      "bayesian_no_conv")
     config.d_models = (64,)
-    config.learning_rates = (3e-3, 1e-2)
+    config.learning_rates = (1e-4, 4.6e-4, 2.2e-3, 1e-2)      # np.logspace(-4, -2, 4), as MQAR
     # data (experiments.tasks.recall): keys are unit vectors in key_dim dimensions, values are tokens.
     config.key_dim = 16
     config.num_values = 64
@@ -41,15 +44,17 @@ def get_config():
         ("collide_0.99", 8, 64, 1.0, 0.99),
     )
     config.num_train_examples = 50_000
-    config.num_eval_examples = 1_000
+    config.num_valid_examples = 1_000   # the validation split (the training regime): early stop, learning rate
+    config.num_eval_examples = 1_000    # each condition
     config.data_seed = 0
     training.add_model_and_training(config, num_steps=2000, batch_size=128, warmup_steps=200)
+    config.backend = "chunked"
     config.smoke = False
     config.smoke_settings = ml_collections.ConfigDict({
         "models": ("attention", "bayesian"), "d_models": (16,), "learning_rates": (3e-3,), "key_dim": 8,
         "num_values": 8, "train_pairs": 2, "train_seq_len": 16,
         "eval_conditions": (("train", 2, 16, 0.0, 0.0), ("pairs_4", 4, 16, 0.0, 0.0),
                             ("collide_0.9", 2, 16, 1.0, 0.9)),
-        "num_train_examples": 32, "num_eval_examples": 16, **training.SMOKE,
+        "num_train_examples": 32, "num_valid_examples": 16, "num_eval_examples": 16, **training.SMOKE,
     })
     return config

@@ -26,16 +26,22 @@ def add_model_and_training(config: ml_collections.ConfigDict, *, num_steps: int,
     config.weight_decay = 0.1         # decoupled, on matrices only, whatever the optimizer
     config.grad_clip = 1.0
     config.final_lr_fraction = 0.0
-    config.seed = 0
+    config.seeds = (0, 1, 2)          # a grid axis: each seed its own initialization and data order
     config.log_every = 50
-    config.eval_every = 0
+    config.eval_every = 250           # evaluation on every set (the validation split decides the early stop)
+    config.stop_accuracy = 0.99       # Zoology's early stop: validation accuracy reached (0: train every step)
     config.checkpoint_every = 500
     config.keep_checkpoints = 2       # the newest ones kept: an unreadable checkpoint falls back to the one before
     config.eval_batch_size = 256
     config.throughput_steps = 10
     config.progress = True
+    # the sweep engine: the runs that differ only in learning rate and seed train as one program, vectorized
+    # over them, on every local device (False: each run alone, in turn); at most block_runs runs per program
+    # (0: all of them; fewer bound the device memory that a block's activations take)
+    config.vectorize = True
+    config.block_runs = 0
     # after training, collect every finished run of the workdir into results.csv, table.md and the figures
-    # (experiments/concurrent_sweep.sh turns it off in its one-run processes and reports once at the end)
+    # (experiments/concurrent_sweep.sh turns it off in its block processes and reports once at the end)
     config.report = True
     # check every run folder of the grid against this config (one holding a run of other settings is an error)
     # and exit without training (experiments/concurrent_sweep.sh, before it queues the unfinished runs)
@@ -47,5 +53,6 @@ def add_model_and_training(config: ml_collections.ConfigDict, *, num_steps: int,
 # What a smoke run changes of the fields above (seconds on a CPU).
 SMOKE = {
     "head_dim": 8, "backend": "sequential", "num_steps": 4, "batch_size": 8, "warmup_steps": 1, "log_every": 2,
-    "checkpoint_every": 2, "eval_batch_size": 16, "throughput_steps": 1, "progress": False,
+    "checkpoint_every": 2, "eval_batch_size": 16, "throughput_steps": 1, "progress": False, "seeds": (0,),
+    "eval_every": 0, "stop_accuracy": 0.0,
 }

@@ -96,6 +96,22 @@ class CausalAttention(nn.Module):
         return dense(self.d_model, "out_proj")(y)
 
 
+def state_size(name: str, d_model: int, *, head_dim: int = 64, num_layers: int = 2, seq_len: int) -> int:
+    """The numbers a model of `MODELS` carries per sequence after ``seq_len`` tokens: its recurrent state
+    (Zoology's "state size", the x axis of its recall-memory trade-off). Per layer: a design layer's filter
+    state, the mean ``S`` (``H x K x V``) and, for the exact family (the Bayesian Layer), the covariance ``P``
+    (``H x K x K``); attention's keys and values, ``2 x seq_len x d_model``. The short convolutions' last
+    inputs (``3 (conv_size - 1) d_model``) are not counted, as in Zoology."""
+    check_models([name])
+    kind, overrides = MODELS[name]
+    if kind == "attention":
+        return num_layers * 2 * seq_len * d_model
+    heads, key_dim = heads_for(d_model, head_dim)
+    model = dm.NAMED_MODELS[kind](**{k: v for k, v in overrides.items() if k in _MODEL_OPTIONS})
+    per_head = key_dim * key_dim + (key_dim * key_dim if model.family == "exact" else 0)
+    return num_layers * heads * per_head
+
+
 def sequence_layer(name, d_model: int, head_dim: int, backend: str, conv_size: int,
                    layer_name: Optional[str] = None) -> nn.Module:
     """The mixer for model ``name`` of `MODELS` (heads of width ``head_dim``), or for a `dm.DesignModel`

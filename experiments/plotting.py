@@ -9,12 +9,19 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# One colour per model in every figure of the project (the dynamics figures and the trained experiments'), so
+# that a model is recognised across figures and a missing model does not shift the others' colours.
 COLORS = {
+    "attention": "black",
     "linear_attention": "tab:gray",
+    "retnet": "tab:olive",
+    "gla": "tab:pink",
+    "mamba2": "tab:green",
     "deltanet": "tab:orange",
     "gated_deltanet": "tab:red",
-    "mamba2": "tab:green",
+    "longhorn": "tab:brown",
     "bayesian": "tab:blue",
+    "bayesian_no_conv": "tab:cyan",
     "bayesian_noise": "tab:purple",
 }
 

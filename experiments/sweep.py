@@ -1,18 +1,23 @@
 """What the trained recall experiments share: the model and settings from a config, the grid of runs
 (each in its own folder, skipped when finished, resumed when interrupted, refused when the folder holds a
-run of other settings), and the collection of every finished run of a workdir into one CSV, one table and
-figures (a diverged run is reported as such, never as a result)."""
+run of other settings), the sweep engine that trains the runs sharing a compiled step as one program
+(`run_all` with ``vectorize``: a learning-rate x seed block per model, data and d_model,
+`experiments.training.train_block`), and the collection of every finished run of a workdir into one CSV,
+one table and figures (a diverged run is reported as such, never as a result; several seeds as their mean
+and spread)."""
 from __future__ import annotations
 
 import csv
 import dataclasses
 import glob
 import logging as pylogging
+import math
 import os
 import signal
 import zlib
 from typing import Callable, Iterable, Optional, Sequence
 
+import flax.linen as nn
 import numpy as np
 from absl import logging
 
@@ -58,12 +63,31 @@ def derive_seed(*parts) -> int:
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One run of a sweep: its folder, its `training.run_identity` (computed from the config alone, so that
-    every folder of the grid is checked before anything trains) and ``train()``, which trains it (resuming)
-    and writes its ``results.json``."""
+    every folder of the grid is checked before anything trains), and what trains it: the ``model``, the
+    ``settings``, ``data()`` (the training set and the evaluation sets, ``(train, {name: set})``; the caller
+    caches them, runs with the same ``data_key`` get the same sets) and the ``description`` that its
+    ``run.json`` records. Runs with the same `block` (model, data, settings but the learning rate and the
+    seed) can train as one program (`run_all`)."""
 
     folder: str
     identity: dict
-    train: Callable[[], object]
+    model: nn.Module
+    settings: training.TrainSettings
+    data: Callable[[], tuple]
+    data_key: tuple
+    description: dict
+    desc: str = "train"
+    on_step: Optional[Callable[[int], None]] = None
+
+    @property
+    def block(self) -> tuple:
+        return (self.model, training.block_key(self.settings), self.data_key)
+
+    def train(self, mesh=None) -> dict:
+        """Train this run alone (resuming) and write its ``results.json``."""
+        train_data, evals = self.data()
+        return training.train(self.model, self.settings, train_data, evals, self.folder, mesh=mesh,
+                              description=self.description, on_step=self.on_step, desc=self.desc)
 
 
 def check_runs(runs: Sequence[Run]) -> None:
@@ -81,10 +105,10 @@ def check_runs(runs: Sequence[Run]) -> None:
         raise common.RunFileError(f"{errors[0]}{more}")
 
 
-def run_once(run: Run) -> dict:
+def finished_record(run: Run) -> Optional[dict]:
     """The ``results.json`` of ``run.folder`` if the run finished (or diverged) with the asked settings, else
-    train it (resuming) and return its results. A ``results.json`` that cannot be read is rebuilt: the run
-    resumes from its last checkpoint and is evaluated again (with a warning)."""
+    None (also when it cannot be read: the run then resumes from its last checkpoint and is evaluated again,
+    with a warning)."""
     training.check_run_folder(run.folder, run.identity)
     path = os.path.join(run.folder, "results.json")
     if os.path.exists(path):
@@ -95,15 +119,59 @@ def run_once(run: Run) -> dict:
         else:
             logging.info("%s: finished before, skipped", run.folder)
             return record
+    return None
+
+
+def _read_results(run: Run) -> dict:
+    return common.read_json(os.path.join(run.folder, "results.json"),
+                            "run the experiment again to rebuild it from the run's last checkpoint.")
+
+
+def run_once(run: Run) -> dict:
+    """The ``results.json`` of ``run.folder`` if the run finished (`finished_record`), else train it alone
+    (resuming) and return its results."""
+    record = finished_record(run)
+    if record is not None:
+        return record
     run.train()
-    return common.read_json(path, "run the experiment again to rebuild it from the run's last checkpoint.")
+    return _read_results(run)
 
 
-def run_all(runs: Sequence[Run]) -> list[dict]:
-    """`check_runs`, then `run_once` each run in turn; the records of the runs, in order, each with its
-    ``run_dir``."""
+def blocks(runs: Sequence[Run], block_runs: int = 0) -> list[list[Run]]:
+    """The runs grouped by `Run.block` (in the order of their first run), each group cut into blocks of at
+    most ``block_runs`` runs (0: no limit)."""
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(run.block, []).append(run)
+    size = block_runs or max((len(g) for g in groups.values()), default=1)
+    return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
+def run_all(runs: Sequence[Run], *, vectorize: bool = True, block_runs: int = 0, devices=None) -> list[dict]:
+    """`check_runs`, then train every run that has not finished, and return the records of ``runs``, in order,
+    each with its ``run_dir``. ``vectorize``: the unfinished runs that share a model, its data and every
+    setting but the learning rate and the seed train as one program (`training.train_block`, at most
+    ``block_runs`` runs per program, 0: all of them; a block of one run trains alone), else each run alone
+    in turn. ``devices``: default every local device."""
     check_runs(runs)
-    return [{**run_once(run), "run_dir": run.folder} for run in runs]
+    records = {run.folder: finished_record(run) for run in runs}
+    todo = [run for run in runs if records[run.folder] is None]
+    if vectorize:
+        for block in blocks(todo, block_runs):
+            if len(block) == 1:
+                block[0].train(training.data_mesh(devices))
+                continue
+            first = block[0]
+            train_data, evals = first.data()
+            logging.info("training %d runs as one program: %s", len(block),
+                         ", ".join(os.path.basename(run.folder) for run in block))
+            training.train_block(first.model, [training.RunSpec(run.folder, run.settings, run.description)
+                                               for run in block], train_data, evals, devices=devices,
+                                 on_step=first.on_step, desc=f"{first.desc} ({len(block)} runs)")
+    else:
+        for run in todo:
+            run.train(training.data_mesh(devices))
+    return [{**(records[run.folder] or _read_results(run)), "run_dir": run.folder} for run in runs]
 
 
 def diverged_error(records: Sequence[dict]) -> Optional[common.Diverged]:
@@ -149,18 +217,47 @@ def write_csv(path: str, rows: Sequence[dict]) -> None:
         writer.writerows(rows)
 
 
-def best_by(records: Iterable[dict], key: Callable[[dict], tuple], score: Callable[[dict], float]) -> dict:
-    """For each ``key(record)``, the record with the highest ``score`` (e.g. the best learning rate) among the
-    runs that did not diverge; a key whose runs all diverged keeps one of them (`training.is_diverged`), so
-    that the table can say so."""
-    best = {}
+def seeds_at_best_learning_rate(records: Iterable[dict], cell: Callable[[dict], tuple],
+                                score: Callable[[dict], float]) -> dict[tuple, list[dict]]:
+    """For each cell (``cell(record)``: a grid point less its learning rate and seed), the records of every seed
+    at the learning rate whose mean ``score`` over its seeds is the highest (on the validation split); a
+    diverged seed counts 0, so that a rate that diverges for some seeds loses to one that trains them all as
+    well. Ties go to the smaller rate. A cell whose every run diverged keeps its records (the table says
+    so)."""
+    by_rate: dict = {}
     for record in records:
-        k = key(record)
-        if k not in best:
-            best[k] = record
-        elif not training.is_diverged(record) and (training.is_diverged(best[k]) or score(record) > score(best[k])):
-            best[k] = record
+        by_rate.setdefault(cell(record), {}).setdefault(record["description"]["learning_rate"], []).append(record)
+    best = {}
+    for key, rates in by_rate.items():
+        def mean_score(rate):
+            runs = rates[rate]
+            return sum(0.0 if training.is_diverged(r) else score(r) for r in runs) / len(runs)
+        trained = [rate for rate in sorted(rates) if any(not training.is_diverged(r) for r in rates[rate])]
+        chosen = max(trained, key=mean_score) if trained else min(rates)
+        best[key] = sorted(rates[chosen], key=seed_of)
     return best
+
+
+def seed_of(record: dict) -> int:
+    """The seed of a run (its settings'; records written before seeds were a grid axis have seed 0)."""
+    return int(record.get("settings", {}).get("seed", 0))
+
+
+def mean_spread(values: Sequence[float]) -> tuple[float, float, int]:
+    """``(mean, spread, n)`` of values over seeds: the spread is the sample standard deviation (``ddof=1``; 0 for
+    one seed)."""
+    values = np.asarray(list(values), float)
+    if values.size == 0:
+        return math.nan, math.nan, 0
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0, int(values.size)
+
+
+def fmt_mean_spread(values: Sequence[float], digits: int = 3) -> str:
+    """``"0.987 ± 0.004"`` (mean ± sample standard deviation over seeds); one value alone; ``-`` for none."""
+    mean, spread, n = mean_spread(values)
+    if n == 0:
+        return "-"
+    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
 def fmt_rate(tokens_per_second: Optional[float]) -> str:
@@ -169,5 +266,7 @@ def fmt_rate(tokens_per_second: Optional[float]) -> str:
     return f"{tokens_per_second / 1e3:.1f}k" if tokens_per_second < 1e6 else f"{tokens_per_second / 1e6:.2f}M"
 
 
-def settings_from_config(config, learning_rate: float) -> training.TrainSettings:
-    return training.TrainSettings.from_config(config, learning_rate=learning_rate)
+def settings_from_config(config, learning_rate: float, seed: int = 0, **overrides) -> training.TrainSettings:
+    """The `training.TrainSettings` of one run of the grid (``learning_rate``, ``seed``; the rest from the
+    config, then ``overrides``)."""
+    return training.TrainSettings.from_config(config, learning_rate=learning_rate, seed=seed, **overrides)

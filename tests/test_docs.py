@@ -506,8 +506,8 @@ def test_experiment_flag_check_catches_bad_overrides():
     os.chdir(ROOT)
     try:
         config = _parse_experiment_flags("experiments.mqar", "configs/mqar.py",
-                                         ["--config=configs/mqar.py", "--config.num_steps=7", "--workdir=x"])
-        assert config.num_steps == 7
+                                         ["--config=configs/mqar.py", "--config.num_steps=700", "--workdir=x"])
+        assert config.num_steps == 700                        # (at least the config's warm-up of 300 steps)
         with pytest.raises(Exception, match="num_stepz"):      # a typo in a field
             _parse_experiment_flags("experiments.mqar", "configs/mqar.py", ["--config.num_stepz=7"])
         with pytest.raises(Exception, match="num_steps"):      # a value of the wrong type

@@ -52,8 +52,10 @@ def _identity(settings=SETTINGS) -> dict:
                                  {n: d["labels"].shape for n, d in evals.items()})
 
 
-def _run(workdir, settings=SETTINGS) -> sweep.Run:
-    return sweep.Run(str(workdir), _identity(settings), lambda: _train(workdir, settings))
+def _run(workdir, settings=SETTINGS, identity=None) -> sweep.Run:
+    model, train_data, evals = _problem()
+    return sweep.Run(str(workdir), identity or _identity(settings), model, settings, lambda: (train_data, evals),
+                     ("faults",), DESCRIPTION)
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +130,15 @@ def _config_fields(module) -> list[str]:
     return sorted(k for k in config if k not in GRID_AXES | UNRECORDED_FIELDS | {"smoke", "smoke_settings"})
 
 
-GRID_AXES = {"variants", "models", "d_models", "learning_rates", "train_shapes"}
+GRID_AXES = {"variants", "models", "d_models", "learning_rates", "seeds", "train_shapes", "train_mixture"}
 # fields that change neither a run's trajectory nor its evaluations (training.UNRECORDED_SETTINGS), or only
-# what the process does around the runs
-UNRECORDED_FIELDS = set(training.UNRECORDED_SETTINGS) | {"report", "check_only", "kill_at_step"}
+# what the process does around the runs (vectorize, block_runs: whether runs share a program; to float32
+# round-off, tests/test_block.py)
+UNRECORDED_FIELDS = set(training.UNRECORDED_SETTINGS) | {"report", "check_only", "kill_at_step", "vectorize",
+                                                         "block_runs"}
+# a field whose perturbation needs another field set (in both configs), or whose smoke value is empty
+PERTURBATION_CONTEXT = {"stop_accuracy": {"eval_every": 2}}
+PERTURBATION_OF_EMPTY = {"test_shapes": ((16, 1),)}
 CONFIG_FIELDS = [("mqar", f) for f in _config_fields(mqar_config)] + [("recall", f) for f in
                                                                       _config_fields(recall_config)]
 
@@ -282,7 +289,7 @@ def test_a_run_asked_with_other_settings_is_refused_before_anything_trains(tmp_p
     if case == "eval sets":
         identity["eval_sets"]["longer"] = [16, 32]
     second = str(tmp_path / "runs" / "second")
-    runs = [sweep.Run(second, identity, lambda: _train(second)), sweep.Run(first, identity, lambda: _train(first))]
+    runs = [_run(second, settings, identity), _run(first, settings, identity)]
     with pytest.raises(common.RunFileError) as error:
         sweep.run_all(runs)
     text = _one_line(error)
@@ -321,11 +328,13 @@ def test_changing_any_config_field_between_runs_is_refused(tmp_path, app, field)
     identity: a new field that changes results but is not recorded fails here (or belongs to
     `UNRECORDED_FIELDS`)."""
     module, runs = {"mqar": (mqar_config, mqar.runs), "recall": (recall_config, recall.runs)}[app]
-    config = _smoke(module)
+    context = PERTURBATION_CONTEXT.get(field, {})
+    config = _smoke(module, **context)
     (first, *_) = runs(config, str(tmp_path))
     os.makedirs(first.folder)
     common.write_json(os.path.join(first.folder, "run.json"), first.identity)
-    changed = _smoke(module, **{field: _perturbed(config[field], field)})
+    value = PERTURBATION_OF_EMPTY[field] if config[field] == () else _perturbed(config[field], field)
+    changed = _smoke(module, **context, **{field: value})
     (again, *_) = runs(changed, str(tmp_path))
     assert again.folder == first.folder
     with pytest.raises(common.RunFileError, match="this run was made with different settings"):
@@ -366,10 +375,10 @@ def test_a_diverged_learning_rate_is_reported_as_such_and_never_chosen(tmp_path)
     with pytest.raises(common.Diverged) as error:
         mqar.main(_smoke(mqar_config, learning_rates=(1e8,), **base), str(tmp_path))
     text = _one_line(error)
-    assert text.startswith("1 of 1 runs diverged (loss not finite): ") and "d16_lr1.00e+08 (step " in text
+    assert text.startswith("1 of 1 runs diverged (loss not finite): ") and "d16_lr1.00e+08_seed0 (step " in text
     assert error.value.exit_status == 3
     table = _read(tmp_path / "table.md")
-    assert "| base | (32, 2) | attention | 16 | - | diverged | - | - |" in table
+    assert "| base | (32, 2) | attention | 16 | - | 0 (+1 diverged) | diverged | - | - |" in table
     (row,) = training.read_csv(str(tmp_path / "results.csv"))
     assert row["status"] == "diverged" and not row.get("accuracy_L32_P2")
     mqar.main(_smoke(mqar_config, learning_rates=(3e-3,), **base), str(tmp_path))

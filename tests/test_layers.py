@@ -162,6 +162,26 @@ def test_scalar_decay_and_input_scale_gates():
         np.testing.assert_allclose(_gates_at(dm.gated_deltanet(), pre_activation)["log_decay"], -2.0 * dt, rtol=1e-5)
 
 
+@pytest.mark.parametrize("model", [dm.gated_deltanet(), dm.mamba2()], ids=["gated_deltanet", "mamba2"])
+def test_the_decay_at_init_is_the_documented_one_for_every_token(model):
+    """At init ``dt = softplus(x W + dt_bias)`` is the documented ``softplus(dt_bias)`` (log-uniform in
+    [1e-3, 0.1]) up to a small token-dependent factor, as in fla's and Mamba-2's models (their gate
+    projections start from N(0, 0.02^2)), on the LayerNorm'd input the layer sees (unit variance, d = 128).
+    With the Dense default (lecun_normal: ``x W ~ N(0, 1)``) the mean dt over tokens was 1.65 times it:
+    the heads forgot a key 1.65 times faster than documented (the Gated DeltaNet diagnosis of
+    docs/results/mqar/README.md)."""
+    gates = layers.Gates(model, num_heads=4, key_dim=32)
+    x = jax.random.normal(jax.random.PRNGKey(1), (64, 32, 128))              # unit variance, as after LayerNorm
+    ratios = []
+    for seed in range(4):
+        params = gates.init(jax.random.PRNGKey(seed), x)
+        dt = -gates.apply(params, x)["log_decay"] / jnp.exp(params["params"]["A_log"])     # [B, T, H]
+        documented = jax.nn.softplus(params["params"]["dt_bias"])
+        assert np.all((documented > 1e-3 * (1 - 1e-5)) & (documented < 0.1 * (1 + 1e-5)))
+        ratios.append(np.asarray(jnp.mean(dt, axis=(0, 1)) / documented))
+    ratios = np.concatenate(ratios)
+    assert np.all(np.abs(ratios - 1) < 0.1), ratios        # lecun_normal: about 1.65
+
 def test_channel_decay_gate_is_a_low_temperature_log_sigmoid():
     """GLA's ``log_decay = log_sigmoid(.) / 16``: in (-inf, 0), near 0 when saturated high."""
     high, low = _gates_at(dm.gla(), 30.0)["log_decay"], _gates_at(dm.gla(), -30.0)["log_decay"]

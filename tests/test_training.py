@@ -180,7 +180,7 @@ def test_cli_run_resumes_after_a_real_kill(tmp_path):
     with jax.enable_x64(False):        # as on the command line (this test session enables float64)
         mqar.run(config, str(tmp_path / "cli"))          # resumes the killed run
         mqar.run(config, str(tmp_path / "whole"))        # uninterrupted
-    run = os.path.join("runs", "update", "bayesian", "L32_P2", "d16_lr3.00e-03")
+    run = os.path.join("runs", "update", "bayesian", "L32_P2", "d16_lr3.00e-03_seed0")
     for file in ("metrics.csv", "eval.csv"):
         with open(tmp_path / "cli" / run / file) as f, open(tmp_path / "whole" / run / file) as g:
             assert f.read() == g.read(), file
@@ -271,7 +271,7 @@ def test_mqar_smoke_end_to_end(tmp_path):
     config = _smoke(mqar_config, variants=("update",), models=("bayesian_no_conv",))
     records = mqar.run(config, str(tmp_path))
     assert len(records) == 1
-    assert set(records[0]["eval"]) == {"L32_P2", "L64_P4"}
+    assert set(records[0]["eval"]) == {"valid", "L32_P2", "L64_P4"}
     assert records[0]["throughput"]["tokens_per_second"] > 0
     mqar.report(str(tmp_path))
     for name in ("results.csv", "table.md", "accuracy_vs_d_model.png"):
@@ -292,7 +292,7 @@ def test_mqar_smoke_end_to_end(tmp_path):
 
 
 def test_report_false_trains_without_writing_the_report(tmp_path):
-    # concurrent_sweep.sh's one-run processes: no concurrent rewrites of the shared report files
+    # concurrent_sweep.sh's block processes: no concurrent rewrites of the shared report files
     config = _smoke(mqar_config, variants=("base",), models=("attention",), report=False)
     mqar.main(config, str(tmp_path))
     assert len(list(tmp_path.glob("runs/base/attention/*/*/results.json"))) == 1
@@ -302,7 +302,7 @@ def test_report_false_trains_without_writing_the_report(tmp_path):
 def test_recall_smoke_end_to_end(tmp_path):
     config = _smoke(recall_config, models=("gated_deltanet",))
     records = recall.run(config, str(tmp_path))
-    assert set(records[0]["eval"]) == {"train", "pairs_4", "collide_0.9"}
+    assert set(records[0]["eval"]) == {"valid", "train", "pairs_4", "collide_0.9"}
     recall.report(str(tmp_path))
     for name in ("results.csv", "table.md", "accuracy_by_condition.png"):
         assert os.path.getsize(tmp_path / name) > 0

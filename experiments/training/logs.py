@@ -85,8 +85,8 @@ def _tensorboard(logdir: str):
     return None
 
 
-class _Progress:
-    """tqdm when installed and wanted, else a log line every ``log_every`` steps."""
+class Progress:
+    """tqdm when installed and wanted, else a log line at every step given metrics (the logged ones)."""
 
     def __init__(self, total: int, initial: int, enabled: bool, desc: str):
         self.bar = None
@@ -119,7 +119,7 @@ class RunLogs:
     be there (a hole is an error); the final evaluation's rows come after the last checkpoint, so a finished
     run resumed (its results.json lost) writes them again."""
 
-    def __init__(self, workdir: str, settings: TrainSettings, start: int, desc: str):
+    def __init__(self, workdir: str, settings: TrainSettings, start: int):
         self.train = CsvLog(os.path.join(workdir, "metrics.csv"), TRAIN_FIELDS)
         self.eval = CsvLog(os.path.join(workdir, "eval.csv"), EVAL_FIELDS)
         self.train.resume(start, [s for s in range(1, start + 1)
@@ -128,7 +128,6 @@ class RunLogs:
                          [s for s in range(1, min(start + 1, settings.num_steps))
                           if settings.eval_every and s % settings.eval_every == 0])
         self.writer = _tensorboard(os.path.join(workdir, "tensorboard"))
-        self.progress = _Progress(settings.num_steps, start, settings.progress, desc)
 
     def train_row(self, step: int, values: dict) -> None:
         self.train.write({"step": step, **values})
@@ -142,11 +141,17 @@ class RunLogs:
             if self.writer is not None:
                 self.writer.add_scalar(f"eval/{name}/accuracy", metrics["accuracy"], step)
 
+    def eval_results(self, step: int) -> dict:
+        """``{set: {"accuracy", "loss", "count"}}`` of the rows of ``step`` in ``eval.csv``, as written (a float
+        is written as its ``repr``, so it reads back to the same number)."""
+        return {row["set"]: {"accuracy": float(row["accuracy"]), "loss": float(row["loss"]),
+                             "count": int(row["count"])}
+                for row in read_csv(self.eval.path) if int(row["step"]) == step}
+
     def last_train_row(self) -> dict:
         rows = read_csv(self.train.path)
         return {k: float(rows[-1][k]) for k in TRAIN_FIELDS} if rows else {}
 
     def close(self) -> None:
-        self.progress.close()
         if self.writer is not None:
             self.writer.close()

@@ -31,8 +31,10 @@ UNRECORDED_SETTINGS = ("progress", "throughput_steps", "checkpoint_every", "keep
 
 # Settings added after runs were recorded without them, with the value those runs were made with: a ``run.json``
 # that lacks one was made with this value (AdamW with these arguments, a warm-up then cosine decay: the only
-# recipe before the optimizer could be named).
-ADDED_SETTINGS = {"optimizer": DEFAULT_OPTIMIZER, "schedule": DEFAULT_SCHEDULE}
+# recipe before the optimizer could be named; no early stop before it could be asked).
+ADDED_SETTINGS = {"optimizer": DEFAULT_OPTIMIZER, "schedule": DEFAULT_SCHEDULE,
+                  # early stop came later still: the runs recorded before it trained every step
+                  "stop_accuracy": 0.0, "stop_set": ""}
 # How a ``GradientTransformation`` given in Python is recorded: its functions have no stable description, so
 # two of them cannot be told apart (describe it in the run's ``description``).
 GIVEN_TRANSFORMATION = "a GradientTransformation given in Python"

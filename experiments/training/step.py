@@ -10,7 +10,12 @@
 * devices: a 1-D `jax.sharding.Mesh` ("data") over the local devices, the batch split along its first axis,
   parameters and optimizer state replicated (XLA inserts the gradient all-reduce); the same code runs on
   one device;
-* `evaluate` over a whole set, and `measure_throughput` of the compiled training step.
+* a block of runs: runs that differ only in their learning rate and seed train as one program, the step
+  vectorized (``jax.vmap``) over a leading run axis of the state and of the batch, on a 2-D mesh
+  ``("runs", "data")`` (`block_mesh`: the runs split over the devices where their number allows, the batch
+  over the rest); a run that is done (stopped early, diverged, finished) stays frozen (`make_block_train_step`);
+* `evaluate` over a whole set (`evaluate_block`: every run of a block at once), and `measure_throughput` of
+  a compiled training step.
 """
 from __future__ import annotations
 
@@ -72,6 +77,10 @@ class TrainSettings:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0                # 0: evaluate at the end only
+    # Early stop (Zoology's): the run stops at the first evaluation (every eval_every steps) where the accuracy
+    # on the evaluation set ``stop_set`` reaches ``stop_accuracy``; 0 never stops.
+    stop_accuracy: float = 0.0
+    stop_set: str = ""
     checkpoint_every: int = 100
     keep_checkpoints: int = 2          # the newest ones; an unreadable checkpoint falls back to the one before
     eval_batch_size: int = 256
@@ -85,6 +94,13 @@ class TrainSettings:
                 raise ValueError(f"TrainSettings.{name}={getattr(self, name)}: must be at least 1.")
         if not 0 <= self.warmup_steps <= self.num_steps:
             raise ValueError(f"TrainSettings.warmup_steps={self.warmup_steps}: must be in [0, num_steps].")
+        if not 0 <= self.stop_accuracy <= 1:
+            raise ValueError(f"TrainSettings.stop_accuracy={self.stop_accuracy}: must be in [0, 1] (0: never stop "
+                             "early).")
+        if self.stop_accuracy and not (self.eval_every and self.stop_set):
+            raise ValueError(f"TrainSettings.stop_accuracy={self.stop_accuracy} needs an evaluation set to watch and "
+                             f"a period: stop_set={self.stop_set!r} (a name of the evaluation sets) and eval_every="
+                             f"{self.eval_every} (at least 1).")
         if isinstance(self.optimizer, optax.GradientTransformation):
             if self.learning_rate is not None:
                 raise ValueError(f"TrainSettings.learning_rate={self.learning_rate}: the optimizer is a "
@@ -310,9 +326,16 @@ def current_learning_rate(opt_state) -> jax.Array:
 
 def _compile_key(settings: TrainSettings) -> TrainSettings:
     """The settings with the fields that do not change the compiled step set to fixed values."""
+    return dataclasses.replace(block_key(settings), log_every=1, eval_every=0, checkpoint_every=1,
+                               keep_checkpoints=1, eval_batch_size=1, throughput_steps=0, progress=False,
+                               stop_accuracy=0.0, stop_set="")
+
+
+def block_key(settings: TrainSettings) -> TrainSettings:
+    """What the runs of one block share: their settings less the learning rate and the seed (a
+    ``GradientTransformation`` carries its own learning rate: its runs differ in the seed only)."""
     named = not isinstance(settings.optimizer, optax.GradientTransformation)
-    return dataclasses.replace(settings, learning_rate=1.0 if named else None, seed=0, log_every=1, eval_every=0, checkpoint_every=1,
-                               keep_checkpoints=1, eval_batch_size=1, throughput_steps=0, progress=False)
+    return dataclasses.replace(settings, learning_rate=1.0 if named else None, seed=0)
 
 
 def loss_and_metrics(logits: jax.Array, labels: jax.Array):
@@ -359,19 +382,59 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(np.array(devices), ("data",))
 
 
+def block_mesh(num_runs: int, devices=None) -> Mesh:
+    """A 2-D mesh ``("runs", "data")`` over ``devices`` (default: every local device) for a block of
+    ``num_runs`` runs: the runs are split over the largest number of devices that divides both counts (each
+    device then trains its own runs, with no communication), the batch of each run over the remaining
+    factor (data parallel, as `data_mesh`). E.g. 12 runs on 2 devices: 6 runs per device; 3 runs on 2
+    devices: each run's batch split in 2."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    runs = max(d for d in range(1, len(devices) + 1) if len(devices) % d == 0 and num_runs % d == 0)
+    return Mesh(np.array(devices).reshape(runs, len(devices) // runs), ("runs", "data"))
+
+
+def _data_parallel(mesh: Mesh) -> int:
+    """How many devices split a batch: the size of the mesh's ``"data"`` axis."""
+    return mesh.shape["data"]
+
+
 def _shardings(mesh: Mesh):
     return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
 
 
-def put_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
-    """Place a host batch on the mesh, split along the batch axis."""
-    size = mesh.devices.size
-    n = next(iter(batch.values())).shape[0]
+def _check_divisible(n: int, mesh: Mesh) -> None:
+    size = _data_parallel(mesh)
     if n % size:
         raise ValueError(f"batch size {n} is not divisible by the {size} devices of the mesh; choose a "
                          f"batch size that is a multiple of {size}.")
+
+
+def put_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
+    """Place a host batch on the mesh, split along the batch axis (over the mesh's ``"data"`` axis; replicated
+    over its ``"runs"`` axis, if any)."""
+    _check_divisible(next(iter(batch.values())).shape[0], mesh)
     _, sharded = _shardings(mesh)
     return {name: jax.device_put(x, sharded) for name, x in batch.items()}
+
+
+def put_block_batch(batches: list[Batch], mesh: Mesh) -> dict[str, jax.Array]:
+    """Stack the host batches of a block's runs (one each, in order) along a new leading run axis and place
+    them on a `block_mesh`: ``[R, B, ...]``, the runs split over ``"runs"`` and each batch over ``"data"``."""
+    _check_divisible(next(iter(batches[0].values())).shape[0], mesh)
+    sharding = NamedSharding(mesh, PartitionSpec("runs", "data"))
+    return {name: jax.device_put(np.stack([b[name] for b in batches]), sharding) for name in batches[0]}
+
+
+def stack_states(states: list["TrainState"], mesh: Mesh) -> "TrainState":
+    """The states of a block's runs stacked along a leading run axis, split over the mesh's ``"runs"``."""
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *jax.device_get(states))
+    return jax.device_put(stacked, NamedSharding(mesh, PartitionSpec("runs")))
+
+
+def unstack_states(stacked: "TrainState") -> list["TrainState"]:
+    """The state of each run of a stacked block state, on the host (numpy arrays; one transfer)."""
+    host = jax.device_get(stacked)
+    return [jax.tree.map(lambda x: np.asarray(x[r]), host) for r in range(int(host.step.shape[0]))]
 
 
 @functools.lru_cache(maxsize=64)
@@ -410,9 +473,20 @@ def make_train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donat
     return _train_step(model, _compile_key(settings), mesh, donate, supervised)
 
 
-@functools.lru_cache(maxsize=64)
-def _train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: bool,
-                supervised: Optional[int]) -> Callable:
+def make_block_train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: bool = True,
+                          supervised: Optional[int] = None) -> Callable:
+    """``(states, batches, active) -> (states, metrics)`` for a block of ``R`` runs on a `block_mesh`:
+    ``states`` stacked along a leading run axis (`stack_states`), ``batches`` ``[R, B, ...]``
+    (`put_block_batch`: each run its own data order), ``active`` bool ``[R]``. Each run takes the step of
+    `make_train_step` (``jax.vmap`` of the same function: its own parameters, optimizer state, learning rate
+    and schedule position); a run that is not ``active`` keeps its state unchanged (its step is computed and
+    discarded: the program stays the same while runs stop). ``metrics`` are ``[R]`` arrays."""
+    return _block_train_step(model, _compile_key(settings), mesh, donate, supervised)
+
+
+def _step_function(model: nn.Module, settings: TrainSettings, supervised: Optional[int]) -> Callable:
+    """One run's training step, ``(state, batch) -> (state, metrics)``, uncompiled: the function that
+    `make_train_step` compiles and `make_block_train_step` vectorizes."""
     tx = optimizer(settings)            # its update reads the learning rate from the state, not from settings
 
     def step(state: TrainState, batch):
@@ -425,31 +499,65 @@ def _train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: b
         metrics = {"loss": metrics["loss"], "accuracy": metrics["accuracy"],
                    "grad_norm": optax.tree.norm(grads), "learning_rate": current_learning_rate(opt_state)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return step
 
+
+@functools.lru_cache(maxsize=64)
+def _train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: bool,
+                supervised: Optional[int]) -> Callable:
     replicated, sharded = _shardings(mesh)
-    return jax.jit(step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+    return jax.jit(_step_function(model, settings, supervised), in_shardings=(replicated, sharded),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
+
+
+@functools.lru_cache(maxsize=64)
+def _block_train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: bool,
+                      supervised: Optional[int]) -> Callable:
+    one = jax.vmap(_step_function(model, settings, supervised))
+
+    def step(states: TrainState, batches, active):
+        new, metrics = one(states, batches)
+        keep = lambda n, o: jnp.where(active.reshape(active.shape + (1,) * (n.ndim - 1)), n, o)
+        return jax.tree.map(keep, new, states), metrics
+
+    runs = NamedSharding(mesh, PartitionSpec("runs"))
+    batches = NamedSharding(mesh, PartitionSpec("runs", "data"))
+    return jax.jit(step, in_shardings=(runs, batches, runs), out_shardings=(runs, runs),
                    donate_argnums=(0,) if donate else ())
+
+
+def _eval_function(model: nn.Module, supervised: Optional[int]) -> Callable:
+    def step(params, batch):
+        _, metrics = loss_and_metrics(*logits_and_labels(model, params, batch, supervised))
+        return {k: metrics[k] for k in ("nll_sum", "correct", "count")}
+    return step
 
 
 @functools.lru_cache(maxsize=64)
 def make_eval_step(model: nn.Module, mesh: Mesh, supervised: Optional[int] = None) -> Callable:
     """``(params, batch) -> {"nll_sum", "correct", "count"}``, compiled for the mesh (``supervised``:
     see `logits_and_labels`)."""
-    def step(params, batch):
-        _, metrics = loss_and_metrics(*logits_and_labels(model, params, batch, supervised))
-        return {k: metrics[k] for k in ("nll_sum", "correct", "count")}
-
     replicated, sharded = _shardings(mesh)
-    return jax.jit(step, in_shardings=(replicated, sharded), out_shardings=replicated)
+    return jax.jit(_eval_function(model, supervised), in_shardings=(replicated, sharded), out_shardings=replicated)
 
 
-def evaluate(eval_step: Callable, params, data: Batch, batch_size: int, mesh: Mesh) -> dict[str, float]:
-    """Accuracy and loss over every supervised position of ``data`` (the last batch padded with
-    unsupervised rows, so that every batch has one shape)."""
-    size = mesh.devices.size
+@functools.lru_cache(maxsize=64)
+def make_block_eval_step(model: nn.Module, mesh: Mesh, supervised: Optional[int] = None) -> Callable:
+    """`make_eval_step` for a block: ``(params [R, ...], batch) -> {name: [R]}``, every run's parameters on
+    the same batch (``jax.vmap`` over the parameters only), on a `block_mesh`."""
+    replicated, sharded = _shardings(mesh)
+    return jax.jit(jax.vmap(_eval_function(model, supervised), in_axes=(0, None)),
+                   in_shardings=(NamedSharding(mesh, PartitionSpec("runs")), sharded), out_shardings=replicated)
+
+
+def _eval_totals(eval_step: Callable, params, data: Batch, batch_size: int, mesh: Mesh, runs: int) -> list[dict]:
+    """Sums of ``nll_sum``, ``correct`` and ``count`` over ``data`` for each of ``runs`` runs (1: an unstacked
+    ``params``), added batch by batch in Python numbers (so that a run alone and in a block add the same
+    numbers in the same order)."""
+    size = _data_parallel(mesh)
     batch_size = max(size, batch_size // size * size)
     n = data["labels"].shape[0]
-    totals = {"nll_sum": 0.0, "correct": 0, "count": 0}
+    totals = [{"nll_sum": 0.0, "correct": 0, "count": 0} for _ in range(runs)]
     for start in range(0, n, batch_size):
         part = {k: v[start:start + batch_size] for k, v in data.items()}
         missing = batch_size - part["labels"].shape[0]
@@ -457,25 +565,45 @@ def evaluate(eval_step: Callable, params, data: Batch, batch_size: int, mesh: Me
             part = {k: np.concatenate([v, np.full((missing,) + v.shape[1:], IGNORE if k == "labels" else 0,
                                                    v.dtype)]) for k, v in part.items()}
         out = jax.device_get(eval_step(params, put_batch(part, mesh)))
-        for k in totals:
-            totals[k] += out[k].item()
+        for r, total in enumerate(totals):
+            for k in total:
+                total[k] += np.reshape(out[k], (runs,))[r].item()
+    return totals
+
+
+def _metrics(totals: dict) -> dict[str, float]:
     count = max(totals["count"], 1)
     return {"accuracy": totals["correct"] / count, "loss": totals["nll_sum"] / count, "count": totals["count"]}
 
 
-def measure_throughput(train_step: Callable, state: TrainState, batch, steps: int) -> dict:
-    """Tokens per second of the compiled training step on ``batch`` (all its positions), after one
-    warm-up step, timed over ``steps`` steps on a copy of ``state`` (the run's state is untouched)."""
+def evaluate(eval_step: Callable, params, data: Batch, batch_size: int, mesh: Mesh) -> dict[str, float]:
+    """Accuracy and loss over every supervised position of ``data`` (the last batch padded with
+    unsupervised rows, so that every batch has one shape)."""
+    return _metrics(_eval_totals(eval_step, params, data, batch_size, mesh, 1)[0])
+
+
+def evaluate_block(eval_step: Callable, params, data: Batch, batch_size: int, mesh: Mesh) -> list[dict[str, float]]:
+    """`evaluate` for every run of a block at once (``eval_step`` of `make_block_eval_step`, ``params``
+    stacked): one result per run, in order."""
+    runs = int(jax.tree.leaves(params)[0].shape[0])
+    return [_metrics(t) for t in _eval_totals(eval_step, params, data, batch_size, mesh, runs)]
+
+
+def measure_throughput(train_step: Callable, state, batch, steps: int, *extra, runs: int = 1) -> dict:
+    """Tokens per second of the compiled training step on ``batch`` (all its positions; for a block step,
+    ``batch`` is the block's ``[R, B, L]`` batch and ``extra`` its ``active`` mask: the tokens of every
+    run count), after one warm-up step, timed over ``steps`` steps on a copy of ``state`` (the run's state
+    is untouched). ``runs``: how many runs the step trains at once (recorded as ``runs_per_step``)."""
     if steps < 1:
         return {}
     tokens = int(np.prod(batch["tokens"].shape))
     work = jax.tree.map(jnp.copy, state)
-    work, _ = train_step(work, batch)
+    work, _ = train_step(work, batch, *extra)
     jax.block_until_ready(work)
     start = time.perf_counter()
     for _ in range(steps):
-        work, metrics = train_step(work, batch)
+        work, metrics = train_step(work, batch, *extra)
     jax.block_until_ready((work, metrics))
     seconds = (time.perf_counter() - start) / steps
     return {"tokens_per_second": tokens / seconds, "seconds_per_step": seconds, "tokens_per_step": tokens,
-            "timed_steps": steps}
+            "timed_steps": steps, "runs_per_step": runs}
