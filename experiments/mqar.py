@@ -27,8 +27,11 @@ def set_name(seq_len: int, pairs: int) -> str:
 
 
 def _task_kwargs(config) -> dict:
-    return {"num_updates": config.num_updates or None, "block_gap": config.block_gap, "power_a": config.power_a,
-            "random_filler": config.random_filler}
+    kwargs = {"num_updates": config.num_updates or None, "block_gap": config.block_gap, "power_a": config.power_a,
+              "random_filler": config.random_filler}
+    if config.vocabulary != "split":        # recorded when it is not the vocabulary of every earlier run
+        kwargs["vocabulary"] = config.vocabulary
+    return kwargs
 
 
 def eval_shapes(config, variant: str, seq_len: int, pairs: int) -> list[tuple[int, int]]:
@@ -50,6 +53,7 @@ def eval_shapes(config, variant: str, seq_len: int, pairs: int) -> list[tuple[in
 def check(config) -> None:
     """Fail before any training on a config that cannot run."""
     common.check_choice("variants", config.variants, tasks.MQAR_VARIANTS)
+    common.check_choice("vocabulary", (config.vocabulary,), tasks.VOCABULARIES)
     models.check_models(config.models)
     if not config.d_models or min(config.d_models) < 1 or not config.learning_rates:
         raise ValueError("config.d_models and config.learning_rates must be non-empty, d_model positive.")
@@ -114,7 +118,7 @@ def runs(config, workdir: str, mesh=None) -> list[sweep.Run]:
                        "learning_rate": lr, "seq_len": seq_len, "num_kv_pairs": pairs,
                        "vocab_size": config.vocab_size, "backend": config.backend, "conv_size": config.conv_size,
                        "mlp_ratio": config.mlp_ratio, "num_layers": config.num_layers, "head_dim": config.head_dim,
-                       "data_seed": config.data_seed, "task": _task_kwargs(config)}
+                       "data_seed": config.data_seed, "task": _task_kwargs(config), **models.recorded_options(name)}
         if (variant, seq_len, pairs) not in shapes:
             shapes[variant, seq_len, pairs] = eval_shapes(config, variant, seq_len, pairs)
         identity = training.run_identity(

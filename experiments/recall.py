@@ -71,7 +71,7 @@ def runs(config, workdir: str, mesh=None) -> list[sweep.Run]:
                        "train_collision_overlap": config.train_collision_overlap,
                        "backend": config.backend, "conv_size": config.conv_size, "mlp_ratio": config.mlp_ratio,
                        "num_layers": config.num_layers, "head_dim": config.head_dim, "data_seed": config.data_seed,
-                       "eval_conditions": [list(c) for c in config.eval_conditions]}
+                       "eval_conditions": [list(c) for c in config.eval_conditions], **models.recorded_options(name)}
         identity = training.run_identity(description, sweep.settings_from_config(config, lr),
                                          (config.num_train_examples, config.train_seq_len), eval_shapes)
         out.append(sweep.Run(folder, identity, functools.partial(train_run, i, name, d_model, lr, folder,
