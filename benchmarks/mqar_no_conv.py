@@ -3,6 +3,7 @@ span of each head of the first layer at initialisation and after training.
 
     python benchmarks/mqar_no_conv.py --out docs/results/mqar_no_conv_cpu.md
     python benchmarks/mqar_no_conv.py --models bayesian_no_noise_no_conv,bayesian_no_conv --steps 100
+    python benchmarks/mqar_no_conv.py --task previous --steps 200
 
 A 2-layer model without convolution must bind a key to the value one step later through its first layer:
 at a value's position the first layer must output something of the previous token (the key), which the
@@ -12,7 +13,9 @@ shape, evaluates it on held-out sequences, and reads the first layer's `layers.D
 on held-out sequences at initialisation and after training, summarized per head by `layers.memory_span`
 (how far back the readout looks on average, and the shares of the current and the previous step), beside
 the head's mean decay ``a_t`` and precision (or write strength) ``beta_t``. ``--out`` (markdown) is
-rewritten after every model, so a run cut short keeps what it measured. Runs are kept under ``--workdir``
+rewritten after every model, so a run cut short keeps what it measured. ``--task previous`` trains one
+layer to output the previous token (uniform tokens; the label at ``t`` is the token at ``t - 1``): the
+first layer's job in MQAR without a convolution, alone. Runs are kept under ``--workdir``
 (a finished one is not trained again).
 """
 from __future__ import annotations
@@ -56,22 +59,39 @@ def first_layer(name: str, params, tokens, args) -> dict:
     return span
 
 
+def previous_token(vocab_size: int, seq_len: int, num_examples: int, seed: int):
+    """The first layer's job alone: uniform tokens of ``[1, V)``; the label at every position ``t >= 1`` is the
+    token at ``t - 1``."""
+    tokens = np.random.default_rng(seed).integers(1, vocab_size, size=(num_examples, seq_len))
+    labels = np.full_like(tokens, tasks.IGNORE)
+    labels[:, 1:] = tokens[:, :-1]
+    return tokens.astype(np.int32), labels.astype(np.int32)
+
+
+def data(args, num_examples: int, seed: int):
+    if args.task == "previous":
+        return previous_token(args.vocab_size, args.seq_len, num_examples, seed)
+    return tasks.mqar(args.vocab_size, args.seq_len, args.pairs, num_examples, seed, args.variant,
+                      vocabulary=args.vocabulary)
+
+
 def measure(name: str, args) -> dict:
-    kwargs = {"vocabulary": args.vocabulary}
-    x, y = tasks.mqar(args.vocab_size, args.seq_len, args.pairs, args.train_examples, args.seed, args.variant,
-                      **kwargs)
-    ex, ey = tasks.mqar(args.vocab_size, args.seq_len, args.pairs, args.eval_examples, args.seed + 1,
-                        args.variant, **kwargs)
-    model = models.LanguageModel(name, args.vocab_size, args.d_model, head_dim=args.head_dim, backend=args.backend)
+    x, y = data(args, args.train_examples, args.seed)
+    ex, ey = data(args, args.eval_examples, args.seed + 1)
+    layers_ = 1 if args.task == "previous" else 2
+    model = models.LanguageModel(name, args.vocab_size, args.d_model, num_layers=layers_, head_dim=args.head_dim,
+                                 backend=args.backend)
     settings = training.TrainSettings(num_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                       warmup_steps=max(1, args.steps // 10), seed=args.seed, log_every=50,
                                       checkpoint_every=args.steps, throughput_steps=0, progress=False)
-    folder = os.path.join(args.workdir, f"{args.variant}_{args.vocabulary}", name, f"lr{args.lr:.0e}_s{args.seed}")
+    task = "previous" if args.task == "previous" else f"{args.variant}_{args.vocabulary}"
+    folder = os.path.join(args.workdir, f"{task}_L{args.seq_len}", name, f"lr{args.lr:.0e}_s{args.seed}_n{args.steps}")
     mesh = training.data_mesh()
     initial = training.init_state(model, settings, {"tokens": x, "labels": y}, mesh).params["params"]
     start = time.time()
     record = training.train(model, settings, {"tokens": x, "labels": y}, {"eval": {"tokens": ex, "labels": ey}},
-                            folder, mesh=mesh, description={"script": "mqar_no_conv", "model": name, **vars(args)})
+                            folder, mesh=mesh, description={"script": "mqar_no_conv", "model": name, **{
+                                k: v for k, v in vars(args).items() if k not in ("models", "out", "workdir", "probe_examples")}})
     trained = training.load_checkpoint(folder)["params"]["params"]
     probe = ex[:args.probe_examples]
     return {"model": name, "accuracy": record["eval"]["eval"]["accuracy"], "seconds": time.time() - start,
@@ -83,10 +103,12 @@ def _heads(values) -> str:
 
 
 def markdown(results: list[dict], args) -> str:
-    lines = [f"MQAR `{args.variant}` ({args.vocabulary} vocabulary), vocabulary {args.vocab_size}, (L, P) = "
-             f"({args.seq_len}, {args.pairs}), d_model {args.d_model}, heads of {args.head_dim}, {args.steps} steps "
-             f"of batch {args.batch_size}, learning rate {args.lr:g}, seed {args.seed}; accuracy on "
-             f"{args.eval_examples} held-out sequences (chance: 1/{args.vocab_size // 2} on split values). First "
+    task = (f"The previous token (1 layer; uniform tokens, the label at t is the token at t - 1; chance "
+            f"1/{args.vocab_size - 1}), length {args.seq_len}" if args.task == "previous" else
+            f"MQAR `{args.variant}` ({args.vocabulary} vocabulary), (L, P) = ({args.seq_len}, {args.pairs})")
+    lines = [f"{task}, vocabulary {args.vocab_size}, d_model {args.d_model}, heads of {args.head_dim}, {args.steps} "
+             f"steps of batch {args.batch_size}, learning rate {args.lr:g}, seed {args.seed}; accuracy on "
+             f"{args.eval_examples} held-out sequences. First "
              f"layer, per head (`/`-separated), over positions t >= {args.seq_len // 2} of {args.probe_examples} "
              "held-out sequences: mean lag of the readout, share of the current and of the previous step, mean "
              "decay a and beta.", ""]
@@ -105,6 +127,7 @@ def markdown(results: list[dict], args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="bayesian_no_noise_no_conv,bayesian_no_conv,gated_deltanet_no_conv")
+    parser.add_argument("--task", default="mqar", choices=("mqar", "previous"))
     parser.add_argument("--variant", default="base", choices=tasks.MQAR_VARIANTS)
     parser.add_argument("--vocabulary", default="split", choices=tasks.VOCABULARIES)
     parser.add_argument("--vocab-size", type=int, default=64)

@@ -79,3 +79,35 @@ def test_a_decay_without_process_noise_holds_the_first_steps(seed):
     current one)."""
     current, first = _first_and_current_weights(models.LEGACY_BAYESIAN, seed)
     assert np.all(first > current), (current, first)
+
+
+@pytest.mark.parametrize("noise", ["none", "stationary"])
+def test_the_readout_weights_of_a_decaying_exact_filter_in_closed_form(noise):
+    """One address ``c`` (unit key and query), constant decay ``a`` and precision ``beta``, ``P_0 = 1``: the
+    scalar covariance along ``c`` is ``p_bar_t = a^2 p_{t-1} (+ 1 - a^2 with stationary noise)``, the gain
+    ``g_t = beta p_bar_t / (1 + beta p_bar_t)``, ``p_t = (1 - g_t) p_bar_t``, and the readout weights
+    ``W[t, s] = g_s prod_{r = s+1..t} a (1 - g_r)``. Without noise ``g_t ~ beta a^(2t) / D`` and
+    ``W[t, s] ~ a^(t + s)``: an older step weighs ``1 / a`` times more than the next (docs/results/mqar/no_conv.md).
+    """
+    import filters
+
+    a, beta, time = 0.8, 4.0, 24
+    model = dm.bayesian(noise="stationary") if noise == "stationary" else dm.bayesian()
+    c = jnp.zeros((1, time, 1, 3), jnp.float64).at[..., 0].set(1.0)
+    eye = jnp.eye(time, dtype=jnp.float64)[None, :, None, :]
+    gates = {"log_decay": jnp.full((1, time, 1), np.log(a)), "beta": jnp.full((1, time, 1), beta)}
+    w = np.asarray(filters.compile(model, backend="sequential")(c, c, eye, **gates)[0])[0, :, 0]    # [t, s]
+    p, gains = 1.0, []
+    for _ in range(time):
+        p_bar = a * a * p + (1 - a * a if noise == "stationary" else 0.0)
+        gains.append(beta * p_bar / (1 + beta * p_bar))
+        p = (1 - gains[-1]) * p_bar
+    expected = np.array([[gains[s] * np.prod([a * (1 - gains[r]) for r in range(s + 1, t + 1)]) if s <= t else 0.0
+                          for s in range(time)] for t in range(time)])
+    np.testing.assert_allclose(w, expected, rtol=1e-10, atol=1e-300)
+    late = w[-1, time // 2:]                                  # the last readout's weights on its later half
+    ratios = late[1:] / late[:-1]                            # each step against the one before it
+    if noise == "none":
+        np.testing.assert_allclose(ratios, a, rtol=0.02)     # W[t, s] ~ a^(t + s): the older weighs more
+    else:
+        assert np.all(ratios > 1)                             # recency: the newer weighs more
