@@ -297,7 +297,7 @@ def sweep(shape, repeats):
     s0 = jnp.zeros((batch, heads, dim, dim), jnp.float32)
     dots = common.Dots(jnp.bfloat16)
     interpret = jax.default_backend() == "cpu"   # a dry run of this script on a CPU
-    st = kernels._Stages(True, CHUNK, dots, interpret)
+    st = kernels._Stages(CHUNK, dots, interpret)
     wp, up, inv = st.prepare(k, w, v, b)
     h, u, _ = st.state(wp, up, w, b, s0)
     dy = jnp.asarray(inputs["dy"])

@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 
 import designmodels as dm  # noqa: E402
 from filters import chunked  # noqa: E402
-from filters.inputs import initial_state, prepare  # noqa: E402
+from filters.checks import prepare  # noqa: E402
+from filters.inputs import prior_state  # noqa: E402
 from tests.support import random_inputs  # noqa: E402
 
 MODELS = {
@@ -50,17 +51,19 @@ def check(model, args):
     f32 = lambda x: np.asarray(x, np.float32)
     gates32 = {n: f32(g) for n, g in gates.items()}
     x = prepare(structure, f32(q), f32(k), f32(v), gates32, validate=False)
-    state = initial_state(structure, None, batch=1, heads=args.heads, key_dim=args.dim, value_dim=args.dim,
-                          dtype=np.float32)
-    boundaries = jax.jit(lambda x, p: chunked.covariance_pass(structure, x, p, args.chunk_size)[4])(
-        x, state.covariance)
+    state = prior_state(structure, batch=1, heads=args.heads, key_dim=args.dim, value_dim=args.dim,
+                        dtype=np.float32)
+    noise = chunked._isotropic_noise(structure, x)
+    boundaries = jax.jit(lambda x, noise, p: chunked._covariance_scan(   # P at every chunk start
+        x.q, x.k, x.transition, noise, x.precision, p, chunk_size=args.chunk_size, variance=False,
+        boundaries=True)[3])(x, noise, state.covariance)
     start = time.perf_counter()
     y = filters.compile(model, backend="chunked", chunk_size=args.chunk_size)(
         f32(q), f32(k), f32(v), validate=False, **gates32)[0]
     y = np.asarray(y, np.float64)
     t_chunked = time.perf_counter() - start
 
-    p = np.asarray(boundaries, np.float64)                                    # [B, H, N, K, K]
+    p = np.asarray(boundaries, np.float64)                                    # [N, B*H, K, K]
     scale = np.maximum(np.abs(p).max(axis=(-2, -1)), np.finfo(np.float64).tiny)
     asymmetry = float((np.abs(p - np.swapaxes(p, -1, -2)).max(axis=(-2, -1)) / scale).max())
     smallest = np.linalg.eigvalsh(0.5 * (p + np.swapaxes(p, -1, -2)))[..., 0]

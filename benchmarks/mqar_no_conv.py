@@ -49,7 +49,7 @@ def first_layer(name: str, params, tokens, args) -> dict:
     variables = {"params": block["mixer"]}
     weights = mixer.apply(variables, h, method=layers.DesignLayer.readout_weights)
     span = layers.memory_span(weights, start=tokens.shape[1] // 2)
-    gates = mixer.apply(variables, h, method=lambda m, x: m._features(x, None)[3])
+    gates = mixer.apply(variables, h, method=lambda m, x: layers.core.features(m.spec, m._params(), x)[3])
     if "log_decay" in gates:
         decay = jnp.exp(gates["log_decay"])
         span["decay"] = np.asarray(decay.mean(tuple(range(decay.ndim - 1))) if decay.ndim == 3 else

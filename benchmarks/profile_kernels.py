@@ -48,7 +48,7 @@ def kernel_calls(shape, seed=0):
     dots = common.Dots(jnp.bfloat16)
     interpret = jax.default_backend() == "cpu"        # a dry run on a CPU
     opts = dict(chunk=CHUNK, dots=dots, interpret=interpret)
-    st = delta_rule._Stages(True, CHUNK, dots, interpret)
+    st = delta_rule._Stages(CHUNK, dots, interpret)
     wp, up, inv = st.prepare(k, w, v, b)
     h, u, _ = st.state(wp, up, w, b, s0)
     _, _, _, dh, du = st.output_backward(q, w, b, h, u, dy)

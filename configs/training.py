@@ -17,7 +17,13 @@ def add_model_and_training(config: ml_collections.ConfigDict, *, num_steps: int,
     config.num_steps = num_steps
     config.batch_size = batch_size
     config.warmup_steps = warmup_steps
-    config.weight_decay = 0.1
+    # any optax alias with its keyword arguments, e.g. "lion(b1=0.95, b2=0.98)", "sgd(momentum=0.9)",
+    # "contrib.muon" (the learning rate is the sweep's, the weight decay the field below)
+    config.optimizer = "adamw(b1=0.9, b2=0.98, eps=1e-8)"
+    # after the warm-up: "cosine" or "linear" (to final_lr_fraction), "constant", or any optax schedule in
+    # units of the peak learning rate, e.g. "exponential_decay(init_value=1.0, transition_steps=500, decay_rate=0.5)"
+    config.schedule = "cosine"
+    config.weight_decay = 0.1         # decoupled, on matrices only, whatever the optimizer
     config.grad_clip = 1.0
     config.final_lr_fraction = 0.0
     config.seed = 0

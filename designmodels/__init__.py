@@ -5,7 +5,8 @@ from designmodels.components import (
     NoProcessNoise, RandomWalk, Stationary,
     KeyValueObservation, LatentInput, Exact, Reset,
 )
-from designmodels.model import DesignModel, InputSpec
+from designmodels.model import DesignModel
+from designmodels.structure import Domain, InputSpec, KeyCovariance, Structure
 from designmodels.library import (
     UnknownModelError,
     NAMED_MODELS, linear_attention, retnet, gla, mamba2, deltanet, gated_deltanet, longhorn, bayesian,

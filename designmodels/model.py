@@ -7,21 +7,9 @@ from typing import Optional
 import numpy as np
 
 from designmodels import components as c
+from designmodels import structure as st
 from designmodels.components import DesignModelError
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """A quantity the compiled filter takes at run time.
-
-    ``trailing`` is the shape after ``[B, T, H]``: ``()`` per head, ``("K",)`` per key channel,
-    ``("K", "K")`` a matrix. ``accepted`` says which values are valid, in words.
-    """
-
-    name: str
-    trailing: tuple
-    accepted: str
-    required: bool = True
+from designmodels.structure import Domain, InputSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,22 +98,29 @@ class DesignModel:
         specs = []
         t = self.transition
         if isinstance(t, c.ScalarDecay) and t.decay is None:
-            specs.append(InputSpec("log_decay", (), "log a_t <= 0 (a decay in (0, 1])", t.required))
+            specs.append(InputSpec("log_decay", (), "log a_t <= 0 (a decay in (0, 1])", Domain.LOG_DECAY,
+                                   required=t.required))
         elif isinstance(t, c.DiagonalDecay) and t.decays is None:
-            specs.append(InputSpec("log_decay", ("K",), "log a_t <= 0 (decays in (0, 1])"))
+            specs.append(InputSpec("log_decay", ("K",), "log a_t <= 0 (decays in (0, 1])", Domain.LOG_DECAY))
         elif isinstance(t, c.DenseTransition) and t.matrix is None:
-            specs.append(InputSpec("transition", ("K", "K"), "finite K x K matrices"))
+            specs.append(InputSpec("transition", ("K", "K"), "finite K x K matrices", Domain.TRANSITION))
         if isinstance(self.noise, c.RandomWalk) and self.noise.variance is None:
-            specs.append(InputSpec("process_noise", (), "finite q_t >= 0"))
+            specs.append(InputSpec("process_noise", (), "finite q_t >= 0", Domain.PROCESS_NOISE))
         obs = self.observation
         if isinstance(obs, c.LatentInput) and obs.scaled:
-            specs.append(InputSpec("input_scale", (), "finite s_t"))
+            specs.append(InputSpec("input_scale", (), "finite s_t", Domain.INPUT_SCALE))
         if isinstance(obs, c.KeyValueObservation) and obs.precision is None:
             if isinstance(self.covariance, c.Reset) and self.covariance.write_strength:
-                specs.append(InputSpec("beta", (), "write strength with 0 <= beta_t |k_t|^2 < 1"))
+                specs.append(InputSpec("beta", (), "write strength with 0 <= beta_t |k_t|^2 < 1",
+                                       Domain.WRITE_STRENGTH))
             else:
-                specs.append(InputSpec("beta", (), "precision beta_t > 0, finite"))
+                specs.append(InputSpec("beta", (), "precision beta_t > 0, finite", Domain.PRECISION))
         return {s.name: s for s in specs}
+
+    @property
+    def structure(self) -> st.Structure:
+        """The typed facts that decide the filter, its checks and its layer (`designmodels.structure`)."""
+        return st.analyze(self)
 
     def describe(self) -> str:
         """One line per component, as declared."""

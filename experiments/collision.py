@@ -22,7 +22,10 @@ from absl import logging
 
 import designmodels as dm
 import filters
+from designmodels.packaging import require_sibling
 from experiments import common, dynamics, plotting
+
+require_sibling(filters)   # a shadowing module of that name fails here, by name
 
 
 def collision_inputs(rhos, n_boost: int, n_flood: int, key_dim: int, seed: int):

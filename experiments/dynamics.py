@@ -22,6 +22,9 @@ import numpy as np
 
 import designmodels as dm
 import filters
+from designmodels.packaging import require_sibling
+
+require_sibling(filters)   # a shadowing module of that name fails here, by name
 
 MODEL_NAMES = ("linear_attention", "deltanet", "gated_deltanet", "mamba2", "bayesian", "bayesian_noise")
 LABELS = {

@@ -20,6 +20,9 @@ import jax.numpy as jnp
 
 import designmodels as dm
 import layers
+from designmodels.packaging import require_sibling
+
+require_sibling(layers)   # a shadowing module of that name fails here, by name
 
 F32 = jnp.float32
 

@@ -18,9 +18,12 @@ from absl import logging
 
 import designmodels as dm
 import filters
+from designmodels.packaging import require_sibling
 from experiments import common
-from tests import joint_gaussian, published_recurrences as published
-from tests.support import random_inputs, relative_error
+from experiments.oracles import joint_gaussian, published_recurrences as published
+from experiments.oracles.support import random_inputs, relative_error
+
+require_sibling(filters)   # a shadowing module of that name fails here, by name
 
 def _published(name: str, model: dm.DesignModel, q, k, v, gates, mean0):
     """The published recurrence of ``name``, called with its own paper's parameterization."""

@@ -8,7 +8,8 @@ import os
 # or export OPENBLAS_NUM_THREADS=1 yourself.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from filters.compiler import Filter, compile, explain  # noqa: A004
-from filters.inputs import FilterInputError, FilterState
+from filters.checks import FilterInputError, reraise_input_errors
+from filters.inputs import FilterState
 from filters.kalman import Diagnostics
 from filters.lowering import AUTO_PREFERENCE, LOWERINGS, BackendError, FilterOutput, Lowering, register
 from filters.structure import Structure, analyze

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from filters import kalman, linalg, transitions
+from filters import kalman, linalg, shapes, transitions
 from filters.inputs import FilterState, StepInputs
 from filters.lowering import FilterOutput, Lowering
 
@@ -152,6 +152,7 @@ def exact(structure, x: StepInputs, state: FilterState):
     return FilterOutput(_readout(means, x.q), FilterState(means[:, -1], covariances[:, -1]))
 
 
+@shapes.typed
 def run(structure, x: StepInputs, state: FilterState) -> FilterOutput:
     lowering = {"additive": additive, "reset": known_gain, "exact": exact}[structure.family]
     return lowering(structure, x.in_compute_dtype(), state)

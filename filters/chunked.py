@@ -1,123 +1,130 @@
-"""The chunked lowering: the matmul-heavy forms of fast kernels, in pure JAX.
+"""The chunked lowering: the matmul-heavy forms of fast kernels, in pure JAX, and the references of the
+fused kernels (`additive`, `delta_rule`, `covariance_pass`: a Pallas kernel has the same signature).
 
-The sequence is cut into chunks of ``C`` steps. Inside a chunk everything is ``C x C`` masked products
-and one triangular solve, computed for all chunks at once; between chunks a ``lax.scan`` passes the
-state (``M``, and ``P`` for the exact family). Chunk bodies are rematerialized in the backward pass
-(``jax.checkpoint``), so reverse mode stores only chunk-boundary states: memory is linear in ``T``.
+The sequence is cut into chunks of ``C`` steps. The mathematics below is written, and coded, for **one
+chunk of one head** (a ``[C, K]`` block of keys, the state ``S [K, V]``), in the symbols of this
+docstring; ``jax.vmap`` batches it over every chunk and head. Inside a chunk everything is ``C x C``
+masked products and one triangular solve, for all chunks at once (the terms that do not read the state,
+one NamedTuple per family); between chunks a ``lax.scan`` passes the state (``S``, and ``P`` for the
+exact family) through the few products that read it. Chunk bodies are rematerialized in the backward
+pass (``jax.checkpoint``), so reverse mode stores only chunk-boundary states: memory is linear in ``T``.
 
-Notation inside a chunk (steps ``i, j = 1..C``): ``b_i = sum_{m<=i} log a_m`` (per channel for a
-diagonal transition), so ``gamma_i = exp(b_i)`` is the decay since the chunk start and
-``exp(b_i - b_j) <= 1`` for ``j <= i`` the decay between two steps: every exponent is non-positive.
+Notation inside a chunk (steps ``i, j = 1..C``; rows of ``Q, K, W [C, K]`` and ``V [C, V]`` are the
+steps): ``b_i = sum_{m<=i} log a_m`` (per channel for a diagonal transition, ``[C, K]``; else ``[C, 1]``),
+so ``gamma_i = exp(b_i)`` is the decay since the chunk start and ``exp(b_i - b_j) <= 1`` for ``j <= i``
+the decay between two steps: every exponent taken is non-positive. ``X * gamma`` scales row ``i`` of
+``X`` by ``gamma_i``.
 
-**Additive** (SSD / GLA)::
+**Additive** (SSD / GLA), ``S_i = A_i S_{i-1} + k_i v_i^T`` (`AdditiveChunk`)::
 
-    Y = (Q * gamma) M_0^T + [(Q K^T) * exp(b_i - b_j) * s_j]_{j<=i} V
-    M_C = M_0 diag(gamma_C) + V^T diag(s) (K * exp(b_C - b))
+    Y   = (Q * gamma) S_0 + [(q_i . k_j decayed by exp(b_i - b_j))]_{j<=i} V
+    S_C = gamma_C * S_0 + (K * exp(b_C - b))^T V
 
-**Generalized delta rule** ``M_i = M_{i-1} A_i (I - k_i w_i^T) + v_i w_i^T`` (erase key ``k``, write key
-``w``; the reset family has ``w = eta k``, the exact family ``w = Kg``): with the innovations
-``u_i = v_i - M_{i-1} A_i k_i``, ``M_i = M_{i-1} A_i + u_i w_i^T``, and unrolling gives the UT transform::
+**Generalized delta rule**, ``S_i = A_i S_{i-1} + w_i (v_i - (A_i S_{i-1})^T k_i)^T`` (erase key ``k``,
+write key ``w``; the reset family has ``w = eta k``, the exact family ``w = Kg``) (`DeltaChunk`): with
+the innovations ``u_i = v_i - (A_i S_{i-1})^T k_i``, ``S_i = A_i S_{i-1} + w_i u_i^T``, and unrolling
+gives the UT transform::
 
-    (I + L) U = V - (K * gamma) M_0^T,     L_ij = sum_c k_ic w_jc exp(b_ic - b_jc)   (j < i)
-    Y   = (Q * gamma) M_0^T + [q_i . (w_j * exp(b_i - b_j))]_{j<=i} U
-    M_C = M_0 diag(gamma_C) + U^T (W * exp(b_C - b))
+    (I + L) U = V - (K * gamma) S_0,     L_ij = sum_c k_ic w_jc exp(b_ic - b_jc)   (j < i)
+    Y   = (Q * gamma) S_0 + Att U,       Att_ij = sum_c q_ic w_jc exp(b_ic - b_jc) (j <= i)
+    S_C = gamma_C * S_0 + (W * exp(b_C - b))^T U
 
-``(I + L)^{-1}`` does not depend on ``M_0``, so ``T V`` and ``T (K * gamma)`` are computed for all chunks
-in parallel and the scan does only ``C x K x V`` products.
+``T = (I + L)^{-1}`` does not read ``S_0``: ``T V`` and ``T (K * gamma)`` are computed for all chunks in
+parallel, and the scan does only the ``C x K x V`` products that read ``S_0``.
 
-**Exact** (scalar or no decay, isotropic noise ``Q_t = q_t I``): the covariance recursion never sees the
-values. Inside a chunk starting from ``P_c``, the observations ``y_i = k_i^T s_i + e_i`` of one value row
-are jointly Gaussian with covariance::
+**Exact** (scalar or no decay, isotropic noise ``Q_t = q_t I``) (`CovarianceChunk`): the covariance
+recursion never sees the values. Inside a chunk starting from ``P_c``, the observations
+``y_i = k_i^T s_i + e_i`` of one value column are jointly Gaussian with covariance::
 
-    Sigma = (gamma gamma^T) * (K P_c K^T) + (R * alpha_min) * (K K^T) + diag(1 / beta)
+    Sigma = (G P_c G^T) + N,     G = K * gamma,     N = (R * alpha_min) * (K K^T) + diag(1 / beta)
 
 where ``R_ij = exp(-|b_i - b_j|)``, ``alpha_i = a_i^2 alpha_{i-1} + q_i`` (``alpha_0 = 0``) is the noise
 accumulated since the chunk start and ``alpha_min = alpha_{min(i, j)}``. Conditioning on the
-observations one by one is the Cholesky factorization ``Sigma = L L^T``: with ``X = L^{-1}``
-the whitened innovations are ``eps = X (y - E y)``, and since ``Cov(s_i, y_m) = gamma_i gamma_m P_c k_m
-+ R_im alpha_m k_m`` for ``m <= i``::
+observations one by one is the Cholesky factorization ``Sigma = L L^T``: with ``X = L^{-1}`` the whitened
+innovations are ``eps = X (y - E y)``, and since ``Cov(s_i, y_m) = gamma_i gamma_m P_c k_m + R_im alpha_m
+k_m`` for ``m <= i``::
 
-    Kt  = X (K * gamma)
-    Kg_i = [gamma_i P_c Kt_i + sum_m X_im R_im alpha_m k_m] / L_ii        (the gains, all at once)
-    Z    = gamma_C Kt P_c + X (K * R_C. alpha)                             (Cov(s_C, eps))
+    Gw   = X G                                                            (whitened decayed keys)
+    Kg_i = [gamma_i (Gw P_c)_i + sum_{m<=i} X_im R_im alpha_m k_m] / L_ii   (the gains, all at once)
+    Z    = gamma_C Gw P_c + X (K * R_C. alpha)                              (Cov(s_C, eps))
     P_C  = gamma_C^2 P_c + alpha_C I - Z^T Z                                (a rank-C update)
 
 and the predictive variance ``q_i^T P_i q_i = gamma_i^2 q_i^T P_c q_i + alpha_i |q_i|^2 - sum_{j<=i} E_ij^2``
-with ``E = diag(gamma) Q P_c Kt^T + F X^T``, ``F_im = R_im alpha_m q_i . k_m`` (``m <= i``). The mean pass
-is then the generalized delta rule above with ``w = Kg``.
+with ``E = diag(gamma) Q P_c Gw^T + F X^T``, ``F_im = R_im alpha_m q_i . k_m`` (``m <= i``). The mean
+pass is then the generalized delta rule above with ``w = Kg``.
 
-Precision: inputs may be bf16 or f32; everything here runs in f32 (f64 with x64 inputs), including
-covariances, Gram matrices and factorizations.
+Precision: the inputs may be any float dtype; everything here runs in float32 (float64 with x64 inputs),
+with full-float32 matrix products, including covariances, Gram matrices and factorizations.
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple, Optional
+
 import jax
 import jax.numpy as jnp
-import designmodels as dm
-from filters import kalman, linalg
-from filters.inputs import FilterState, StepInputs
+
+from filters import kalman, linalg, shapes
+from filters.inputs import FilterState, StepInputs, compute_dtype
 from filters.lowering import BackendError, FilterOutput, Lowering
 
 DEFAULT_CHUNK_SIZE = 64
 
 
-def reason_not_applicable(structure) -> str | None:
-    """Why the chunked forms do not cover a structure, or None."""
-    if structure.transition == "dense":
-        return "a dense transition has no chunked form (its products over time are not C x C masks)"
-    if structure.family != "exact":
-        return None
-    if structure.transition == "diagonal":
-        return ("the exact chunked filter needs a scalar or no decay (a channel-wise decay with a full "
-                "covariance does not reduce to Gram matrices of the keys)")
-    if (structure.noise == "stationary" and structure.model.noise.variance is None
-            and not isinstance(structure.model.prior.covariance, dm.IsotropicCovariance)):
-        return ("stationary noise towards a non-isotropic prior, Q_t = (1 - a_t^2) P_0, is not isotropic; "
-                "the exact chunked filter needs Q_t = q_t I")
-    return None
+# ----------------------------------------------------------------------------------------------------
+# Layout: [B, T, H, ...] <-> chunks [N, B*H, C, ...] (N chunks of C steps, every head of every sequence);
+# the padding steps change nothing.
 
 
-def supports_diagnostics(structure) -> bool:
-    return structure.family == "exact"
+def _to_chunks(x, chunk: int, pad_value=0.0):
+    """``[B, T, H, ...] -> [N, B*H, C, ...]``, ``T`` padded to ``N C`` with ``pad_value``."""
+    batch, time, heads = x.shape[:3]
+    n = -(-time // chunk)
+    if n * chunk != time:
+        x = jnp.pad(x, [(0, 0), (0, n * chunk - time)] + [(0, 0)] * (x.ndim - 2), constant_values=pad_value)
+    x = jnp.moveaxis(x.reshape(batch, n, chunk, heads, *x.shape[3:]), (1, 3), (0, 2))   # [N, B, H, C, ...]
+    return x.reshape(n, batch * heads, chunk, *x.shape[4:])
+
+
+def _from_chunks(x, batch: int, heads: int, time: int):
+    """``[N, B*H, C, ...] -> [B, T, H, ...]``."""
+    n, _, chunk = x.shape[:3]
+    x = x.reshape(n, batch, heads, chunk, *x.shape[3:])   # heads named: B = 0 leaves no -1 to infer
+    x = jnp.moveaxis(x, (0, 2), (1, 3))                                  # [B, N, C, H, ...]
+    return x.reshape(batch, n * chunk, *x.shape[3:])[:, :time]
+
+
+def _every_chunk(fn, *chunks):
+    """``fn`` of one chunk and head, on every chunk and head (``[N, B*H, ...]`` arguments and results)."""
+    lead = jax.tree_util.tree_leaves(chunks)[0].shape[:2]
+    flat = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), chunks)
+    out = jax.vmap(fn)(*flat)
+    return jax.tree_util.tree_map(lambda a: a.reshape(*lead, *a.shape[1:]), out)
+
+
+def _through_chunks(step, state, terms):
+    """The state ``[B*H, ...]`` through the chunks in order: ``state, y = step(state, terms)`` for one
+    chunk and head, on every head, ``lax.scan`` over the chunks; rematerialized in the backward pass."""
+    return jax.lax.scan(jax.checkpoint(jax.vmap(step), prevent_cse=False), state, terms)
+
+
+def _heads(state):
+    """``[B, H, ...] -> [B*H, ...]``."""
+    return state.reshape(-1, *state.shape[2:])
+
+
+def _cumulative_log_decay(log_decay, chunk: int, dtype):
+    """``b [C, 1]`` (no or scalar decay) or ``[C, K]`` (diagonal) for one chunk."""
+    if log_decay is None:
+        # b = 0, written as such: a cumsum of zeros is a constant that XLA folds element by element at
+        # compile time (seconds per layer on the GPU at batch 256)
+        return jnp.zeros((chunk, 1), dtype)
+    log_decay = log_decay[:, None] if log_decay.ndim == 1 else log_decay
+    return jnp.cumsum(log_decay, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Layout helpers: [B, T, H, ...] <-> [B, H, N, C, ...], padding with steps that change nothing.
-
-
-def _to_chunks(x, chunk, pad_value=0.0):
-    batch, time, heads = x.shape[:3]
-    n = -(-time // chunk)
-    pad = n * chunk - time
-    if pad:
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=pad_value)
-    x = x.reshape(batch, n, chunk, heads, *x.shape[3:])
-    return jnp.moveaxis(x, 3, 1)          # [B, H, N, C, ...]
-
-
-def _from_chunks(x, time):
-    batch, heads, n, chunk = x.shape[:4]
-    x = jnp.moveaxis(x, 1, 3).reshape(batch, n * chunk, heads, *x.shape[4:])
-    return x[:, :time]
-
-
-def _scan_chunks(body, carry, xs):
-    """``lax.scan`` over the chunk axis (2) of every leaf; chunk bodies are recomputed in backward."""
-    xs = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 2, 0), xs)
-    carry, ys = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), carry, xs)
-    return carry, jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 2), ys)
-
-
-def _cumulative_log_decays(x: StepInputs, structure, chunk):
-    """``b_i = sum_{m<=i} log a_m`` within each chunk: ``[B,H,N,C,1]`` (scalar or no decay) or
-    ``[B,H,N,C,K]`` (diagonal)."""
-    if x.transition is None:
-        # b = 0, written as such: a cumsum of zeros is a constant that XLA folds element by element at
-        # compile time (seconds per layer on the GPU at batch 256)
-        return jnp.zeros_like(_to_chunks(x.k[..., :1], chunk))
-    log_a = x.transition[..., None] if structure.transition == "scalar" else x.transition
-    return jnp.cumsum(_to_chunks(log_a, chunk), axis=-2)
-
+# Pairwise decayed products.
 
 _BASE_BLOCK = 4   # the channel-wise pairwise product recurses down to diagonal blocks of this size
 _PAD_MULTIPLE = 8
@@ -135,7 +142,7 @@ def _pairwise_dense(x, y, b, strict):
 
 
 def _pairwise_bisect(x, y, b, strict):
-    """``_pairwise`` on blocks ``x, y, b [n, m, h, K] -> [n, m, h, h]``, by halving ``h``.
+    """``_pairwise`` on blocks ``x, y, b [..., m, h, K] -> [..., m, h, h]``, by halving ``h``.
 
     With ``r = b_{h/2}`` (the last row of the first half) the lower-left quadrant is
     ``(x_2 * exp(b_2 - r)) (y_1 * exp(r - b_1))^T`` (both exponents <= 0: ``b`` is non-increasing);
@@ -146,12 +153,12 @@ def _pairwise_bisect(x, y, b, strict):
         return _pairwise_dense(x, y, b, strict)
     half = h // 2
     halves = lambda z: z.reshape(*z.shape[:-3], 2 * z.shape[-3], half, z.shape[-1])
-    inner = _pairwise_bisect(halves(x), halves(y), halves(b), strict)    # [n, 2m, h/2, h/2]
+    inner = _pairwise_bisect(halves(x), halves(y), halves(b), strict)    # [..., 2m, h/2, h/2]
     inner = inner.reshape(*inner.shape[:-3], -1, 2, half, half)
     ref = b[..., half - 1:half, :]
     x_decayed = x[..., half:, :] * jnp.exp(b[..., half:, :] - ref)
     y_decayed = y[..., :half, :] * jnp.exp(ref - b[..., :half, :])
-    lower = x_decayed @ jnp.swapaxes(y_decayed, -1, -2)                  # [n, m, h/2, h/2]
+    lower = x_decayed @ jnp.swapaxes(y_decayed, -1, -2)                  # [..., m, h/2, h/2]
     top = jnp.concatenate([inner[..., 0, :, :], jnp.zeros_like(lower)], -1)
     bottom = jnp.concatenate([lower, inner[..., 1, :, :]], -1)
     return jnp.concatenate([top, bottom], -2)
@@ -165,22 +172,23 @@ def _pairwise_channels(x, y, b, strict):
     x, y, b = jnp.broadcast_arrays(x, y, b)
     lead, (chunk, channels) = x.shape[:-2], x.shape[-2:]
     padded = -(-chunk // _PAD_MULTIPLE) * _PAD_MULTIPLE
-    # One flat batch axis (XLA CPU in jaxlib 0.10 crashed on some of these products' gradients when the
-    # batch had a leading unit axis, e.g. [1, 2, N, C, K]).
-    x, y, b = (z.reshape(-1, 1, chunk, channels) for z in (x, y, b))
+    # At most one batch axis (XLA CPU in jaxlib 0.10 crashed on some of these products' gradients when the
+    # batch had a leading unit axis, e.g. [1, 2, N, C, K]); one chunk is one block, [1, C, K].
+    flat = (-1,) if lead else ()
+    x, y, b = (z.reshape(*flat, 1, chunk, channels) for z in (x, y, b))
     if padded != chunk:
-        rows = [(0, 0), (0, 0), (0, padded - chunk), (0, 0)]
+        rows = [(0, 0)] * (x.ndim - 2) + [(0, padded - chunk), (0, 0)]
         x, y, b = jnp.pad(x, rows), jnp.pad(y, rows), jnp.pad(b, rows, mode="edge")
-    out = _pairwise_bisect(x, y, b, strict)[:, 0, :chunk, :chunk]
+    out = _pairwise_bisect(x, y, b, strict)[..., 0, :chunk, :chunk]
     return out.reshape(*lead, chunk, chunk)
 
 
 def _pairwise(x, y, b, *, strict: bool):
     """``P_ij = sum_c x_ic y_jc exp(b_ic - b_jc)`` for ``j <= i`` (``j < i`` if strict), else 0.
 
-    ``b`` is ``[..., C, 1]`` (one decay for all channels: a masked product) or ``[..., C, K]`` (by
-    recursive halving, ``_pairwise_channels``). ``b`` is the cumulative log decay (non-increasing along
-    ``C``): every exponent taken is <= 0, whatever the decays' strength.
+    ``x, y [..., C, K]``; ``b`` is ``[..., C, 1]`` (one decay for all channels: a masked product) or
+    ``[..., C, K]`` (by recursive halving, ``_pairwise_channels``). ``b`` is the cumulative log decay
+    (non-increasing along ``C``): every exponent taken is <= 0, whatever the decays' strength.
     """
     if b.shape[-1] == 1 or x.shape[-2] <= _BASE_BLOCK:
         return _pairwise_dense(x, y, b, strict)
@@ -191,160 +199,254 @@ def _pairwise(x, y, b, *, strict: bool):
 # The additive family.
 
 
-def additive(structure, x: StepInputs, state: FilterState, chunk: int):
-    time = x.k.shape[1]
-    write = x.k if x.input_scale is None else x.k * x.input_scale[..., None]
-    q, k, v = (_to_chunks(z, chunk) for z in (x.q, write, x.v))
-    b = _cumulative_log_decays(x, structure, chunk)                        # [B,H,N,C,1|K]
-    intra = _pairwise(q, k, b, strict=False) @ v                          # [B,H,N,C,V]
-    q_decayed = q * jnp.exp(b)
-    k_to_end = k * jnp.exp(b[..., -1:, :] - b)
-    update = jnp.swapaxes(v, -1, -2) @ k_to_end                           # [B,H,N,V,K]
-    end_decay = jnp.exp(b[..., -1, :])                                    # [B,H,N,1|K]
+class AdditiveChunk(NamedTuple):
+    """The terms of one chunk (one head) that do not read ``S_0``."""
 
-    def body(mean, inputs):
-        q_c, update_c, end_c = inputs
-        y_inter = q_c @ jnp.swapaxes(mean, -1, -2)                         # [B,H,C,V]
-        return mean * end_c[..., None, :] + update_c, y_inter
+    q_gamma: shapes.ChunkKeys        # Q * gamma                                      [C, K]
+    y_intra: shapes.ChunkValues      # [q_i . k_j exp(b_i - b_j)]_{j<=i} V            [C, V]
+    update: shapes.ChunkState        # (K * exp(b_C - b))^T V                         [K, V]
+    gamma_end: shapes.EndDecay       # gamma_C                                        [1 | K]
 
-    final, inter = _scan_chunks(body, state.mean, (q_decayed, update, end_decay))
-    return _from_chunks(intra + inter, time), FilterState(final, None)
+
+@shapes.typed
+def _additive_chunk(q: shapes.ChunkKeys, k: shapes.ChunkKeys, v: shapes.ChunkValues,
+                    log_decay: shapes.ChunkLogDecay) -> AdditiveChunk:
+    b = _cumulative_log_decay(log_decay, q.shape[0], q.dtype)
+    return AdditiveChunk(q_gamma=q * jnp.exp(b), y_intra=_pairwise(q, k, b, strict=False) @ v,
+                         update=(k * jnp.exp(b[-1] - b)).T @ v, gamma_end=jnp.exp(b[-1]))
+
+
+@shapes.typed
+def _additive_step(s0: shapes.ChunkState, c: AdditiveChunk) -> tuple[shapes.ChunkState, shapes.ChunkValues]:
+    """``S_0 -> S_C`` and the chunk's readouts ``Y``."""
+    return c.gamma_end[:, None] * s0 + c.update, c.q_gamma @ s0 + c.y_intra
+
+
+@shapes.typed
+def additive(q: shapes.Queries, k: shapes.Keys, v: shapes.Values, log_decay: shapes.LogDecay,
+             initial_state: shapes.Mean, *, chunk_size: int) -> tuple[shapes.Readouts, shapes.Mean]:
+    """``S_t = A_t S_{t-1} + k_t v_t^T``, ``y_t = S_t^T q_t``, in chunks (module doc, `AdditiveChunk`).
+
+    Args:
+      q, k: ``[B, T, H, K]`` (``k`` already times the input scale ``s_t``); v: ``[B, T, H, V]``.
+      log_decay: None (``A_t = I``), ``[B, T, H]`` (``A_t = a_t I``) or ``[B, T, H, K]`` (``diag(a_t)``),
+        ``log a_t <= 0``.
+      initial_state: ``S_0 [B, H, K, V]``.
+      chunk_size: ``C``.
+
+    Returns ``y [B, T, H, V]`` and ``S_T [B, H, K, V]`` in the compute dtype (float32, or float64).
+    """
+    dtype = compute_dtype(q, k, v, initial_state)
+    batch, time, heads = q.shape[:3]
+    with jax.default_matmul_precision("float32"):
+        q, k, v = (_to_chunks(x.astype(dtype), chunk_size) for x in (q, k, v))
+        log_decay = None if log_decay is None else _to_chunks(log_decay.astype(dtype), chunk_size)
+        terms = _every_chunk(_additive_chunk, q, k, v, log_decay)
+        final, y = _through_chunks(_additive_step, _heads(initial_state.astype(dtype)), terms)
+    return _from_chunks(y, batch, heads, time), final.reshape(initial_state.shape)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The generalized delta rule (reset family; the exact family's mean pass).
 
 
-def delta_rule(q, k, w, v, b, mean0, time):
-    """``M_i = M_{i-1} A_i (I - k_i w_i^T) + v_i w_i^T``, ``y_i = M_i q_i``, in chunks (see module doc).
+class DeltaChunk(NamedTuple):
+    """The terms of one chunk (one head) that do not read ``S_0``."""
 
-    ``q, k, w [B,H,N,C,K]``, ``v [B,H,N,C,V]``, cumulative log decays ``b [B,H,N,C,1|K]``,
-    ``mean0 [B,H,V,K]``. Returns ``(y [B,T,H,V], M_final)``.
-    """
-    chunk, value_dim = k.shape[-2], v.shape[-1]
-    lower = _pairwise(k, w, b, strict=True)                               # L
+    t_v: shapes.ChunkValues                     # T V, T = (I + L)^{-1}                            [C, V]
+    attend: shapes.ChunkSquare                  # Att = [q_i . w_j exp(b_i - b_j)]_{j<=i}          [C, C]
+    w_end: shapes.ChunkKeys                     # W * exp(b_C - b)                                 [C, K]
+    gamma_end: shapes.EndDecay                  # gamma_C                                          [1 | K]
+    readers: shapes.ChunkReaders                # [T (K * gamma); Q * gamma]: the rows reading S_0 [2C, K]
+
+
+@shapes.typed
+def _delta_chunk(q: shapes.ChunkKeys, k: shapes.ChunkKeys, w: shapes.ChunkKeys, v: shapes.ChunkValues,
+                 log_decay: shapes.ChunkLogDecay) -> DeltaChunk:
+    b = _cumulative_log_decay(log_decay, q.shape[0], q.dtype)
     gamma = jnp.exp(b)
-    # One triangular solve for both right-hand sides: T V and T (K * gamma).
-    solved = linalg.unit_lower_inverse(lower) @ jnp.concatenate([v, k * gamma], -1)
-    # Stack the rows that read M_0 (the innovations' correction and the queries) into one product.
-    readers = jnp.concatenate([solved[..., value_dim:], q * gamma], -2)  # [2C, K]
-    attend = _pairwise(q, w, b, strict=False)                             # [q_i . w_j decayed]_{j<=i}
-    w_to_end = w * jnp.exp(b[..., -1:, :] - b)
-    end_decay = jnp.exp(b[..., -1, :])
-
-    def body(mean, inputs):
-        u_v, readers_c, attend_c, w_end, end_c = inputs
-        read = readers_c @ jnp.swapaxes(mean, -1, -2)                     # [2C, V]: (T K gamma) M_0^T, (Q gamma) M_0^T
-        innovations = u_v - read[..., :chunk, :]                          # U [C, V]
-        y = read[..., chunk:, :] + attend_c @ innovations
-        new_mean = mean * end_c[..., None, :] + jnp.swapaxes(innovations, -1, -2) @ w_end
-        return new_mean, y
-
-    final, y = _scan_chunks(body, mean0, (solved[..., :value_dim], readers, attend, w_to_end, end_decay))
-    return _from_chunks(y, time), final
+    t = linalg.unit_lower_inverse(_pairwise(k, w, b, strict=True))       # T = (I + L)^{-1}
+    t_v, t_k_gamma = jnp.split(t @ jnp.concatenate([v, k * gamma], -1), [v.shape[-1]], -1)   # one product
+    return DeltaChunk(readers=jnp.concatenate([t_k_gamma, q * gamma]), t_v=t_v,
+                      attend=_pairwise(q, w, b, strict=False), w_end=w * jnp.exp(b[-1] - b),
+                      gamma_end=jnp.exp(b[-1]))
 
 
-def reset(structure, x: StepInputs, state: FilterState, chunk: int):
-    time = x.k.shape[1]
-    gain = x.write_strength[..., None] * x.k                               # Kg = eta k
-    q, k, w, v = (_to_chunks(z, chunk) for z in (x.q, x.k, gain, x.v))
-    b = _cumulative_log_decays(x, structure, chunk)
-    y, final = delta_rule(q, k, w, v, b, state.mean, time)
-    return y, FilterState(final, None)
+@shapes.typed
+def _delta_step(s0: shapes.ChunkState, c: DeltaChunk) -> tuple[shapes.ChunkState, shapes.ChunkValues]:
+    """``S_0 -> S_C`` and the chunk's readouts ``Y``."""
+    chunk = c.t_v.shape[0]
+    read = c.readers @ s0                                                # [(T (K * gamma)) S_0; (Q * gamma) S_0]
+    innovations = c.t_v - read[:chunk]                                   # U
+    return c.gamma_end[:, None] * s0 + c.w_end.T @ innovations, read[chunk:] + c.attend @ innovations
+
+
+@shapes.typed
+def delta_rule(q: shapes.Queries, k: shapes.Keys, w: shapes.Keys, v: shapes.Values, log_decay: shapes.LogDecay,
+               initial_state: shapes.Mean, *, chunk_size: int) -> tuple[shapes.Readouts, shapes.Mean]:
+    """``S_t = A_t S_{t-1} + w_t (v_t - (A_t S_{t-1})^T k_t)^T``, ``y_t = S_t^T q_t``: erase key ``k``,
+    write key ``w`` (reset family: ``w = eta k``; exact family: ``w = Kg``), in chunks (module doc,
+    `DeltaChunk`). Layouts as `additive`, ``w [B, T, H, K]``."""
+    dtype = compute_dtype(q, k, w, v, initial_state)
+    batch, time, heads = q.shape[:3]
+    with jax.default_matmul_precision("float32"):
+        q, k, w, v = (_to_chunks(x.astype(dtype), chunk_size) for x in (q, k, w, v))
+        log_decay = None if log_decay is None else _to_chunks(log_decay.astype(dtype), chunk_size)
+        terms = _every_chunk(_delta_chunk, q, k, w, v, log_decay)
+        final, y = _through_chunks(_delta_step, _heads(initial_state.astype(dtype)), terms)
+    return _from_chunks(y, batch, heads, time), final.reshape(initial_state.shape)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The exact family: covariance pass, then the mean pass.
+# The exact family: the covariance pass (then the mean pass is `delta_rule` with w = Kg).
+
+
+class CovarianceChunk(NamedTuple):
+    """The terms of one chunk (one head) that do not read ``P_c``."""
+
+    g: shapes.ChunkKeys                 # G = K * gamma                                          [C, K]
+    n: shapes.ChunkSquare               # N = (R * alpha_min) * (K K^T) + diag(1 / beta)         [C, C]
+    k_alpha: shapes.ChunkKeys           # K * alpha                                              [C, K]
+    k_end: shapes.ChunkKeys             # K * R_C. alpha: the noise of each step left at the end [C, K]
+    r: shapes.ChunkSquare               # R_ij = exp(b_i - b_j) (j <= i), else 0                 [C, C]
+    gamma: shapes.ChunkSteps            # gamma                                                  [C]
+    alpha: shapes.ChunkSteps            # alpha                                                  [C]
+    q: Optional[shapes.ChunkKeys]       # Q (for the predictive variance only)                   [C, K]
+    f: Optional[shapes.ChunkSquare]     # F_im = R_im alpha_m q_i . k_m (m <= i) (variance only) [C, C]
+
+
+@shapes.typed
+def _covariance_chunk(q: shapes.ChunkKeys, k: shapes.ChunkKeys, log_decay: Optional[shapes.ChunkSteps],
+                      noise: shapes.ChunkSteps, precision: shapes.ChunkSteps, *,
+                      variance: bool) -> CovarianceChunk:
+    chunk = k.shape[0]
+    b = _cumulative_log_decay(log_decay, chunk, k.dtype)[:, 0]                    # scalar decay: b [C]
+    lower = jnp.tril(jnp.ones((chunk, chunk), bool))
+    diff = b[:, None] - b[None, :]                                       # b_i - b_j
+    r = jnp.exp(jnp.where(lower, diff, -jnp.inf))                        # R_ij, j <= i, else 0
+    alpha = (r ** 2) @ noise                                             # sum_{m<=i} q_m exp(2 (b_i - b_m))
+    alpha_min = jnp.where(lower, alpha[None, :], alpha[:, None])         # alpha_{min(i, j)}
+    n = jnp.exp(-jnp.abs(diff)) * alpha_min * (k @ k.T) + jnp.diag(1.0 / precision)
+    gamma = jnp.exp(b)
+    return CovarianceChunk(
+        g=k * gamma[:, None], n=n, k_alpha=k * alpha[:, None], k_end=k * (r[-1] * alpha)[:, None], r=r,
+        gamma=gamma, alpha=alpha, q=q if variance else None,
+        f=r * (q @ k.T) * alpha[None, :] if variance else None)
+
+
+@shapes.typed
+def _covariance_step(p: shapes.ChunkCovariance, c: CovarianceChunk, *,
+                     boundaries: bool = False) -> tuple[shapes.ChunkCovariance, dict]:
+    """``P_c -> P_C`` and the chunk's gains ``Kg`` (and predictive variances, and ``P_c``, if asked)."""
+    sigma = c.g @ p @ c.g.T + c.n
+    chol, x = linalg.cholesky_with_inverse(kalman.symmetrize(sigma))   # L and X = L^{-1}
+    gw_p = x @ c.g @ p                                                   # Gw P_c
+    gains = (c.gamma[:, None] * gw_p + (x * c.r) @ c.k_alpha) / jnp.diagonal(chol)[:, None]
+    z = c.gamma[-1] * gw_p + x @ c.k_end
+    eye = jnp.eye(p.shape[-1], dtype=p.dtype)
+    p_end = kalman.symmetrize(c.gamma[-1] ** 2 * p + c.alpha[-1] * eye - z.T @ z)
+    out = {"gains": gains}
+    if c.q is not None:                                                  # q_i^T P_i q_i
+        e = jnp.tril(c.gamma[:, None] * (c.q @ gw_p.T) + c.f @ x.T)
+        out["variance"] = (c.gamma ** 2 * jnp.sum((c.q @ p) * c.q, -1) + c.alpha * jnp.sum(c.q * c.q, -1)
+                           - jnp.sum(e * e, -1))
+    if boundaries:
+        out["start"] = p
+    return p_end, out
+
+
+def _covariance_scan(q, k, log_decay, noise, precision, initial_covariance, *, chunk_size: int,
+                     variance: bool, boundaries: bool = False):
+    """`covariance_pass`, and with ``boundaries`` also ``P`` at the start of every chunk
+    ``[N, B*H, K, K]`` (for numerical checks, `benchmarks/long_sequence.py`)."""
+    dtype = compute_dtype(q, k, noise, precision, initial_covariance)
+    batch, time, heads = q.shape[:3]
+    with jax.default_matmul_precision("float32"):
+        q, k = (_to_chunks(x.astype(dtype), chunk_size) for x in (q, k))
+        log_decay = None if log_decay is None else _to_chunks(log_decay.astype(dtype), chunk_size)
+        noise = _to_chunks(noise.astype(dtype), chunk_size)                           # pads add none
+        precision = _to_chunks(precision.astype(dtype), chunk_size, pad_value=1.0)    # pads: k = 0
+        terms = _every_chunk(functools.partial(_covariance_chunk, variance=variance), q, k, log_decay, noise,
+                             precision)
+        final, out = _through_chunks(functools.partial(_covariance_step, boundaries=boundaries),
+                                     _heads(initial_covariance.astype(dtype)), terms)
+    gains = _from_chunks(out["gains"], batch, heads, time)
+    predictive = _from_chunks(out["variance"], batch, heads, time) if variance else None
+    return gains, final.reshape(initial_covariance.shape), predictive, out.get("start")
+
+
+@shapes.typed
+def covariance_pass(q: shapes.Queries, k: shapes.Keys, log_decay: Optional[shapes.PerHead], noise: shapes.PerHead,
+                    precision: shapes.PerHead, initial_covariance: shapes.Covariance, *, chunk_size: int,
+                    variance: bool) -> tuple[shapes.Keys, shapes.Covariance, Optional[shapes.PerHead]]:
+    """The exact family's covariance recursion, in chunks (module doc, `CovarianceChunk`): scalar or no
+    decay, ``Q_t = noise_t I``.
+
+    Args:
+      q, k: ``[B, T, H, K]``.
+      log_decay: None or ``[B, T, H]``.
+      noise: ``q_t`` ``[B, T, H]`` (zeros without process noise).
+      precision: ``beta_t`` ``[B, T, H]``.
+      initial_covariance: ``P_0 [B, H, K, K]``.
+      variance: also return the predictive variances.
+
+    Returns the gains ``Kg [B, T, H, K]``, ``P_T [B, H, K, K]`` and ``q_t^T P_t q_t [B, T, H]`` (None
+    unless ``variance``), in the compute dtype.
+    """
+    return _covariance_scan(q, k, log_decay, noise, precision, initial_covariance, chunk_size=chunk_size,
+                            variance=variance)[:3]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The lowering: structure -> which reference, with what write key and what noise.
+
+
+def reason_not_applicable(structure) -> str | None:
+    """Why the chunked forms do not cover a structure, or None."""
+    if structure.transition == "dense":
+        return "a dense transition has no chunked form (its products over time are not C x C masks)"
+    if structure.family != "exact":
+        return None
+    if structure.transition == "diagonal":
+        return ("the exact chunked filter needs a scalar or no decay (a channel-wise decay with a full "
+                "covariance does not reduce to Gram matrices of the keys)")
+    if structure.noise == "stationary" and not structure.stationary.isotropic:
+        return ("stationary noise towards a non-isotropic prior, Q_t = (1 - a_t^2) P_0, is not isotropic; "
+                "the exact chunked filter needs Q_t = q_t I")
+    return None
 
 
 def _isotropic_noise(structure, x: StepInputs):
     """``q_t`` of ``Q_t = q_t I`` ``[B,T,H]`` (zeros without noise)."""
     if structure.noise == "random_walk":
         return x.process_noise
-    if structure.noise == "stationary":
-        noise = structure.model.noise
-        variance = noise.variance if noise.variance is not None else structure.model.prior.covariance.variance
-        log_a = x.transition if x.transition is not None else jnp.zeros(x.k.shape[:3], x.k.dtype)
-        return -variance * jnp.expm1(2 * log_a)                            # l^2 (1 - a^2)
-    return jnp.zeros(x.k.shape[:3], x.k.dtype)
+    dtype = x.compute_dtype
+    if structure.noise == "stationary":                                  # P_s = l^2 I: Q_t = l^2 (1 - a_t^2) I
+        log_a = x.transition if x.transition is not None else jnp.zeros(x.k.shape[:3], dtype)
+        return -structure.stationary.variance * jnp.expm1(2 * log_a)
+    return jnp.zeros(x.k.shape[:3], dtype)
 
 
-def covariance_pass(structure, x: StepInputs, cov0, chunk: int):
-    """The covariance pass (module doc). Returns the gains ``Kg [B,H,N,C,K]``, the final ``P``, the
-    predictive variances ``[B,H,N,C]``, the cumulative log decays ``b [B,H,N,C]`` and the covariance at
-    the start of every chunk ``[B,H,N,K,K]`` (for numerical checks)."""
-    q, k = _to_chunks(x.q, chunk), _to_chunks(x.k, chunk)
-    b = _cumulative_log_decays(x, structure, chunk)[..., 0]               # [B,H,N,C]
-    noise = _to_chunks(_isotropic_noise(structure, x), chunk)             # q_t; pads add none
-    inv_beta = _to_chunks(1.0 / x.precision, chunk, pad_value=1.0)        # pads: unit noise, k = 0
-    dtype = k.dtype
-    eye_c = jnp.eye(chunk, dtype=dtype)
-    lower_incl = jnp.tril(jnp.ones((chunk, chunk), bool))
-    diff = b[..., :, None] - b[..., None, :]                              # b_i - b_j
-    r_lower = jnp.exp(jnp.where(lower_incl, diff, -jnp.inf))              # R_ij, j <= i, else 0
-    r_sym = jnp.exp(-jnp.abs(diff))
-    # alpha_i = sum_{m <= i} q_m exp(2 (b_i - b_m)): the noise accumulated since the chunk start.
-    alpha = jnp.einsum("...im,...m->...i", r_lower ** 2, noise)
-    alpha_min = jnp.where(lower_incl, alpha[..., None, :], alpha[..., :, None])   # alpha_{min(i, j)}
-    gamma = jnp.exp(b)
-    k_gamma = k * gamma[..., None]
-    gram_kk = k @ jnp.swapaxes(k, -1, -2)
-    gram_qk = q @ jnp.swapaxes(k, -1, -2)
-    noise_part = r_sym * alpha_min * gram_kk + inv_beta[..., None] * eye_c
-    # The whitening X = L^{-1} and X (K * gamma) do not depend on P_c only through Sigma; they are
-    # computed per chunk inside the scan.
-    r_end = r_lower[..., -1, :]                                           # exp(b_C - b_m)
-    k_alpha = k * alpha[..., None]
-    k_end = k * (r_end * alpha)[..., None]
-    f_matrix = r_lower * gram_qk * alpha[..., None, :]                    # F_im (m <= i)
-
-    def body(cov, inputs):
-        k_g, noise_c, k_a, k_e, f_c, r_l, gam, q_c, alpha_c = inputs
-        sigma = k_g @ cov @ jnp.swapaxes(k_g, -1, -2) + noise_c
-        chol, whiten = linalg.cholesky_with_inverse(kalman.symmetrize(sigma))   # L and X = L^{-1}
-        k_t = whiten @ k_g                                                # Kt = X (K * gamma)
-        kt_p = k_t @ cov
-        pivots = jnp.diagonal(chol, axis1=-2, axis2=-1)
-        gains = (gam[..., None] * kt_p + (whiten * r_l) @ k_a) / pivots[..., None]
-        z = gam[..., -1, None, None] * kt_p + whiten @ k_e
-        end = gam[..., -1, None, None]
-        new_cov = kalman.symmetrize(end ** 2 * cov + alpha_c[..., -1, None, None] * jnp.eye(cov.shape[-1], dtype=dtype)
-                                    - jnp.swapaxes(z, -1, -2) @ z)
-        # Predictive variance q_i^T P_i q_i.
-        e = gam[..., :, None] * (q_c @ cov @ jnp.swapaxes(k_t, -1, -2)) + f_c @ jnp.swapaxes(whiten, -1, -2)
-        e = jnp.where(lower_incl, e, 0.0)
-        variance = (gam ** 2 * jnp.einsum("...ik,...kl,...il->...i", q_c, cov, q_c)
-                    + alpha_c * jnp.sum(q_c * q_c, -1) - jnp.sum(e * e, -1))
-        return new_cov, (gains, variance, cov)
-
-    final_cov, (gains, variance, boundaries) = _scan_chunks(
-        body, cov0, (k_gamma, noise_part, k_alpha, k_end, f_matrix, r_lower, gamma, q, alpha))
-    return gains, final_cov, variance, b, boundaries
-
-
-def exact(structure, x: StepInputs, state: FilterState, chunk: int, diagnostics: bool = False):
-    time = x.k.shape[1]
-    gains, final_cov, variance, b, _ = covariance_pass(structure, x, state.covariance, chunk)
-    q, k, v = (_to_chunks(z, chunk) for z in (x.q, x.k, x.v))
-    y, final_mean = delta_rule(q, k, gains, v, b[..., None], state.mean, time)
-    out = (y, FilterState(final_mean, final_cov))
-    if diagnostics:
-        gain = jnp.sum(k * gains, -1)
-        out += (kalman.Diagnostics(_from_chunks(gain, time), _from_chunks(variance, time)),)
-    return out
-
-
+@shapes.typed
 def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = False,
-        chunk_size: int = DEFAULT_CHUNK_SIZE):
-    x = x.in_compute_dtype()
-    transpose = lambda s: s._replace(mean=jnp.swapaxes(s.mean, -1, -2))
-    state = transpose(state)
-    if structure.family == "exact":
-        out = exact(structure, x, state, chunk_size, diagnostics)
-    else:
-        lowering = additive if structure.family == "additive" else reset
-        out = lowering(structure, x, state, chunk_size)
-    return FilterOutput(out[0], transpose(out[1]), *out[2:])
+        chunk_size: int = DEFAULT_CHUNK_SIZE) -> FilterOutput:
+    if structure.family == "additive":
+        k = x.k if x.input_scale is None else x.k.astype(x.compute_dtype) * x.input_scale[..., None]
+        y, mean = additive(x.q, k, x.v, x.transition, state.mean, chunk_size=chunk_size)
+        return FilterOutput(y, FilterState(mean, None))
+    if structure.family == "reset":
+        w = x.write_strength[..., None] * x.k                            # Kg = eta k
+        y, mean = delta_rule(x.q, x.k, w, x.v, x.transition, state.mean, chunk_size=chunk_size)
+        return FilterOutput(y, FilterState(mean, None))
+    gains, covariance, variance = covariance_pass(
+        x.q, x.k, x.transition, _isotropic_noise(structure, x), x.precision, state.covariance,
+        chunk_size=chunk_size, variance=diagnostics)
+    y, mean = delta_rule(x.q, x.k, gains, x.v, x.transition, state.mean, chunk_size=chunk_size)
+    out = FilterOutput(y, FilterState(mean, covariance))
+    if diagnostics:
+        write_gain = jnp.sum(x.k.astype(gains.dtype) * gains, -1)       # g_t = k_t^T Kg_t
+        out = out._replace(diagnostics=kalman.Diagnostics(write_gain, variance))
+    return out
 
 
 def check_chunk_size(value) -> None:
@@ -365,7 +467,7 @@ class Chunked(Lowering):
         return reason_not_applicable(structure)
 
     def supports_diagnostics(self, structure):
-        return supports_diagnostics(structure)
+        return structure.family == "exact"
 
     def run(self, structure, x, state, *, diagnostics, chunk_size=DEFAULT_CHUNK_SIZE):
         return run(structure, x, state, diagnostics=diagnostics, chunk_size=chunk_size)

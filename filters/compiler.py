@@ -1,21 +1,22 @@
 """`compile`: the one dispatch point from a design model to a filter.
 
-The compiler analyses the declared structure (`filters.structure`), checks that the requested lowering
-applies, and returns a `Filter` whose call, step and state have the same form on every backend.
+The compiler takes the declared structure (`filters.structure`), picks the lowering (`filters.lowering`:
+the one interface, its registry and ``auto``), checks that it applies and that it takes the options
+given, and returns a `Filter` whose call, step and state have the same form on every backend.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 import designmodels as dm
 from filters import associative, chunked, kalman, sequential
+from filters.checks import check_output, check_state, prepare
+from filters.inputs import FilterState, prior_state
 from filters.pallas import lowering as pallas_lowering
-from filters.inputs import FilterState, _value_checker, initial_state, prepare
 from filters.lowering import LOWERINGS, BackendError, Lowering, applicable, auto, register
 from filters.structure import Structure, analyze
 
@@ -71,9 +72,10 @@ class Filter:
 
     ``y, state = f(q, k, v, initial_state=None, **gates)``; with ``diagnostics=True`` (at compile or
     call time) ``y, state, Diagnostics``. Shapes and dtypes are always checked; values (and a finite
-    readout) are checked too: now when they are concrete, and under ``jit``, ``grad``, ``vmap`` or ``scan``
-    by a host callback that raises when the computation runs. ``validate=False`` skips the value checks
-    for inputs valid by construction (the layers). ``y [B,T,H,V]`` has the dtype of ``v``; the state is a
+    readout) are checked too (`filters.checks`): at once when they are concrete, and under ``jit``,
+    ``grad``, ``vmap`` or ``scan`` when the computation runs (JAX then raises ``jax.errors.JaxRuntimeError``
+    carrying the `FilterInputError` message; `filters.reraise_input_errors` gives the `FilterInputError`
+    itself). ``validate=False`` skips the value checks for inputs valid by construction (the layers). ``y [B,T,H,V]`` has the dtype of ``v``; the state is a
     `FilterState` in the compute dtype (float32, or float64 when the inputs are).
     """
 
@@ -112,22 +114,15 @@ class Filter:
 
     def init_state(self, batch: int, heads: int, key_dim: int, value_dim: int, dtype=jnp.float32) -> FilterState:
         """The prior state: ``S_0 = 0`` and, for the exact family, ``P_0`` from the prior."""
-        return initial_state(self.structure, None, batch=batch, heads=heads, key_dim=key_dim,
-                             value_dim=value_dim, dtype=dtype)
+        return prior_state(self.structure, batch=batch, heads=heads, key_dim=key_dim, value_dim=value_dim,
+                           dtype=dtype)
 
-    def _state(self, state, q, v, dtype, time_axis):
-        batch, heads = (q.shape[0], q.shape[2]) if time_axis else q.shape[:2]
-        return initial_state(self.structure, state, batch=batch, heads=heads, key_dim=q.shape[-1],
-                             value_dim=v.shape[-1], dtype=dtype, name="initial_state" if time_axis else "state")
-
-    def _check_output(self, y, backend: str):
-        """Finite inputs must give a finite readout: a lowering that lost its numerics says so, never a
-        silent NaN."""
-        _value_checker(
-            "output y", y, lambda x, xp: xp.isfinite(x),
-            f"finite readouts; the {backend!r} lowering produced non-finite values from finite, valid inputs "
-            f"(in {y.dtype}), a loss of precision (e.g. very large precisions beta); use float64 inputs, "
-            "a smaller range of beta, or backend='sequential'")
+    def _state(self, state, x, time_axis):
+        """The initial state checked against the inputs ``x``, in their compute dtype."""
+        batch, heads = (x.q.shape[0], x.q.shape[2]) if time_axis else x.q.shape[:2]
+        return check_state(self.structure, state, batch=batch, heads=heads, key_dim=x.q.shape[-1],
+                           value_dim=x.v.shape[-1], dtype=x.compute_dtype,
+                           name="initial_state" if time_axis else "state")
 
     def __call__(self, q, k, v, *, initial_state=None, diagnostics: Optional[bool] = None,
                  validate: bool = True, **gates):
@@ -137,10 +132,10 @@ class Filter:
         elif diagnostics != self.diagnostics:
             lowering = _lowering(self.structure, self.requested_backend, diagnostics)
         x = prepare(self.structure, q, k, v, gates, validate=validate)
-        state = self._state(initial_state, q, v, x.compute_dtype, time_axis=True)
+        state = self._state(initial_state, x, time_axis=True)
         out = self._run(x, state, backend=lowering.name, diagnostics=diagnostics)
         if validate:
-            self._check_output(out.y, lowering.name)
+            check_output(out.y, lowering.name)
         y = out.y.astype(v.dtype)
         return (y, out.state, out.diagnostics) if diagnostics else (y, out.state)
 
@@ -150,12 +145,12 @@ class Filter:
         Agrees with the parallel forms: ``f(q, k, v)`` equals stepping through ``t = 0 .. T-1``.
         """
         x = prepare(self.structure, q, k, v, gates, time_axis=False, validate=validate)
-        state = self._state(state, q, v, x.compute_dtype, time_axis=False)
+        state = self._state(state, x, time_axis=False)
         stationary = self.structure.stationary_covariance(q.shape[-1])
         stationary = None if stationary is None else jnp.asarray(stationary, x.compute_dtype)
         y, state, _ = self._step(state, x, stationary)
         if validate:
-            self._check_output(y, "step")
+            check_output(y, "step")
         return y.astype(v.dtype), state
 
 
@@ -193,7 +188,7 @@ def explain(model: dm.DesignModel) -> str:
     if structure.family == "reset":
         lines.append("  reset       " + ("run-time write strength eta = beta" if structure.write_strength
                                          else f"sigma^2 = {structure.reset_variance}"))
-    inputs = model.runtime_inputs
+    inputs = structure.runtime_inputs
     lines.append("  run-time    " + (", ".join(
         f"{s.name} [B,T,H{''.join(',' + d for d in s.trailing)}]{'' if s.required else ' (optional)'}"
         for s in inputs.values()) or "none besides q, k, v"))

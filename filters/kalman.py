@@ -28,16 +28,16 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from filters import transitions
+from filters import shapes, transitions
 from filters.inputs import FilterState, StepInputs
 
 
 class Diagnostics(NamedTuple):
-    """Per-step diagnostics ``[B, T, H]``: ``write_gain`` ``g_t`` and ``predictive_variance``
-    ``q_t^T P_t q_t``."""
+    """Per-step diagnostics ``[B, T, H]`` (``[B, H]`` for one step): ``write_gain`` ``g_t`` and
+    ``predictive_variance`` ``q_t^T P_t q_t``."""
 
-    write_gain: jax.Array
-    predictive_variance: jax.Array
+    write_gain: shapes.SteppedPerHead
+    predictive_variance: shapes.SteppedPerHead
 
 
 def _dot(a, b):
@@ -72,7 +72,9 @@ def predict_covariance(structure, p, x: StepInputs, stationary_cov):
     return p_bar
 
 
-def step(structure, state: FilterState, x: StepInputs, stationary_cov=None):
+@shapes.typed
+def step(structure, state: FilterState, x: StepInputs, stationary_cov: Optional[shapes.KeySquare] = None
+         ) -> tuple[shapes.SteppedValues, FilterState, Optional[Diagnostics]]:
     """Advance the filter by one step. Returns ``(y, new_state, Diagnostics or None)``.
 
     ``state.covariance`` is carried for the exact family; for the others it may be carried only to

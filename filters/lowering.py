@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 
+from filters import shapes
 from filters.inputs import FilterState, StepInputs
 from filters.kalman import Diagnostics
 
@@ -37,7 +38,7 @@ class FilterOutput(NamedTuple):
     """What every lowering returns: ``y [B,T,H,V]``, the final `FilterState` and, when asked and
     supported, the per-step `Diagnostics` (else None); all in the compute dtype."""
 
-    y: jax.Array
+    y: shapes.Readouts
     state: FilterState
     diagnostics: Optional[Diagnostics] = None
 

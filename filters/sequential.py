@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from filters import kalman
+from filters import kalman, shapes
 from filters.inputs import FilterState, StepInputs
 from filters.lowering import FilterOutput, Lowering
 
@@ -14,6 +14,7 @@ def time_major(tree):
     return jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 1, 0), tree)
 
 
+@shapes.typed
 def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = False) -> FilterOutput:
     x = x.in_compute_dtype()
     key_dim = x.k.shape[-1]

@@ -9,6 +9,7 @@ here; neither changes anything on a CPU."""
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see filters/__init__.py: before numpy loads OpenBLAS
+os.environ.setdefault("MBD_CHECK_SHAPES", "1")      # filters.shapes: annotated shapes checked at every call
 
 from experiments.common import deterministic_gpu_reductions  # noqa: E402
 

@@ -1,43 +1,74 @@
-"""Random, valid run-time inputs for any design model, from its declared run-time interface."""
+"""What the tests share: the tables of models and backends, random valid inputs and states for any
+design model (from its declared run-time interface), and the error measure."""
 from __future__ import annotations
 
 import numpy as np
 
 import designmodels as dm
+import filters
+from experiments.oracles.support import random_inputs, relative_error  # noqa: F401  (shipped in the wheel)
+
+BACKENDS = ["sequential", "associative", "chunked"]
+PARALLEL = ["associative", "chunked"]
 
 
-def random_inputs(model: dm.DesignModel, *, batch=2, time=7, heads=3, key_dim=4, value_dim=5, seed=0,
-                  dtype=np.float64, unit_keys=True):
-    """``(q, k, v, gates)`` with gates drawn inside the accepted ranges of ``model.runtime_inputs``."""
+def compile_for_tests(model, backend, **kw):
+    """Chunked with small chunks, so that short tests cross several chunk boundaries and padding."""
+    options = {"chunk_size": 4} if backend == "chunked" else {}
+    return filters.compile(model, backend=backend, **options, **kw)
+
+
+def applies(model, backend):
+    return not filters.LOWERINGS[backend].reason_not_applicable(filters.analyze(model))
+
+
+def spd(key_dim, seed):
+    a = np.random.default_rng(seed).normal(size=(key_dim, key_dim))
+    return a @ a.T / key_dim + 0.3 * np.eye(key_dim)
+
+
+# Exact-family models nobody ships: the compiler must handle them from their declaration alone.
+USER_EXACT_MODELS = {
+    "diagonal_decay_full_covariance": dm.DesignModel(
+        prior=dm.Prior(dm.FullCovariance(spd(4, 1))), transition=dm.DiagonalDecay(None),
+        noise=dm.RandomWalk(0.05), observation=dm.KeyValueObservation(None)),
+    "stationary_diagonal_prior": dm.DesignModel(
+        prior=dm.Prior(dm.DiagonalCovariance((0.5, 1.0, 2.0, 1.5))), transition=dm.ScalarDecay(None),
+        noise=dm.Stationary(), observation=dm.KeyValueObservation(2.0)),
+    "dense_transition_input_noise": dm.DesignModel(
+        prior=dm.Prior(dm.IsotropicCovariance(0.5)), transition=dm.DenseTransition(None),
+        noise=dm.RandomWalk(None), observation=dm.KeyValueObservation(None)),
+    "fixed_dense_full_prior": dm.DesignModel(
+        prior=dm.Prior(dm.FullCovariance(spd(4, 2))),
+        transition=dm.DenseTransition(0.3 * np.random.default_rng(3).normal(size=(4, 4)) + 0.6 * np.eye(4)),
+        observation=dm.KeyValueObservation(None)),
+    "fixed_channel_decay_stationary": dm.DesignModel(
+        transition=dm.DiagonalDecay((0.9, 0.5, 0.99, 0.7)), noise=dm.Stationary(0.7),
+        observation=dm.KeyValueObservation(None)),
+    "bayesian_random_walk": dm.bayesian(prior_variance=0.8, process_noise=0.05),
+    "bayesian_stationary": dm.bayesian(prior_variance=2.0, noise="stationary"),
+    "bayesian_no_decay": dm.bayesian(decay="none"),
+}
+# Additive and reset models nobody ships.
+USER_OTHER_MODELS = {
+    "kda_style_channel_reset": dm.DesignModel(
+        transition=dm.DiagonalDecay(None), observation=dm.KeyValueObservation(None),
+        covariance=dm.Reset(write_strength=True)),
+    "dense_additive": dm.DesignModel(transition=dm.DenseTransition(None), observation=dm.LatentInput()),
+    "fixed_variance_reset_with_decay": dm.DesignModel(
+        transition=dm.ScalarDecay(0.9), observation=dm.KeyValueObservation(3.0), covariance=dm.Reset(0.5)),
+}
+NAMED = {name: factory() for name, factory in dm.NAMED_MODELS.items()}
+ALL_MODELS = {**NAMED, **USER_EXACT_MODELS, **USER_OTHER_MODELS}
+# The layers: every named model, and a dense transition and a channel-wise reset declared by hand.
+LAYER_MODELS = {**NAMED, **{name: ALL_MODELS[name] for name in ("dense_transition_input_noise",
+                                                                "kda_style_channel_reset")}}
+
+
+def random_state(model, batch, heads, key_dim, value_dim, seed):
     rng = np.random.default_rng(seed)
-    lead = (batch, time, heads)
-    q = rng.normal(size=(*lead, key_dim))
-    k = rng.normal(size=(*lead, key_dim))
-    if unit_keys:
-        k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    v = rng.normal(size=(*lead, value_dim))
-    gates = {}
-    for name, spec in model.runtime_inputs.items():
-        shape = (*lead, *(key_dim for _ in spec.trailing))
-        if name == "log_decay":
-            gates[name] = -rng.uniform(0.01, 0.7, size=shape)
-        elif name == "transition":
-            a = rng.normal(size=shape) / np.sqrt(key_dim)
-            gates[name] = 0.9 * a / np.linalg.norm(a, ord=2, axis=(-2, -1), keepdims=True)
-        elif name == "process_noise":
-            gates[name] = rng.uniform(0.0, 0.3, size=shape)
-        elif name == "input_scale":
-            gates[name] = rng.uniform(0.05, 1.0, size=shape)
-        elif name == "beta" and "write strength" in spec.accepted:
-            gates[name] = rng.uniform(0.05, 0.95, size=shape) / np.sum(k * k, -1)
-        elif name == "beta":
-            gates[name] = rng.uniform(0.2, 5.0, size=shape)
-        else:
-            raise KeyError(name)
-    cast = lambda x: np.asarray(x, dtype)
-    return cast(q), cast(k), cast(v), {n: cast(g) for n, g in gates.items()}
-
-
-def relative_error(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+    mean = rng.normal(size=(batch, heads, key_dim, value_dim))
+    if model.family != "exact":
+        return filters.FilterState(mean, None)
+    cov = np.stack([np.stack([spd(key_dim, seed + 10 * b + h) for h in range(heads)]) for b in range(batch)])
+    return filters.FilterState(mean, cov)

@@ -95,3 +95,21 @@ def test_crowding_closed_forms_limits():
     lam = 0.25
     assert math.isclose(dynamics.marchenko_pastur_ridge_loss(1e-9, lam), (lam / (1 + lam)) ** 2, rel_tol=1e-6)
     assert math.isclose(dynamics.marchenko_pastur_ridge_loss(8.0, 1e-9), 1 - 1 / 8, rel_tol=1e-6)
+
+
+def test_reset_family_predictive_variance_is_that_of_the_reset_covariance():
+    """A reset step is an exact update from ``P_bar = sigma^2 I``: the predictive variance it reports is
+    ``q^T P q`` with ``P = sigma^2 I - u u^T / (k^T u + 1 / beta)``, ``u = sigma^2 k``, computed here
+    directly (Longhorn: sigma^2 = 1, beta a precision)."""
+    import designmodels as dm
+    import filters
+    from tests.support import random_inputs
+
+    model = dm.longhorn()
+    q, k, v, gates = random_inputs(model, batch=1, time=3, heads=2, key_dim=4, value_dim=2, seed=5, unit_keys=False)
+    _, _, diagnostics = filters.compile(model, backend="sequential")(q, k, v, diagnostics=True, **gates)
+    beta = gates["beta"]
+    u = k                                                        # sigma^2 = 1
+    s = np.sum(k * u, -1) + 1 / beta
+    want = np.sum(q * q, -1) - np.sum(q * u, -1) ** 2 / s
+    np.testing.assert_allclose(np.asarray(diagnostics.predictive_variance), want, rtol=1e-10)

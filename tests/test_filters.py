@@ -8,71 +8,10 @@ from jax.test_util import check_grads
 
 import designmodels as dm
 import filters
-from tests import joint_gaussian
-from tests.support import random_inputs, relative_error
-
-BACKENDS = ["sequential", "associative", "chunked"]
-PARALLEL = ["associative", "chunked"]
-
-
-def _compile(model, backend, **kw):
-    """Chunked with small chunks, so that short tests cross several chunk boundaries and padding."""
-    options = {"chunk_size": 4} if backend == "chunked" else {}
-    return filters.compile(model, backend=backend, **options, **kw)
-
-
-def _applies(model, backend):
-    return not filters.LOWERINGS[backend].reason_not_applicable(filters.analyze(model))
-
-
-def _spd(key_dim, seed):
-    a = np.random.default_rng(seed).normal(size=(key_dim, key_dim))
-    return a @ a.T / key_dim + 0.3 * np.eye(key_dim)
-
-
-# Exact-family models nobody ships: the compiler must handle them from their declaration alone.
-USER_EXACT_MODELS = {
-    "diagonal_decay_full_covariance": dm.DesignModel(
-        prior=dm.Prior(dm.FullCovariance(_spd(4, 1))), transition=dm.DiagonalDecay(None),
-        noise=dm.RandomWalk(0.05), observation=dm.KeyValueObservation(None)),
-    "stationary_diagonal_prior": dm.DesignModel(
-        prior=dm.Prior(dm.DiagonalCovariance((0.5, 1.0, 2.0, 1.5))), transition=dm.ScalarDecay(None),
-        noise=dm.Stationary(), observation=dm.KeyValueObservation(2.0)),
-    "dense_transition_input_noise": dm.DesignModel(
-        prior=dm.Prior(dm.IsotropicCovariance(0.5)), transition=dm.DenseTransition(None),
-        noise=dm.RandomWalk(None), observation=dm.KeyValueObservation(None)),
-    "fixed_dense_full_prior": dm.DesignModel(
-        prior=dm.Prior(dm.FullCovariance(_spd(4, 2))),
-        transition=dm.DenseTransition(0.3 * np.random.default_rng(3).normal(size=(4, 4)) + 0.6 * np.eye(4)),
-        observation=dm.KeyValueObservation(None)),
-    "fixed_channel_decay_stationary": dm.DesignModel(
-        transition=dm.DiagonalDecay((0.9, 0.5, 0.99, 0.7)), noise=dm.Stationary(0.7),
-        observation=dm.KeyValueObservation(None)),
-    "bayesian_random_walk": dm.bayesian(prior_variance=0.8, process_noise=0.05),
-    "bayesian_stationary": dm.bayesian(prior_variance=2.0, noise="stationary"),
-    "bayesian_no_decay": dm.bayesian(decay="none"),
-}
-# Additive and reset models nobody ships.
-USER_OTHER_MODELS = {
-    "kda_style_channel_reset": dm.DesignModel(
-        transition=dm.DiagonalDecay(None), observation=dm.KeyValueObservation(None),
-        covariance=dm.Reset(write_strength=True)),
-    "dense_additive": dm.DesignModel(transition=dm.DenseTransition(None), observation=dm.LatentInput()),
-    "fixed_variance_reset_with_decay": dm.DesignModel(
-        transition=dm.ScalarDecay(0.9), observation=dm.KeyValueObservation(3.0), covariance=dm.Reset(0.5)),
-}
-NAMED = {name: factory() for name, factory in dm.NAMED_MODELS.items()}
-ALL_MODELS = {**NAMED, **USER_EXACT_MODELS, **USER_OTHER_MODELS}
-
-
-def _random_state(model, batch, heads, key_dim, value_dim, seed):
-    rng = np.random.default_rng(seed)
-    mean = rng.normal(size=(batch, heads, key_dim, value_dim))
-    if model.family != "exact":
-        return filters.FilterState(mean, None)
-    cov = np.stack([np.stack([_spd(key_dim, seed + 10 * b + h) for h in range(heads)]) for b in range(batch)])
-    return filters.FilterState(mean, cov)
-
+from tests import contract, joint_gaussian
+from tests.support import (ALL_MODELS, BACKENDS, NAMED, PARALLEL, USER_EXACT_MODELS, applies as _applies,
+                           compile_for_tests as _compile, random_inputs, random_state as _random_state,
+                           relative_error)
 
 @pytest.mark.parametrize("name", sorted(USER_EXACT_MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -104,12 +43,31 @@ def test_backends_agree_and_step_matches(name, time):
             assert (a is None) == (b is None) and (a is None or relative_error(a, b) < 1e-10), backend
 
     f = filters.compile(model)
-    stepped, ys = state, []
-    for t in range(time):
-        y_t, stepped = f.step(stepped, q[:, t], k[:, t], v[:, t], **{n: g[:, t] for n, g in gates.items()})
-        ys.append(y_t)
-    assert relative_error(jnp.stack(ys, 1), y_ref) < 1e-12
-    assert relative_error(stepped.mean, final_ref.mean) < 1e-12
+    contract.assert_step_equals_parallel(*_sequence_model(f), (q, k, v, gates), state=state, split=time // 2)
+
+
+def _sequence_model(f):
+    """A compiled filter as the test contract sees it: ``(parallel, step)`` on ``(q, k, v, gates)``."""
+    def parallel(inputs, state):
+        q, k, v, gates = inputs
+        return f(q, k, v, initial_state=state, **gates)
+
+    def step(state, inputs):
+        q, k, v, gates = inputs
+        return f.step(state, q, k, v, **gates)
+
+    return parallel, step
+
+
+@pytest.mark.parametrize("name", ["mamba2", "gla", "gated_deltanet", "longhorn", "bayesian",
+                                  "dense_transition_input_noise"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_sequence_of_a_batch_is_filtered_alone(name, backend):
+    model = ALL_MODELS[name]
+    if not _applies(model, backend):
+        pytest.skip(f"{backend} does not apply (tested in test_inapplicable_backends_say_why)")
+    q, k, v, gates = random_inputs(model, batch=3, time=6, seed=4)
+    contract.assert_batch_independent(_sequence_model(_compile(model, backend))[0], (q, k, v, gates))
 
 
 @pytest.mark.parametrize("name", ["gla", "gated_deltanet", "bayesian", "stationary_diagonal_prior"])
@@ -146,6 +104,7 @@ def test_gradients_agree_across_backends_and_match_finite_differences(name):
 
     backends = [b for b in BACKENDS if _applies(model, b)]
     grads = {b: jax.grad(loss(b), argnums=(0, 1, 2, 3))(q, k, v, gates) for b in backends}
+    contract.assert_gradients_reach(lambda args: loss("sequential")(*args), (q, k, v, gates))
     for backend in backends[1:]:
         for a, b in zip(jax.tree_util.tree_leaves(grads[backend]), jax.tree_util.tree_leaves(grads["sequential"])):
             assert relative_error(a, b) < 1e-9, backend
@@ -191,9 +150,10 @@ def test_reduced_precision_inputs(dtype, tolerance, backend):
     q, k, v, gates = random_inputs(model, time=16, seed=1)
     y_ref, _ = filters.compile(model, backend="sequential")(q, k, v, **gates)
     cast = lambda x: jnp.asarray(x, dtype)
-    y, state = _compile(model, backend)(cast(q), cast(k), cast(v), **{n: cast(g) for n, g in gates.items()})
-    assert y.dtype == dtype and state.mean.dtype == jnp.float32  # accumulation in f32, never bf16
-    assert relative_error(y, y_ref) < tolerance
+    inputs = (cast(q), cast(k), cast(v), {n: cast(g) for n, g in gates.items()})
+    parallel = _sequence_model(_compile(model, backend))[0]
+    contract.assert_dtypes(parallel, inputs, readout=dtype, state=jnp.float32)   # accumulation in f32, never bf16
+    assert relative_error(parallel(inputs, None)[0], y_ref) < tolerance
 
 
 def test_jit_compiles_every_backend():
@@ -229,7 +189,7 @@ def test_auto_picks_chunked_where_it_applies():
 def test_step_inputs_keep_qkv_in_their_dtype_and_gates_in_the_compute_dtype():
     """bf16 q, k, v reach the lowerings as bf16 (a kernel multiplies them on tensor cores); the gates
     and what is derived from them are in float32; every lowering computes in float32 from them."""
-    from filters.inputs import prepare
+    from filters.checks import prepare
 
     model = dm.gated_deltanet()
     q, k, v, gates = random_inputs(model, time=8, seed=1)

@@ -7,11 +7,8 @@ import pytest
 
 import designmodels as dm
 import layers
-from tests.test_filters import USER_EXACT_MODELS, USER_OTHER_MODELS
-
-MODELS = {**{n: f() for n, f in dm.NAMED_MODELS.items()},
-          "dense_transition_input_noise": USER_EXACT_MODELS["dense_transition_input_noise"],
-          "kda_style_channel_reset": USER_OTHER_MODELS["kda_style_channel_reset"]}
+from tests import contract
+from tests.support import LAYER_MODELS as MODELS
 
 
 def _layer(model, backend, conv_size=4):
@@ -19,19 +16,26 @@ def _layer(model, backend, conv_size=4):
                               conv_size=conv_size)
 
 
+def _sequence_model(layer, params):
+    """A layer as the test contract sees it: ``(parallel, step)`` on ``x [B, T, D]`` and its cache."""
+    def parallel(x, cache):
+        return layer.apply(params, x, cache, return_cache=True)
+
+    def step(cache, x_t):
+        return layer.apply(params, x_t, cache, method=layers.DesignLayer.step)
+
+    return parallel, step
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_prefill_then_decode_equals_parallel(name):
+def test_prefill_then_decode_equals_parallel_and_batch_rows_are_independent(name):
     layer = _layer(MODELS[name], "sequential")
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 12), jnp.float32)
     params = layer.init(jax.random.PRNGKey(1), x)
-    y = layer.apply(params, x)
-    assert y.shape == x.shape and y.dtype == jnp.float32
-    prefix, cache = layer.apply(params, x[:, :3], return_cache=True)
-    outs = [prefix]
-    for t in range(3, 7):
-        y_t, cache = layer.apply(params, x[:, t], cache, method=layers.DesignLayer.step)
-        outs.append(y_t[:, None])
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), y, rtol=1e-5, atol=1e-5)
+    parallel, step = _sequence_model(layer, params)
+    contract.assert_step_equals_parallel(parallel, step, x, split=3, rtol=1e-5, atol=1e-5)
+    contract.assert_batch_independent(parallel, x, rtol=1e-5, atol=1e-6)
+    contract.assert_dtypes(parallel, x, readout=jnp.float32, state=jnp.float32)
 
 
 @pytest.mark.parametrize("name", ["gla", "gated_deltanet", "bayesian", "dense_transition_input_noise"])
@@ -40,11 +44,7 @@ def test_gradients_reach_every_parameter(name, backend):
     layer = _layer(MODELS[name], backend)
     x = jax.random.normal(jax.random.PRNGKey(2), (1, 5, 12))
     params = layer.init(jax.random.PRNGKey(3), x)
-    grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2)))(params)
-    flat = jax.tree_util.tree_leaves_with_path(grads)
-    assert all(np.all(np.isfinite(g)) for _, g in flat)
-    zero = [jax.tree_util.keystr(p) for p, g in flat if not np.any(g)]
-    assert not zero, f"no gradient reaches {zero}"
+    contract.assert_gradients_reach(lambda p: jnp.sum(layer.apply(p, x) ** 2), params)
 
 
 def test_backends_give_the_same_layer():
@@ -68,6 +68,16 @@ def test_gates_are_in_range_by_construction():
             assert np.all(np.asarray(g["beta"]) > 0)
         if "transition" in g:
             assert np.all(np.linalg.norm(np.asarray(g["transition"]), ord=2, axis=(-2, -1)) <= 1 + 1e-6)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "bayesian"])
+def test_a_zero_input_gives_a_finite_output(name):
+    """A zero input (e.g. a zero embedding) gives zero queries and keys after the convolution; their
+    L2 normalization must keep them finite (zero), not divide by zero."""
+    layer = _layer(MODELS[name], "sequential")
+    x = jnp.zeros((1, 4, 12), jnp.float32)
+    y = layer.apply(layer.init(jax.random.PRNGKey(0), x + 1.0), x)
+    assert np.all(np.isfinite(y))
 
 
 def test_named_layer_rejects_unknown_names():
@@ -106,8 +116,8 @@ def test_readout_weights_reproduce_the_filter_readout(name):
     assert np.all(np.asarray(weights)[..., np.triu_indices(9, 1)[0], np.triu_indices(9, 1)[1]] == 0)
 
     def filtered(module, x):
-        q, k, v, gates, _ = module._features(x, None)
-        return module.filter(q, k, v, **gates)[0], v
+        q, k, v, gates, _ = layers.core.features(module.spec, module._params(), x)
+        return module.spec.filter(q, k, v, **gates)[0], v
 
     y, v = layer.apply(params, x, method=filtered)
     np.testing.assert_allclose(jnp.einsum("bhts,bshv->bthv", weights, v), y, rtol=1e-4, atol=1e-5)
@@ -130,3 +140,129 @@ def test_memory_span_of_known_readouts():
     np.testing.assert_allclose(span["current"], np.mean(1 / np.arange(5, 9)))
     with pytest.raises(layers.LayerError, match=r"memory_span: start=8; accepted: 0 <= start < T = 8"):
         layers.memory_span(uniform, start=8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gate ranges, asserted at their bounds: every projection weight is set to zero, so that each gate is its
+# parameterization (layers/gates.py) at a chosen pre-activation, and saturating pre-activations (+-30)
+# must reach each documented bound and not cross it.
+# ----------------------------------------------------------------------------------------------------
+
+def _gates_at(model, pre_activation, heads=2, key_dim=4, a_log=np.log(2.0), **attributes):
+    """The gates of ``model`` with zero projection kernels, every bias (and ``dt_bias``) equal to
+    ``pre_activation`` and ``A_log = a_log``."""
+    gates = layers.Gates(model, num_heads=heads, key_dim=key_dim, **attributes)
+    x = jax.random.normal(jax.random.PRNGKey(8), (2, 3, 12))
+    params = gates.init(jax.random.PRNGKey(9), x)
+
+    def value(path, leaf):
+        name = jax.tree_util.keystr(path[-1:])
+        if "kernel" in name:
+            return jnp.zeros_like(leaf)
+        if "A_log" in name:
+            return jnp.full_like(leaf, a_log)
+        return jnp.full_like(leaf, pre_activation)           # bias, dt_bias
+    params = jax.tree_util.tree_map_with_path(value, params)
+    return {n: np.asarray(g, np.float64) for n, g in gates.apply(params, x).items()}
+
+
+def test_write_strength_gate_spans_zero_to_one():
+    """DeltaNet's ``beta = sigmoid(.)``: in (0, 1) (float32 saturates to 1 at the top), reaching both ends."""
+    low, high = _gates_at(dm.deltanet(), -30.0)["beta"], _gates_at(dm.deltanet(), 30.0)["beta"]
+    assert np.all(low > 0) and np.all(low < 1e-12)
+    assert np.all(high <= 1) and np.all(high > 1 - 1e-6)
+    np.testing.assert_allclose(_gates_at(dm.deltanet(), 0.0)["beta"], 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bounds", [{}, {"beta_min": 0.25, "beta_max": 3.0}], ids=["default", "custom"])
+def test_precision_gate_stays_in_its_bounds(bounds):
+    """The Bayesian Layer's precision ``beta_min + (beta_max - beta_min) sigmoid(.)``: bounded below by
+    ``beta_min`` (default 0.01, which keeps the chunked factorizations well conditioned) and above by
+    ``beta_max`` (default 16), and reaching both."""
+    beta_min, beta_max = bounds.get("beta_min", 0.01), bounds.get("beta_max", 16.0)
+    low = _gates_at(dm.bayesian(), -30.0, **bounds)["beta"]
+    high = _gates_at(dm.bayesian(), 30.0, **bounds)["beta"]
+    assert np.all(low >= beta_min * (1 - 1e-6)) and np.all(high <= beta_max * (1 + 1e-6))
+    np.testing.assert_allclose(low, beta_min, rtol=1e-5)
+    np.testing.assert_allclose(high, beta_max, rtol=1e-6)
+    np.testing.assert_allclose(_gates_at(dm.bayesian(), 0.0, **bounds)["beta"], (beta_min + beta_max) / 2, rtol=1e-6)
+
+
+def test_scalar_decay_and_input_scale_gates():
+    """Mamba-2: ``dt = softplus(.) > 0`` and ``log_decay = -exp(A_log) dt`` in (-inf, 0), one shared ``dt``;
+    Gated DeltaNet's decay has the same form."""
+    for pre_activation, dt in ((-30.0, np.log1p(np.exp(-30.0))), (0.0, np.log(2.0)), (30.0, 30.0)):
+        mamba = _gates_at(dm.mamba2(), pre_activation)
+        assert np.all(mamba["input_scale"] > 0)
+        np.testing.assert_allclose(mamba["input_scale"], dt, rtol=1e-5)
+        np.testing.assert_allclose(mamba["log_decay"], -2.0 * dt, rtol=1e-5)     # exp(A_log) = 2
+        assert np.all(mamba["log_decay"] < 0)
+        np.testing.assert_allclose(_gates_at(dm.gated_deltanet(), pre_activation)["log_decay"], -2.0 * dt, rtol=1e-5)
+
+
+def test_channel_decay_gate_is_a_low_temperature_log_sigmoid():
+    """GLA's ``log_decay = log_sigmoid(.) / 16``: in (-inf, 0), near 0 when saturated high."""
+    high, low = _gates_at(dm.gla(), 30.0)["log_decay"], _gates_at(dm.gla(), -30.0)["log_decay"]
+    assert high.shape == (2, 3, 2, 4)
+    assert np.all(high <= 0) and np.all(high > -1e-12)
+    np.testing.assert_allclose(low, -30.0 / 16, rtol=1e-6)
+    custom = layers.Gates(dm.gla(), num_heads=2, key_dim=4, gate_logit_normalizer=4.0)
+    x = jnp.zeros((1, 2, 12))
+    params = jax.tree_util.tree_map(lambda p: jnp.full_like(p, -8.0), custom.init(jax.random.PRNGKey(0), x))
+    np.testing.assert_allclose(custom.apply(params, x)["log_decay"], jax.nn.log_sigmoid(-8.0) / 4.0, rtol=1e-6)
+
+
+def test_process_noise_gate_is_non_negative_and_starts_small():
+    """``softplus(. - 4)``: >= 0, about 0.018 at a zero pre-activation, 0 when saturated low."""
+    model = USER_EXACT_MODELS["dense_transition_input_noise"]
+    np.testing.assert_allclose(_gates_at(model, 0.0)["process_noise"], np.log1p(np.exp(-4.0)), rtol=1e-6)
+    low = _gates_at(model, -30.0)["process_noise"]
+    assert np.all(low >= 0) and np.all(low < 1e-12)
+    np.testing.assert_allclose(_gates_at(model, 30.0)["process_noise"], 26.0, rtol=1e-6)
+
+
+def test_dense_transition_gate_has_frobenius_norm_at_most_one():
+    """``A = Z / max(1, ||Z||_F)`` with ``Z = I + (x W + b)``: a large ``Z`` is scaled to norm exactly 1, a
+    small one is kept as it is."""
+    model = USER_EXACT_MODELS["dense_transition_input_noise"]
+    gates = layers.Gates(model, num_heads=2, key_dim=4)
+    x = jnp.ones((1, 2, 12))
+    params = gates.init(jax.random.PRNGKey(0), x)
+
+    def transition(bias):
+        p = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: jnp.zeros_like(leaf) if "kernel" in jax.tree_util.keystr(path) else leaf, params)
+        p["params"]["transition_proj"]["bias"] = jnp.tile(bias.reshape(-1), 2)
+        return np.asarray(gates.apply(p, x)["transition"], np.float64)
+
+    eye = np.eye(4)
+    large = transition(jnp.zeros(16))                       # Z = I, ||Z||_F = 2
+    np.testing.assert_allclose(large, np.broadcast_to(eye / 2, large.shape), rtol=1e-6)
+    small = transition(jnp.asarray(-0.9 * eye).reshape(-1))  # Z = 0.1 I, ||Z||_F = 0.2: unchanged
+    np.testing.assert_allclose(small, np.broadcast_to(0.1 * eye, small.shape), rtol=1e-5)
+    assert np.all(np.linalg.norm(large, axis=(-2, -1)) <= 1 + 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layer state across calls: a prompt filtered in two calls that pass the cache equals one call.
+# ----------------------------------------------------------------------------------------------------
+
+SPLIT_CASES = [(name, "sequential") for name in sorted(MODELS)] + [
+    ("gated_deltanet", "chunked"), ("bayesian", "chunked"), ("gla", "associative")]
+
+
+@pytest.mark.parametrize("name,backend", SPLIT_CASES)
+def test_prefill_in_two_calls_equals_one_call(name, backend):
+    """The output and the final cache (filter state and convolution buffers) of ``x[:, :2]`` then
+    ``x[:, 2:]`` with the cache passed between them equal one call over ``x``. The first part is shorter
+    than the convolution's history (``conv_size - 1 = 3``), so the history must carry across calls."""
+    layer = _layer(MODELS[name], backend)
+    x = jax.random.normal(jax.random.PRNGKey(10), (2, 7, 12), jnp.float32)
+    params = layer.init(jax.random.PRNGKey(11), x)
+    y, cache = layer.apply(params, x, return_cache=True)
+    first, mid = layer.apply(params, x[:, :2], return_cache=True)
+    second, end = layer.apply(params, x[:, 2:], mid, return_cache=True)
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), y, rtol=1e-5, atol=1e-5)
+    assert jax.tree_util.tree_structure(end) == jax.tree_util.tree_structure(cache)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(cache), jax.tree_util.tree_leaves(end)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))

@@ -111,7 +111,7 @@ def test_every_built_in_lowering_implements_the_interface(backend):
     structure = filters.analyze(model)
     q, k, v, gates = random_inputs(model, time=5, seed=3)
     f = filters.compile(model, backend=backend)
-    from filters.inputs import prepare
+    from filters.checks import prepare
     x = prepare(structure, q, k, v, gates)
     state = f.init_state(2, 3, 4, 5, jnp.float64)
     out = lowering.run(structure, x, state, diagnostics=lowering.supports_diagnostics(structure))

@@ -262,3 +262,16 @@ def test_pallas_options_are_checked(options, phrase):
 def test_chunk_size_of_the_chunked_lowering_is_its_own():
     """An option two lowerings take is checked by the one that uses it."""
     assert filters.compile(dm.gated_deltanet(), backend="chunked", chunk_size=8).backend == "chunked"
+
+
+@pytest.mark.parametrize("key_dim, value_dim", [(16, 32), (32, 16), (12, 16)])
+def test_widths(key_dim, value_dim):
+    """K != V in the kernels (value blocks); a width the kernels do not tile runs the chunked form."""
+    model = dm.gated_deltanet()
+    q, k, v, gates = random_inputs(model, batch=1, time=20, heads=1, key_dim=key_dim, value_dim=value_dim,
+                                   seed=6, dtype=np.float32)
+    y, final = filters.compile(model, backend="pallas", chunk_size=16, precision="highest", interpret=True)(
+        q, k, v, **gates)
+    want_y, want_final = filters.compile(model, backend="sequential")(q, k, v, **gates)
+    assert final.mean.shape == (1, 1, key_dim, value_dim)
+    assert _relative(y, want_y) < 1e-5 and _relative(final.mean, want_final.mean) < 1e-5

@@ -223,6 +223,14 @@ def test_layout_errors_are_clear():
     assert tasks.mqar_layout(64, 4, "update") == tasks.MqarLayout(16, 1, 4)
 
 
+def test_block_gap_of_one_separator_is_the_smallest_accepted():
+    inputs, labels = tasks.mqar(V, 32, P, 20, seed=6, variant="block", block_gap=1)
+    assert np.all(inputs[:, 1:3 * P:3] == tasks.SEPARATOR)        # k_i 0 v_i
+    _check_labels_bound_to_keys(inputs, labels, "block", P, gap=1)
+    with pytest.raises(tasks.TaskError, match="block_gap=0: must be at least 1 separator"):
+        tasks.mqar(V, 32, P, 20, seed=6, variant="block", block_gap=0)
+
+
 def test_large_sets_are_fast_enough():
     """Vectorised: Zoology's largest evaluation shape, a thousand examples."""
     import time
@@ -234,6 +242,9 @@ def test_large_sets_are_fast_enough():
 
 def test_recall_task():
     n, seq_len, pairs, dim, values = 300, 40, 6, 8, 10
+    # the vocabulary: the key token, the blank token and one token per value, all distinct
+    assert sorted({tasks.KEY_TOKEN, tasks.BLANK_TOKEN, *range(tasks.FIRST_VALUE_TOKEN, tasks.FIRST_VALUE_TOKEN + values)}) \
+        == list(range(tasks.recall_vocab_size(values)))
     data = tasks.recall(n, seq_len, pairs, dim, values, seed=0)
     tokens, vectors, labels = data["tokens"], data["vectors"], data["labels"]
     assert tokens.shape == labels.shape == (n, seq_len) and vectors.shape == (n, seq_len, dim)
@@ -256,7 +267,28 @@ def test_recall_collisions_have_the_requested_overlap():
     close = np.abs(gram - rho) < 1e-5
     assert np.all(close.sum((1, 2)) == 2 * 2)      # round(0.5 * 8 / 2) = 2 colliding pairs, counted twice
     none = tasks.recall(50, 32, pairs, 16, 10, seed=1)["vectors"][:, 0:2 * pairs:2]
+    # the default is no collision at all: the keys of collision_fraction=0 (the same draws)
+    np.testing.assert_array_equal(none, tasks.recall(50, 32, pairs, 16, 10, seed=1, collision_fraction=0.0,
+                                                     collision_overlap=0.5)["vectors"][:, 0:2 * pairs:2])
     assert np.max(np.abs(np.einsum("nik,njk->nij", none, none) - np.eye(pairs))) < 0.95
+
+
+def test_recall_bounds_are_exact():
+    """seq_len >= 3 P, collision_fraction in [0, 1], collision_overlap in (-1, 1), key_dim >= 2: each at
+    its bound."""
+    ok = lambda **kw: tasks.recall(**{"num_examples": 4, "seq_len": 12, "num_kv_pairs": 4, "key_dim": 2,
+                                       "num_values": 5, "seed": 0, **kw})
+    ok()
+    ok(collision_fraction=1.0, collision_overlap=-0.999)
+    ok(collision_fraction=0.0, collision_overlap=0.999)
+    for bad, match in (({"seq_len": 11}, "seq_len=11: needs at least 3 \\* num_kv_pairs = 12"),
+                       ({"key_dim": 1}, "key_dim=1: must be at least 2"),
+                       ({"collision_fraction": 1.0 + 1e-9}, "collision_fraction"),
+                       ({"collision_fraction": -1e-9}, "collision_fraction"),
+                       ({"collision_overlap": 1.0}, "collision_overlap=1.0 in \\(-1, 1\\)"),
+                       ({"collision_overlap": -1.0}, "collision_overlap")):
+        with pytest.raises(tasks.TaskError, match=match):
+            ok(**bad)
 
 
 def test_concatenate_pads_on_the_right():

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -59,9 +60,39 @@ def test_logits_at_supervised_positions_only_give_the_same_loss_and_gradients():
     np.testing.assert_allclose(part, full, rtol=1e-6)
     for key in ("accuracy", "count", "correct", "nll_sum"):
         np.testing.assert_allclose(part_m[key], full_m[key], rtol=1e-6)
-    # float32 sums in another order: equal to rounding, relative to each leaf's scale
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max()),
-                 part_g, full_g)
+    # float32 sums in another order: equal to rounding. A small leaf (a 2-element bias) is a sum of
+    # terms as large as the other gradients, with cancellation: its rounding is relative to the gradients'
+    # scale, not to its own value.
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(full_g))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale), part_g, full_g)
+
+
+@pytest.mark.parametrize("supervised", [False, True], ids=["full_logits", "supervised_positions"])
+def test_evaluation_of_a_ragged_set_counts_every_supervised_position_once(supervised):
+    """11 rows in batches of 4: the last batch is padded with a row that must count for nothing. Count,
+    accuracy and loss equal those of one pass over the whole set (one row has no supervision at all)."""
+    model, mesh = _tiny("gated_deltanet"), training.data_mesh()
+    data = _data(11, seq_len=16, pairs=3, seed=4)
+    data["labels"][5] = tasks.IGNORE
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(data["tokens"][:1]))
+    step = training.make_eval_step(model, mesh, training.supervised_count(data["labels"]) if supervised else None)
+    got = training.evaluate(step, params, data, batch_size=4, mesh=mesh)
+    loss, want = training.loss_and_metrics(model.apply(params, jnp.asarray(data["tokens"])), jnp.asarray(data["labels"]))
+    assert got["count"] == int(want["count"]) == int(np.sum(data["labels"] != tasks.IGNORE)) == 10 * 3
+    np.testing.assert_allclose(got["accuracy"], want["accuracy"], rtol=1e-6)
+    np.testing.assert_allclose(got["loss"], loss, rtol=1e-5)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    """AdamW's decoupled weight decay reaches kernels and embeddings (ndim >= 2), never biases or scales."""
+    settings = training.TrainSettings(num_steps=1, batch_size=1, learning_rate=1.0, weight_decay=0.1)
+    tx = training.optimizer(settings)
+    params = {"kernel": jnp.full((2, 3), 2.0), "bias": jnp.full((3,), 2.0), "scale": jnp.full((), 2.0)}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -1.0 * 0.1 * 2.0)  # u = -lr * weight_decay * p
+    np.testing.assert_allclose(updates["bias"], 0.0)
+    np.testing.assert_allclose(updates["scale"], 0.0)
 
 
 def test_one_compiled_step_serves_every_learning_rate_and_seed():
@@ -80,6 +111,33 @@ def test_batches_are_a_function_of_the_step():
     assert len(set(epoch)) == 9                                   # no repeat within an epoch
     np.testing.assert_array_equal(a(7)["tokens"], b(7)["tokens"])  # random access = sequential access
     assert not np.array_equal(a(0)["tokens"], a(3)["tokens"])       # epochs are reshuffled
+
+
+def test_a_training_set_of_one_batch_is_the_smallest_accepted():
+    data = {"tokens": np.arange(4)[:, None], "labels": np.arange(4)[:, None]}
+    one = training.BatchSchedule(data, 4, seed=0)
+    assert one.steps_per_epoch == 1
+    np.testing.assert_array_equal(one(0)["tokens"][:, 0], np.arange(4))
+    with pytest.raises(ValueError, match="the training set has 4 examples, fewer than one batch of 5"):
+        training.BatchSchedule(data, 5, seed=0)
+
+
+def test_throughput_is_tokens_over_the_measured_seconds_per_step():
+    calls = []
+
+    def step(state, batch):
+        calls.append(1)
+        return jax.tree.map(lambda x: x + 1, state), {"loss": jnp.zeros(())}
+
+    state = {"w": jnp.zeros(3)}
+    start = time.perf_counter()
+    out = training.measure_throughput(step, state, {"tokens": np.zeros((2, 8), np.int32)}, steps=3)
+    elapsed = time.perf_counter() - start
+    assert len(calls) == 1 + 3 and np.all(state["w"] == 0)          # a warm-up step, then 3 timed on a copy
+    assert out["tokens_per_step"] == 16 and out["timed_steps"] == 3
+    assert 0 < out["seconds_per_step"] * 3 <= elapsed
+    np.testing.assert_allclose(out["tokens_per_second"], 16 / out["seconds_per_step"])
+    assert training.measure_throughput(step, state, {"tokens": np.zeros((2, 8), np.int32)}, steps=0) == {}
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, name="bayesian"):

@@ -18,15 +18,24 @@ import sys
 from typing import Optional
 
 import jax
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
 from experiments import common
-from experiments.training.step import TrainSettings
+from experiments.training.step import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULE, TrainSettings
 
 # Settings that change neither a run's trajectory nor its evaluations: a run is resumed and reported
 # whatever their values (the throughput is measured again by whoever finishes the run).
 UNRECORDED_SETTINGS = ("progress", "throughput_steps", "checkpoint_every", "keep_checkpoints", "eval_batch_size")
+
+# Settings added after runs were recorded without them, with the value those runs were made with: a ``run.json``
+# that lacks one was made with this value (AdamW with these arguments, a warm-up then cosine decay: the only
+# recipe before the optimizer could be named).
+ADDED_SETTINGS = {"optimizer": DEFAULT_OPTIMIZER, "schedule": DEFAULT_SCHEDULE}
+# How a ``GradientTransformation`` given in Python is recorded: its functions have no stable description, so
+# two of them cannot be told apart (describe it in the run's ``description``).
+GIVEN_TRANSFORMATION = "a GradientTransformation given in Python"
 
 
 def run_identity(description: Optional[dict], settings: TrainSettings, train_shape, eval_shapes: dict) -> dict:
@@ -34,9 +43,10 @@ def run_identity(description: Optional[dict], settings: TrainSettings, train_sha
     (model, data, task), the settings less `UNRECORDED_SETTINGS`, and the shapes ``[N, L]`` of the training
     set's labels and of each evaluation set's (``eval_shapes``: name -> shape). A run folder holds one
     identity: a run asked with another is refused (`check_run_folder`), never resumed or reported."""
-    recorded = dataclasses.asdict(settings)
-    for name in UNRECORDED_SETTINGS:
-        recorded.pop(name)
+    recorded = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+                if f.name not in UNRECORDED_SETTINGS}
+    if isinstance(recorded["optimizer"], optax.GradientTransformation):
+        recorded["optimizer"] = GIVEN_TRANSFORMATION
     identity = {"description": description or {}, "settings": recorded, "train_examples": int(train_shape[0]),
                 "train_shape": [int(n) for n in train_shape],
                 "eval_sets": {name: [int(n) for n in shape] for name, shape in eval_shapes.items()}}
@@ -84,6 +94,8 @@ def check_run_folder(run_dir: str, identity: dict) -> bool:
     recorded = common.read_json(path, remedy)
     if not isinstance(recorded, dict):
         raise common.RunFileError(f"{path}: not a record of settings (a JSON {type(recorded).__name__}); {remedy}")
+    if isinstance(recorded.get("settings"), dict):
+        recorded = {**recorded, "settings": {**ADDED_SETTINGS, **recorded["settings"]}}
     differences = identity_differences(recorded, identity)
     if differences:
         shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")

@@ -1,9 +1,11 @@
 """The compiled training and evaluation steps, and what they are made of.
 
 * `TrainSettings`: everything that determines a training run (with the model and the data);
-* the optimizer: optax AdamW with linear warm-up and cosine decay, global-norm clipping, weight decay on
-  matrices only; the peak learning rate is a hyperparameter in the optimizer state
-  (``optax.inject_hyperparams``), so that one compiled step serves every learning rate of a sweep;
+* the optimizer: any optax alias named with its arguments (``"adamw(b1=0.9, b2=0.98, eps=1e-8)"``, the
+  default; ``"lion(b1=0.95)"``, ``"sgd(momentum=0.9)"``, ...) or a ``GradientTransformation``; global-norm
+  clipping before it, decoupled weight decay on matrices only, a linear warm-up then a schedule (cosine,
+  linear, constant, or any optax schedule); the peak learning rate is a hyperparameter in the optimizer
+  state (``optax.inject_hyperparams``), so that one compiled step serves every learning rate of a sweep;
 * the loss: cross-entropy and accuracy at the supervised positions only;
 * devices: a 1-D `jax.sharding.Mesh` ("data") over the local devices, the batch split along its first axis,
   parameters and optimizer state replicated (XLA inserts the gradient all-reduce); the same code runs on
@@ -12,10 +14,13 @@
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
+import inspect
+import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -25,22 +30,45 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from designmodels import did_you_mean
 from experiments.tasks import IGNORE
 
 Batch = dict[str, np.ndarray]      # "tokens" [N, L] int, "labels" [N, L] int, optional "vectors" [N, L, F]
 
 
+DEFAULT_OPTIMIZER = "adamw(b1=0.9, b2=0.98, eps=1e-8)"
+DEFAULT_SCHEDULE = "cosine"
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """Everything that determines a training run (with the model and the data)."""
+    """Everything that determines a training run (with the model and the data).
+
+    The update of step ``s`` is ``optimizer`` at the learning rate ``lr_s = learning_rate * schedule(s)``
+    after global-norm clipping at ``grad_clip``, plus decoupled weight decay ``-lr_s * weight_decay * p`` on
+    matrices (``p.ndim >= 2``) for every optimizer (see `optimizer`):
+
+    * ``optimizer``: an optax alias, by name with its keyword arguments in Python syntax
+      (``"adamw(b1=0.9, b2=0.98, eps=1e-8)"``, ``"lion(b1=0.95, b2=0.98)"``, ``"sgd(momentum=0.9)"``,
+      ``"contrib.muon"``); the learning rate and the weight decay are not among them (they are the
+      fields here). Or, from Python, a ``GradientTransformation`` used as it is: the whole update, with
+      its own learning rate and schedule; ``learning_rate`` must then be None, and ``schedule``,
+      ``warmup_steps``, ``final_lr_fraction``, ``weight_decay`` and ``grad_clip`` do not apply.
+    * ``schedule``: ``schedule(s)`` rises linearly from 0 to 1 over ``warmup_steps``, then follows
+      ``"cosine"`` (to ``final_lr_fraction`` at ``num_steps``), ``"linear"`` (likewise), ``"constant"``, or
+      any optax schedule by name with its arguments, counted from the end of the warm-up, in units of the
+      peak (``"exponential_decay(init_value=1.0, transition_steps=500, decay_rate=0.5)"``).
+    """
 
     num_steps: int
     batch_size: int
-    learning_rate: float
+    learning_rate: Optional[float] = None
     warmup_steps: int = 0
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    final_lr_fraction: float = 0.0     # the cosine decays to learning_rate * this
+    final_lr_fraction: float = 0.0     # cosine and linear decay to learning_rate * this
+    optimizer: Union[str, optax.GradientTransformation] = DEFAULT_OPTIMIZER
+    schedule: str = DEFAULT_SCHEDULE
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0                # 0: evaluate at the end only
@@ -57,8 +85,16 @@ class TrainSettings:
                 raise ValueError(f"TrainSettings.{name}={getattr(self, name)}: must be at least 1.")
         if not 0 <= self.warmup_steps <= self.num_steps:
             raise ValueError(f"TrainSettings.warmup_steps={self.warmup_steps}: must be in [0, num_steps].")
-        if self.learning_rate <= 0:
+        if isinstance(self.optimizer, optax.GradientTransformation):
+            if self.learning_rate is not None:
+                raise ValueError(f"TrainSettings.learning_rate={self.learning_rate}: the optimizer is a "
+                                 "GradientTransformation, which carries its own learning rate (and schedule); "
+                                 "accepted: learning_rate=None, or the optimizer by name (e.g. 'adamw').")
+            return
+        if self.learning_rate is None or not self.learning_rate > 0:
             raise ValueError(f"TrainSettings.learning_rate={self.learning_rate}: must be positive.")
+        _named_optimizer(self.optimizer)
+        _named_schedule(self.schedule)
 
     @classmethod
     def from_config(cls, config, **overrides) -> "TrainSettings":
@@ -79,13 +115,141 @@ class TrainState(struct.PyTreeNode):
 # optimizer, loss
 # ----------------------------------------------------------------------------------------------------
 
+class OptimizerError(ValueError):
+    """An optimizer or schedule named in the settings that optax does not have or that cannot be built."""
+
+
+def parse_call(text: str, field: str) -> tuple[str, dict]:
+    """``"name(a=1, b=(2, 3))" -> ("name", {"a": 1, "b": (2, 3)})``: a dotted name, optionally called with
+    keyword arguments whose values are Python literals."""
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        node = None
+    call = node if isinstance(node, ast.Call) else None
+    target = call.func if call is not None else node
+    parts = []
+    while isinstance(target, ast.Attribute):
+        parts.insert(0, target.attr)
+        target = target.value
+    if isinstance(target, ast.Name):
+        parts.insert(0, target.id)
+    if not isinstance(target, ast.Name) or (call is not None and call.args):
+        raise OptimizerError(f"TrainSettings.{field}={text!r}: not a name with keyword arguments; accepted: e.g. "
+                             "'adamw', 'lion(b1=0.95, b2=0.98)', 'contrib.muon(ns_steps=5)'.")
+    kwargs = {}
+    for keyword in (call.keywords if call is not None else ()):
+        try:
+            kwargs[keyword.arg] = ast.literal_eval(keyword.value)
+        except ValueError:
+            raise OptimizerError(f"TrainSettings.{field}={text!r}: the value of {keyword.arg} is not a Python "
+                                 "literal (a number, string, tuple, list, dict, True/False/None).") from None
+    return ".".join(parts), kwargs
+
+
+def _optax_function(name: str, field: str, text: str, kind: str) -> Callable:
+    function = optax
+    for part in name.split("."):
+        function = getattr(function, part, None)
+    if not callable(function) or isinstance(function, type):
+        known = sorted(n for n in dir(optax) if not n.startswith("_") and callable(getattr(optax, n)))
+        if kind == "schedule":
+            known = ["cosine", "linear", "constant"] + [n for n in known if "schedule" in n or "decay" in n]
+        examples = ("adamw, lion, sgd, adafactor, contrib.muon" if kind == "optimizer" else
+                    "'cosine', 'linear', 'constant', exponential_decay, cosine_decay_schedule")
+        raise OptimizerError(f"TrainSettings.{field}={text!r}: optax has no {kind} {name!r}"
+                             f"{did_you_mean(name, known)}; accepted: any optax {kind} by name, e.g. {examples}.")
+    return function
+
+
+def _check_keywords(function: Callable, kwargs: dict, field: str, text: str, name: str) -> None:
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
+        raise OptimizerError(f"TrainSettings.{field}={text!r}: optax.{name} takes no {', '.join(unknown)}"
+                             f"{''.join(did_you_mean(u, parameters) for u in unknown)}; accepted: "
+                             f"{', '.join(parameters)}.")
+
+
+_DECAY_WORDS = ("weight_decay",)
+
+
+@functools.lru_cache(maxsize=64)
+def _named_optimizer(text: str) -> tuple[Callable, tuple, bool]:
+    """``(optax alias, its keyword arguments, whether it applies the weight decay itself)`` for the
+    optimizer named in ``text``, checked once: the alias takes a learning rate, the keywords exist, and it
+    updates a small tree from ``(grads, state, params)`` alone (line searches, which need the loss, do not)."""
+    if not isinstance(text, str):
+        raise OptimizerError(f"TrainSettings.optimizer: got {type(text).__name__}; accepted: an optax alias by name "
+                             "with its keyword arguments (e.g. 'adamw(b2=0.95)'), or an optax.GradientTransformation.")
+    name, kwargs = parse_call(text, "optimizer")
+    alias = _optax_function(name, "optimizer", text, "optimizer")
+    parameters = inspect.signature(alias).parameters
+    if "learning_rate" not in parameters:
+        raise OptimizerError(f"TrainSettings.optimizer={text!r}: optax.{name} takes no learning_rate, which the "
+                             "sweeps set (learning_rate times the schedule); accepted: an optax alias with one.")
+    fixed = sorted(k for k in kwargs if k == "learning_rate" or any(w in k for w in _DECAY_WORDS))
+    if fixed:
+        raise OptimizerError(f"TrainSettings.optimizer={text!r}: {', '.join(fixed)} is set by the settings, not the "
+                             "optimizer's arguments: learning_rate (the peak, times the schedule) and weight_decay "
+                             "(config.weight_decay: decoupled, on matrices only, for every optimizer); accepted: "
+                             "the alias's other arguments.")
+    _check_keywords(alias, kwargs, "optimizer", text, name)
+    own_decay = "weight_decay" in parameters and "mask" in parameters
+    try:
+        tx = alias(learning_rate=1e-3, **kwargs)
+        tree = {"w": jnp.ones((2, 2), jnp.float32)}
+        tx.update(tree, tx.init(tree), tree)
+    except Exception as error:  # noqa: BLE001 (any failure of the alias itself, reported with its cause)
+        raise OptimizerError(f"TrainSettings.optimizer={text!r}: optax.{name} cannot be used by this training "
+                             f"loop ({type(error).__name__}: {str(error)[:300]}); it must update from "
+                             "(grads, state, params) alone (line searches such as lbfgs need the loss too).") from None
+    return alias, tuple(sorted(kwargs.items())), own_decay
+
+
+@functools.lru_cache(maxsize=64)
+def _named_schedule(text: str):
+    """``"cosine"``, ``"linear"``, ``"constant"``, or ``(optax schedule, its keyword arguments)``."""
+    if text in ("cosine", "linear", "constant"):
+        return text
+    if not isinstance(text, str):
+        raise OptimizerError(f"TrainSettings.schedule: got {type(text).__name__}; accepted: 'cosine', 'linear', "
+                             "'constant' or an optax schedule by name with its keyword arguments.")
+    name, kwargs = parse_call(text, "schedule")
+    function = _optax_function(name, "schedule", text, "schedule")
+    _check_keywords(function, kwargs, "schedule", text, name)
+    try:
+        value = float(function(**kwargs)(0))
+    except Exception as error:  # noqa: BLE001
+        raise OptimizerError(f"TrainSettings.schedule={text!r}: optax.{name} cannot be built "
+                             f"({type(error).__name__}: {str(error)[:200]}); its values multiply the peak "
+                             "learning rate, so give them in units of the peak (e.g. init_value=1.0).") from None
+    if not math.isfinite(value):
+        raise OptimizerError(f"TrainSettings.schedule={text!r}: its value at step 0 is {value}; accepted: finite.")
+    return function, tuple(sorted(kwargs.items()))
+
+
 def schedule(settings: TrainSettings) -> optax.Schedule:
-    """The learning rate over the peak: linear warm-up from 0 to 1, then cosine decay to
-    ``final_lr_fraction``."""
-    if settings.warmup_steps >= settings.num_steps:
-        return optax.linear_schedule(0.0, 1.0, settings.num_steps)
-    return optax.warmup_cosine_decay_schedule(0.0, 1.0, settings.warmup_steps, settings.num_steps,
-                                              end_value=settings.final_lr_fraction)
+    """The learning rate over the peak, ``schedule(s)``: linear warm-up from 0 to 1 over ``warmup_steps``,
+    then ``settings.schedule`` (see `TrainSettings`) from the end of the warm-up."""
+    named = _named_schedule(settings.schedule)
+    warmup, steps, end = settings.warmup_steps, settings.num_steps, settings.final_lr_fraction
+    if named == "cosine":
+        if warmup >= steps:
+            return optax.linear_schedule(0.0, 1.0, steps)
+        return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, steps, end_value=end)
+    if named == "linear":
+        after = optax.linear_schedule(1.0, end, max(steps - warmup, 1))
+    elif named == "constant":
+        after = optax.constant_schedule(1.0)
+    else:
+        function, kwargs = named
+        after = function(**dict(kwargs))
+    if not warmup:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), after], [warmup])
 
 
 def scheduled_learning_rate(learning_rate, lr_schedule) -> jax.Array:
@@ -94,28 +258,60 @@ def scheduled_learning_rate(learning_rate, lr_schedule) -> jax.Array:
     return learning_rate * lr_schedule
 
 
+def _matrices(params):
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
 def optimizer(settings: TrainSettings) -> optax.GradientTransformation:
-    """AdamW, ``u_s = -lr_s (adam_s(clip(g)) + weight_decay * p)`` with ``lr_s`` the
-    `scheduled_learning_rate`: ``optax.adamw``'s chain (``scale_by_adam -> add_decayed_weights -> scale(-lr)``)
-    after global-norm clipping, its learning rate injected (``optax.inject_hyperparams``): the peak is a float32
-    number in the optimizer state, not a constant of the compiled step, and the schedule's value at each step
-    is recorded beside it."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    """The update rule of the settings.
 
-    def adamw(learning_rate, lr_schedule):
-        return optax.chain(
-            optax.clip_by_global_norm(settings.grad_clip),
-            optax.scale_by_adam(b1=0.9, b2=0.98, eps=1e-8),
-            optax.add_decayed_weights(settings.weight_decay, mask=decay_mask),
-            optax.scale_by_learning_rate(scheduled_learning_rate(learning_rate, lr_schedule)))
+    A named optax alias ``opt``: ``u_s = opt_s(clip(g); lr_s) - lr_s * weight_decay * mask(p)``, with
+    ``clip`` the global-norm clipping at ``grad_clip``, ``lr_s`` the `scheduled_learning_rate` and ``mask``
+    the matrices (``p.ndim >= 2``): decoupled weight decay (Loshchilov & Hutter). An alias that applies it
+    itself (its ``weight_decay`` and ``mask`` arguments: adamw, lion, lamb, nadamw, adan, ...) is given
+    them; to any other the decay is added after it. The default, ``adamw(b1=0.9, b2=0.98, eps=1e-8)``, is
+    ``scale_by_adam -> add_decayed_weights -> scale(-lr_s)``. Its learning rate is injected
+    (``optax.inject_hyperparams``): the peak is a float32 number in the optimizer state, not a constant of
+    the compiled step, and the schedule's value at each step is recorded beside it.
 
-    return optax.inject_hyperparams(adamw, hyperparam_dtype=jnp.float32)(
+    A ``GradientTransformation`` in ``settings.optimizer`` is returned as it is.
+    """
+    if isinstance(settings.optimizer, optax.GradientTransformation):
+        return settings.optimizer
+    alias, kwargs, own_decay = _named_optimizer(settings.optimizer)
+    kwargs = dict(kwargs)
+
+    def build(learning_rate, lr_schedule):
+        lr = scheduled_learning_rate(learning_rate, lr_schedule)
+        parts = [optax.clip_by_global_norm(settings.grad_clip)]
+        if own_decay:
+            parts.append(alias(learning_rate=lr, weight_decay=settings.weight_decay, mask=_matrices, **kwargs))
+        else:
+            parts.append(alias(learning_rate=lr, **kwargs))
+            if settings.weight_decay:
+                parts.append(optax.add_decayed_weights(-lr * settings.weight_decay, mask=_matrices))
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(build, hyperparam_dtype=jnp.float32)(
         learning_rate=settings.learning_rate, lr_schedule=schedule(settings))
+
+
+def current_learning_rate(opt_state) -> jax.Array:
+    """The learning rate of the step just taken, ``lr_s``, from the optimizer state of a named optimizer
+    (NaN for a ``GradientTransformation`` that records none: an ``inject_hyperparams`` one with a
+    ``learning_rate`` gives that)."""
+    hyperparams = getattr(opt_state, "hyperparams", None) or {}
+    if "lr_schedule" in hyperparams:
+        return scheduled_learning_rate(**hyperparams)
+    if "learning_rate" in hyperparams:
+        return jnp.asarray(hyperparams["learning_rate"], jnp.float32)
+    return jnp.asarray(jnp.nan, jnp.float32)
 
 
 def _compile_key(settings: TrainSettings) -> TrainSettings:
     """The settings with the fields that do not change the compiled step set to fixed values."""
-    return dataclasses.replace(settings, learning_rate=1.0, seed=0, log_every=1, eval_every=0, checkpoint_every=1,
+    named = not isinstance(settings.optimizer, optax.GradientTransformation)
+    return dataclasses.replace(settings, learning_rate=1.0 if named else None, seed=0, log_every=1, eval_every=0, checkpoint_every=1,
                                keep_checkpoints=1, eval_batch_size=1, throughput_steps=0, progress=False)
 
 
@@ -227,7 +423,7 @@ def _train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: b
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": metrics["loss"], "accuracy": metrics["accuracy"],
-                   "grad_norm": optax.tree.norm(grads), "learning_rate": scheduled_learning_rate(**opt_state.hyperparams)}
+                   "grad_norm": optax.tree.norm(grads), "learning_rate": current_learning_rate(opt_state)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     replicated, sharded = _shardings(mesh)

@@ -120,6 +120,25 @@ def on_gpu(kernel_fn, reference_fn, interpret: bool):
     return dispatch
 
 
+def differentiated_by_reference(kernel_fn, reference_fn, interpret: bool):
+    """``on_gpu(kernel_fn, reference_fn, interpret)`` as a `jax.custom_vjp` whose derivative is the
+    reference's VJP (recomputed from the inputs): for kernels that have no backward kernel yet."""
+    forward = on_gpu(kernel_fn, reference_fn, interpret)
+
+    @jax.custom_vjp
+    def run(*args):
+        return forward(*args)
+
+    def fwd(*args):
+        return forward(*args), args
+
+    def bwd(args, cotangents):
+        return jax.vjp(reference_fn, *args)[1](cotangents)
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
 def spec(block, index_map):
     return pl.BlockSpec(block, index_map)
 
@@ -142,8 +161,7 @@ def iota2(size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Layout: the user's [B, T, H, ...] with T padded to a multiple of the chunk size, and the per-chunk
-# view [B, H, N, C, ...] that the plain-JAX references use.
+# Layout: the user's [B, T, H, ...], with T padded to a multiple of the chunk size.
 
 
 def pad_time(x, multiple, value=0.0):
@@ -155,18 +173,6 @@ def pad_time(x, multiple, value=0.0):
     if not pad:
         return x
     return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
-
-
-def to_chunks(x, chunk):
-    """``[B, T, H, ...] -> [B, H, N, C, ...]`` (T a multiple of ``chunk``)."""
-    b, t, h = x.shape[:3]
-    return jnp.moveaxis(x.reshape(b, t // chunk, chunk, h, *x.shape[3:]), 3, 1)
-
-
-def from_chunks(x):
-    """``[B, H, N, C, ...] -> [B, T, H, ...]``."""
-    b, h, n, c = x.shape[:4]
-    return jnp.moveaxis(x, 1, 3).reshape(b, n * c, h, *x.shape[4:])
 
 
 def chunk_log_decay(log_decay, batch, time, heads, chunk):

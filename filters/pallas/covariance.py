@@ -17,8 +17,9 @@ the noise accumulated since the block start)::
 inverse are computed in the kernel (column by column, then forward substitution); every product is an
 IEEE float32 product: this recursion is where precision is spent.
 
-The derivative is the plain-JAX reference's (its scan over chunks, with the implicit derivatives of
-the Cholesky factor): a backward kernel for this pass does not exist yet.
+The derivative is the plain-JAX reference's, `filters.chunked.covariance_pass` (its scan over chunks,
+with the implicit derivatives of the Cholesky factor): a backward kernel for this pass does not exist
+yet.
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from filters import linalg
-from filters.pallas.common import (SUB, exact_dot, iota2, launch, masked_exp, on_gpu, pad_time, rows, spec,
-                                   to_chunks, from_chunks)
+from filters import chunked
+from filters.pallas.common import (SUB, differentiated_by_reference, exact_dot, iota2, launch, masked_exp,
+                                   pad_time, rows, spec)
 from filters.pallas.delta_rule import unit_lower_inverse_tile
 
 F32 = jnp.float32
@@ -119,63 +120,25 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, interpret=False):
     return gains, 0.5 * (final + jnp.swapaxes(final, -1, -2))
 
 
-def _block_update(cov, k, log_decay, noise, inv_beta):
-    """One block of ``C`` steps in plain JAX (any ``C``; batched leading axes): ``(gains, P_C)``."""
-    b = jnp.cumsum(log_decay, -1)
-    size = b.shape[-1]
-    lower = jnp.tril(jnp.ones((size, size), bool))
-    diff = b[..., :, None] - b[..., None, :]
-    decay = masked_exp(diff, lower)
-    alpha = jnp.sum(decay * decay * noise[..., None, :], -1)
-    gamma = jnp.exp(b)
-    k_gamma = k * gamma[..., None]
-    kg_p = k_gamma @ cov
-    alpha_min = jnp.where(lower, alpha[..., None, :], alpha[..., :, None])
-    sigma = (kg_p @ jnp.swapaxes(k_gamma, -1, -2) + jnp.exp(-jnp.abs(diff)) * alpha_min
-             * (k @ jnp.swapaxes(k, -1, -2)) + inv_beta[..., :, None] * jnp.eye(size, dtype=k.dtype))
-    factor, whiten = linalg.cholesky_with_inverse(0.5 * (sigma + jnp.swapaxes(sigma, -1, -2)))
-    pivots = jnp.diagonal(factor, axis1=-2, axis2=-1)
-    kt_p = whiten @ kg_p
-    gains = (gamma[..., None] * kt_p + (whiten * decay) @ (k * alpha[..., None])) / pivots[..., None]
-    b_last = b[..., -1]
-    z = (jnp.exp(b_last)[..., None, None] * kt_p
-         + whiten @ (k * (jnp.exp(b_last[..., None] - b) * alpha)[..., None]))
-    eye = jnp.eye(cov.shape[-1], dtype=cov.dtype)
-    new = (jnp.exp(2 * b_last)[..., None, None] * cov + alpha[..., -1, None, None] * eye
-           - jnp.swapaxes(z, -1, -2) @ z)
-    return gains, 0.5 * (new + jnp.swapaxes(new, -1, -2))
-
-
-def covariance_reference(k, log_decay, noise, inv_beta, p0, *, chunk=SUB):
-    """Plain JAX, same signature and results as `covariance_kernel` (a scan over blocks of ``chunk``
-    steps, each block recomputed in the backward pass: memory linear in T)."""
-    xs = [jnp.moveaxis(to_chunks(x.astype(F32), chunk), 2, 0) for x in (k, log_decay, noise, inv_beta)]
-
-    def body(cov, x):
-        gains, new = _block_update(cov, *x)
-        return new, gains
-
-    final, gains = lax.scan(jax.checkpoint(body, prevent_cse=False), p0.astype(F32), xs)
-    return from_chunks(jnp.moveaxis(gains, 0, 2)), final
+def _kernel_path(k, log_decay, noise, precision, p0, *, multiple, interpret=False):
+    time = k.shape[1]
+    # Padded steps observe nothing (k = 0, unit noise) and neither decay nor add noise.
+    k, log_decay, noise = (pad_time(x, multiple) for x in (k, log_decay, noise))
+    inv_beta = pad_time(1.0 / precision, multiple, 1.0)
+    gains, final = covariance_kernel(k, log_decay, noise, inv_beta, p0, interpret=interpret)
+    return gains[:, :time], final
 
 
 @functools.lru_cache(maxsize=None)
 def _pass(chunk: int, interpret: bool):
-    reference = functools.partial(covariance_reference, chunk=chunk)
-    forward = on_gpu(covariance_kernel, reference, interpret)
+    """The pass as a `jax.custom_vjp` of ``(k, log_decay, noise, precision, P_0)``: the kernel on CUDA
+    (or in the interpreter), the chunked reference elsewhere; the derivative is the reference's."""
+    def reference(k, log_decay, noise, precision, p0):
+        return chunked.covariance_pass(k, k, log_decay, noise, precision, p0, chunk_size=chunk,
+                                       variance=False)[:2]
 
-    @jax.custom_vjp
-    def run(*args):
-        return forward(*args)
-
-    def fwd(*args):
-        return forward(*args), args
-
-    def bwd(args, cotangents):
-        return jax.vjp(reference, *args)[1](cotangents)
-
-    run.defvjp(fwd, bwd)
-    return run
+    return differentiated_by_reference(functools.partial(_kernel_path, multiple=max(chunk, SUB)), reference,
+                                       interpret)
 
 
 def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, chunk_size=64,
@@ -184,20 +147,17 @@ def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, ch
     with a scalar or no decay (``log_decay`` None or ``[B,T,H]``) and isotropic process noise ``noise_t
     I`` (``[B,T,H]``, zeros without noise), precisions ``beta [B,T,H]``, from ``P_0 [B,H,K,K]``.
 
-    The GPU kernel works in blocks of 16 steps; the plain-JAX path (other platforms, and the derivative)
-    in chunks of ``chunk_size``: the filter is exact either way, only rounding differs. Same signature
-    as `filters.chunked.covariance_pass`; the predictive variance (``variance=True``, the diagnostics)
-    is not computed here: ``q`` is unused and the third result is None."""
+    Same signature and results as its plain-JAX reference `filters.chunked.covariance_pass`, which runs
+    off CUDA and gives the derivative. The kernel works in blocks of 16 steps, the reference in chunks of
+    ``chunk_size``: the filter is exact either way, only rounding differs. The predictive variance
+    (``variance=True``, the diagnostics) is not computed here: ``q`` is unused, the third result None.
+    """
     del q
     if variance:
         raise ValueError("the Pallas covariance pass does not compute the predictive variance; "
                          "use the chunked lowering for diagnostics")
-    batch, time, heads, _ = k.shape
-    multiple = max(chunk_size, SUB)
-    zeros = jnp.zeros((batch, time, heads), F32)
-    log_decay = zeros if log_decay is None else log_decay.astype(F32)
-    # Padded steps observe nothing (k = 0, unit noise) and neither decay nor add noise.
-    k, log_decay, noise = (pad_time(x, multiple) for x in (k, log_decay, noise.astype(F32)))
-    inv_beta = pad_time(1.0 / precision.astype(F32), multiple, 1.0)
-    gains, final = _pass(chunk_size, interpret)(k, log_decay, noise, inv_beta, initial_covariance.astype(F32))
-    return gains[:, :time], final, None
+    f32 = lambda x: x.astype(F32)
+    log_decay = jnp.zeros(k.shape[:3], F32) if log_decay is None else f32(log_decay)
+    gains, final = _pass(chunk_size, interpret)(k, log_decay, f32(noise), f32(precision),
+                                               f32(initial_covariance))
+    return gains, final, None

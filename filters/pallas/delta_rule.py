@@ -29,8 +29,9 @@ The backward pass mirrors it, with cotangents written ``dX``::
 and the log decays collect ``db_i`` from every exponent (a matrix ``M = dA * A`` gives
 ``db_i += sum_j M_ij - sum_j M_ji``), then ``d log a_m = sum_{i >= m in its chunk} db_i``.
 
-Each kernel sits beside its plain-JAX reference of the same signature (``*_reference``); on a platform
-without the kernels the references run (`filters.pallas.common.on_gpu`). Products take their operands in
+`delta_rule` and `additive` have the signatures of their plain-JAX references, `filters.chunked.delta_rule`
+and `filters.chunked.additive`, which run on a platform without the kernels
+(`filters.pallas.common.on_gpu`); the kernels are differentiated by the backward kernels above. Products take their operands in
 the input dtype (bf16 on tensor cores) with float32 accumulation; the triangular inverse (forward
 substitution on 16 x 16 diagonal blocks, then block products), the states and the cotangents of states
 are float32. The chunk states ``S_c`` are kept for the backward pass in the product dtype, as
@@ -45,16 +46,20 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from filters import linalg
-from filters.pallas.common import (SUB, Dots, chunk_log_decay, exact_dot, from_chunks, iota2, launch,
-                                   masked_exp, on_gpu, pad_time, pltriton, rows, spec, to_chunks, tuning)
+from filters import chunked
+from filters.pallas.common import (SUB, Dots, chunk_log_decay, exact_dot, iota2, launch, masked_exp, on_gpu,
+                                   pad_time, pltriton, rows, spec, tuning)
 
 F32 = jnp.float32
 
 
 def _value_block(name: str, value_dim: int, key_dim: int) -> int:
-    """Columns of the state one program carries (``K x BV`` float32 in registers)."""
-    return min(value_dim, tuning(name, "block_v") or (64 if key_dim <= 128 else 32))
+    """Columns of the state one program carries (``K x BV`` float32 in registers): a power of two that
+    divides ``V``."""
+    block = min(value_dim, tuning(name, "block_v") or (64 if key_dim <= 128 else 32))
+    while value_dim % block:
+        block //= 2
+    return block
 
 
 def _lower_terms(bs_i, bs_j, strict):
@@ -149,22 +154,6 @@ def prepare_kernel(k, w, v, b, *, chunk, dots, interpret=False):
         interpret=interpret, name="delta_rule_prepare")(k, w, v, b)
 
 
-def _strict_lower(kc, wc, bc):
-    chunk = kc.shape[-2]
-    strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
-    return (kc @ jnp.swapaxes(wc, -1, -2)) * masked_exp(bc[..., :, None] - bc[..., None, :], strict)
-
-
-def prepare_reference(k, w, v, b, *, chunk, dots):
-    """Plain JAX, same signature and results as `prepare_kernel`."""
-    kc, wc, vc = (to_chunks(x.astype(F32), chunk) for x in (k, w, v))
-    bc = to_chunks(b, chunk)
-    inverse = linalg.unit_lower_inverse(_strict_lower(kc, wc, bc))
-    wp = inverse @ (kc * jnp.exp(bc)[..., None])
-    return (from_chunks(wp).astype(dots.dtype), from_chunks(inverse @ vc).astype(dots.dtype),
-            from_chunks(inverse))
-
-
 # ----------------------------------------------------------------------------------------------------
 # The state pass: S_c for every chunk, the innovations U, the final state; and its reverse.
 
@@ -225,34 +214,6 @@ def state_kernel(wp, up, w, b, s0, *, chunk, dots, interpret=False):
     return (h, out[1], out[2]) if erase else (h, None, out[1])
 
 
-def chunk_update(wp, up, w, b, state):
-    """One chunk of the state pass, batched over chunks: ``(U_c, S_{c+1})`` from ``S_c``. Chunked layout:
-    ``wp, w [..., C, K]`` (wp None: additive), ``up [..., C, V]``, ``b [..., C]``, ``state [..., K, V]``."""
-    u = up if wp is None else up - wp @ state
-    b_last = b[..., -1]
-    w_to_end = w * jnp.exp(b_last[..., None] - b)[..., None]
-    return u, jnp.exp(b_last)[..., None, None] * state + jnp.swapaxes(w_to_end, -1, -2) @ u
-
-
-def _chunks_first(*xs, chunk):
-    return [None if x is None else jnp.moveaxis(to_chunks(x.astype(F32), chunk), 2, 0) for x in xs]
-
-
-def state_reference(wp, up, w, b, s0, *, chunk, dots):
-    """Plain JAX, same signature and results as `state_kernel` (a scan over chunks)."""
-    erase = wp is not None
-    wp_, up_, w_, b_ = _chunks_first(wp, up, w, b, chunk=chunk)
-
-    def body(state, x):
-        wp_c, up_c, w_c, b_c = x
-        u, new = chunk_update(wp_c if erase else None, up_c, w_c, b_c, state)
-        return new, (state.astype(dots.dtype), u.astype(dots.dtype))
-
-    final, (h, u) = lax.scan(body, s0.astype(F32), (wp_ if erase else up_, up_, w_, b_))
-    u = from_chunks(jnp.moveaxis(u, 0, 2)) if erase else None
-    return jnp.moveaxis(h, 0, 2), u, final
-
-
 def _state_backward_kernel(*refs, chunk, dots, erase):
     if erase:
         wp_ref, w_ref, b_ref, dh_ref, du_ref, dsf_ref, g_ref, ubar_ref, ds0_ref = refs
@@ -303,26 +264,6 @@ def state_backward_kernel(wp, w, b, dh, du, dsf, *, chunk, dots, interpret=False
     return g.reshape(batch, heads, n, key_dim, value_dim), ubar, ds0
 
 
-def state_backward_reference(wp, w, b, dh, du, dsf, *, chunk, dots):
-    """Plain JAX, same signature and results as `state_backward_kernel` (a reverse scan)."""
-    erase = wp is not None
-    wp_, w_, b_, du_ = _chunks_first(wp, w, b, du, chunk=chunk)
-    dh_ = jnp.moveaxis(dh.astype(F32), 2, 0)
-
-    def body(grad, x):
-        wp_c, w_c, b_c, dh_c, du_c = x
-        b_last = b_c[..., -1]
-        ubar = du_c + (w_c * jnp.exp(b_last[..., None] - b_c)[..., None]) @ grad
-        new = jnp.exp(b_last)[..., None, None] * grad + dh_c
-        if erase:
-            new = new - jnp.swapaxes(wp_c, -1, -2) @ ubar
-        return new, (grad, ubar)
-
-    ds0, (g, ubar) = lax.scan(body, dsf.astype(F32), (wp_ if erase else w_, w_, b_, dh_, du_), reverse=True)
-    return (jnp.moveaxis(g, 0, 2).astype(dots.dtype), from_chunks(jnp.moveaxis(ubar, 0, 2)).astype(dots.dtype),
-            ds0)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Output: Y = (Q * gamma) S_c + A U_c, and its backward.
 
@@ -357,15 +298,6 @@ def output_kernel(q, w, b, h, u, *, chunk, dots, interpret=False):
         out_shape=jax.ShapeDtypeStruct((batch, time, heads, value_dim), u.dtype),
         interpret=interpret, name="delta_rule_output")(
             q, w, b, h.reshape(batch, heads, n * key_dim, value_dim), u)
-
-
-def output_reference(q, w, b, h, u, *, chunk, dots):
-    """Plain JAX, same signature and result as `output_kernel`."""
-    qc, wc, uc = (to_chunks(x.astype(F32), chunk) for x in (q, w, u))
-    bc = to_chunks(b, chunk)
-    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
-    attend = (qc @ jnp.swapaxes(wc, -1, -2)) * masked_exp(bc[..., :, None] - bc[..., None, :], causal)
-    return from_chunks((qc * jnp.exp(bc)[..., None]) @ h.astype(F32) + attend @ uc).astype(u.dtype)
 
 
 def _output_backward_kernel(q_ref, w_ref, b_ref, h_ref, u_ref, dy_ref,
@@ -410,14 +342,6 @@ def output_backward_kernel(q, w, b, h, u, dy, *, chunk, dots, interpret=False):
         interpret=interpret, name="delta_rule_output_backward")(
             q, w, b, h.reshape(batch, heads, n * key_dim, value_dim), u, dy)
     return dq, dw, db, dh.reshape(batch, heads, n, key_dim, value_dim), du
-
-
-def output_backward_reference(q, w, b, h, u, dy, *, chunk, dots):
-    """Plain JAX, same signature and results as `output_backward_kernel`."""
-    _, pull = jax.vjp(functools.partial(output_reference, chunk=chunk, dots=dots),
-                      *(x.astype(F32) for x in (q, w, b, h, u)))
-    dq, dw, db, dh, du = pull(dy.astype(F32))
-    return dq, dw, db, dh.astype(dots.dtype), du.astype(dots.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -494,42 +418,17 @@ def chunk_backward_kernel(k, w, v, b, inv, h, u, ubar, g_next, *, chunk, dots, i
         interpret=interpret, name="delta_rule_chunk_backward" if erase else "additive_chunk_backward")(*args))
 
 
-def chunk_backward_reference(k, w, v, b, inv, h, u, ubar, g_next, *, chunk, dots):
-    """Plain JAX, same signature and results as `chunk_backward_kernel`: the VJP of prepare followed by
-    one chunk's update at the stored start states."""
-    del inv, u  # recomputed
-    erase = k is not None
-    wc, bc, ubar_c = (to_chunks(x.astype(F32), chunk) for x in (w, b, ubar))
-    h, g_next = h.astype(F32), g_next.astype(F32)
-    w_to_end = wc * jnp.exp(bc[..., -1:] - bc)[..., None]
-    du_external = ubar_c - w_to_end @ g_next                # ubar minus the path through S_{c+1}
-
-    def update(k_, w_, v_, b_):
-        kc, wc_, vc, bc_ = (to_chunks(x, chunk) for x in (k_, w_, v_, b_))
-        if erase:
-            inverse = linalg.unit_lower_inverse(_strict_lower(kc, wc_, bc_))
-            wp, up = inverse @ (kc * jnp.exp(bc_)[..., None]), inverse @ vc
-            return chunk_update(wp, up, wc_, bc_, h)
-        return chunk_update(None, vc, wc_, bc_, h)
-
-    primals = tuple(x.astype(F32) for x in ((w if k is None else k), w, v, b))
-    _, pull = jax.vjp(update, *primals)
-    dk, dw, dv, db = pull((du_external, g_next))
-    return (dk, dw, dv, db) if erase else (dw, db)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The recursions: the kernels composed, differentiated by the backward kernels.
 
 
 class _Stages:
-    """The six stage functions of one configuration: the kernels or their references."""
+    """The six kernels of one configuration."""
 
-    def __init__(self, kernels: bool, chunk: int, dots: Dots, interpret: bool = False):
-        opts = dict(chunk=chunk, dots=dots, **({"interpret": interpret} if kernels else {}))
-        pick = lambda name: functools.partial(globals()[name + ("_kernel" if kernels else "_reference")], **opts)
+    def __init__(self, chunk: int, dots: Dots, interpret: bool = False):
+        opts = dict(chunk=chunk, dots=dots, interpret=interpret)
         for name in ("prepare", "state", "output", "output_backward", "state_backward", "chunk_backward"):
-            setattr(self, name, pick(name))
+            setattr(self, name, functools.partial(globals()[name + "_kernel"], **opts))
 
 
 def _forward(stages, q, k, w, v, b, s0):
@@ -559,34 +458,24 @@ def _backward(stages, residuals, cotangents):
 
 
 @functools.lru_cache(maxsize=None)
-def _recursion(erase: bool, chunk: int, dots_key: tuple, interpret: bool):
-    """The recursion for one configuration as a `jax.custom_vjp` of ``(q, k, w, v, b, s0)`` (erase) or
-    ``(q, k, v, b, s0)`` (additive); the kernels on CUDA, the references elsewhere."""
-    dots = Dots(*dots_key)
-    kernels = _Stages(True, chunk, dots, interpret)
-    references = _Stages(False, chunk, dots)
-
-    def run(function):
-        def call_kernels(*args, interpret):
-            del interpret
-            return function(kernels, *args)
-        return on_gpu(call_kernels, functools.partial(function, references), interpret)
-
-    forward, backward = run(_forward), run(_backward)
+def _kernels(erase: bool, chunk: int, dots_key: tuple, interpret: bool):
+    """The kernels of one configuration as a `jax.custom_vjp` of ``(q, k, w, v, b, s0)`` (erase) or
+    ``(q, k, v, b, s0)`` (additive), ``b`` the chunk's cumulative log decay, T a multiple of ``chunk``."""
+    stages = _Stages(chunk, Dots(*dots_key), interpret)
     unpack = (lambda q, k, w, v, b, s0: (q, k, w, v, b, s0)) if erase else (
         lambda q, k, v, b, s0: (q, None, k, v, b, s0))
 
     @jax.custom_vjp
     def recursion(*args):
-        return forward(*unpack(*args))[0]
+        return _forward(stages, *unpack(*args))[0]
 
     def fwd(*args):
-        out, residuals = forward(*unpack(*args))
+        out, residuals = _forward(stages, *unpack(*args))
         return out, (args, residuals)
 
     def bwd(saved, cotangents):
         args, residuals = saved
-        dq, dk, dw, dv, db, ds0 = backward(residuals, cotangents)
+        dq, dk, dw, dv, db, ds0 = _backward(stages, residuals, cotangents)
         grads = (dq, dk, dw, dv, db, ds0) if erase else (dq, dw, dv, db, ds0)
         return tuple(g.astype(a.dtype) for g, a in zip(grads, args))
 
@@ -594,34 +483,50 @@ def _recursion(erase: bool, chunk: int, dots_key: tuple, interpret: bool):
     return recursion
 
 
-def _prepare_inputs(q, log_decay, chunk):
-    batch, time, heads, _ = q.shape
-    padded = -(-time // chunk) * chunk
-    return time, chunk_log_decay(pad_time(log_decay, chunk), batch, padded, heads, chunk)
+def _on_gpu(erase, q, k, w, v, log_decay, initial_state, chunk_size, precision, interpret):
+    """The kernels on CUDA (or in the interpreter), `filters.chunked`'s reference elsewhere; ``y`` in the
+    values' dtype either way."""
+    dots = Dots(v.dtype, precision)
+
+    def kernels(q, k, w, v, log_decay, s0, interpret=False):
+        batch, time, heads, _ = q.shape
+        padded = -(-time // chunk_size) * chunk_size
+        b = chunk_log_decay(pad_time(log_decay, chunk_size), batch, padded, heads, chunk_size)
+        recursion = _kernels(erase, chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)
+        if erase:
+            # the write key enters only products: it travels in the product dtype, as k does
+            args = (q, k, w.astype(dots.dtype), v)
+        else:
+            args = (q, k, v)
+        y, final = recursion(*(pad_time(x, chunk_size) for x in args), b, s0.astype(F32))
+        return y[:, :time].astype(v.dtype), final
+
+    def reference(q, k, w, v, log_decay, s0):
+        if erase:
+            y, final = chunked.delta_rule(q, k, w, v, log_decay, s0, chunk_size=chunk_size)
+        else:
+            y, final = chunked.additive(q, k, v, log_decay, s0, chunk_size=chunk_size)
+        return y.astype(v.dtype), final.astype(F32)
+
+    if log_decay is None:       # no decay: the branches close over None (platform_dependent takes arrays)
+        run = on_gpu(lambda q, k, w, v, s0, interpret=False: kernels(q, k, w, v, None, s0, interpret=interpret),
+                     lambda q, k, w, v, s0: reference(q, k, w, v, None, s0), interpret)
+        return run(q, k, w, v, initial_state)
+    return on_gpu(kernels, reference, interpret)(q, k, w, v, log_decay, initial_state)
 
 
 def delta_rule(q, k, w, v, log_decay, initial_state, *, chunk_size=64, precision="default",
                interpret=False):
     """``S_t = a_t S_{t-1} + w_t (v_t - (a_t S_{t-1})^T k_t)^T``, ``y_t = S_t^T q_t`` (module doc).
 
-    Same signature and results as `filters.chunked.delta_rule`: ``q, k, w [B,T,H,K]``, ``v [B,T,H,V]``,
-    ``log_decay`` None or ``[B,T,H]``, ``initial_state [B,H,K,V]``; returns ``y [B,T,H,V]`` and the final
-    state ``[B,H,K,V]``, float32.
+    Same signature and results as its plain-JAX reference `filters.chunked.delta_rule`, which runs off
+    CUDA: ``q, k, w [B,T,H,K]``, ``v [B,T,H,V]``, ``log_decay`` None or ``[B,T,H]``, ``initial_state
+    [B,H,K,V]``; returns ``y [B,T,H,V]`` in the values' dtype and the final state ``[B,H,K,V]`` float32.
     """
-    recursion = _recursion(True, chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)
-    time, b = _prepare_inputs(q, log_decay, chunk_size)
-    # The write key enters only products: it travels in the product dtype, as k does.
-    w = w.astype(Dots(v.dtype, precision).dtype)
-    q, k, w, v = (pad_time(x, chunk_size) for x in (q, k, w, v))
-    y, final = recursion(q, k, w, v, b, initial_state.astype(F32))
-    return y[:, :time], final
+    return _on_gpu(True, q, k, w, v, log_decay, initial_state, chunk_size, precision, interpret)
 
 
 def additive(q, k, v, log_decay, initial_state, *, chunk_size=64, precision="default", interpret=False):
     """``S_t = a_t S_{t-1} + k_t v_t^T``, ``y_t = S_t^T q_t``, scalar or no decay. Same signature and
     results as `filters.chunked.additive` (``k`` already scaled by any input scale)."""
-    recursion = _recursion(False, chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)
-    time, b = _prepare_inputs(q, log_decay, chunk_size)
-    q, k, v = (pad_time(x, chunk_size) for x in (q, k, v))
-    y, final = recursion(q, k, v, b, initial_state.astype(F32))
-    return y[:, :time], final
+    return _on_gpu(False, q, k, k, v, log_decay, initial_state, chunk_size, precision, interpret)

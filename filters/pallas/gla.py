@@ -10,8 +10,9 @@ channel. In a chunk, with ``b_i`` the per-channel log decay accumulated since th
 works on 16-row blocks: a block below the diagonal is a product of ``Q`` and ``K`` decayed towards
 the first step ``r`` of the row block, ``(q_i exp(b_i - b_r)) . (k_j exp(b_r - b_j))`` (both exponents
 <= 0), and a diagonal block is summed directly, as ``[16, 16, 32]`` products over slices of the
-channels (or column by column: ``TUNING["gla_output"]["diagonal"] = "columns"``). The derivative is the plain-JAX reference's
-(a backward kernel for the channel-wise decay does not exist yet).
+channels (or column by column: ``TUNING["gla_output"]["diagonal"] = "columns"``). The derivative is the
+plain-JAX reference's, `filters.chunked.additive` (a backward kernel for the channel-wise decay does
+not exist yet).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from filters.pallas.common import (SUB, Dots, chunk_log_decay, from_chunks, iota2, launch, masked_exp, on_gpu,
-                                   pad_time, rows, spec, to_chunks, tuning)
+from filters import chunked
+from filters.pallas.common import (SUB, Dots, chunk_log_decay, differentiated_by_reference, iota2, launch,
+                                   masked_exp, pad_time, rows, spec, tuning)
 
 F32 = jnp.float32
 
@@ -60,21 +62,6 @@ def state_kernel(k, v, b, s0, *, chunk, dots, interpret=False):
                    jax.ShapeDtypeStruct(s0.shape, F32)],
         interpret=interpret, name="gla_state")(k, v, b, s0)
     return h.reshape(batch, heads, n, key_dim, value_dim), final
-
-
-def state_reference(k, v, b, s0, *, chunk, dots):
-    """Plain JAX, same signature and results as `state_kernel` (a scan over chunks)."""
-    xs = [jnp.moveaxis(to_chunks(x.astype(F32), chunk), 2, 0) for x in (k, v, b)]
-
-    def body(state, x):
-        k_c, v_c, b_c = x
-        b_last = b_c[..., -1, :]
-        k_to_end = k_c * jnp.exp(b_last[..., None, :] - b_c)
-        new = jnp.exp(b_last)[..., :, None] * state + jnp.swapaxes(k_to_end, -1, -2) @ v_c
-        return new, state.astype(dots.dtype)
-
-    final, h = lax.scan(body, s0.astype(F32), xs)
-    return jnp.moveaxis(h, 0, 2), final
 
 
 def _diagonal_by_columns(q_ref, k_ref, b_ref, start, q, b):
@@ -140,70 +127,34 @@ def output_kernel(q, k, b, h, v, *, chunk, dots, interpret=False):
         interpret=interpret, name="gla_output")(q, k, b, h.reshape(batch, heads, n * key_dim, value_dim), v)
 
 
-def _pairwise(q, k, b):
-    """``A_ij = sum_c q_ic k_jc exp(b_ic - b_jc)`` for ``j <= i`` on ``[..., C, K]`` chunks, in the
-    kernel's blocks: decayed products below the diagonal, ``[16, 16, K]`` tensors on it."""
-    chunk = q.shape[-2]
-    blocks = []
-    for i in range(chunk // SUB):
-        qi, bi = q[..., i * SUB:(i + 1) * SUB, :], b[..., i * SUB:(i + 1) * SUB, :]
-        ref = bi[..., :1, :]
-        parts = [(qi * jnp.exp(bi - ref)) @ jnp.swapaxes(k[..., j * SUB:(j + 1) * SUB, :]
-                                                         * jnp.exp(ref - b[..., j * SUB:(j + 1) * SUB, :]), -1, -2)
-                 for j in range(i)]
-        kd, bd = k[..., i * SUB:(i + 1) * SUB, :], b[..., i * SUB:(i + 1) * SUB, :]
-        lower = jnp.tril(jnp.ones((SUB, SUB), bool))[..., None]
-        diag = jnp.sum(qi[..., :, None, :] * kd[..., None, :, :]
-                       * masked_exp(bi[..., :, None, :] - bd[..., None, :, :], lower), -1)
-        parts.append(diag)
-        parts.append(jnp.zeros(diag.shape[:-1] + (chunk - (i + 1) * SUB,), diag.dtype))
-        blocks.append(jnp.concatenate(parts, -1))
-    return jnp.concatenate(blocks, -2)
-
-
-def output_reference(q, k, b, h, v, *, chunk, dots):
-    """Plain JAX, same signature and result as `output_kernel`."""
-    qc, kc, bc, vc = (to_chunks(x.astype(F32), chunk) for x in (q, k, b, v))
-    return from_chunks((qc * jnp.exp(bc)) @ h.astype(F32) + _pairwise(qc, kc, bc) @ vc)
-
-
-def _forward(kernels, q, k, v, b, s0, *, chunk, dots, interpret=False):
-    opts = dict(chunk=chunk, dots=dots, **({"interpret": interpret} if kernels else {}))
-    state = functools.partial(state_kernel if kernels else state_reference, **opts)
-    output = functools.partial(output_kernel if kernels else output_reference, **opts)
-    h, final = state(k, v, b, s0)
-    return output(q, k, b, h, v), final
+def _kernel_path(q, k, v, log_decay, s0, *, chunk, dots, interpret=False):
+    batch, time, heads, _ = q.shape
+    padded = -(-time // chunk) * chunk
+    b = chunk_log_decay(pad_time(log_decay, chunk), batch, padded, heads, chunk)
+    q, k, v = (pad_time(x, chunk) for x in (q, k, v))
+    h, final = state_kernel(k, v, b, s0, chunk=chunk, dots=dots, interpret=interpret)
+    y = output_kernel(q, k, b, h, v, chunk=chunk, dots=dots, interpret=interpret)
+    return y[:, :time], final
 
 
 @functools.lru_cache(maxsize=None)
 def _recursion(chunk: int, dots_key: tuple, interpret: bool):
-    dots = Dots(*dots_key)
-    reference = functools.partial(_forward, False, chunk=chunk, dots=dots)
-    forward = on_gpu(functools.partial(_forward, True, chunk=chunk, dots=dots), reference, interpret)
+    """A `jax.custom_vjp` of ``(q, k, v, log_decay, s0)``: the kernels on CUDA (or in the interpreter),
+    the chunked reference elsewhere; the derivative is the reference's."""
+    def reference(q, k, v, log_decay, s0):
+        y, final = chunked.additive(q, k, v, log_decay, s0, chunk_size=chunk)
+        return y.astype(F32), final.astype(F32)
 
-    @jax.custom_vjp
-    def recursion(*args):
-        return forward(*args)
-
-    def fwd(*args):
-        return forward(*args), args
-
-    def bwd(args, cotangents):
-        return jax.vjp(reference, *args)[1](cotangents)
-
-    recursion.defvjp(fwd, bwd)
-    return recursion
+    return differentiated_by_reference(functools.partial(_kernel_path, chunk=chunk, dots=Dots(*dots_key)),
+                                       reference, interpret)
 
 
 def additive(q, k, v, log_decay, initial_state, *, chunk_size=64, precision="default", interpret=False):
     """``S_t = diag(a_t) S_{t-1} + k_t v_t^T``, ``y_t = S_t^T q_t`` with ``log_decay [B,T,H,K]``. Same
-    signature and results as `filters.chunked.additive`."""
+    signature and results as its plain-JAX reference `filters.chunked.additive` (which runs off CUDA and
+    gives the derivative); ``y`` in the values' dtype."""
     if chunk_size % SUB:
         raise ValueError(f"chunk_size={chunk_size}: the channel-wise kernels need a multiple of {SUB}")
-    batch, time, heads, _ = q.shape
-    padded = -(-time // chunk_size) * chunk_size
-    b = chunk_log_decay(pad_time(log_decay, chunk_size), batch, padded, heads, chunk_size)
-    q, k, v = (pad_time(x, chunk_size) for x in (q, k, v))
     recursion = _recursion(chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)
-    y, final = recursion(q, k, v, b, initial_state.astype(F32))
-    return y[:, :time], final
+    y, final = recursion(q, k, v, log_decay.astype(F32), initial_state.astype(F32))
+    return y.astype(v.dtype), final

@@ -10,7 +10,10 @@ On CUDA the Triton kernels run; on any other platform their plain-JAX references
 chosen when the program is lowered, so a program traced on a CPU and lowered for ``"cuda"`` holds the
 kernels); with ``interpret=True`` the kernels themselves run in Pallas's interpreter, anywhere.
 Products take their operands in the inputs' dtype (bf16 on tensor cores; ``precision="highest"``:
-float32 products); float64 inputs run the chunked lowering, since the kernels compute in float32.
+float32 products). What the kernels do not cover runs the chunked lowering (the same mathematics, in
+plain XLA): float64 inputs (the kernels compute in float32), key or value widths that are not a power of
+two from 16 to 256, and the exact family with K > 128 (its covariance kernel keeps ``P [K, K]`` in
+registers).
 """
 from __future__ import annotations
 
@@ -24,6 +27,11 @@ from filters.pallas import common
 from filters.pallas.common import SUB
 
 PRECISIONS = ("default", "highest")
+
+
+def tileable(dim: int) -> bool:
+    """Key and value widths the kernels tile: powers of two from 16 to 256."""
+    return 16 <= dim <= 256 and dim & (dim - 1) == 0
 
 
 def check_chunk_size(value) -> None:
@@ -79,7 +87,10 @@ class Pallas(Lowering):
 
     def run(self, structure, x, state, *, diagnostics, chunk_size=chunked.DEFAULT_CHUNK_SIZE,
             precision="default", interpret=False):
-        if x.compute_dtype == jnp.float64:       # the kernels compute in float32 and bf16
+        key_dim, value_dim = x.k.shape[-1], x.v.shape[-1]
+        if (x.compute_dtype == jnp.float64                   # the kernels compute in float32 and bf16
+                or not (tileable(key_dim) and tileable(value_dim))
+                or (structure.family == "exact" and key_dim > 128)):   # P [K, K] must fit in registers
             return chunked.LOWERING.run(structure, x, state, diagnostics=diagnostics, chunk_size=chunk_size)
         options = dict(chunk_size=chunk_size, precision=precision, interpret=interpret)
         q, k, v = x.q, x.k, x.v
