@@ -144,15 +144,26 @@ def color(model: str) -> str:
 
 
 def plot(records: list[dict], path: str) -> None:
-    """The three panels side by side, a row per training shape: for every model, the mean accuracy over the
-    seeds at the chosen learning rate against d_model, error bars from the lowest to the highest seed."""
+    """`draw` the figure of ``records`` into ``path`` (nothing without a record)."""
+    fig = draw(records)
+    if fig is not None:
+        import matplotlib.pyplot as plt     # after draw, which chose the Agg backend
+
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def draw(records: list[dict]):
+    """The paper's layout: the panels (a), (b), (c) side by side, a row per training shape; in each, for every
+    model, the mean accuracy over the seeds at the chosen learning rate against d_model (log scale), error
+    bars from the lowest to the highest seed. Returns the matplotlib Figure (None without a record)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     best = cells(records)
     if not best:
-        return
+        return None
     shapes = sorted({(k[1], k[2]) for k in best})
     panels = [v for v in PANELS if any(k[0] == v for k in best)]
     fig, axes = plt.subplots(len(shapes), len(panels), figsize=(4.0 * len(panels), 3.3 * len(shapes) + 0.9),
@@ -169,7 +180,9 @@ def plot(records: list[dict], path: str) -> None:
                 x = np.array([p[0] for p in points], float)
                 accs = [np.array(p[1]) for p in points]
                 mean = np.array([a.mean() for a in accs])
-                err = np.array([[m - a.min() for m, a in zip(mean, accs)], [a.max() - m for m, a in zip(mean, accs)]])
+                # lowest and highest seed; clipped at 0, as a mean of equal accuracies can round past them
+                err = np.maximum(0.0, [[m - a.min() for m, a in zip(mean, accs)],
+                                       [a.max() - m for m, a in zip(mean, accs)]])
                 handles[model] = ax.errorbar(x, mean, yerr=err, marker="o", markersize=4, capsize=3,
                                              color=color(model), label=model,
                                              linestyle="--" if model.endswith(models.NO_CONV) else "-")
@@ -189,8 +202,7 @@ def plot(records: list[dict], path: str) -> None:
                  fontsize=10)
     fig.legend([handles[m] for m in names], names, loc="lower center", ncol=min(len(names), 4), fontsize=8)
     fig.tight_layout(rect=(0, 0.12 if len(names) > 4 else 0.07, 1, 0.95))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def report(workdir: str) -> list[dict]:

@@ -93,3 +93,35 @@ def test_smoke_end_to_end(tmp_path):
     assert [r["eval"] for r in figure.collect(str(tmp_path))] == [r["eval"] for r in records]
     assert mqar.run_dir(str(tmp_path / "seed1"), "base", "bayesian_no_conv", 32, 2, 16, 3e-3) in [
         run.folder for run in figure.runs(config, str(tmp_path))]
+
+
+def test_the_figure_is_laid_out_as_the_paper_s_with_error_bars_over_seeds():
+    """Panels (a), (b), (c) side by side in that order; in each a line per model against d_model at the chosen
+    learning rate, through the mean over the seeds, with an error bar from the lowest to the highest seed; a
+    convolution-free form dashed in its partner's colour."""
+    import matplotlib.pyplot as plt
+
+    accuracies = {("attention", 16): (0.5, 0.7, 0.9), ("attention", 32): (1.0, 1.0, 1.0),
+                  ("bayesian_no_conv", 16): (0.1, 0.2, 0.6), ("bayesian", 16): (0.4, 0.4, 0.4)}
+    records = [_record(variant, model, d, 1e-3, seed, acc) for variant in ("block", "base", "update")
+               for (model, d), accs in accuracies.items() for seed, acc in enumerate(accs)]
+    records += [_record("base", "attention", 16, 1e-2, seed, 0.0) for seed in range(3)]      # not chosen
+    fig = figure.draw(records)
+    try:
+        axes = fig.get_axes()
+        assert [ax.get_title() for ax in axes] == ["(a) MQAR, L=32, P=2", "(b) Update-MQAR, L=32, P=2",
+                                                    "(c) Block-MQAR, L=32, P=2"]
+        for ax in axes:
+            bars = {c.get_label(): c for c in ax.containers}
+            assert sorted(bars) == ["attention", "bayesian", "bayesian_no_conv"]
+            line, _, (vertical,) = bars["attention"].lines
+            np.testing.assert_allclose(line.get_xdata(), [16, 32])
+            np.testing.assert_allclose(line.get_ydata(), [0.7, 1.0])
+            np.testing.assert_allclose([seg[:, 1] for seg in vertical.get_segments()], [[0.5, 0.9], [1.0, 1.0]])
+            no_conv, with_conv = bars["bayesian_no_conv"].lines[0], bars["bayesian"].lines[0]
+            np.testing.assert_allclose(no_conv.get_ydata(), [0.3])
+            assert no_conv.get_linestyle() == "--" and with_conv.get_linestyle() == "-"
+            assert no_conv.get_color() == with_conv.get_color()
+    finally:
+        plt.close(fig)
+    assert figure.draw([]) is None
