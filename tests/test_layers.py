@@ -8,7 +8,7 @@ import pytest
 import designmodels as dm
 import layers
 from tests import contract
-from tests.support import LAYER_MODELS as MODELS
+from tests.support import LAYER_MODELS as MODELS, USER_EXACT_MODELS
 
 
 def _layer(model, backend, conv_size=4):
