@@ -81,6 +81,30 @@ def test_delta_rule(interpret, decay):
     _check(ours, oracle, args)
 
 
+@pytest.mark.parametrize("reload", [True, False], ids=["through_memory", "in_registers"])
+def test_prepare_inverts_every_block_of_a_long_chunk(reload, monkeypatch):
+    """The UT transform of a 64-step chunk (four 16 x 16 diagonal blocks and their block products), both
+    ways the kernel can assemble it, against ``(I + L)^{-1}`` computed densely in float64."""
+    from filters.pallas import common
+    monkeypatch.setitem(common.TUNING, "delta_rule_prepare", dict(num_warps=2, reload=reload))
+    chunk = time = 64                     # one head, one chunk: the interpreter is slow
+    q, k, v, beta, log_decay, _ = (np.asarray(x)[:, :, :1] for x in _inputs())
+    k, v = np.resize(k, (B, time, 1, K)), np.resize(v, (B, time, 1, V))
+    w = np.resize(beta, (B, time, 1))[..., None] * k
+    b = np.asarray(common.chunk_log_decay(jnp.asarray(np.resize(log_decay, (B, time, 1))), B, time, 1, chunk))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    wp, up, inv = delta_rule.prepare_kernel(f32(k), f32(w), f32(v), f32(b), chunk=chunk,
+                                            dots=common.Dots(jnp.float32, "highest"), interpret=True)
+    for c in range(time // chunk):
+        span = slice(c * chunk, (c + 1) * chunk)
+        kc, wc, vc, bc = k[0, span, 0], w[0, span, 0], v[0, span, 0], b[0, span, 0]
+        lower = np.tril(kc @ wc.T * np.exp(bc[:, None] - bc[None, :]), -1)
+        t = np.linalg.inv(np.eye(chunk) + lower)
+        assert _relative(inv[0, span, 0], t) < 1e-5
+        assert _relative(wp[0, span, 0], t @ (kc * np.exp(bc)[:, None])) < 1e-5
+        assert _relative(up[0, span, 0], t @ vc) < 1e-5
+
+
 @pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "reference"])
 def test_additive_scalar_decay(interpret):
     q, k, v, _, log_decay, s0 = _inputs()
