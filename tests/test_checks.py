@@ -99,3 +99,15 @@ def test_eager_checks_of_host_and_device_arrays_agree():
         messages.append(str(info.value))
     assert messages[0] == messages[1]
     assert messages[0].startswith("beta: 1 invalid entries, first at index (0, 2, 1): beta = nan")
+
+
+@pytest.mark.parametrize("backend", ["sequential", "associative", "chunked"])
+def test_an_empty_batch_is_checked_and_filtered(backend):
+    """A batch of 0 sequences passes the value checks (there is nothing to check) and gives empty outputs
+    with the state of 0 sequences, on every lowering (it failed in the checks' argmax before)."""
+    model = dm.bayesian()
+    f = filters.compile(model, backend=backend)
+    q = k = jnp.ones((0, 5, 2, 4)) / 2.0
+    y, state = f(q, k, jnp.ones((0, 5, 2, 3)), beta=jnp.ones((0, 5, 2)), log_decay=-jnp.ones((0, 5, 2)))
+    assert y.shape == (0, 5, 2, 3) and state.mean.shape == (0, 2, 4, 3)
+    assert state.covariance.shape == (0, 2, 4, 4)

@@ -299,3 +299,14 @@ def test_widths(key_dim, value_dim):
     want_y, want_final = filters.compile(model, backend="sequential")(q, k, v, **gates)
     assert final.mean.shape == (1, 1, key_dim, value_dim)
     assert _relative(y, want_y) < 1e-5 and _relative(final.mean, want_final.mean) < 1e-5
+
+
+def test_an_empty_batch_runs_without_a_kernel():
+    """A batch of 0 sequences (or 0 steps) gives empty outputs and the state of 0 sequences: no kernel is
+    launched on a grid of 0 programs."""
+    import designmodels as dm
+    import filters
+    f = filters.compile(dm.gated_deltanet(), backend="pallas", interpret=True)
+    q = k = jnp.ones((0, 5, 2, 16)) / 4.0
+    y, state = f(q, k, jnp.ones((0, 5, 2, 16)), log_decay=-jnp.ones((0, 5, 2)), beta=0.5 * jnp.ones((0, 5, 2)))
+    assert y.shape == (0, 5, 2, 16) and state.mean.shape == (0, 2, 16, 16)

@@ -89,6 +89,7 @@ class Pallas(Lowering):
             precision="default", interpret=False):
         key_dim, value_dim = x.k.shape[-1], x.v.shape[-1]
         if (x.compute_dtype == jnp.float64                   # the kernels compute in float32 and bf16
+                or 0 in x.k.shape[:3]                        # no sequence, step or head: a grid of 0 programs
                 or not (tileable(key_dim) and tileable(value_dim))
                 or (structure.family == "exact" and key_dim > 128)):   # P [K, K] must fit in registers
             return chunked.LOWERING.run(structure, x, state, diagnostics=diagnostics, chunk_size=chunk_size)
