@@ -48,6 +48,9 @@ def get_config():
     config.eval_multipliers = ((1, 1), (2, 2))
     # data (experiments.tasks.mqar)
     config.vocab_size = 8192
+    # "split": Zoology's halves (keys [1, V/2), values [V/2, V)) for base, update and block, the shared pool
+    # for the variant "shared"; "shared": every variant draws its keys and values from one pool [1, V)
+    config.vocabulary = "split"
     config.num_train_examples = 100_000
     config.num_valid_examples = 1_000   # the validation split, at the training shape(s): early stop, learning rate
     config.num_eval_examples = 1_000    # each test shape

@@ -26,8 +26,9 @@ require_sibling(layers)   # a shadowing module of that name fails here, by name
 
 F32 = jnp.float32
 
-# name -> (named layer, or "attention"; overrides of the layer's options)
-MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+# The layers with their short convolution (``conv_size`` from the config, 4 by default): every design layer
+# and attention. name -> (named layer, or "attention"; overrides of the layer's options)
+_WITH_CONV: dict[str, tuple[str, dict[str, Any]]] = {
     "attention": ("attention", {}),
     "linear_attention": ("linear_attention", {}),
     "retnet": ("retnet", {}),
@@ -36,12 +37,42 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "deltanet": ("deltanet", {}),
     "gated_deltanet": ("gated_deltanet", {}),
     "longhorn": ("longhorn", {}),
-    "bayesian": ("bayesian", {}),
-    "bayesian_no_conv": ("bayesian", {"conv_size": 0}),
+    # The Bayesian Layer forgets towards its prior: stationary process noise Q_t = (1 - a_t^2) l^2 I beside the
+    # decay a_t. With a decay and no noise, P_t = a_t^2 P_{t-1} contracts, the write gain vanishes and the
+    # readout is held by the first steps of the sequence (docs/results/mqar/no_conv.md).
+    "bayesian": ("bayesian", {"noise": "stationary"}),
+}
+NO_CONV = "_no_conv"
+# The Bayesian Layer of the GPU results committed before 2026-12 (docs/results/mqar, docs/results/recall):
+# a decay and no process noise.
+LEGACY_BAYESIAN = "bayesian_no_noise"
+
+
+def _no_conv(kind: str, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return kind, {**overrides, "conv_size": 0}
+
+
+# Every model of `_WITH_CONV` also without its convolution (``<name>_no_conv``: ``conv_size = 0`` whatever the
+# config says), so that Block-MQAR compares like with like; then the legacy Bayesian Layer with and without.
+# "bayesian_no_conv" keeps its place after "bayesian" (the order sets the colours of the figures).
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    **_WITH_CONV, "bayesian" + NO_CONV: _no_conv(*_WITH_CONV["bayesian"]),
+    **{name + NO_CONV: _no_conv(*entry) for name, entry in _WITH_CONV.items() if name != "bayesian"},
+    LEGACY_BAYESIAN: ("bayesian", {}), LEGACY_BAYESIAN + NO_CONV: _no_conv("bayesian", {}),
 }
 
 
 _MODEL_OPTIONS = {"gamma", "prior_variance", "process_noise", "noise", "decay"}
+
+
+def recorded_options(name: str) -> dict[str, Any]:
+    """What a model name of `MODELS` means beyond the config's fields, for a run's identity:
+    ``{"layer_options": overrides}`` (e.g. ``bayesian_no_conv``: stationary noise, ``conv_size = 0``), or ``{}``
+    for a name without overrides, whose identity is then what it was before names had overrides. A run
+    folder of a name made when the name meant another layer (``bayesian`` before its process noise) is thus
+    refused, never reused."""
+    overrides = MODELS[name][1]
+    return {"layer_options": dict(sorted(overrides.items()))} if overrides else {}
 
 
 def check_models(names) -> None:

@@ -70,8 +70,11 @@ def training_sets(config, variant: Optional[str] = None) -> list[TrainingSet]:
 
 
 def _task_kwargs(config) -> dict:
-    return {"num_updates": config.num_updates or None, "block_gap": config.block_gap, "power_a": config.power_a,
-            "random_filler": config.random_filler}
+    kwargs = {"num_updates": config.num_updates or None, "block_gap": config.block_gap, "power_a": config.power_a,
+              "random_filler": config.random_filler}
+    if config.vocabulary != "split":        # recorded when it is not the vocabulary of every earlier run
+        kwargs["vocabulary"] = config.vocabulary
+    return kwargs
 
 
 def _fits(config, variant: str, shape) -> Optional[str]:
@@ -110,6 +113,7 @@ def _valid_parts(config, train_set: TrainingSet) -> list[tuple[int, int, int]]:
 def check(config) -> None:
     """Fail before any training on a config that cannot run."""
     common.check_choice("variants", config.variants, tasks.MQAR_VARIANTS)
+    common.check_choice("vocabulary", (config.vocabulary,), tasks.VOCABULARIES)
     models.check_models(config.models)
     if not config.d_models or min(config.d_models) < 1 or not config.learning_rates or not config.seeds:
         raise ValueError("config.d_models, config.learning_rates and config.seeds must be non-empty, d_model "
@@ -194,7 +198,8 @@ def runs(config, workdir: str) -> list[sweep.Run]:
                        "train_parts": [list(part) for part in train_set.parts], "seq_len": train_set.seq_len,
                        "num_kv_pairs": train_set.pairs, "vocab_size": config.vocab_size, "backend": config.backend,
                        "conv_size": config.conv_size, "mlp_ratio": config.mlp_ratio, "num_layers": config.num_layers,
-                       "head_dim": config.head_dim, "data_seed": config.data_seed, "task": _task_kwargs(config)}
+                       "head_dim": config.head_dim, "data_seed": config.data_seed, "task": _task_kwargs(config),
+                       **models.recorded_options(name)}
         if (variant, train_set) not in shapes:
             shapes[variant, train_set] = test_shapes(config, variant, train_set)
         settings = sweep.settings_from_config(config, lr, seed, stop_set=VALID)

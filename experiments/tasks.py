@@ -18,6 +18,9 @@ import numpy as np
 
 IGNORE = -100
 MQAR_VARIANTS = ("base", "shared", "update", "block")
+# Where an example's keys and values come from: Zoology's two halves of the vocabulary (keys [1, V/2), values
+# [V/2, V)), or one shared pool [1, V) (a token's role is then given only by its position).
+VOCABULARIES = ("split", "shared")
 SEPARATOR = 0   # token 0 is reserved: never a key, value or filler; the separator of Block-MQAR
 
 
@@ -110,9 +113,23 @@ def mqar_layout(seq_len: int, num_kv_pairs: int, variant: str = "base", *, num_u
     return MqarLayout(context, offset, updates)
 
 
+def mqar_vocabulary(variant: str, vocabulary: Optional[str] = None) -> str:
+    """The vocabulary of a variant: ``vocabulary`` (one of `VOCABULARIES`), or when None ``"split"``, except
+    for the variant ``"shared"``, which is base MQAR with the shared vocabulary (and refuses ``"split"``)."""
+    if vocabulary is None:
+        return "shared" if variant == "shared" else "split"
+    if vocabulary not in VOCABULARIES:
+        raise TaskError(f"vocabulary={vocabulary!r}: unknown; accepted: {', '.join(VOCABULARIES)}.")
+    if variant == "shared" and vocabulary != "shared":
+        raise TaskError(f"variant='shared' is base MQAR with the shared vocabulary; vocabulary={vocabulary!r} "
+                        "contradicts it (accepted: 'shared' or None; for Zoology's split halves use variant "
+                        "'base').")
+    return vocabulary
+
+
 def mqar(vocab_size: int, seq_len: int, num_kv_pairs: int, num_examples: int, seed: int,
-         variant: str = "base", *, num_updates: Optional[int] = None, block_gap: int = 6,
-         power_a: float = 0.01, random_filler: bool = True) -> tuple[np.ndarray, np.ndarray]:
+         variant: str = "base", *, vocabulary: Optional[str] = None, num_updates: Optional[int] = None,
+         block_gap: int = 6, power_a: float = 0.01, random_filler: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Multi-query associative recall (Zoology, Arora et al. 2024) and its variants.
 
     Returns ``(inputs int32 [N, L], labels int32 [N, L])``. Layout (docs/experiments.md):
@@ -122,8 +139,11 @@ def mqar(vocab_size: int, seq_len: int, num_kv_pairs: int, num_examples: int, se
       queried once, at an even offset drawn by Zoology's power law (``power_a``; small = near the
       context). The query position is supervised with the key's value. All other positions are filler:
       uniform tokens of ``[1, V)`` that are not a key of the example (``random_filler=False``: token 0).
-    * ``shared``: keys and values drawn together as ``2P`` distinct tokens of ``[1, V)``: a token's role
-      is given only by its position.
+    * ``vocabulary="shared"`` (any variant): the ``P`` keys and all the values of an example are drawn
+      together as distinct tokens of ``[1, V)``, so a token's role is given only by its position; with
+      ``"split"`` (the default) keys come from ``[1, V/2)`` and values from ``[V/2, V)``. Each variant's
+      split data is the same whether or not ``vocabulary`` is given.
+    * ``shared``: base with the shared vocabulary (``2P`` distinct tokens of ``[1, V)``).
     * ``update``: after the ``P`` pairs come ``R = num_updates`` (default ``P``) rebinding pairs
       ``k_j v'`` with ``j`` uniform over the keys (a key may be rebound more than once); every value in
       an example is distinct, so a rebinding never repeats an old value. The label is the latest value.
@@ -132,13 +152,21 @@ def mqar(vocab_size: int, seq_len: int, num_kv_pairs: int, num_examples: int, se
       (conv_size - 1)`` no stack of the models' short convolutions reaches from a value to its key.
     """
     layout = mqar_layout(seq_len, num_kv_pairs, variant, num_updates=num_updates, block_gap=block_gap)
+    vocabulary = mqar_vocabulary(variant, vocabulary)
     if vocab_size < 8:
         raise TaskError(f"vocab_size={vocab_size}: too small (at least 8).")
-    rng = np.random.default_rng(seed)
     n, p, r = num_examples, num_kv_pairs, layout.updates
     half = vocab_size // 2
-    if variant == "shared":
-        drawn = _subsets(rng, n, 1, vocab_size, 2 * p)
+    if vocabulary == "shared" and 2 * p + r > vocab_size - 1:
+        raise TaskError(f"vocab_size={vocab_size}: too small for {p} keys and {p + r} values, all distinct, from "
+                        f"the shared pool [1, {vocab_size}) (needs vocab_size >= {2 * p + r + 1}).")
+    if vocabulary == "split" and (p > half - 1 or p + r > vocab_size - half):
+        raise TaskError(f"vocab_size={vocab_size}: too small for {p} distinct keys from [1, {half}) and {p + r} "
+                        f"distinct values from [{half}, {vocab_size}) (needs vocab_size >= "
+                        f"{max(2 * p + 2, 2 * (p + r) - 1)}).")
+    rng = np.random.default_rng(seed)
+    if vocabulary == "shared":       # one draw of P + (P + R) distinct tokens: keys first, then every value
+        drawn = _subsets(rng, n, 1, vocab_size, 2 * p + r)
         keys, values = drawn[:, :p], drawn[:, p:]
     else:
         keys = _subsets(rng, n, 1, half, p)

@@ -1,7 +1,7 @@
 """Layer: one Flax module for every design model (linen: `DesignLayer`; NNX: `layers.nnx.DesignLayer`),
 both thin wrappers over `layers.core`, and the named layers."""
 from layers import core
-from layers.core import LayerError
+from layers.core import LayerError, memory_span
 from layers.design_layer import DesignLayer, ShortConv
 from layers.gates import Gates
 from layers.named import (

@@ -396,3 +396,47 @@ def step(spec: LayerSpec, params: Mapping, x, cache=None):
     y, state = spec.filter.step(cache.get("filter"), q[:, 0], k[:, 0], v[:, 0], validate=False,
                                 **{n: g[:, 0] for n, g in gate_values.items()})
     return output(spec, params, x, y), {"filter": state, "conv": conv}
+
+
+def readout_weights(spec: LayerSpec, params: Mapping, x) -> jax.Array:
+    """The filter's readout as weights on its values: ``W [B, H, T, T]`` with ``y_t = sum_s W[t, s] v_s``
+    per head (the filter's output, before the norm, the output gate and the projection; from a zero
+    state, so ``W[t, s] = 0`` for ``s > t``).
+
+    Given the queries, keys and gates (which do not depend on ``v``), every family's readout is linear
+    in the values with one scalar weight per pair of steps: additive, ``S_t = sum_s D_{t,s} k_s v_s^T``
+    with the decays ``D_{t,s}`` between the steps; reset and exact, ``S_t = G_t S_{t-1} + Kg_t v_t^T``
+    with ``G_t``, ``Kg_t`` computed from keys and gates only (DESIGN.md section 2), so
+    ``W[t, s] = q_t^T G_t ... G_{s+1} Kg_s``. Hence ``W`` is the readout of the filter run on the values
+    ``v_s = e_s``, the identity over time (value dimension ``T``). `memory_span` summarizes it."""
+    check_input(spec, x, 3, "[B, T, D]")
+    q, k, _, gate_values, _ = features(spec, params, x)
+    time = x.shape[1]
+    eye = jnp.broadcast_to(jnp.eye(time, dtype=q.dtype)[None, :, None, :], (*k.shape[:-1], time))
+    y, _ = spec.filter(q, k, eye, validate=False, **gate_values)          # [B, T(t), H, T(s)]
+    return jnp.transpose(y, (0, 2, 1, 3))
+
+
+def memory_span(weights, start: int = 0) -> dict:
+    """Summaries, per head, of readout weights ``W [B, H, T, T]`` (`readout_weights`) over the
+    positions ``t >= start``, each with the absolute weights normalized over ``s <= t``,
+    ``w_{t,s} = |W[t, s]| / sum_{s' <= t} |W[t, s']|``:
+
+    * ``mean_lag``: ``E_t sum_s (t - s) w_{t,s}``, how far back the readout looks on average (a memory that
+      weighs every step alike looks back ``t / 2``; one that reads only the current step, 0);
+    * ``current`` and ``previous``: ``E_t w_{t,t}`` and ``E_t w_{t,t-1}`` (``t >= max(start, 1)``), the
+      shares of the current and of the previous step: what a first layer needs to bind a key to the value
+      one step later.
+
+    Returns ``{name: numpy [H]}``, averaged over the batch too."""
+    w = np.abs(np.asarray(weights, np.float64))
+    time = w.shape[-1]
+    if not 0 <= start < time:
+        raise LayerError(f"memory_span: start={start}; accepted: 0 <= start < T = {time}.")
+    w = w / np.maximum(w.sum(-1, keepdims=True), np.finfo(np.float64).tiny)
+    t = np.arange(time)
+    lag = np.maximum(t[:, None] - t[None, :], 0)
+    first = max(start, 1)
+    return {"mean_lag": (w * lag).sum(-1)[..., start:].mean((0, 2)),
+            "current": w[..., t, t][..., start:].mean((0, 2)),
+            "previous": w[..., t[first:], t[first:] - 1].mean((0, 2))}

@@ -116,3 +116,7 @@ class DesignLayer(nn.Module):
     def step(self, x, cache=None):
         """One decoding step: ``x [B, D] -> (y [B, D], cache)``."""
         return core.step(self.spec, self._params(), x, cache)
+
+    def readout_weights(self, x):
+        """``W [B, H, T, T]``, the filter's readout as weights on its values (`layers.core.readout_weights`)."""
+        return core.readout_weights(self.spec, self._params(), x)

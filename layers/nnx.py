@@ -105,6 +105,10 @@ class DesignLayer(nnx.Module):
         """One decoding step: ``x [B, D] -> (y [B, D], cache)``."""
         return core.step(self.spec, self.params.values(), x, cache)
 
+    def readout_weights(self, x):
+        """``W [B, H, T, T]``, the filter's readout as weights on its values (`layers.core.readout_weights`)."""
+        return core.readout_weights(self.spec, self.params.values(), x)
+
     # ------------------------------------------------------------------------------------------------
     # the linen layer
     # ------------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ SMOKE_SECONDS = {
     "crowding": 7,        # also tests/test_dynamics.py
     "recall": 15,         # tests/test_training.py::test_recall_smoke_end_to_end
     "mqar": 20,           # tests/test_training.py::test_mqar_smoke_end_to_end
+    "mqar_figure4": 25,   # tests/test_mqar_figure4.py::test_smoke_end_to_end
     "unification": 59,    # tests/test_unification.py::test_experiment_writes_the_table
 }
 SMOKE_RUN_MAX_S = 10      # keeps this whole file under a minute on 2 cores

@@ -104,6 +104,44 @@ def test_parameters_are_float32_even_with_x64():
     assert all(d == jnp.float32 for d in dtypes.values()), dtypes
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_readout_weights_reproduce_the_filter_readout(name):
+    """``y_t = sum_s W[t, s] v_s`` with `readout_weights`, for every family (the gates and keys do not depend
+    on the values), from a zero state: causal, and equal to the filter run on the layer's own values."""
+    layer = _layer(MODELS[name], "sequential")
+    x = jax.random.normal(jax.random.PRNGKey(8), (2, 9, 12), jnp.float32)
+    params = layer.init(jax.random.PRNGKey(9), x)
+    weights = layer.apply(params, x, method=layers.DesignLayer.readout_weights)
+    assert weights.shape == (2, 2, 9, 9)                               # [B, H, T(t), T(s)]
+    assert np.all(np.asarray(weights)[..., np.triu_indices(9, 1)[0], np.triu_indices(9, 1)[1]] == 0)
+
+    def filtered(module, x):
+        q, k, v, gates, _ = layers.core.features(module.spec, module._params(), x)
+        return module.spec.filter(q, k, v, **gates)[0], v
+
+    y, v = layer.apply(params, x, method=filtered)
+    np.testing.assert_allclose(jnp.einsum("bhts,bshv->bthv", weights, v), y, rtol=1e-4, atol=1e-5)
+
+
+def test_memory_span_of_known_readouts():
+    time = 8
+    current = np.broadcast_to(np.eye(time), (1, 2, time, time))        # reads only the current step
+    previous = np.broadcast_to(np.eye(time, k=-1) + np.diag([1.0] + [0.0] * (time - 1)), (1, 2, time, time))
+    uniform = np.broadcast_to(np.tril(np.ones((time, time))), (1, 2, time, time))
+    span = layers.memory_span(current)
+    np.testing.assert_allclose(span["mean_lag"], 0)
+    np.testing.assert_allclose(span["current"], 1)
+    np.testing.assert_allclose(span["previous"], 0)
+    span = layers.memory_span(-previous, start=1)                      # absolute weights
+    np.testing.assert_allclose(span["mean_lag"], 1)
+    np.testing.assert_allclose(span["previous"], 1)
+    span = layers.memory_span(uniform, start=4)                        # t = 4..7: lag t / 2, shares 1 / (t + 1)
+    np.testing.assert_allclose(span["mean_lag"], np.mean(np.arange(4, 8) / 2))
+    np.testing.assert_allclose(span["current"], np.mean(1 / np.arange(5, 9)))
+    with pytest.raises(layers.LayerError, match=r"memory_span: start=8; accepted: 0 <= start < T = 8"):
+        layers.memory_span(uniform, start=8)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Gate ranges, asserted at their bounds: every projection weight is set to zero, so that each gate is its
 # parameterization (layers/gates.py) at a chosen pre-activation, and saturating pre-activations (+-30)

@@ -50,6 +50,8 @@ def test_linen_and_nnx_are_one_layer(name):
     decoded_nnx = _decode(lambda p: nnx_layer(p, return_cache=True), nnx_layer.step, x)
     np.testing.assert_array_equal(decoded_nnx, decoded_linen)
     np.testing.assert_allclose(decoded_nnx, y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(nnx_layer.readout_weights(x),
+                                  linen_layer.apply(variables, x, method=layers.DesignLayer.readout_weights))
 
     # the other way: a freshly initialized NNX layer, run by the linen layer it converts to
     fresh = lnnx.DesignLayer(MODELS[name], **ATTRIBUTES, rngs=nnx.Rngs(5))

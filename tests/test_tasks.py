@@ -96,9 +96,95 @@ def test_shared_vocabulary():
         assert np.mean(tokens < V // 2) > 0.3 and np.mean(tokens >= V // 2) > 0.3
 
 
-def test_update_rebinds_to_new_values_and_labels_the_latest():
+# sha256 of (inputs, labels) of `tasks.mqar(64, 96, 4, 50, seed=17, variant, **options)`, made by the generator
+# of commit f23f4cf (numpy 2.4), before the vocabulary became an option: the committed results were trained on
+# data made this way, so the default (split) data of every variant, and the "shared" variant's, must not change.
+UNCHANGED_DATA = {
+    ("base", ()): "fb1a11b31a6c4337",
+    ("shared", ()): "bfb523e55a20bb42",
+    ("update", ()): "9e77fb173ba8e098",
+    ("block", ()): "f44db4b3cb84b670",
+    ("base", (("power_a", 0.5), ("random_filler", False))): "ee8d9390e606b730",
+    ("update", (("num_updates", 3),)): "c8cc5e913fabeabd",
+    ("block", (("block_gap", 5),)): "2d75484a79bc681e",
+}
+
+
+def _digest(inputs, labels) -> str:
+    import hashlib
+    return hashlib.sha256(inputs.tobytes() + labels.tobytes()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("variant, options", list(UNCHANGED_DATA))
+def test_the_data_of_the_committed_results_is_unchanged(variant, options):
+    options = dict(options)
+    default = tasks.mqar(V, 96, P, 50, seed=17, variant=variant, **options)
+    assert _digest(*default) == UNCHANGED_DATA[variant, tuple(options.items())]
+    explicit = tasks.mqar(V, 96, P, 50, seed=17, variant=variant, vocabulary=tasks.mqar_vocabulary(variant),
+                          **options)
+    np.testing.assert_array_equal(explicit[0], default[0])
+    np.testing.assert_array_equal(explicit[1], default[1])
+
+
+def test_the_shared_variant_is_base_with_the_shared_vocabulary():
+    a = tasks.mqar(V, L, P, 100, seed=9, variant="shared")
+    b = tasks.mqar(V, L, P, 100, seed=9, variant="base", vocabulary="shared")
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def _keys_and_values(inputs, variant, pairs, updates=0, gap=6):
+    """The key and value tokens of each example's context, read off by position."""
+    if variant == "block":
+        starts = np.arange(pairs) * (gap + 2)
+        return inputs[:, starts], inputs[:, starts + gap + 1]
+    context = 2 * (pairs + updates)
+    return inputs[:, 0:2 * pairs:2], inputs[:, 1:context:2]
+
+
+@pytest.mark.parametrize("variant", ["base", "update", "block"])
+def test_shared_vocabulary_keys_and_values_come_from_one_pool(variant):
+    """With ``vocabulary="shared"`` the keys and values of an example are distinct tokens of one pool
+    ``[1, V)``: across examples every token of the pool is both a key and a value, and keys and values have
+    the same (uniform) distribution, so only a token's position gives its role. The labels stay bound."""
+    n, seq_len, updates = 4000, 96, (P if variant == "update" else 0)
+    inputs, labels = tasks.mqar(V, seq_len, P, n, seed=12, variant=variant, vocabulary="shared")
+    _check_labels_bound_to_keys(inputs[:300], labels[:300], variant, P)
+    keys, values = _keys_and_values(inputs, variant, P, updates)
+    both = np.concatenate([keys, values], 1)
+    assert all(len(set(row)) == P + P + updates for row in both)      # distinct within an example
+    assert both.min() >= 1 and both.max() < V
+    pool = np.arange(1, V)
+    key_counts, value_counts = (np.bincount(t.ravel(), minlength=V)[1:] for t in (keys, values))
+    assert np.all(key_counts > 0) and np.all(value_counts > 0)        # every token plays both roles
+    for counts in (key_counts, value_counts):                          # uniform over the pool: chi-square test
+        expected = counts.sum() / len(pool)
+        chi2 = np.sum((counts - expected) ** 2 / expected)
+        assert chi2 < len(pool) + 5 * np.sqrt(2 * len(pool)), chi2     # mean df = 62, sd ~ 11
+    # the split vocabulary of the same variant keeps the halves apart (the option changes something)
+    split = tasks.mqar(V, seq_len, P, 200, seed=12, variant=variant, vocabulary="split")[0]
+    split_keys, split_values = _keys_and_values(split, variant, P, updates)
+    assert split_keys.max() < V // 2 <= split_values.min()
+
+
+def test_vocabulary_errors_are_clear():
+    with pytest.raises(tasks.TaskError, match="vocabulary='halves': unknown; accepted: split, shared"):
+        tasks.mqar(V, L, P, 4, 0, vocabulary="halves")
+    with pytest.raises(tasks.TaskError, match="variant='shared' is base MQAR with the shared vocabulary"):
+        tasks.mqar(V, L, P, 4, 0, variant="shared", vocabulary="split")
+    with pytest.raises(tasks.TaskError, match=r"vocab_size=8: too small for 4 keys and 8 values, all distinct, "
+                                              r"from the shared pool \[1, 8\) \(needs vocab_size >= 13\)"):
+        tasks.mqar(8, 96, P, 4, 0, variant="update", vocabulary="shared")
+    with pytest.raises(tasks.TaskError, match=r"vocab_size=8: too small for 4 distinct keys from \[1, 4\) and 8 "
+                                              r"distinct values from \[4, 8\) \(needs vocab_size >= 15\)"):
+        tasks.mqar(8, 96, P, 4, 0, variant="update")
+
+
+@pytest.mark.parametrize("vocabulary", tasks.VOCABULARIES)
+def test_update_rebinds_to_new_values_and_labels_the_latest(vocabulary):
     pairs, seq_len = 6, 96
-    inputs, labels = tasks.mqar(V, seq_len, pairs, 300, seed=4, variant="update", num_updates=5)
+    inputs, labels = tasks.mqar(V, seq_len, pairs, 300, seed=4, variant="update", num_updates=5,
+                                vocabulary=vocabulary)
     context = 2 * (pairs + 5)
     changed = 0
     for x, y in zip(inputs, labels):

@@ -1,0 +1,162 @@
+"""Why a layer without its short convolution does or does not learn MQAR: small CPU runs, and the memory
+span of each head of the first layer at initialisation and after training.
+
+    python benchmarks/mqar_no_conv.py --out docs/results/mqar_no_conv_cpu.md
+    python benchmarks/mqar_no_conv.py --models bayesian_no_noise_no_conv,bayesian_no_conv --steps 100
+    python benchmarks/mqar_no_conv.py --task previous --steps 200
+
+A 2-layer model without convolution must bind a key to the value one step later through its first layer:
+at a value's position the first layer must output something of the previous token (the key), which the
+second layer then writes as the key of that value. Per model of `experiments.models.MODELS`, this script
+trains the model of the MQAR experiments (`experiments.training.train`: AdamW, warm-up + cosine) at a tiny
+shape, evaluates it on held-out sequences, and reads the first layer's `layers.DesignLayer.readout_weights`
+on held-out sequences at initialisation and after training, summarized per head by `layers.memory_span`
+(how far back the readout looks on average, and the shares of the current and the previous step), beside
+the head's mean decay ``a_t`` and precision (or write strength) ``beta_t``. ``--out`` (markdown) is
+rewritten after every model, so a run cut short keeps what it measured. ``--task previous`` trains one
+layer to output the previous token (uniform tokens; the label at ``t`` is the token at ``t - 1``): the
+first layer's job in MQAR without a convolution, alone. Runs are kept under ``--workdir``
+(a finished one is not trained again).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import filters  # noqa: E402,F401  (first: sets the BLAS threading before jax loads LAPACK)
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import layers  # noqa: E402
+from experiments import common, models, tasks, training  # noqa: E402
+
+
+def first_layer(name: str, params, tokens, args) -> dict:
+    """The first layer's memory span per head (`layers.memory_span` over the second half of the sequence)
+    and its mean gates, on ``tokens`` [N, L], for the language model's ``params``."""
+    mixer = models.sequence_layer(name, args.d_model, args.head_dim, "sequential", 4)
+    block = params["block_0"]
+    h = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32).apply(
+        {"params": block["mixer_norm"]}, params["embed"]["embedding"][tokens])
+    if not isinstance(mixer, layers.DesignLayer):
+        return {}
+    variables = {"params": block["mixer"]}
+    weights = mixer.apply(variables, h, method=layers.DesignLayer.readout_weights)
+    span = layers.memory_span(weights, start=tokens.shape[1] // 2)
+    gates = mixer.apply(variables, h, method=lambda m, x: layers.core.features(m.spec, m._params(), x)[3])
+    if "log_decay" in gates:
+        decay = jnp.exp(gates["log_decay"])
+        span["decay"] = np.asarray(decay.mean(tuple(range(decay.ndim - 1))) if decay.ndim == 3 else
+                                   decay.mean((0, 1, 3)))
+    if "beta" in gates:
+        span["beta"] = np.asarray(gates["beta"].mean((0, 1)))
+    return span
+
+
+def previous_token(vocab_size: int, seq_len: int, num_examples: int, seed: int):
+    """The first layer's job alone: uniform tokens of ``[1, V)``; the label at every position ``t >= 1`` is the
+    token at ``t - 1``."""
+    tokens = np.random.default_rng(seed).integers(1, vocab_size, size=(num_examples, seq_len))
+    labels = np.full_like(tokens, tasks.IGNORE)
+    labels[:, 1:] = tokens[:, :-1]
+    return tokens.astype(np.int32), labels.astype(np.int32)
+
+
+def data(args, num_examples: int, seed: int):
+    if args.task == "previous":
+        return previous_token(args.vocab_size, args.seq_len, num_examples, seed)
+    return tasks.mqar(args.vocab_size, args.seq_len, args.pairs, num_examples, seed, args.variant,
+                      vocabulary=args.vocabulary)
+
+
+def measure(name: str, args) -> dict:
+    x, y = data(args, args.train_examples, args.seed)
+    ex, ey = data(args, args.eval_examples, args.seed + 1)
+    layers_ = 1 if args.task == "previous" else 2
+    model = models.LanguageModel(name, args.vocab_size, args.d_model, num_layers=layers_, head_dim=args.head_dim,
+                                 backend=args.backend)
+    settings = training.TrainSettings(num_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                                      warmup_steps=max(1, args.steps // 10), seed=args.seed, log_every=50,
+                                      checkpoint_every=args.steps, throughput_steps=0, progress=False)
+    task = "previous" if args.task == "previous" else f"{args.variant}_{args.vocabulary}"
+    folder = os.path.join(args.workdir, f"{task}_L{args.seq_len}", name, f"lr{args.lr:.0e}_s{args.seed}_n{args.steps}")
+    mesh = training.data_mesh()
+    initial = training.init_state(model, settings, {"tokens": x, "labels": y}, mesh).params["params"]
+    start = time.time()
+    record = training.train(model, settings, {"tokens": x, "labels": y}, {"eval": {"tokens": ex, "labels": ey}},
+                            folder, mesh=mesh, description={"script": "mqar_no_conv", "model": name, **{
+                                k: v for k, v in vars(args).items() if k not in ("models", "out", "workdir", "probe_examples")}})
+    trained = training.load_checkpoint(folder)["params"]["params"]
+    probe = ex[:args.probe_examples]
+    return {"model": name, "accuracy": record["eval"]["eval"]["accuracy"], "seconds": time.time() - start,
+            "init": first_layer(name, initial, probe, args), "trained": first_layer(name, trained, probe, args)}
+
+
+def _heads(values) -> str:
+    return " / ".join(f"{v:.2f}" for v in values)
+
+
+def markdown(results: list[dict], args) -> str:
+    task = (f"The previous token (1 layer; uniform tokens, the label at t is the token at t - 1; chance "
+            f"1/{args.vocab_size - 1}), length {args.seq_len}" if args.task == "previous" else
+            f"MQAR `{args.variant}` ({args.vocabulary} vocabulary), (L, P) = ({args.seq_len}, {args.pairs})")
+    lines = [f"{task}, vocabulary {args.vocab_size}, d_model {args.d_model}, heads of {args.head_dim}, {args.steps} "
+             f"steps of batch {args.batch_size}, learning rate {args.lr:g}, seed {args.seed}; accuracy on "
+             f"{args.eval_examples} held-out sequences. First "
+             f"layer, per head (`/`-separated), over positions t >= {args.seq_len // 2} of {args.probe_examples} "
+             "held-out sequences: mean lag of the readout, share of the current and of the previous step, mean "
+             "decay a and beta.", ""]
+    header = ["model", "accuracy", "when", "mean lag", "current", "previous", "decay a", "beta"]
+    rows = []
+    for r in results:
+        for when in ("init", "trained"):
+            s = r[when]
+            rows.append([r["model"], f"{r['accuracy']:.3f}" if when == "trained" else "", when,
+                         *(_heads(s[k]) if k in s else "-" for k in ("mean_lag", "current", "previous", "decay",
+                                                                      "beta"))])
+    lines.append(common.markdown_table(header, rows))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="bayesian_no_noise_no_conv,bayesian_no_conv,gated_deltanet_no_conv")
+    parser.add_argument("--task", default="mqar", choices=("mqar", "previous"))
+    parser.add_argument("--variant", default="base", choices=tasks.MQAR_VARIANTS)
+    parser.add_argument("--vocabulary", default="split", choices=tasks.VOCABULARIES)
+    parser.add_argument("--vocab-size", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--head-dim", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-examples", type=int, default=20_000)
+    parser.add_argument("--eval-examples", type=int, default=500)
+    parser.add_argument("--probe-examples", type=int, default=64)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--workdir", default="/tmp/mqar_no_conv")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    names = args.models.split(",")
+    models.check_models(names)
+    results = []
+    for name in names:
+        results.append(measure(name, args))
+        text = markdown(results, args)
+        print(text, flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+
+
+if __name__ == "__main__":
+    main()
