@@ -482,19 +482,8 @@ def report(workdir: str) -> list[dict]:
 
 
 def main(config, workdir: str) -> None:
-    """Train what has not finished, then (``config.report``) report every finished run of the workdir; a
-    `common.Diverged` (exit status 3) afterwards if some run of the config diverged. ``config.check_only``:
-    only check every run folder of the grid against the config (`sweep.check_runs`)."""
-    if config.check_only:
-        check(config)
-        sweep.check_runs(runs(config, workdir))
-        return
-    records = run(config, workdir)
-    if config.report:
-        report(workdir)
-    error = sweep.diverged_error(records)
-    if error is not None:
-        raise error
+    """Train, report, and say which runs diverged (`sweep.train_and_report`)."""
+    sweep.train_and_report(config, workdir, runs=runs, train=run, report=report, check=check)
 
 
 if __name__ == "__main__":

@@ -222,20 +222,13 @@ def report(workdir: str) -> list[dict]:
 
 
 def main(config, workdir: str) -> None:
-    """Train what has not finished (every seed), then (``config.report``) report every finished run of the
-    workdir; a `common.Diverged` afterwards if some run diverged. ``config.check_only``: only check every run
-    folder of every seed against the config."""
-    grid = runs(config, workdir)
-    if config.check_only:
-        sweep.check_runs(grid)
-        return
+    """Train every seed, report, and say which runs diverged (`sweep.train_and_report`)."""
+    sweep.train_and_report(config, workdir, runs=runs, train=_train, report=report)
+
+
+def _train(config, workdir: str) -> list[dict]:
     sweep.quiet_orbax()
-    records = sweep.run_all(grid)
-    if config.report:
-        report(workdir)
-    error = sweep.diverged_error(records)
-    if error is not None:
-        raise error
+    return sweep.run_all(runs(config, workdir))
 
 
 if __name__ == "__main__":

@@ -270,3 +270,23 @@ def settings_from_config(config, learning_rate: float, seed: int = 0, **override
     """The `training.TrainSettings` of one run of the grid (``learning_rate``, ``seed``; the rest from the
     config, then ``overrides``)."""
     return training.TrainSettings.from_config(config, learning_rate=learning_rate, seed=seed, **overrides)
+
+
+def train_and_report(config, workdir: str, *, runs: Callable, train: Callable, report: Callable,
+                     check: Optional[Callable] = None) -> None:
+    """An app's ``main``: train what has not finished (``train(config, workdir)`` -> records), then
+    (``config.report``) report every finished run of the workdir (``report(workdir)``); a `common.Diverged`
+    (exit status 3) afterwards if some run of the config diverged. ``config.check_only``: only check the
+    config (``check``) and every run folder of its grid (``runs(config, workdir)``) against it."""
+    if config.check_only:
+        if check is not None:
+            check(config)
+        check_runs(runs(config, workdir))
+        return
+    records = train(config, workdir)
+    if config.report:
+        report(workdir)
+    error = diverged_error(records)
+    if error is not None:
+        raise error
+

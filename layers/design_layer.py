@@ -57,20 +57,10 @@ class ShortConv(nn.Module):
 
 
 class DesignLayer(nn.Module):
-    """A sequence layer derived from a design model (linen).
-
-    Attributes:
-      model: the design model (any `designmodels.DesignModel`).
-      d_model: input and output width ``D``.
-      num_heads: ``H``; ``key_dim`` ``K`` and ``value_dim`` ``V`` are per head (``value_dim`` defaults to
-        ``key_dim``).
-      backend: a `filters.compile` backend.
-      conv_size: short causal convolution over q, k, v (0 disables).
-      normalize_qk: L2-normalize q and k; None: yes for the reset and exact families, no for additive
-        (whose queries are then scaled by ``K^-1/2``).
-      output_gate, output_norm: the SiLU output gate and the per-head RMSNorm.
-      dtype: the dtype of the products (parameters are float32).
-    """
+    """A sequence layer derived from a design model (linen). Its attributes are `layers.core.LayerSpec`'s,
+    documented and checked there (``model``, ``d_model``, ``num_heads``, ``key_dim``, ``value_dim``,
+    ``backend``, ``conv_size``, ``normalize_qk``, ``output_gate``, ``output_norm``, ``dtype``); a linen module
+    declares them again as its own fields."""
 
     model: dm.DesignModel
     d_model: int

@@ -220,6 +220,24 @@ def test_the_decay_at_init_is_the_documented_one_for_every_token(model):
     ratios = np.concatenate(ratios)
     assert np.all(np.abs(ratios - 1) < 0.1), ratios        # lecun_normal: about 1.65
 
+
+def test_a_log_starts_in_mamba2s_range():
+    """``exp(A_log)`` is drawn uniformly from Mamba-2's ``[1, 16]`` (the decay rates per unit dt): every
+    head inside it, and its ends reached (256 heads; a range of [1, 17] would put about 15 of them above 16)."""
+    gates = layers.Gates(dm.mamba2(), num_heads=256, key_dim=4)
+    rate = jnp.exp(gates.init(jax.random.PRNGKey(0), jnp.ones((1, 2, 8)))["params"]["A_log"])
+    assert float(rate.min()) >= 1.0 * (1 - 1e-6) and float(rate.max()) <= 16.0 * (1 + 1e-6)
+    assert float(rate.min()) < 1.5 and float(rate.max()) > 15.5
+
+
+def test_the_projections_have_no_bias():
+    """As in the published layers (fla's GatedDeltaNet, Mamba-2's projections): q, k, v, the output gate
+    and the output projection are bias-free matrices; only the gate heads carry biases."""
+    layer = layers.DesignLayer(dm.gated_deltanet(), d_model=16, num_heads=2, key_dim=8)
+    params = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 3, 16)))["params"]
+    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "out_proj"):
+        assert set(params[name]) == {"kernel"}, (name, set(params[name]))
+
 def test_channel_decay_gate_is_a_low_temperature_log_sigmoid():
     """GLA's ``log_decay = log_sigmoid(.) / 16``: in (-inf, 0), near 0 when saturated high."""
     high, low = _gates_at(dm.gla(), 30.0)["log_decay"], _gates_at(dm.gla(), -30.0)["log_decay"]
