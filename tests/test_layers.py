@@ -304,3 +304,14 @@ def test_prefill_in_two_calls_equals_one_call(name, backend):
     assert jax.tree_util.tree_structure(end) == jax.tree_util.tree_structure(cache)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(cache), jax.tree_util.tree_leaves(end)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_only_a_named_model_string_gets_the_named_model_hint():
+    """``DesignLayer("mamba2", ...)`` says how to build the named model; a string that names no model,
+    and any other object, gets only what is accepted (no hint pointing at a model that does not exist)."""
+    with pytest.raises(layers.LayerError, match=r"dm.NAMED_MODELS\['mamba2'\]\(\) or layers.named_layer"):
+        layers.DesignLayer("mamba2", d_model=8)
+    for wrong in ("mamba3", 5):
+        with pytest.raises(layers.LayerError, match="accepted: a designmodels.DesignModel") as error:
+            layers.DesignLayer(wrong, d_model=8)
+        assert "NAMED_MODELS" not in str(error.value)
