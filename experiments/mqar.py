@@ -119,7 +119,7 @@ def check(config) -> None:
         raise ValueError("config.d_models, config.learning_rates and config.seeds must be non-empty, d_model "
                          "positive.")
     if len(set(config.seeds)) != len(config.seeds):
-        raise ValueError(f"config.seeds={config.seeds}: a seed given twice.")
+        raise ValueError(f"config.seeds={config.seeds}: a seed given twice; accepted: distinct integers >= 0.")
     if config.train_mixture and not config.test_shapes:
         raise ValueError("config.train_mixture needs config.test_shapes (the shapes to test the mixed-length "
                          "training on).")

@@ -5,10 +5,10 @@ Update-MQAR, (c) Block-MQAR, each with the shared vocabulary; accuracy against d
     python -m experiments.mqar_figure4 --config=configs/mqar_figure4.py --workdir=runs/mqar_figure4
     python -m experiments.mqar_figure4 --config=configs/mqar_figure4.py --config.smoke=True --workdir=/tmp/figure4
 
-Training: for every seed of ``config.seeds``, the runs of `experiments.mqar` with ``config.seed`` set to it
-(the training seed: initialisation and data order; the data is the same for every seed) in
-``workdir/seed<s>/``, with mqar's folders, identities and resume (every folder of every seed is checked
-before anything trains). The report collects every finished run under ``workdir/seed*/``:
+Training: the runs of `experiments.mqar`'s grid, every seed of ``config.seeds`` in it (the training seed:
+initialisation and data order; the data is the same for every seed), with mqar's folders
+(``runs/<variant>/<model>/<shape>/d<d>_lr<lr>_seed<s>``), identities, resume and sweep engine (every folder
+is checked before anything trains). The report collects every finished MQAR run of the workdir:
 
 * ``figure4.csv``: one row per run (mqar's columns, and ``seed``);
 * ``figure4.md``: per panel, training shape, model and d_model, the learning rate with the best mean
@@ -27,40 +27,25 @@ from typing import Optional
 
 import numpy as np
 
-from experiments import common, models, mqar, sweep, training
+from experiments import common, models, mqar, plotting, sweep, training
 
 PANELS = {"base": "(a) MQAR", "update": "(b) Update-MQAR", "block": "(c) Block-MQAR"}
 TITLE = "MQAR with shared key-value vocabulary"
 FIGURE, TABLE, CSV = "figure4.png", "figure4.md", "figure4.csv"
 
 
-def seed_dir(workdir: str, seed: int) -> str:
-    return os.path.join(workdir, f"seed{seed}")
-
-
-def seed_config(config, seed: int):
-    """The mqar config of one seed: ``config`` with ``seed`` set."""
-    out = config.copy_and_resolve_references()
-    out.unlock()
-    out.seed = int(seed)
-    out.lock()
-    return out
-
-
 def check(config) -> None:
-    """Fail before any training on a config that cannot run (mqar's checks, and the seeds)."""
+    """Fail before any training on a config that cannot run (mqar's checks, seeds included, and the
+    panels)."""
     mqar.check(config)
-    seeds = list(config.seeds)
-    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"config.seeds={tuple(seeds)}: accepted: distinct integers >= 0, at least one.")
     unknown = [v for v in config.variants if v not in PANELS]
     if unknown:
         raise ValueError(f"config.variants: {unknown} are not panels of the figure; accepted: {', '.join(PANELS)}.")
 
 
 def runs(config, workdir: str) -> list[sweep.Run]:
-    """The runs of every seed, in order: seed, then mqar's grid."""
-    return [run for seed in config.seeds for run in mqar.runs(seed_config(config, seed), seed_dir(workdir, seed))]
+    """mqar's grid, every seed of ``config.seeds`` in it (one run folder per seed, as mqar lays them out)."""
+    return mqar.runs(config, workdir)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -68,15 +53,10 @@ def runs(config, workdir: str) -> list[sweep.Run]:
 # ----------------------------------------------------------------------------------------------------
 
 def collect(workdir: str) -> list[dict]:
-    """Every finished (or diverged) MQAR run under ``workdir/seed*/``, each with its ``seed``."""
-    records = []
-    for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
-        if name.startswith("seed") and os.path.isdir(os.path.join(workdir, name)):
-            for record in sweep.collect(os.path.join(workdir, name)):
-                if record["description"].get("experiment") == "mqar":
-                    record["seed"] = record["settings"]["seed"]
-                    record["run_dir"] = os.path.join(name, record["run_dir"])
-                    records.append(record)
+    """Every finished (or diverged) MQAR run under ``workdir``, each with its ``seed``."""
+    records = [r for r in sweep.collect(workdir) if r["description"].get("experiment") == "mqar"]
+    for record in records:
+        record["seed"] = record["settings"]["seed"]
     return records
 
 
@@ -139,8 +119,9 @@ def family(model: str) -> str:
 
 
 def color(model: str) -> str:
-    with_conv = [m for m in models.MODELS if not m.endswith(models.NO_CONV)]
-    return f"C{with_conv.index(family(model)) % 10}"
+    """The project's colour of the model's family (`experiments.plotting`): a convolution-free form is drawn
+    in its partner's colour, dashed."""
+    return plotting.color(family(model))
 
 
 def plot(records: list[dict], path: str) -> None:

@@ -23,13 +23,19 @@ COLORS = {
     "bayesian": "tab:blue",
     "bayesian_no_conv": "tab:cyan",
     "bayesian_noise": "tab:purple",
+    "bayesian_no_noise": "midnightblue",
 }
+NO_CONV = "_no_conv"   # experiments.models.NO_CONV (not imported: the dynamics figures load no models)
 
 PREDICTED = dict(linestyle="--", linewidth=1.2, alpha=0.9)   # closed forms: dashed lines
 MEASURED = dict(marker="o", markersize=3.0, linestyle="none")  # measurements: markers
 
 
 def color(name: str, default: str = "black") -> str:
+    """The model's colour; a convolution-free form without one of its own takes its partner's (the figures
+    that show both draw it dashed)."""
+    if name not in COLORS and name.endswith(NO_CONV):
+        name = name[:-len(NO_CONV)]
     return COLORS.get(name, default)
 
 

@@ -19,3 +19,20 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_default_matmul_precision", "float32")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each test module compiles hundreds of programs, and every compiled CPU program holds memory
+    mappings of its own (LLVM's JIT). A worker that keeps every program of the suite reaches the kernel's
+    limit of mappings per process (vm.max_map_count, 65,530 by default: 53,821 were counted in one worker
+    at two thirds of the suite) and XLA aborts mid-compile ("Fatal Python error: Aborted", the worker
+    lost). Dropping the compiled programs after each module keeps a worker's mappings bounded."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -328,8 +328,13 @@ def test_a_training_shape_that_a_variant_cannot_hold_is_left_out_of_that_variant
 
 
 def test_every_model_has_its_own_colour():
-    colours = [plotting.color(name, default=None) for name in models.MODELS]
+    """One colour per model in every figure; a convolution-free form without a colour of its own takes its
+    partner's (drawn dashed where both appear)."""
+    own = [name for name in models.MODELS if not name.endswith(models.NO_CONV) or name in plotting.COLORS]
+    colours = [plotting.color(name, default=None) for name in own]
     assert None not in colours and len(set(colours)) == len(colours)
+    for name in set(models.MODELS) - set(own):
+        assert plotting.color(name) == plotting.color(name[:-len(models.NO_CONV)])
 
 
 def _smoke(module, **overrides):

@@ -29,7 +29,7 @@ def test_the_config_is_the_figure_s():
         assert name in config.models
     np.testing.assert_allclose(config.learning_rates, np.logspace(-4, -2, 4), rtol=0.025)   # 2 digits
     assert len(config.seeds) == 3
-    with pytest.raises(ValueError, match=r"config.seeds=\(0, 0\): accepted: distinct integers >= 0"):
+    with pytest.raises(ValueError, match=r"config.seeds=\(0, 0\): a seed given twice; accepted: distinct integers >= 0"):
         figure.check(_smoke(seeds=(0, 0)))
     with pytest.raises(ValueError, match=r"config.variants: \['shared'\] are not panels of the figure"):
         figure.check(_smoke(variants=("base", "shared")))
@@ -75,7 +75,7 @@ def test_smoke_end_to_end(tmp_path):
     figure.check(config)
     figure.main(config, str(tmp_path))
     for seed in (0, 1):
-        finished = sorted(tmp_path.glob(f"seed{seed}/runs/*/bayesian_no_conv/L32_P2/*/results.json"))
+        finished = sorted(tmp_path.glob(f"runs/*/bayesian_no_conv/L32_P2/*_seed{seed}/results.json"))
         assert [p.parts[-5] for p in finished] == ["base", "block", "update"]
     records = figure.collect(str(tmp_path))
     assert len(records) == 6 and sorted({r["seed"] for r in records}) == [0, 1]
@@ -91,7 +91,7 @@ def test_smoke_end_to_end(tmp_path):
     assert os.path.getsize(tmp_path / figure.FIGURE) > 0
     # finished runs are skipped; another seed's runs would be trained in a folder of their own
     assert [r["eval"] for r in figure.collect(str(tmp_path))] == [r["eval"] for r in records]
-    assert mqar.run_dir(str(tmp_path / "seed1"), "base", "bayesian_no_conv", 32, 2, 16, 3e-3) in [
+    assert mqar.run_dir(str(tmp_path), "base", "bayesian_no_conv", "L32_P2", 16, 3e-3, 1) in [
         run.folder for run in figure.runs(config, str(tmp_path))]
 
 
