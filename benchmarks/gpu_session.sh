@@ -26,7 +26,7 @@ want() { [[ $PHASES == *,$1,* ]] && [ "$(left)" -gt 30 ]; }
 cap() { local l; l=$(left); echo $(( $1 < l - 15 ? $1 : l - 15 )); }
 mkdir -p "$OUT_DIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 FLA_CACHE_RESULTS=1
 export TRITON_CACHE_DIR=/tmp/caches/triton JAX_COMPILATION_CACHE_DIR=/tmp/caches/jax
 mkdir -p /tmp/caches && [ -f .cache/caches.tgz ] && tar -xzf .cache/caches.tgz -C /tmp/caches
 save() { tar -czf "$OUT_DIR/caches.tgz" -C /tmp/caches . 2>/dev/null; }
