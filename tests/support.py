@@ -6,6 +6,7 @@ import numpy as np
 
 import designmodels as dm
 import filters
+from experiments import common
 from experiments.oracles.support import random_inputs, relative_error  # noqa: F401  (shipped in the wheel)
 
 BACKENDS = ["sequential", "associative", "chunked"]
@@ -72,3 +73,15 @@ def random_state(model, batch, heads, key_dim, value_dim, seed):
         return filters.FilterState(mean, None)
     cov = np.stack([np.stack([spd(key_dim, seed + 10 * b + h) for h in range(heads)]) for b in range(batch)])
     return filters.FilterState(mean, cov)
+
+
+def smoke_config(module, **overrides):
+    """``module``'s config (a ``configs/*.py`` module) with ``smoke = True`` resolved, then ``overrides``."""
+    config = module.get_config()
+    config.smoke = True
+    config = common.resolve(config)
+    config.unlock()
+    config.update(overrides)
+    config.lock()
+    return config
+

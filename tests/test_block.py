@@ -25,6 +25,7 @@ import pytest
 
 from configs import mqar as mqar_config, mqar_original as mqar_original_config, recall as recall_config
 from experiments import common, models, mqar, plotting, recall, sweep, tasks, training
+from tests.support import smoke_config
 from tests import test_faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -338,13 +339,7 @@ def test_every_model_has_its_own_colour():
 
 
 def _smoke(module, **overrides):
-    config = module.get_config()
-    config.smoke = True
-    config = common.resolve(config)
-    config.unlock()
-    config.update(throughput_steps=0, **overrides)
-    config.lock()
-    return config
+    return smoke_config(module, throughput_steps=0, **overrides)
 
 
 def test_the_original_mqar_sweep_trains_one_mixed_length_set_and_reports_the_mean_of_its_test_slices(tmp_path):

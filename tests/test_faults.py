@@ -23,6 +23,7 @@ import pytest
 
 from configs import mqar as mqar_config, recall as recall_config
 from experiments import common, models, mqar, recall, sweep, tasks, training
+from tests.support import smoke_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,13 +148,7 @@ FAULTS = (KILL_SEEDS + CHECKPOINT_DAMAGE + ["every checkpoint"] + RESULTS_DAMAGE
 
 
 def _smoke(module, **overrides):
-    config = module.get_config()
-    config.smoke = True
-    config = common.resolve(config)
-    config.unlock()
-    config.update(overrides)
-    config.lock()
-    return config
+    return smoke_config(module, **overrides)
 
 
 @pytest.mark.parametrize("seed", KILL_SEEDS)

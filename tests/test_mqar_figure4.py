@@ -7,17 +7,12 @@ import numpy as np
 import pytest
 
 from configs import mqar_figure4 as figure_config
-from experiments import common, models, mqar, mqar_figure4 as figure, training
+from experiments import models, mqar, mqar_figure4 as figure, training
+from tests.support import smoke_config
 
 
 def _smoke(**overrides):
-    config = figure_config.get_config()
-    config.smoke = True
-    config = common.resolve(config)
-    config.unlock()
-    config.update(overrides)
-    config.lock()
-    return config
+    return smoke_config(figure_config, **overrides)
 
 
 def test_the_config_is_the_figure_s():

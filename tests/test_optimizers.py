@@ -14,6 +14,7 @@ import pytest
 
 from configs import mqar as mqar_config
 from experiments import common, models, mqar, sweep, tasks, training
+from tests.support import smoke_config
 
 PARAMS = {"w": jnp.arange(12, dtype=jnp.float32).reshape(3, 4) / 10, "b": jnp.ones((4,), jnp.float32)}
 
@@ -145,13 +146,7 @@ def test_training_with_a_named_optimizer_and_with_a_transformation(tmp_path):
 
 
 def _smoke(**overrides):
-    config = mqar_config.get_config()
-    config.smoke = True
-    config = common.resolve(config)
-    config.unlock()
-    config.update(overrides)
-    config.lock()
-    return config
+    return smoke_config(mqar_config, **overrides)
 
 
 def test_the_config_names_the_optimizer_and_the_schedule(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 
 from configs import mqar as mqar_config, recall as recall_config
 from experiments import common, models, mqar, recall, tasks, training
+from tests.support import smoke_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -258,13 +259,7 @@ def test_sharded_step_equals_single_device_step():
 
 
 def _smoke(module, **overrides):
-    config = module.get_config()
-    config.smoke = True
-    config = common.resolve(config)
-    config.unlock()
-    config.update(overrides)
-    config.lock()
-    return config
+    return smoke_config(module, **overrides)
 
 
 def test_mqar_smoke_end_to_end(tmp_path):

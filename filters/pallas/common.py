@@ -99,6 +99,15 @@ def tuning(name: str, key: str):
     return TUNING.get(name, {}).get(key, DEFAULT_TUNING.get(key))
 
 
+def value_block(name: str, value_dim: int, key_dim: int) -> int:
+    """Columns of the state one program carries (``K x BV`` float32 in registers): a power of two that
+    divides ``V``."""
+    block = min(value_dim, tuning(name, "block_v") or (64 if key_dim <= 128 else 32))
+    while value_dim % block:
+        block //= 2
+    return block
+
+
 def launch(kernel, *, grid, in_specs, out_specs, out_shape, interpret: bool, name: str):
     """``pl.pallas_call`` for the Triton lowering, with the kernel's `TUNING`; the deprecation warning of
     the Triton lowering in jax 0.11 is expected and silenced."""

@@ -48,18 +48,9 @@ from jax.experimental import pallas as pl
 
 from filters import chunked
 from filters.pallas.common import (SUB, Dots, chunk_log_decay, exact_dot, iota2, launch, masked_exp, on_gpu,
-                                   pad_time, pltriton, rows, spec, tuning)
+                                   pad_time, pltriton, rows, spec, tuning, value_block)
 
 F32 = jnp.float32
-
-
-def _value_block(name: str, value_dim: int, key_dim: int) -> int:
-    """Columns of the state one program carries (``K x BV`` float32 in registers): a power of two that
-    divides ``V``."""
-    block = min(value_dim, tuning(name, "block_v") or (64 if key_dim <= 128 else 32))
-    while value_dim % block:
-        block //= 2
-    return block
 
 
 def _lower_terms(bs_i, bs_j, strict):
@@ -197,7 +188,7 @@ def state_kernel(wp, up, w, b, s0, *, chunk, dots, interpret=False):
     batch, time, heads, key_dim = w.shape
     value_dim = up.shape[-1]
     name = "delta_rule_state" if wp is not None else "additive_state"
-    bv = _value_block(name, value_dim, key_dim)
+    bv = value_block(name, value_dim, key_dim)
     n = time // chunk
     erase = wp is not None
     s = _state_specs(time, key_dim, bv, n)
@@ -249,7 +240,7 @@ def state_backward_kernel(wp, w, b, dh, du, dsf, *, chunk, dots, interpret=False
     value_dim = dsf.shape[-1]
     erase = wp is not None
     name = "delta_rule_state_backward" if erase else "additive_state_backward"
-    bv = _value_block(name, value_dim, key_dim)
+    bv = value_block(name, value_dim, key_dim)
     n = time // chunk
     s = _state_specs(time, key_dim, bv, n)
     g, ubar, ds0 = launch(

@@ -52,7 +52,7 @@ from jax.experimental import pallas as pl
 
 from filters import chunked
 from filters.pallas.common import (SUB, TUNING, Dots, chunk_log_decay, iota2, launch, masked_exp, on_gpu,
-                                   pad_time, pltriton, rows, spec, tuning)
+                                   pad_time, pltriton, rows, spec, tuning, value_block)
 
 F32 = jnp.float32
 
@@ -77,7 +77,7 @@ def state_kernel(k, v, b, s0, *, chunk, dots, interpret=False):
     dtype) and the final state (float32)."""
     batch, time, heads, key_dim = k.shape
     value_dim = v.shape[-1]
-    bv = min(value_dim, tuning("gla_state", "block_v") or (64 if key_dim <= 128 else 32))
+    bv = value_block("gla_state", value_dim, key_dim)
     n = time // chunk
     seq_k = spec((None, time, None, key_dim), lambda i, h, j: (i, 0, h, 0))
     state = spec((None, None, key_dim, bv), lambda i, h, j: (i, h, 0, j))
@@ -245,7 +245,7 @@ def state_backward_kernel(q, b, dy, dsf, *, chunk, dots, interpret=False):
     for chunk ``c``; product dtype), and that of the initial state ``[B,H,K,V]`` float32."""
     batch, time, heads, key_dim = q.shape
     value_dim = dy.shape[-1]
-    bv = min(value_dim, tuning("gla_state_backward", "block_v") or (64 if key_dim <= 128 else 32))
+    bv = value_block("gla_state_backward", value_dim, key_dim)
     n = time // chunk
     seq_k = spec((None, time, None, key_dim), lambda i, h, j: (i, 0, h, 0))
     state = spec((None, None, key_dim, bv), lambda i, h, j: (i, h, 0, j))
