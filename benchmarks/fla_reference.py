@@ -113,6 +113,18 @@ def main(argv=None) -> None:
             "device": torch.cuda.get_device_name(), "shape": SHAPE, "failed": {}}
     gate_names = {"g", "g_grouped", "gk", "g_gamma", "beta", "beta_grouped", "beta_logits", "g_raw", "A_log",
                   "dt_bias"}
+    done = []
+
+    def save(out, meta, done):
+        # After every case, into a temporary file renamed over the last (fla autotunes for tens of seconds
+        # per case on its first call: a run stopped early keeps the cases it finished, and the file is
+        # never half written); ``meta["cases"]`` lists the cases the file holds.
+        meta = {**meta, "cases": list(done)}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        partial = args.out + ".partial.npz"
+        np.savez_compressed(partial, **out, meta=np.array(json.dumps(meta)))
+        os.replace(partial, args.out)
+
     for case, (module, op_name, dtype, *_) in CASES.items():
         op = getattr(importlib.import_module(f"fla.ops.{module}"), op_name)
 
@@ -128,14 +140,14 @@ def main(argv=None) -> None:
         except Exception as error:  # noqa: BLE001 (recorded: the test skips this case with fla's message)
             meta["failed"][case] = f"{type(error).__name__}: {error}"[:500]
             print(f"{case}: fla refused: {meta['failed'][case]}", file=sys.stderr)
+            save(out, meta, done)
             continue
         out[f"{case}/o"] = o.float().cpu().numpy()
         out[f"{case}/final_state"] = final.float().cpu().numpy()
         print(f"{case}: {op_name} ({dtype}) o {tuple(o.shape)} final_state {tuple(final.shape)}")
-    out["meta"] = np.array(json.dumps(meta))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out}: {len(CASES) - len(meta['failed'])} of {len(CASES)} cases")
+        done.append(case)
+        save(out, meta, done)
+    print(f"wrote {args.out}: {len(done)} of {len(CASES)} cases")
 
 
 if __name__ == "__main__":

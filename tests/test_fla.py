@@ -266,6 +266,8 @@ def test_against_numbers_made_by_fla(case):
     meta = json.loads(str(data["meta"]))
     if case in meta["failed"]:
         pytest.skip(f"fla {meta['fla']} refused this case when the reference was made: {meta['failed'][case]}")
+    assert f"{case}/o" in data.files, (f"{os.path.relpath(REFERENCE)} holds no numbers for {case} (a run stopped "
+                                       "early?): make it again with benchmarks/fla_reference.py")
     inputs = {name.split("/", 1)[1]: data[name] for name in data.files if name.startswith("input/")}
     _, op, dtype, *_ = fla_reference.CASES[case]
     # ours in float64 on the same (bf16-representable) inputs: the difference is fla's own round-off
