@@ -9,7 +9,8 @@
 #   tests      tests/test_pallas.py on the GPU (the kernels for real against float64 recurrences)
 #   reference  benchmarks/fla_reference.py: fla's own outputs for tests/test_fla.py (copy the .npz to
 #              tests/data/fla_reference.npz and commit it)
-#   kernels    every kernel alone (the GLA ones included), the covariance pass at 2, 4 and 8 warps
+#   kernels    every kernel alone (the GLA ones included), the covariance pass in each of its forms (the
+#              fastest within 4x the IEEE form's error is used by the later phases: MBD_PALLAS_TUNING)
 #   sweep      the delta rule's launch settings
 #   headline   benchmarks/gpu_kernels.py, every model at 4x4096x16x128 beside fla (and MesaNet)
 #   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128)
@@ -31,17 +32,35 @@ export TRITON_CACHE_DIR=/tmp/caches/triton JAX_COMPILATION_CACHE_DIR=/tmp/caches
 mkdir -p /tmp/caches && [ -f .cache/caches.tgz ] && tar -xzf .cache/caches.tgz -C /tmp/caches
 save() { tar -czf "$OUT_DIR/caches.tgz" -C /tmp/caches . 2>/dev/null; }
 trap save EXIT
-want tests && timeout "$(cap 150)" python3 -m pytest -q -x -p no:cacheprovider tests/test_pallas.py \
-    -k "reference or without_the_interpreter or float64 or bf16" 2>&1 | tail -3 | tee "$OUT_DIR/tests.txt"
-want reference && timeout "$(cap 120)" python3 benchmarks/fla_reference.py --out "$OUT_DIR/fla_reference.npz" \
+# On a GPU every kernel test of test_pallas.py compiles the kernels for real (no interpreter).
+want tests && timeout "$(cap 240)" python3 -m pytest -q -p no:cacheprovider tests/test_pallas.py \
+    tests/test_packed.py -k "pallas" 2>&1 | tail -4 | tee "$OUT_DIR/tests.txt"
+want reference && timeout "$(cap 240)" python3 benchmarks/fla_reference.py --out "$OUT_DIR/fla_reference.npz" \
     2>&1 | tail -3
 if want kernels; then
     timeout "$(cap 90)" python3 benchmarks/profile_kernels.py --time > "$OUT_DIR/kernels.jsonl" 2>&1
-    for warps in 2 8; do
-        timeout "$(cap 40)" python3 benchmarks/profile_kernels.py --time --kernels covariance_pass \
-            --tune "{\"covariance_pass\": {\"num_warps\": $warps}}" >> "$OUT_DIR/kernels.jsonl" 2>&1
-    done
+    # The covariance kernel's forms (filters/pallas/covariance.py), each with its error against float64;
+    # the fastest within 4x the IEEE form's error is kept in /tmp/caches/tuning.json for the later phases.
+    cov() { echo "{\"covariance_pass\": {$1}}"; }
+    variants="[$(cov '"num_warps": 2'), $(cov '"factor": "one_loop"'), $(cov '"carry": "memory"'),
+      $(cov '"carry": "memory", "factor": "one_loop"'), $(cov '"carry": "memory", "factor": "one_loop", "num_warps": 2'),
+      $(cov '"carry": "memory", "factor": "one_loop", "num_warps": 8'), $(cov '"products": "tf32x3"'),
+      $(cov '"carry": "memory", "factor": "one_loop", "products": "tf32x3"'),
+      $(cov '"carry": "memory", "factor": "one_loop", "products": "tf32x3", "num_warps": 8'),
+      $(cov '"carry": "memory", "factor": "one_loop", "products": "tf32x3", "num_warps": 2')]"
+    timeout "$(cap 200)" python3 benchmarks/profile_kernels.py --time --kernels covariance_pass \
+        --variants "[{}, ${variants:1}" > "$OUT_DIR/covariance.jsonl" 2>&1
+    python3 - "$OUT_DIR/covariance.jsonl" > /tmp/caches/tuning.json <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{") and '"ms"' in l]
+base = [r for r in rows if "variant" not in r]
+ok = [r for r in rows if base and r["error_gains"] <= 4 * base[0]["error_gains"]]
+print(json.dumps(min(ok, key=lambda r: r["ms"]).get("variant", {}) if ok else {}))
+PY
+    cp /tmp/caches/tuning.json "$OUT_DIR/tuning.json"
 fi
+# The launch settings the kernels phase chose (this call's or a carried one), for every later phase.
+[ -s /tmp/caches/tuning.json ] && export MBD_PALLAS_TUNING=$(cat /tmp/caches/tuning.json)
 want sweep && timeout "$(cap 150)" python3 benchmarks/gpu_kernels.py --sweep --shapes 4x4096x16x128 \
     --repeats 10 > "$OUT_DIR/sweep.jsonl" 2>&1
 want headline && timeout "$(cap 480)" python3 benchmarks/gpu_kernels.py --shapes 4x4096x16x128 \

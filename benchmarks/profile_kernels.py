@@ -1,6 +1,8 @@
 """Run (or time) every Pallas kernel once at one shape, alone, for a profiler to read.
 
     python benchmarks/profile_kernels.py --time                      # each kernel's median time, alone
+    python benchmarks/profile_kernels.py --time --kernels covariance_pass \\
+        --variants '[{"covariance_pass": {"num_warps": 2}}, {"covariance_pass": {"carry": "memory"}}]'
     ncu --clock-control none -k regex:"delta_rule|additive|gla|covariance" \\
         --metrics gpu__time_duration.sum,launch__registers_per_thread,l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum \\
         python benchmarks/profile_kernels.py                          # registers, spills, time per kernel
@@ -76,9 +78,34 @@ def kernel_calls(shape, seed=0):
         "gla_readout": (part(gla.readout_kernel, **opts), (q, bk, h_gla, attend_gla, v)),
         "gla_state_backward": (part(gla.state_backward_kernel, **opts), (q, bk, dy, s0)),
         "gla_chunk_backward": (part(gla.chunk_backward_kernel, **opts), (q, k, v, bk, h_gla, g_gla, dy)),
-        "covariance_pass": (part(covariance.covariance_kernel, interpret=interpret),
-                            (k, log_decay, noise, inv_beta, s0 + jnp.eye(dim))),
+        "covariance_pass": (lambda *x: covariance.covariance_kernel(
+                                *x, products=common.tuning("covariance_pass", "products"), interpret=interpret),
+                            (k, log_decay, noise, inv_beta, s0 + jnp.eye(dim, dtype=jnp.float32))),
     }
+
+
+_EXACT = {}
+
+
+def covariance_error(gains, final, k, log_decay, noise, inv_beta, p0, batch_entry=0):
+    """Relative (max-norm) errors of the covariance kernel's gains and final P against the exact
+    recursion step by step in float64 numpy (``P_bar = a^2 P + q I``, ``u = P_bar k``, ``Kg = u / (k^T u +
+    1/beta)``, ``P = P_bar - u Kg^T``), on one batch entry."""
+    import numpy as np
+    f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)[batch_entry]
+    if not _EXACT:       # the same inputs for every variant: the recursion runs once
+        k, a, q, ib, cov = f64(k), np.exp(f64(log_decay)), f64(noise), f64(inv_beta), f64(p0)
+        eye = np.eye(cov.shape[-1])
+        want = np.empty_like(k)
+        for t in range(k.shape[0]):
+            cov = a[t][:, None, None] ** 2 * cov + q[t][:, None, None] * eye
+            u = np.einsum("hij,hj->hi", cov, k[t])
+            want[t] = u / (np.einsum("hi,hi->h", k[t], u) + ib[t])[:, None]
+            cov = cov - u[:, :, None] * want[t][:, None, :]
+        _EXACT.update(gains=want, final=cov)
+    want, cov = _EXACT["gains"], _EXACT["final"]
+    rel = lambda x, y: float(np.max(np.abs(x - y)) / np.max(np.abs(y)))
+    return rel(f64(gains), want), rel(f64(final), cov)
 
 
 def main():
@@ -87,22 +114,42 @@ def main():
     parser.add_argument("--time", action="store_true", help="print each kernel's median time alone")
     parser.add_argument("--kernels", default=None, help="comma-separated names (default: all)")
     parser.add_argument("--tune", default="{}", help='JSON {kernel: {setting: value}} for filters.pallas.common.TUNING')
+    parser.add_argument("--variants", default="[{}]",
+                        help="JSON list of --tune dicts, each timed in turn (one process, one set of inputs); "
+                             "the covariance pass's rows also carry its error against float64")
     args = parser.parse_args()
     common.TUNING.update(json.loads(args.tune))
     calls = kernel_calls(tuple(int(x) for x in args.shape.split("x")))
-    for name, (fn, call_args) in calls.items():
-        if args.kernels and name not in args.kernels.split(","):
-            continue
-        compiled = jax.jit(fn).lower(*call_args).compile()
-        jax.block_until_ready(compiled(*call_args))
-        if not args.time:
-            continue
-        times = []
-        for _ in range(10):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(*call_args))
-            times.append(time.perf_counter() - start)
-        print(json.dumps(dict(kernel=name, ms=round(1e3 * statistics.median(times), 4))), flush=True)
+    base = {name: dict(settings) for name, settings in common.TUNING.items()}
+    for variant in json.loads(args.variants):
+        for name, settings in variant.items():
+            common.TUNING[name] = {**base.get(name, {}), **settings}
+        for name, (fn, call_args) in calls.items():
+            if args.kernels and name not in args.kernels.split(","):
+                continue
+            try:
+                # a new function per variant: jit caches a trace by the function it traces
+                compiled = jax.jit(lambda *a, fn=fn: fn(*a)).lower(*call_args).compile()
+                out = jax.block_until_ready(compiled(*call_args))
+            except Exception as error:  # noqa: BLE001 (a variant the compiler refuses is reported, not fatal)
+                print(json.dumps(dict(kernel=name, variant=variant, error=f"{type(error).__name__}: {error}"[:400])),
+                      flush=True)
+                continue
+            if not args.time:
+                continue
+            times = []
+            for _ in range(10):
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(*call_args))
+                times.append(time.perf_counter() - start)
+            record = dict(kernel=name, ms=round(1e3 * statistics.median(times), 4))
+            if variant:
+                record["variant"] = variant
+            if name == "covariance_pass":
+                record["error_gains"], record["error_final"] = covariance_error(*out, *call_args)
+            print(json.dumps(record), flush=True)
+        common.TUNING.clear()
+        common.TUNING.update({n: dict(v) for n, v in base.items()})
 
 
 if __name__ == "__main__":

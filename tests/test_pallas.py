@@ -2,6 +2,8 @@
 an independent float64 recurrence (outputs, final states and the gradients of every input), at small
 shapes that cross chunk boundaries and padding; and the kernels lowered for CUDA on this machine, so a
 kernel that cannot compile fails here, not on a user's GPU."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,10 @@ from filters.pallas import common, covariance, delta_rule, gla
 
 RNG = np.random.default_rng(20261130)
 B, T, H, K, V = 1, 37, 2, 16, 16          # T is not a multiple of the chunk: the last chunk is padded
+# The kernels themselves: in Pallas's interpreter on a CPU, compiled by Triton on a GPU (so that
+# `pytest tests/test_pallas.py` on the GPU runs every kernel test for real: the interpreter accepts
+# programs the compiler rejects).
+INTERPRET = jax.default_backend() != "gpu"
 
 
 def _recurrence(q, k, w, v, log_decay, s0, *, erase, channelwise=False):
@@ -94,7 +100,7 @@ def test_prepare_inverts_every_block_of_a_long_chunk(reload, monkeypatch):
     b = np.asarray(common.chunk_log_decay(jnp.asarray(np.resize(log_decay, (B, time, 1))), B, time, 1, chunk))
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     wp, up, inv = delta_rule.prepare_kernel(f32(k), f32(w), f32(v), f32(b), chunk=chunk,
-                                            dots=common.Dots(jnp.float32, "highest"), interpret=True)
+                                            dots=common.Dots(jnp.float32, "highest"), interpret=INTERPRET)
     for c in range(time // chunk):
         span = slice(c * chunk, (c + 1) * chunk)
         kc, wc, vc, bc = k[0, span, 0], w[0, span, 0], v[0, span, 0], b[0, span, 0]
@@ -146,7 +152,7 @@ def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_di
 
     def ours(q_, k_, v_, ld, s):
         return gla.additive(q_.astype(dtype), k_.astype(dtype), v_.astype(dtype), ld, s, chunk_size=chunk,
-                            precision="default" if low else "highest", interpret=True)
+                            precision="default" if low else "highest", interpret=INTERPRET)
 
     oracle = lambda q_, k_, v_, ld, s: _recurrence(q_, k_, k_, v_, ld, s, erase=False, channelwise=True)
     loss = lambda f, *a: sum(jnp.sum(o.astype(jnp.float64) * r) for o, r in zip(f(*a), weights))
@@ -189,6 +195,38 @@ def test_covariance_pass(interpret):
            _kalman_covariance, (k, log_decay, noise, beta, p0), symmetric=(4,))
 
 
+@pytest.mark.parametrize("form", [dict(carry="memory"), dict(factor="one_loop"),
+                                  dict(carry="memory", factor="one_loop", products="tf32x3")])
+def test_covariance_kernel_forms(monkeypatch, form):
+    """Every form of the covariance kernel (P carried in registers or through its output block; L^{-1} by
+    one elimination or by Cholesky then substitution) against the float64 covariance recursion. TF32
+    products run on a GPU only (the interpreter takes IEEE products; the tolerance is TF32x3's there)."""
+    monkeypatch.setitem(common.TUNING, "covariance_pass", {**common.TUNING["covariance_pass"], **form})
+    _, k, _, _, log_decay, _ = _inputs()
+    noise = RNG.uniform(0.0, 0.1, size=log_decay.shape)
+    beta = RNG.uniform(0.5, 4.0, size=log_decay.shape)
+    a = RNG.normal(size=(B, H, K, K))
+    p0 = a @ np.swapaxes(a, -1, -2) / K + 0.5 * np.eye(K)
+    args = [jnp.asarray(x, jnp.float32) for x in (k, log_decay, noise, beta, p0)]
+    gains, final, _ = covariance.covariance_pass(None, *args, chunk_size=16, interpret=INTERPRET)
+    want_gains, want_final = _kalman_covariance(*(jnp.asarray(x, jnp.float64) for x in (k, log_decay, noise, beta, p0)))
+    tol = 2e-5 if form.get("products") == "tf32x3" else 5e-6
+    assert _relative(gains, want_gains) < tol and _relative(final, want_final) < tol
+
+
+def test_launch_settings_from_the_environment(monkeypatch):
+    """MBD_PALLAS_TUNING merges into the launch settings; a malformed value or an unknown kernel is
+    refused with what is accepted."""
+    monkeypatch.setattr(common, "TUNING", {name: dict(v) for name, v in common.TUNING.items()})
+    common.tuning_from_environment('{"covariance_pass": {"num_warps": 2}}')
+    assert common.tuning("covariance_pass", "num_warps") == 2
+    assert common.tuning("covariance_pass", "carry") == "registers"          # the others kept
+    for bad, phrase in [("{x", "accepted: JSON"), ('{"covariance": {}}', "unknown kernels ['covariance']"),
+                        ("[1]", "not an object of objects")]:
+        with pytest.raises(ValueError, match=re.escape(phrase)):
+            common.tuning_from_environment(bad)
+
+
 def test_bf16_products_stay_within_bf16_error():
     """bf16 q, k, v: tensor-core products in bf16, states and factorizations float32; the readouts
     come back in bf16, the dtype a filter returns them in."""
@@ -196,7 +234,7 @@ def test_bf16_products_stay_within_bf16_error():
     low = lambda x: jnp.asarray(x, jnp.bfloat16)
     y, final = delta_rule.delta_rule(low(q), low(k), jnp.asarray(beta[..., None] * k, jnp.float32), low(v),
                                      jnp.asarray(log_decay, jnp.float32), jnp.asarray(s0, jnp.float32),
-                                     chunk_size=16, interpret=True)
+                                     chunk_size=16, interpret=INTERPRET)
     as64 = lambda x: jnp.asarray(np.asarray(low(x), np.float64))
     want_y, want_s = _recurrence(as64(q), as64(k), jnp.asarray(beta)[..., None] * as64(k), as64(v),
                                  jnp.asarray(log_decay), jnp.asarray(s0), erase=True)
@@ -234,6 +272,15 @@ def test_kernels_lower_for_cuda():
                          seq, gate, gate, gate, state) == 1
 
 
+@pytest.mark.parametrize("form", [dict(carry="memory", factor="one_loop", products="tf32x3"),
+                                  dict(carry="registers", products="tf32x3")])
+def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form):
+    monkeypatch.setitem(common.TUNING, "covariance_pass", {**common.TUNING["covariance_pass"], **form})
+    sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    assert _triton_calls(lambda k, ld, n, bt, p: covariance.covariance_pass(None, k, ld, n, bt, p)[:2],
+                         sd(2, 64, 2, 128), sd(2, 64, 2), sd(2, 64, 2), sd(2, 64, 2), sd(2, 2, 128, 128)) == 1
+
+
 @pytest.mark.parametrize("key_dim, value_dim, chunk", [(16, 16, 16), (32, 128, 32), (128, 64, 128), (128, 128, 64),
                                                      (256, 256, 64)])
 def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
@@ -268,7 +315,7 @@ def test_gla_output_forms(monkeypatch, output):
     q, k, v, _, log_decay, s0 = _inputs(channelwise=True)
     args = [jnp.asarray(x) for x in (q, k, v, log_decay, s0)]
     y, final = gla.additive(*(x.astype(jnp.float32) for x in args), chunk_size=32, precision="highest",
-                            interpret=True)
+                            interpret=INTERPRET)
     want_y, want_final = _recurrence(*args[:2], *args[1:], erase=False, channelwise=True)
     assert _relative(y, want_y) < 5e-6 and _relative(final, want_final) < 5e-6
 
@@ -295,7 +342,7 @@ def test_pallas_lowering_equals_the_oracle(name):
     q, k, v, gates = random_inputs(model, batch=1, time=21, heads=2, key_dim=16, value_dim=16, seed=3)
     state = filters.compile(model, backend="sequential")(q, k, v, **gates)[1]   # a nonzero start
     oracle = filters.compile(model, backend="sequential")
-    ours = filters.compile(model, backend="pallas", chunk_size=16, precision="highest", interpret=True)
+    ours = filters.compile(model, backend="pallas", chunk_size=16, precision="highest", interpret=INTERPRET)
     as32 = lambda x: jnp.asarray(x, jnp.float32)
     y, final = ours(as32(q), as32(k), as32(v), initial_state=jax.tree.map(as32, state),
                     **{n: as32(g) for n, g in gates.items()})
@@ -382,7 +429,7 @@ def test_widths(key_dim, value_dim):
     model = dm.gated_deltanet()
     q, k, v, gates = random_inputs(model, batch=1, time=20, heads=1, key_dim=key_dim, value_dim=value_dim,
                                    seed=6, dtype=np.float32)
-    y, final = filters.compile(model, backend="pallas", chunk_size=16, precision="highest", interpret=True)(
+    y, final = filters.compile(model, backend="pallas", chunk_size=16, precision="highest", interpret=INTERPRET)(
         q, k, v, **gates)
     want_y, want_final = filters.compile(model, backend="sequential")(q, k, v, **gates)
     assert final.mean.shape == (1, 1, key_dim, value_dim)
@@ -394,7 +441,7 @@ def test_an_empty_batch_runs_without_a_kernel():
     launched on a grid of 0 programs."""
     import designmodels as dm
     import filters
-    f = filters.compile(dm.gated_deltanet(), backend="pallas", interpret=True)
+    f = filters.compile(dm.gated_deltanet(), backend="pallas", interpret=INTERPRET)
     q = k = jnp.ones((0, 5, 2, 16)) / 4.0
     y, state = f(q, k, jnp.ones((0, 5, 2, 16)), log_decay=-jnp.ones((0, 5, 2)), beta=0.5 * jnp.ones((0, 5, 2)))
     assert y.shape == (0, 5, 2, 16) and state.mean.shape == (0, 2, 16, 16)

@@ -14,6 +14,7 @@ tests and for reading a kernel on a laptop).
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import jax
@@ -83,7 +84,10 @@ TUNING = {
     "delta_rule_state_backward": dict(num_warps=8, num_stages=3, block_v=64),
     "additive_state_backward": dict(num_warps=8, num_stages=3, block_v=64),
     "delta_rule_chunk_backward": dict(num_warps=4),
-    "covariance_pass": dict(num_warps=4),   # 12 ms alone at 4 warps; 8 warps made the whole pass 4x slower
+    # 12 ms alone at 4 warps; 8 warps made the whole pass 4x slower. Other forms, not yet measured:
+    # carry="memory" (P in the output block, reloaded where used), factor="one_loop" (X = L^{-1} in one
+    # elimination), products="tf32x3" (three TF32 products on tensor cores)
+    "covariance_pass": dict(num_warps=4, carry="registers", factor="two_loops", products="ieee"),
     # Not yet measured on a GPU: the channel-wise output in two passes (A through memory, then full-tile
     # products; "fused": one kernel of 16-row products, the form measured at 4.54 ms forward), and the
     # backward rerunning the state pass (as flash-linear-attention does) rather than keeping the chunk
@@ -93,6 +97,28 @@ TUNING = {
     "gla_backward": dict(recompute_states=True),
 }
 DEFAULT_TUNING = dict(num_warps=4, num_stages=1)
+
+
+def tuning_from_environment(text: str) -> None:
+    """Merge ``MBD_PALLAS_TUNING`` (JSON ``{kernel: {setting: value}}``) into `TUNING`, so that a benchmark
+    or a training run can try other launch settings without an edit; unknown kernels are refused."""
+    import json
+    try:
+        settings = json.loads(text)
+        if not (isinstance(settings, dict) and all(isinstance(v, dict) for v in settings.values())):
+            raise ValueError("not an object of objects")
+    except ValueError as error:
+        raise ValueError(f"MBD_PALLAS_TUNING={text!r}: {error}; accepted: JSON {{kernel: {{setting: value}}}}, "
+                         f"e.g. '{{\"covariance_pass\": {{\"num_warps\": 2}}}}'") from None
+    unknown = sorted(set(settings) - set(TUNING))
+    if unknown:
+        raise ValueError(f"MBD_PALLAS_TUNING names unknown kernels {unknown}; accepted: {sorted(TUNING)}")
+    for name, values in settings.items():
+        TUNING[name] = {**TUNING[name], **values}
+
+
+if os.environ.get("MBD_PALLAS_TUNING"):
+    tuning_from_environment(os.environ["MBD_PALLAS_TUNING"])
 
 
 def tuning(name: str, key: str):

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 
 from filters import chunked
 from filters.pallas.common import (SUB, differentiated_by_reference, exact_dot, iota2, launch, masked_exp,
-                                   pad_time, rows, spec)
+                                   pad_time, pltriton, rows, spec, tuning)
 from filters.pallas.delta_rule import unit_lower_inverse_tile
 
 F32 = jnp.float32
@@ -66,51 +66,118 @@ def block_terms(log_decay, noise):
     return b, jnp.exp(b), decay, alpha
 
 
-def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref):
+def whitening_tile(matrix):
+    """``X = L^{-1}`` and the pivots ``diag(L)`` of the Cholesky factor ``L L^T = A`` of a small symmetric
+    positive definite tile, in one elimination of ``[A | I]``: at step ``j``, ``d_j = sqrt(A_jj)``,
+    ``l_j = A_{:, j} / d_j`` (rows >= j), row ``j`` of ``X`` is ``B_j / d_j``, then ``A -= l_j l_j^T`` and
+    ``B -= l_j X_j`` (``B`` starts as ``I``: the row operations that turn ``L`` into ``I`` turn ``I``
+    into ``L^{-1}``). One loop of ``n`` steps where `cholesky_tile` and a substitution take two."""
+    size = matrix.shape[0]
+    r, c = iota2(size)
+    index = lax.broadcasted_iota(jnp.int32, (size,), 0)
+
+    def body(j, carry):
+        rest, pending, whiten, pivots = carry
+        column = jnp.sum(jnp.where(c == j, rest, 0.0), axis=1)
+        pivot = jnp.sqrt(jnp.sum(jnp.where(index == j, column, 0.0)))
+        column = jnp.where(index >= j, column / pivot, 0.0)
+        row = jnp.sum(jnp.where(r == j, pending, 0.0), axis=0) / pivot
+        return (rest - column[:, None] * column[None, :], pending - column[:, None] * row[None, :],
+                jnp.where(r == j, row[None, :], whiten), jnp.where(index == j, pivot, pivots))
+
+    eye = (r == c).astype(F32)
+    _, _, whiten, pivots = lax.fori_loop(0, size, body, (matrix, eye, jnp.zeros_like(matrix),
+                                                         jnp.zeros((size,), F32)))
+    return whiten, pivots
+
+
+def _whitening_two_loops(matrix):
+    """`whitening_tile`'s results from `cholesky_tile` and a substitution for the unit factor's inverse."""
+    r, c = iota2(matrix.shape[0])
+    factor = cholesky_tile(matrix)
+    pivots = jnp.sum(jnp.where(r == c, factor, 0.0), axis=1)
+    unit = factor / pivots[:, None]
+    return unit_lower_inverse_tile(jnp.where(c < r, unit, 0.0)) / pivots[None, :], pivots
+
+
+def _products(kind: str, interpret: bool):
+    """The kernel's float32 products: ``"ieee"`` (IEEE float32 on the CUDA cores) or ``"tf32x3"``
+    (three TF32 products on the tensor cores, ``a_hi b_hi + a_hi b_lo + a_lo b_hi``: about float32's
+    accuracy; the interpreter, whose CPU has no TF32, takes IEEE products instead)."""
+    if kind == "ieee" or interpret:
+        return exact_dot
+    if kind == "tf32x3":
+        return lambda a, b, contract=((1,), (0,)): lax.dot_general(
+            a, b, (contract, ((), ())), precision=lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+            preferred_element_type=F32)
+    raise ValueError(f"covariance_pass products={kind!r}; accepted: 'ieee', 'tf32x3'")
+
+
+def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *,
+                       in_memory, one_loop, dot, interpret):
     n = k_ref.shape[0] // SUB
     r, c = iota2(SUB)
     last = lax.broadcasted_iota(jnp.int32, (SUB,), 0) == SUB - 1
+    whitening = whitening_tile if one_loop else _whitening_two_loops
+    barrier = (lambda: None) if interpret else pltriton.debug_barrier
 
     # The carry is (P', s) with P = P' + s I: the noise enters as the scalar s, so that no K x K identity
-    # occupies registers (the kernel is bound by registers: P alone is K^2 / threads of them).
-    def body(i, carry):
-        cov, scale = carry
+    # occupies registers. P' is carried in registers (K^2 / threads of them per thread), or
+    # (``in_memory``) in the output block itself, loaded where it is used and stored at the end of each
+    # block: the program's own stores are visible to its threads after a barrier.
+    def body(i, cov, scale):
+        if in_memory:
+            cov = pf_ref[...]
         t0 = pl.multiple_of(i * SUB, SUB)
         k = rows(k_ref, t0, SUB).astype(F32)
         b, gamma, decay, alpha = block_terms(rows(ld_ref, t0, SUB), rows(noise_ref, t0, SUB))
         k_gamma = k * gamma[:, None]
-        kg_p = exact_dot(k_gamma, cov) + scale * k_gamma                          # (K gamma) P_c
+        kg_p = dot(k_gamma, cov) + scale * k_gamma                                # (K gamma) P_c
         alpha_min = jnp.where(c <= r, alpha[None, :], alpha[:, None])
-        sigma = (exact_dot(kg_p, k_gamma, ((1,), (1,)))
-                 + jnp.exp(-jnp.abs(b[:, None] - b[None, :])) * alpha_min * exact_dot(k, k, ((1,), (1,)))
+        sigma = (dot(kg_p, k_gamma, ((1,), (1,)))
+                 + jnp.exp(-jnp.abs(b[:, None] - b[None, :])) * alpha_min * dot(k, k, ((1,), (1,)))
                  + jnp.where(r == c, rows(inv_beta_ref, t0, SUB)[:, None], 0.0))
-        sigma = 0.5 * (sigma + sigma.T)
-        factor = cholesky_tile(sigma)
-        pivots = jnp.sum(jnp.where(r == c, factor, 0.0), axis=1)
-        unit = factor / pivots[:, None]
-        whiten = unit_lower_inverse_tile(jnp.where(c < r, unit, 0.0)) / pivots[None, :]   # X = L^{-1}
-        kt_p = exact_dot(whiten, kg_p)
-        gains = (gamma[:, None] * kt_p + exact_dot(whiten * decay, k * alpha[:, None])) / pivots[:, None]
+        whiten, pivots = whitening(0.5 * (sigma + sigma.T))                   # X = L^{-1}, diag(L)
+        kt_p = dot(whiten, kg_p)
+        gains = (gamma[:, None] * kt_p + dot(whiten * decay, k * alpha[:, None])) / pivots[:, None]
         gains_ref[pl.ds(t0, SUB), :] = gains
         b_last = jnp.min(b)
         alpha_last = jnp.sum(jnp.where(last, alpha, 0.0))
-        z = jnp.exp(b_last) * kt_p + exact_dot(whiten, k * (jnp.exp(b_last - b) * alpha)[:, None])
+        z = jnp.exp(b_last) * kt_p + dot(whiten, k * (jnp.exp(b_last - b) * alpha)[:, None])
         end = jnp.exp(2.0 * b_last)
-        return end * cov - exact_dot(z, z, ((0,), (0,))), end * scale + alpha_last
+        scale = end * scale + alpha_last
+        if not in_memory:
+            return end * cov - dot(z, z, ((0,), (0,))), scale
+        new = end * pf_ref[...] - dot(z, z, ((0,), (0,)))   # P reloaded: not held through the block
+        barrier()                                 # every thread has read P before any overwrites it
+        pf_ref[...] = new
+        barrier()                                 # the next block reads what this one stored
+        return None, scale
 
-    cov, scale = lax.fori_loop(0, n, body, (p0_ref[...], jnp.zeros((), F32)))
-    pf_ref[...] = cov
+    zero = jnp.zeros((), F32)
+    if in_memory:
+        pf_ref[...] = p0_ref[...]
+        barrier()
+        scale = lax.fori_loop(0, n, lambda i, s: body(i, None, s)[1], zero)
+    else:
+        cov, scale = lax.fori_loop(0, n, lambda i, carry: body(i, *carry), (p0_ref[...], zero))
+        pf_ref[...] = cov
     scale_ref[...] = jnp.full(scale_ref.shape, scale, F32)
 
 
-def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, interpret=False):
+def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="ieee", interpret=False):
     """``k [B,T,H,K]``, ``log_decay, noise, inv_beta [B,T,H]`` float32 (T a multiple of 16), ``p0
-    [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``, float32."""
+    [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``, float32. ``products``:
+    ``"ieee"`` or ``"tf32x3"`` (`_products`); the launch and the form are `TUNING["covariance_pass"]`'s."""
     batch, time, heads, key_dim = k.shape
     seq = lambda *d: spec((None, time, None, *d), lambda i, h: (i, 0, h, *(0 for _ in d)))
     cov = spec((None, None, key_dim, key_dim), lambda i, h: (i, h, 0, 0))
+    kernel = functools.partial(
+        _covariance_kernel, in_memory=tuning("covariance_pass", "carry") == "memory",
+        one_loop=tuning("covariance_pass", "factor") == "one_loop",
+        dot=_products(products, interpret), interpret=interpret)
     gains, final, scale = launch(
-        _covariance_kernel, grid=(batch, heads),
+        kernel, grid=(batch, heads),
         in_specs=[seq(key_dim), seq(), seq(), seq(), cov],
         out_specs=[seq(key_dim), cov, spec((None, None, SUB), lambda i, h: (i, h, 0))],
         out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(p0.shape, F32),
@@ -120,29 +187,29 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, interpret=False):
     return gains, 0.5 * (final + jnp.swapaxes(final, -1, -2))
 
 
-def _kernel_path(k, log_decay, noise, precision, p0, *, multiple, interpret=False):
+def _kernel_path(k, log_decay, noise, precision, p0, *, multiple, products, interpret=False):
     time = k.shape[1]
     # Padded steps observe nothing (k = 0, unit noise) and neither decay nor add noise.
     k, log_decay, noise = (pad_time(x, multiple) for x in (k, log_decay, noise))
     inv_beta = pad_time(1.0 / precision, multiple, 1.0)
-    gains, final = covariance_kernel(k, log_decay, noise, inv_beta, p0, interpret=interpret)
+    gains, final = covariance_kernel(k, log_decay, noise, inv_beta, p0, products=products, interpret=interpret)
     return gains[:, :time], final
 
 
 @functools.lru_cache(maxsize=None)
-def _pass(chunk: int, interpret: bool):
+def _pass(chunk: int, products: str, interpret: bool):
     """The pass as a `jax.custom_vjp` of ``(k, log_decay, noise, precision, P_0)``: the kernel on CUDA
     (or in the interpreter), the chunked reference elsewhere; the derivative is the reference's."""
     def reference(k, log_decay, noise, precision, p0):
         return chunked.covariance_pass(k, k, log_decay, noise, precision, p0, chunk_size=chunk,
                                        variance=False)[:2]
 
-    return differentiated_by_reference(functools.partial(_kernel_path, multiple=max(chunk, SUB)), reference,
-                                       interpret)
+    return differentiated_by_reference(functools.partial(_kernel_path, multiple=max(chunk, SUB), products=products),
+                                       reference, interpret)
 
 
 def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, chunk_size=64,
-                    variance: bool = False, interpret: bool = False):
+                    variance: bool = False, dot_precision: str = "default", interpret: bool = False):
     """The gains ``Kg [B,T,H,K]`` and the final covariance ``[B,H,K,K]`` (float32) of the exact family
     with a scalar or no decay (``log_decay`` None or ``[B,T,H]``) and isotropic process noise ``noise_t
     I`` (``[B,T,H]``, zeros without noise), precisions ``beta [B,T,H]``, from ``P_0 [B,H,K,K]``.
@@ -151,6 +218,8 @@ def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, ch
     off CUDA and gives the derivative. The kernel works in blocks of 16 steps, the reference in chunks of
     ``chunk_size``: the filter is exact either way, only rounding differs. The predictive variance
     (``variance=True``, the diagnostics) is not computed here: ``q`` is unused, the third result None.
+    ``dot_precision``: the lowering's ``precision`` option; ``"highest"`` takes IEEE float32 products,
+    ``"default"`` the products of `TUNING["covariance_pass"]["products"]`.
     """
     del q
     if variance:
@@ -158,6 +227,7 @@ def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, ch
                          "use the chunked lowering for diagnostics")
     f32 = lambda x: x.astype(F32)
     log_decay = jnp.zeros(k.shape[:3], F32) if log_decay is None else f32(log_decay)
-    gains, final = _pass(chunk_size, interpret)(k, log_decay, f32(noise), f32(precision),
+    products = "ieee" if dot_precision == "highest" else tuning("covariance_pass", "products")
+    gains, final = _pass(chunk_size, products, interpret)(k, log_decay, f32(noise), f32(precision),
                                                f32(initial_covariance))
     return gains, final, None

@@ -107,7 +107,7 @@ class Pallas(Lowering):
         else:
             gains, covariance_out, _ = covariance.covariance_pass(
                 q, k, x.transition, chunked._isotropic_noise(structure, x), x.precision, state.covariance,
-                chunk_size=chunk_size, interpret=interpret)
+                chunk_size=chunk_size, dot_precision=precision, interpret=interpret)
             y, mean = delta_rule.delta_rule(q, k, gains, v, x.transition, state.mean, **options)
         # y comes in the values' dtype, which the filter returns (no float32 round trip).
         return FilterOutput(y, FilterState(mean, covariance_out))
