@@ -161,7 +161,8 @@ def fla_op(name, inputs, repeats):
     if op_name in ("chunk_gated_delta_rule", "chunk_delta_rule", "chunk_mesa_net"):
         tensors["beta"] = cuda(inputs["beta"])
     if op_name == "chunk_mesa_net":
-        tensors["lamb"] = torch.ones_like(tensors["beta"])
+        # MesaNet's ridge strength is one per head and key channel, [H, K] (fla 0.6 asserts the shape)
+        tensors["lamb"] = torch.ones(q.shape[2], q.shape[3], device="cuda", dtype=torch.float32)
     kwargs = {} if op_name == "chunk_mesa_net" else {"scale": 1.0}
     dy = cuda(inputs["dy"], torch.bfloat16)
 
