@@ -9,8 +9,8 @@
 #   tests      tests/test_pallas.py on the GPU (the kernels for real against float64 recurrences)
 #   reference  benchmarks/fla_reference.py: fla's own outputs for tests/test_fla.py (copy the .npz to
 #              tests/data/fla_reference.npz and commit it)
-#   kernels    every kernel alone (the GLA ones included), the covariance pass in each of its forms (the
-#              fastest within 4x the IEEE form's error is used by the later phases: MBD_PALLAS_TUNING)
+#   kernels    every kernel alone (the GLA ones included), the covariance pass in several of its forms
+#              (other launch settings for any phase: MBD_PALLAS_TUNING, filters/pallas/common.py)
 #   sweep      the delta rule's launch settings
 #   headline   benchmarks/gpu_kernels.py, every model at 4x4096x16x128 beside fla (and MesaNet)
 #   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128)
@@ -39,28 +39,13 @@ want reference && timeout "$(cap 240)" python3 benchmarks/fla_reference.py --out
     2>&1 | tail -3
 if want kernels; then
     timeout "$(cap 90)" python3 benchmarks/profile_kernels.py --time > "$OUT_DIR/kernels.jsonl" 2>&1
-    # The covariance kernel's forms (filters/pallas/covariance.py), each with its error against float64;
-    # the fastest within 4x the IEEE form's error is kept in /tmp/caches/tuning.json for the later phases.
-    cov() { echo "{\"covariance_pass\": {$1}}"; }
-    variants="[$(cov '"num_warps": 2'), $(cov '"factor": "one_loop"'), $(cov '"carry": "memory"'),
-      $(cov '"carry": "memory", "factor": "one_loop"'), $(cov '"carry": "memory", "factor": "one_loop", "num_warps": 2'),
-      $(cov '"carry": "memory", "factor": "one_loop", "num_warps": 8'), $(cov '"products": "tf32x3"'),
-      $(cov '"carry": "memory", "factor": "one_loop", "products": "tf32x3"'),
-      $(cov '"carry": "memory", "factor": "one_loop", "products": "tf32x3", "num_warps": 8'),
-      $(cov '"carry": "memory", "factor": "one_loop", "products": "tf32x3", "num_warps": 2')]"
-    timeout "$(cap 200)" python3 benchmarks/profile_kernels.py --time --kernels covariance_pass \
-        --variants "[{}, ${variants:1}" > "$OUT_DIR/covariance.jsonl" 2>&1
-    python3 - "$OUT_DIR/covariance.jsonl" > /tmp/caches/tuning.json <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{") and '"ms"' in l]
-base = [r for r in rows if "variant" not in r]
-ok = [r for r in rows if base and r["error_gains"] <= 4 * base[0]["error_gains"]]
-print(json.dumps(min(ok, key=lambda r: r["ms"]).get("variant", {}) if ok else {}))
-PY
-    cp /tmp/caches/tuning.json "$OUT_DIR/tuning.json"
+    # The covariance kernel's forms (filters/pallas/covariance.py: TF32x3 and IEEE products, P in registers
+    # or through memory, one or two loops), each with its error against float64.
+    timeout "$(cap 150)" python3 benchmarks/profile_kernels.py --time --kernels covariance_pass,covariance_pass_ieee \
+        --variants '[{}, {"covariance_pass": {"num_warps": 4}, "covariance_pass_ieee": {"carry": "registers"}},
+                     {"covariance_pass": {"carry": "memory", "factor": "one_loop"},
+                      "covariance_pass_ieee": {"factor": "two_loops"}}]' > "$OUT_DIR/covariance.jsonl" 2>&1
 fi
-# The launch settings the kernels phase chose (this call's or a carried one), for every later phase.
-[ -s /tmp/caches/tuning.json ] && export MBD_PALLAS_TUNING=$(cat /tmp/caches/tuning.json)
 want sweep && timeout "$(cap 150)" python3 benchmarks/gpu_kernels.py --sweep --shapes 4x4096x16x128 \
     --repeats 10 > "$OUT_DIR/sweep.jsonl" 2>&1
 want headline && timeout "$(cap 480)" python3 benchmarks/gpu_kernels.py --shapes 4x4096x16x128 \

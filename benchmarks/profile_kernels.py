@@ -1,8 +1,8 @@
 """Run (or time) every Pallas kernel once at one shape, alone, for a profiler to read.
 
     python benchmarks/profile_kernels.py --time                      # each kernel's median time, alone
-    python benchmarks/profile_kernels.py --time --kernels covariance_pass \\
-        --variants '[{"covariance_pass": {"num_warps": 2}}, {"covariance_pass": {"carry": "memory"}}]'
+    python benchmarks/profile_kernels.py --time --kernels covariance_pass,covariance_pass_ieee \\
+        --variants '[{}, {"covariance_pass": {"num_warps": 4}, "covariance_pass_ieee": {"carry": "registers"}}]'
     ncu --clock-control none -k regex:"delta_rule|additive|gla|covariance" \\
         --metrics gpu__time_duration.sum,launch__registers_per_thread,l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum \\
         python benchmarks/profile_kernels.py                          # registers, spills, time per kernel
@@ -78,9 +78,10 @@ def kernel_calls(shape, seed=0):
         "gla_readout": (part(gla.readout_kernel, **opts), (q, bk, h_gla, attend_gla, v)),
         "gla_state_backward": (part(gla.state_backward_kernel, **opts), (q, bk, dy, s0)),
         "gla_chunk_backward": (part(gla.chunk_backward_kernel, **opts), (q, k, v, bk, h_gla, g_gla, dy)),
-        "covariance_pass": (lambda *x: covariance.covariance_kernel(
-                                *x, products=common.tuning("covariance_pass", "products"), interpret=interpret),
+        "covariance_pass": (part(covariance.covariance_kernel, products="tf32x3", interpret=interpret),
                             (k, log_decay, noise, inv_beta, s0 + jnp.eye(dim, dtype=jnp.float32))),
+        "covariance_pass_ieee": (part(covariance.covariance_kernel, products="ieee", interpret=interpret),
+                                 (k, log_decay, noise, inv_beta, s0 + jnp.eye(dim, dtype=jnp.float32))),
     }
 
 
@@ -145,7 +146,7 @@ def main():
             record = dict(kernel=name, ms=round(1e3 * statistics.median(times), 4))
             if variant:
                 record["variant"] = variant
-            if name == "covariance_pass":
+            if name.startswith("covariance_pass"):
                 record["error_gains"], record["error_final"] = covariance_error(*out, *call_args)
             print(json.dumps(record), flush=True)
         common.TUNING.clear()

@@ -195,22 +195,25 @@ def test_covariance_pass(interpret):
            _kalman_covariance, (k, log_decay, noise, beta, p0), symmetric=(4,))
 
 
-@pytest.mark.parametrize("form", [dict(carry="memory"), dict(factor="one_loop"),
-                                  dict(carry="memory", factor="one_loop", products="tf32x3")])
-def test_covariance_kernel_forms(monkeypatch, form):
+@pytest.mark.parametrize("dot_precision", ["default", "highest"])
+@pytest.mark.parametrize("form", [dict(carry="memory", factor="two_loops"), dict(carry="registers", factor="one_loop"),
+                                  dict(carry="memory", factor="one_loop")])
+def test_covariance_kernel_forms(monkeypatch, form, dot_precision):
     """Every form of the covariance kernel (P carried in registers or through its output block; L^{-1} by
-    one elimination or by Cholesky then substitution) against the float64 covariance recursion. TF32
-    products run on a GPU only (the interpreter takes IEEE products; the tolerance is TF32x3's there)."""
-    monkeypatch.setitem(common.TUNING, "covariance_pass", {**common.TUNING["covariance_pass"], **form})
+    one elimination or by Cholesky then substitution), with TF32x3 (default) or IEEE products, against the
+    float64 covariance recursion. TF32 products run on a GPU only (the interpreter takes IEEE ones)."""
+    name = covariance.KERNEL_NAMES["ieee" if dot_precision == "highest" else "tf32x3"]
+    monkeypatch.setitem(common.TUNING, name, {**common.TUNING[name], **form})
     _, k, _, _, log_decay, _ = _inputs()
     noise = RNG.uniform(0.0, 0.1, size=log_decay.shape)
     beta = RNG.uniform(0.5, 4.0, size=log_decay.shape)
     a = RNG.normal(size=(B, H, K, K))
     p0 = a @ np.swapaxes(a, -1, -2) / K + 0.5 * np.eye(K)
     args = [jnp.asarray(x, jnp.float32) for x in (k, log_decay, noise, beta, p0)]
-    gains, final, _ = covariance.covariance_pass(None, *args, chunk_size=16, interpret=INTERPRET)
+    gains, final, _ = covariance.covariance_pass(None, *args, chunk_size=16, dot_precision=dot_precision,
+                                                 interpret=INTERPRET)
     want_gains, want_final = _kalman_covariance(*(jnp.asarray(x, jnp.float64) for x in (k, log_decay, noise, beta, p0)))
-    tol = 2e-5 if form.get("products") == "tf32x3" else 5e-6
+    tol = 5e-6
     assert _relative(gains, want_gains) < tol and _relative(final, want_final) < tol
 
 
@@ -220,7 +223,7 @@ def test_launch_settings_from_the_environment(monkeypatch):
     monkeypatch.setattr(common, "TUNING", {name: dict(v) for name, v in common.TUNING.items()})
     common.tuning_from_environment('{"covariance_pass": {"num_warps": 2}}')
     assert common.tuning("covariance_pass", "num_warps") == 2
-    assert common.tuning("covariance_pass", "carry") == "registers"          # the others kept
+    assert common.tuning("covariance_pass", "factor") == "two_loops"          # the others kept
     for bad, phrase in [("{x", "accepted: JSON"), ('{"covariance": {}}', "unknown kernels ['covariance']"),
                         ("[1]", "not an object of objects")]:
         with pytest.raises(ValueError, match=re.escape(phrase)):
@@ -272,13 +275,16 @@ def test_kernels_lower_for_cuda():
                          seq, gate, gate, gate, state) == 1
 
 
-@pytest.mark.parametrize("form", [dict(carry="memory", factor="one_loop", products="tf32x3"),
-                                  dict(carry="registers", products="tf32x3")])
-def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form):
-    monkeypatch.setitem(common.TUNING, "covariance_pass", {**common.TUNING["covariance_pass"], **form})
+@pytest.mark.parametrize("dot_precision", ["default", "highest"])
+@pytest.mark.parametrize("form", [dict(carry="memory", factor="one_loop"), dict(carry="registers", factor="two_loops")])
+def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form, dot_precision):
+    name = covariance.KERNEL_NAMES["ieee" if dot_precision == "highest" else "tf32x3"]
+    monkeypatch.setitem(common.TUNING, name, {**common.TUNING[name], **form})
     sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-    assert _triton_calls(lambda k, ld, n, bt, p: covariance.covariance_pass(None, k, ld, n, bt, p)[:2],
-                         sd(2, 64, 2, 128), sd(2, 64, 2), sd(2, 64, 2), sd(2, 64, 2), sd(2, 2, 128, 128)) == 1
+    call = lambda k, ld, n, bt, p: covariance.covariance_pass(None, k, ld, n, bt, p, dot_precision=dot_precision)[:2]
+    lowered = jax.jit(call).trace(sd(2, 64, 2, 128), sd(2, 64, 2), sd(2, 64, 2), sd(2, 64, 2), sd(2, 2, 128, 128)
+                                  ).lower(lowering_platforms=("cuda",)).as_text()
+    assert lowered.count("xla.gpu.triton") == 1 and f'name = "{name}"' in lowered
 
 
 @pytest.mark.parametrize("key_dim, value_dim, chunk", [(16, 16, 16), (32, 128, 32), (128, 64, 128), (128, 128, 64),
@@ -398,11 +404,9 @@ def test_the_filter_lowered_for_cuda_holds_the_kernels():
 
 
 def test_auto_picks_the_kernels_on_a_gpu_where_they_were_measured_faster():
-    for model in (dm.gated_deltanet(), dm.deltanet(), dm.mamba2(), dm.linear_attention()):
+    for model in (dm.gated_deltanet(), dm.deltanet(), dm.mamba2(), dm.linear_attention(), dm.gla(),
+                  dm.bayesian(), dm.bayesian(noise="stationary")):
         assert auto(filters.analyze(model), platform="gpu").name == "pallas"
-    for model in (dm.gla(), dm.bayesian()):       # applies, measured slower for training: chunked
-        assert auto(filters.analyze(model), platform="gpu").name == "chunked"
-        assert filters.compile(model, backend="pallas").backend == "pallas"
     kda_style = dm.DesignModel(transition=dm.DiagonalDecay(None), observation=dm.KeyValueObservation(None),
                                covariance=dm.Reset(write_strength=True))
     assert auto(filters.analyze(kda_style), platform="gpu").name == "chunked"

@@ -84,10 +84,12 @@ TUNING = {
     "delta_rule_state_backward": dict(num_warps=8, num_stages=3, block_v=64),
     "additive_state_backward": dict(num_warps=8, num_stages=3, block_v=64),
     "delta_rule_chunk_backward": dict(num_warps=4),
-    # 12 ms alone at 4 warps; 8 warps made the whole pass 4x slower. Other forms, not yet measured:
-    # carry="memory" (P in the output block, reloaded where used), factor="one_loop" (X = L^{-1} in one
-    # elimination), products="tf32x3" (three TF32 products on tensor cores)
-    "covariance_pass": dict(num_warps=4, carry="registers", factor="two_loops", products="ieee"),
+    # The covariance pass (B4 T4096 H16 K128, 2026-11-30, benchmarks/profile_kernels.py --variants, one
+    # process): with TF32x3 products 6.6 ms at 8 warps (10.7 at 4, 125 at 2; P through memory and the
+    # one-loop factor 7.1 at 8); with IEEE products 85.6 ms at 4 warps (P in registers), 45.3 at 8 warps
+    # with P through memory and the one-loop factor; the gains' error against float64 4.3-5.2e-7 in all.
+    "covariance_pass": dict(num_warps=8, carry="registers", factor="two_loops"),           # TF32x3
+    "covariance_pass_ieee": dict(num_warps=8, carry="memory", factor="one_loop"),           # precision="highest"
     # Not yet measured on a GPU: the channel-wise output in two passes (A through memory, then full-tile
     # products; "fused": one kernel of 16-row products, the form measured at 4.54 ms forward), and the
     # backward rerunning the state pass (as flash-linear-attention does) rather than keeping the chunk

@@ -165,16 +165,20 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
     scale_ref[...] = jnp.full(scale_ref.shape, scale, F32)
 
 
-def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="ieee", interpret=False):
+KERNEL_NAMES = {"tf32x3": "covariance_pass", "ieee": "covariance_pass_ieee"}   # their TUNING entries
+
+
+def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", interpret=False):
     """``k [B,T,H,K]``, ``log_decay, noise, inv_beta [B,T,H]`` float32 (T a multiple of 16), ``p0
     [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``, float32. ``products``:
-    ``"ieee"`` or ``"tf32x3"`` (`_products`); the launch and the form are `TUNING["covariance_pass"]`'s."""
+    ``"tf32x3"`` or ``"ieee"`` (`_products`), each with its own launch and form in `TUNING`
+    (``KERNEL_NAMES``: the two were measured best at different settings)."""
     batch, time, heads, key_dim = k.shape
     seq = lambda *d: spec((None, time, None, *d), lambda i, h: (i, 0, h, *(0 for _ in d)))
     cov = spec((None, None, key_dim, key_dim), lambda i, h: (i, h, 0, 0))
     kernel = functools.partial(
-        _covariance_kernel, in_memory=tuning("covariance_pass", "carry") == "memory",
-        one_loop=tuning("covariance_pass", "factor") == "one_loop",
+        _covariance_kernel, in_memory=tuning(KERNEL_NAMES[products], "carry") == "memory",
+        one_loop=tuning(KERNEL_NAMES[products], "factor") == "one_loop",
         dot=_products(products, interpret), interpret=interpret)
     gains, final, scale = launch(
         kernel, grid=(batch, heads),
@@ -182,7 +186,7 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="ieee", int
         out_specs=[seq(key_dim), cov, spec((None, None, SUB), lambda i, h: (i, h, 0))],
         out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(p0.shape, F32),
                    jax.ShapeDtypeStruct((batch, heads, SUB), F32)],
-        interpret=interpret, name="covariance_pass")(k, log_decay, noise, inv_beta, p0)
+        interpret=interpret, name=KERNEL_NAMES[products])(k, log_decay, noise, inv_beta, p0)
     final = final + scale[..., :1, None] * jnp.eye(key_dim, dtype=F32)
     return gains, 0.5 * (final + jnp.swapaxes(final, -1, -2))
 
@@ -218,8 +222,9 @@ def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, ch
     off CUDA and gives the derivative. The kernel works in blocks of 16 steps, the reference in chunks of
     ``chunk_size``: the filter is exact either way, only rounding differs. The predictive variance
     (``variance=True``, the diagnostics) is not computed here: ``q`` is unused, the third result None.
-    ``dot_precision``: the lowering's ``precision`` option; ``"highest"`` takes IEEE float32 products,
-    ``"default"`` the products of `TUNING["covariance_pass"]["products"]`.
+    ``dot_precision``: the lowering's ``precision`` option: ``"default"`` takes TF32x3 products on the
+    tensor cores (as accurate as IEEE here: docs/results/gpu_kernels.md), ``"highest"`` IEEE float32
+    products (on an H200 seven times slower).
     """
     del q
     if variance:
@@ -227,7 +232,7 @@ def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, ch
                          "use the chunked lowering for diagnostics")
     f32 = lambda x: x.astype(F32)
     log_decay = jnp.zeros(k.shape[:3], F32) if log_decay is None else f32(log_decay)
-    products = "ieee" if dot_precision == "highest" else tuning("covariance_pass", "products")
+    products = "ieee" if dot_precision == "highest" else "tf32x3"
     gains, final = _pass(chunk_size, products, interpret)(k, log_decay, f32(noise), f32(precision),
                                                f32(initial_covariance))
     return gains, final, None
