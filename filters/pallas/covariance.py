@@ -2,7 +2,8 @@
 
 With a scalar (or no) decay and isotropic noise ``Q_t = q_t I`` the covariance recursion never sees the
 values, so it runs first and hands the gains ``Kg_t`` to the delta-rule kernels (erase key ``k``, write
-key ``Kg``). One program carries one head's ``P [K, K]`` (float32, in registers) through the sequence in
+key ``Kg``). One program carries one head's ``P [K, K]`` (float32, in registers or through its output
+block) through the sequence in
 blocks of 16 steps. For a block starting from ``P_c`` (``b_i`` the log decay accumulated in the block,
 ``gamma_i = exp(b_i)``, ``R_ij = exp(b_i - b_j)`` for ``j <= i``, ``alpha_i = sum_{m<=i} q_m R_im^2``
 the noise accumulated since the block start)::
@@ -14,8 +15,11 @@ the noise accumulated since the block start)::
     P_C   = gamma_C^2 P_c + alpha_C I - Z^T Z
 
 (the derivation is the chunked lowering's, `filters.chunked`). The 16 x 16 Cholesky factor and its
-inverse are computed in the kernel (column by column, then forward substitution); every product is an
-IEEE float32 product: this recursion is where precision is spent.
+inverse are computed in the kernel (column by column, then forward substitution; or, ``factor=
+"one_loop"``, in one elimination). This recursion is where precision is spent, so every product keeps
+float32's accuracy: three TF32 products on the tensor cores (``a_hi b_hi + a_hi b_lo + a_lo b_hi``),
+measured as accurate as IEEE products here and 13x faster on an H200, or IEEE float32 products with
+``precision="highest"``. `TUNING` holds the launch and form of each (docs/results/gpu_kernels.md).
 
 The derivative is the plain-JAX reference's, `filters.chunked.covariance_pass` (its scan over chunks,
 with the implicit derivatives of the Cholesky factor): a backward kernel for this pass does not exist
