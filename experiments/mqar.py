@@ -237,7 +237,7 @@ def _own_test(description: dict) -> Optional[str]:
     return None if name == MIXED else name
 
 
-def _valid_score(record: dict) -> float:
+def valid_score(record: dict) -> float:
     """The accuracy that chooses the learning rate: the validation split's (runs recorded before it existed: the
     test accuracy at the training shape)."""
     return record["eval"][VALID if VALID in record["eval"] else _own_test(record["description"])]["accuracy"]
@@ -289,7 +289,7 @@ def _cell(record: dict) -> tuple:
 def best_cells(records: list[dict]) -> dict[tuple, list[dict]]:
     """For each (variant, training set, model, d_model): the records of every seed at the learning rate with the
     best mean validation accuracy (`sweep.seeds_at_best_learning_rate`)."""
-    return sweep.seeds_at_best_learning_rate(records, _cell, _valid_score)
+    return sweep.seeds_at_best_learning_rate(records, _cell, valid_score)
 
 
 def _finished(runs: list[dict]) -> list[dict]:

@@ -57,6 +57,20 @@ def test_the_learning_rate_is_chosen_by_the_mean_over_seeds():
     assert "| 0.200 +- 0.283 | 0: diverged, 1: 0.400 |" in figure.table(only_diverging)
 
 
+def test_the_learning_rate_is_chosen_on_the_validation_split_not_on_the_reported_test():
+    """A rate that is best on the test set but not on the validation split is not chosen; the table reports
+    the test accuracy at the chosen rate and lists no validation column among the shapes beyond training."""
+    def with_valid(record, valid):
+        return {**record, "eval": {**record["eval"], mqar.VALID: {"accuracy": valid}}}
+    records = [with_valid(_record("update", "mamba2", 32, 1e-3, s, 0.6), 0.8) for s in (0, 1)]
+    records += [with_valid(_record("update", "mamba2", 32, 1e-2, s, 0.9), 0.7) for s in (0, 1)]   # best on test
+    (key, (lr, runs)), = figure.cells(records).items()
+    assert lr == 1e-3 and [r["seed"] for r in runs] == [0, 1]
+    text = figure.table(records)
+    assert "| (b) Update-MQAR | (32, 2) | mamba2 | 32 | 1.0e-03 | 0.600 +- 0.000 | 0: 0.600, 1: 0.600 | L64 P4: 0.300 |" \
+        in text
+
+
 def test_the_figure_colours_a_convolution_free_form_as_its_partner():
     assert figure.color("gated_deltanet_no_conv") == figure.color("gated_deltanet")
     assert figure.color("bayesian_no_conv") == figure.color("bayesian") != figure.color("gated_deltanet")
