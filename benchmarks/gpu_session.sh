@@ -15,6 +15,7 @@
 #   headline   benchmarks/gpu_kernels.py, every model at 4x4096x16x128 beside fla (and MesaNet)
 #   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128)
 #   training   the MQAR training step at d_model 512 (benchmarks/training_throughput.py)
+#   profile    Nsight Compute on the kernels that miss their targets (registers, occupancy, spills, pipes)
 # It installs the carried wheels into /tmp/site, restores the compilation caches from .cache/caches.tgz
 # if present (Triton's, with fla's autotuning results, and JAX's), and saves them into
 # OUT_DIR/caches.tgz (copy it to .cache/ for the next call); it stops at SECONDS (default 540), keeping
@@ -57,4 +58,9 @@ want shapes && timeout "$(cap 400)" python3 benchmarks/gpu_kernels.py --shapes 8
 want training && timeout "$(cap 300)" python3 benchmarks/training_throughput.py --d-models 512 \
     --models mamba2,deltanet,gated_deltanet,bayesian --backends pallas,chunked \
     --out "$OUT_DIR/training_throughput.md" 2>&1 | tail -3
+want profile && timeout "$(cap 240)" ncu --clock-control none \
+    -k regex:"gla_attention|gla_chunk_backward|covariance_pass|delta_rule_prepare" \
+    --metrics gpu__time_duration.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum,sm__inst_executed_pipe_tensor.sum,smsp__inst_executed_pipe_fma.sum,smsp__average_warp_latency_issue_stalled_barrier.ratio \
+    python3 benchmarks/profile_kernels.py --kernels gla_attention,gla_chunk_backward,covariance_pass,delta_rule_prepare \
+    > "$OUT_DIR/ncu.txt" 2>&1
 exit 0
