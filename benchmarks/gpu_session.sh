@@ -60,7 +60,7 @@ want training && timeout "$(cap 300)" python3 benchmarks/training_throughput.py 
     --out "$OUT_DIR/training_throughput.md" 2>&1 | tail -3
 want profile && timeout "$(cap 240)" ncu --clock-control none \
     -k regex:"gla_attention|gla_chunk_backward|covariance_pass|delta_rule_prepare" \
-    --metrics gpu__time_duration.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum,sm__inst_executed_pipe_tensor.sum,smsp__inst_executed_pipe_fma.sum,smsp__average_warp_latency_issue_stalled_barrier.ratio \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     python3 benchmarks/profile_kernels.py --kernels gla_attention,gla_chunk_backward,covariance_pass,delta_rule_prepare \
     > "$OUT_DIR/ncu.txt" 2>&1
 exit 0
