@@ -191,8 +191,9 @@ def test_covariance_pass(interpret):
     beta = RNG.uniform(0.5, 4.0, size=log_decay.shape)
     a = RNG.normal(size=(B, H, K, K))
     p0 = a @ np.swapaxes(a, -1, -2) / K + 0.5 * np.eye(K)
+    # on a GPU the default products are TF32x3 (about float32's accuracy, not IEEE's): 2e-5 there
     _check(lambda *x: covariance.covariance_pass(None, *x, chunk_size=16, interpret=interpret)[:2],
-           _kalman_covariance, (k, log_decay, noise, beta, p0), symmetric=(4,))
+           _kalman_covariance, (k, log_decay, noise, beta, p0), symmetric=(4,), tol=5e-6 if INTERPRET else 2e-5)
 
 
 @pytest.mark.parametrize("dot_precision", ["default", "highest"])
@@ -213,7 +214,7 @@ def test_covariance_kernel_forms(monkeypatch, form, dot_precision):
     gains, final, _ = covariance.covariance_pass(None, *args, chunk_size=16, dot_precision=dot_precision,
                                                  interpret=INTERPRET)
     want_gains, want_final = _kalman_covariance(*(jnp.asarray(x, jnp.float64) for x in (k, log_decay, noise, beta, p0)))
-    tol = 5e-6
+    tol = 2e-5 if (dot_precision == "default" and not INTERPRET) else 5e-6    # TF32x3 on a GPU
     assert _relative(gains, want_gains) < tol and _relative(final, want_final) < tol
 
 
