@@ -12,7 +12,8 @@ Zoology's mixed-length set ("original MQAR": several shapes padded to the longes
 ``config.test_shapes``); with ``config.pack`` its examples are packed end to end into rows (`tasks.pack`,
 `packed_rows`; evaluation stays padded). With ``config.vectorize`` (default) the runs that differ only in
 their learning rate and seed train as one program (`sweep.run_all`), on every local device. Finished runs are
-skipped, so an interrupted sweep resumes; a run folder that holds a run of other settings is an error before anything trains.
+skipped, so an interrupted sweep resumes; a run folder that holds a run of other settings is an error before
+anything trains.
 
 Then every finished run of the workdir is collected (`report`) into ``results.csv`` (one row per run),
 ``table.md`` (per variant, training set, model and d_model: the learning rate with the best mean validation
