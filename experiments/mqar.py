@@ -170,10 +170,15 @@ def packed_rows(config, train_set: TrainingSet) -> list[list[int]]:
     return [list(row) for row in _pack_rows(train_set, sweep.derive_seed(config.data_seed, "pack"))]
 
 
+PACKED_ROWS_MULTIPLE = 8     # 1, 2, 4 or 8 devices split a packed step; the rows do not depend on the machine
+
+
 def rows_per_step(config, train_set: TrainingSet, num_rows: int) -> int:
-    """The packed rows of a step: ``batch_size`` examples on average, ``round(batch_size R / N)`` of the ``R``
-    rows that hold the ``N`` examples (at least one)."""
-    return max(1, round(config.batch_size * num_rows / sum(n for _, _, n in train_set.parts)))
+    """The packed rows of a step: ``batch_size`` examples on average, ``batch_size R / N`` of the ``R`` rows
+    that hold the ``N`` examples, rounded to the nearest multiple of `PACKED_ROWS_MULTIPLE` (at least one
+    multiple), so that the step splits over the devices of any machine with up to 8 of them."""
+    rows = config.batch_size * num_rows / sum(n for _, _, n in train_set.parts)
+    return PACKED_ROWS_MULTIPLE * max(1, round(rows / PACKED_ROWS_MULTIPLE))
 
 
 def _generate(config, variant: str, parts, split: str) -> dict:

@@ -118,19 +118,32 @@ def test_packed_logits_and_loss_equal_each_example_padded(name, backend):
     np.testing.assert_allclose(sums["packed"]["nll_sum"], sums["padded"]["nll_sum"], rtol=1e-5)
 
 
+def test_packing_refuses_cu_seqlens_that_are_not_one_per_row():
+    with pytest.raises(ValueError, match=r"cu_seqlens: got shape \(5,\); accepted: \[B, S \+ 1\]"):
+        models.packing(np.array([0, 4, 8, 12, 16]), MAX_LEN)
+
+
+def test_rows_per_step_is_a_multiple_of_eight_near_batch_size_examples():
+    config = smoke_config(mqar_original_config, batch_size=256)
+    train_set = mqar.TrainingSet(mqar.MIXED, ((64, 4, 100_000), (256, 16, 80_000)))   # 105,000 rows
+    assert mqar.rows_per_step(config, train_set, 105_000) == 152              # 149.3 examples' rows
+    assert mqar.rows_per_step(config, train_set, 1_000) == 8                  # at least one multiple
+
+
 # ----------------------------------------------------------------------------------------------------
 # the sweep: config.pack through the real training loop
 # ----------------------------------------------------------------------------------------------------
 
 def test_mqar_pack_trains_through_the_loop_and_records_its_rows(tmp_path):
-    config = smoke_config(mqar_original_config, models=("gated_deltanet",), pack=True)
+    # 64 examples of 16 and 32 tokens fill 48 rows of 32: a step of 32 examples on average is 24 rows
+    config = smoke_config(mqar_original_config, models=("gated_deltanet",), pack=True, batch_size=32)
     train_set, = mqar.training_sets(config)
     train, evals = mqar.datasets(config, "base", train_set)
     rows = mqar.packed_rows(config, train_set)
     assert train["cu_seqlens"].shape[0] == len(rows) < sum(n for _, _, n in train_set.parts)
     assert all("cu_seqlens" not in data for data in evals.values())        # evaluation stays padded
     step_rows = mqar.rows_per_step(config, train_set, len(rows))
-    assert step_rows < config.batch_size
+    assert len(rows) == 48 and step_rows == 24
 
     record, = mqar.run(config, str(tmp_path))
     assert record["status"] == "finished" and set(record["eval"]) == {"valid", "L16_P2", "L32_P8"}
@@ -146,7 +159,7 @@ def test_mqar_pack_trains_through_the_loop_and_records_its_rows(tmp_path):
                                                "max_examples_per_row": max(len(r) for r in rows)}
     assert len(training.read_csv(os.path.join(folder, "metrics.csv"))) == config.num_steps // config.log_every
     # the padded run of the same grid point has another identity: its folder is refused, not reused
-    padded = smoke_config(mqar_original_config, models=("gated_deltanet",), pack=False)
+    padded = smoke_config(mqar_original_config, models=("gated_deltanet",), pack=False, batch_size=32)
     with pytest.raises(Exception, match="pack"):
         mqar.run(padded, str(tmp_path))
 
