@@ -45,6 +45,11 @@ def get_config():
     # The test split: at test_shapes when given, else at (seq_len multiplier, pairs multiplier) of the training
     # shape; shapes that a variant's layout cannot fit are skipped (and logged).
     config.test_shapes = ()
+    # True: the training examples laid end to end into rows of the training set's longest length, each step
+    # batch_size examples on average in fewer rows, every sequence layer reset at each example's start
+    # (experiments.tasks.pack; docs/experiments.md section 4). Each example's logits are those it has padded,
+    # but the steps group other examples than the padded order does. False: one example per row, padded.
+    config.pack = False
     config.eval_multipliers = ((1, 1), (2, 2))
     # data (experiments.tasks.mqar)
     config.vocab_size = 8192

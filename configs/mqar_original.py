@@ -8,8 +8,16 @@ learning rates logspace(-3, -1.5, 4) as Zoology's; the base variant; every other
 validation split of 1,000 sequences drawn from the training shapes in the training set's proportions; three
 seeds). The table reports the mean accuracy over the test shapes and each one.
 
+``--config.pack=True`` packs the training set: its examples laid end to end into rows of 256 tokens (best fit,
+in an order drawn from ``data_seed``; the 180,000 examples fill 95,000 rows exactly), each step ``batch_size`` examples
+on average in about half as many rows, every sequence layer reset at each example's start (attention: a
+block-diagonal causal mask). Each example's logits equal its padded ones (tests/test_packed_training.py), but
+the examples that share a step differ from the padded order, so the default stays padded (``pack = False``);
+evaluation stays padded. What it saves and costs: docs/experiments.md section 4.
+
     python -m experiments.mqar --config=configs/mqar_original.py --workdir=runs/mqar_original
     python -m experiments.mqar --config=configs/mqar_original.py --config.smoke=True --workdir=/tmp/mqar_original
+    python -m experiments.mqar --config=configs/mqar_original.py --config.pack=True --workdir=runs/mqar_original_packed
 
 Writes runs/base/<model>/mixed/d<d_model>_lr<lr>_seed<seed>/ and the report of `configs/mqar.py`.
 """

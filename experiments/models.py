@@ -12,13 +12,14 @@ not a design model, `CausalAttention`. Parameters and activations are float32 wh
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 import designmodels as dm
+import filters
 import layers
 from designmodels.packaging import require_sibling
 
@@ -88,19 +89,52 @@ def heads_for(d_model: int, head_dim: int) -> tuple[int, int]:
     return heads, d_model // heads
 
 
-def rope(x: jax.Array, base: float = 10000.0) -> jax.Array:
-    """Rotary position embedding over the last axis of ``x [B, T, H, D]`` (D even; rotate-half form)."""
+def rope(x: jax.Array, base: float = 10000.0, positions: Optional[jax.Array] = None) -> jax.Array:
+    """Rotary position embedding over the last axis of ``x [B, T, H, D]`` (D even; rotate-half form), at
+    ``positions [B, T]`` (default ``0 .. T - 1`` in every row; a packed row restarts them at each sequence)."""
     time, dim = x.shape[1], x.shape[-1]
     freqs = base ** (-jnp.arange(0, dim // 2, dtype=F32) * 2 / dim)
-    angle = jnp.arange(time, dtype=F32)[:, None] * freqs                       # [T, D/2]
-    cos, sin = jnp.cos(angle)[None, :, None], jnp.sin(angle)[None, :, None]
+    if positions is None:
+        positions = jnp.arange(time)[None]
+    angle = positions.astype(F32)[..., None] * freqs                           # [B or 1, T, D/2]
+    cos, sin = jnp.cos(angle)[:, :, None], jnp.sin(angle)[:, :, None]
     x1, x2 = x[..., :dim // 2], x[..., dim // 2:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
+class Packing(NamedTuple):
+    """A batch of packed rows (`experiments.tasks.pack`), as the sequence layers take it: for each step of
+    each row ``[B, T]`` its ``sequence`` (index in its row) and ``position`` (steps since its sequence
+    began); ``cu_seqlens [B S + 1]`` and ``max_seqlen`` (``T``) of the rows laid end to end as the one row
+    ``[1, B T]`` that `layers.DesignLayer` takes (each row's start is a boundary, so nothing reaches from
+    one row into the next)."""
+
+    sequence: jax.Array
+    position: jax.Array
+    cu_seqlens: jax.Array
+    max_seqlen: int
+
+
+def packing(cu_seqlens: jax.Array, time: int) -> Packing:
+    """The `Packing` of rows of ``time`` steps with ``cu_seqlens [B, S + 1]`` (each row's, `tasks.pack`)."""
+    if cu_seqlens.ndim != 2 or cu_seqlens.shape[1] < 2:
+        raise ValueError(f"cu_seqlens: got shape {tuple(cu_seqlens.shape)}; accepted: [B, S + 1], each packed "
+                         "row's cumulative sequence starts (experiments.tasks.pack).")
+    cu = cu_seqlens.astype(jnp.int32)
+    sequence, position = jax.vmap(lambda c: filters.packed.positions(c, time))(cu)
+    rows = cu.shape[0]
+    starts = (cu[:, :-1] + time * jnp.arange(rows, dtype=jnp.int32)[:, None]).reshape(-1)
+    flat = jnp.concatenate([starts, jnp.full((1,), rows * time, jnp.int32)])
+    return Packing(sequence, position, flat, time)
+
+
 class CausalAttention(nn.Module):
     """Causal multi-head softmax attention (the baseline): q, k, v projections, the same short causal
-    convolution as the design layers (``conv_size``, 0 disables), rotary positions, output projection."""
+    convolution as the design layers (``conv_size``, 0 disables), rotary positions, output projection.
+
+    With a `Packing` (rows of sequences laid end to end), step ``t`` attends to step ``s`` only when
+    ``s <= t`` and both are in the same sequence (a block-diagonal causal mask), the rotary positions and
+    the convolution restart at each sequence: each sequence's outputs are those it has alone."""
 
     d_model: int
     num_heads: int = 1
@@ -109,19 +143,28 @@ class CausalAttention(nn.Module):
     use_rope: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, packed: Optional[Packing] = None):
         batch, time, _ = x.shape
         width = self.num_heads * self.head_dim
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=F32, param_dtype=F32, name=name)
         q, k, v = dense(width, "q_proj")(x), dense(width, "k_proj")(x), dense(width, "v_proj")(x)
         if self.conv_size:
-            q, k, v = (layers.ShortConv(self.conv_size, name=f"{n}_conv")(z)[0] for n, z in zip("qkv", (q, k, v)))
+            def conv(name, z):     # packed: the rows as one [1, B T] row whose positions restart per sequence
+                if packed is None:
+                    return layers.ShortConv(self.conv_size, name=name)(z)[0]
+                flat = z.reshape(1, batch * time, z.shape[-1])
+                y = layers.ShortConv(self.conv_size, name=name)(flat, positions=packed.position.reshape(-1))[0]
+                return y.reshape(z.shape)
+            q, k, v = (conv(f"{n}_conv", z) for n, z in zip("qkv", (q, k, v)))
         split = lambda z: z.reshape(batch, time, self.num_heads, self.head_dim).astype(F32)
         q, k, v = split(q), split(k), split(v)
         if self.use_rope:
-            q, k = rope(q), rope(k)
+            positions = None if packed is None else packed.position
+            q, k = rope(q, positions=positions), rope(k, positions=positions)
         scores = jnp.einsum("bthd,bshd->bhts", q, k) * self.head_dim ** -0.5
         mask = jnp.tril(jnp.ones((time, time), bool))
+        if packed is not None:      # [B, 1, T, T]: causal and within one sequence
+            mask = mask & (packed.sequence[:, :, None] == packed.sequence[:, None, :])[:, None]
         weights = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
         y = jnp.einsum("bhts,bshd->bthd", weights, v).reshape(batch, time, width)
         return dense(self.d_model, "out_proj")(y)
@@ -185,18 +228,32 @@ class Block(nn.Module):
     mlp_ratio: int
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, packed: Optional[Packing] = None):
         norm = lambda name: nn.LayerNorm(dtype=F32, param_dtype=F32, name=name)
-        x = x + sequence_layer(self.model, self.d_model, self.head_dim, self.backend, self.conv_size,
-                               layer_name="mixer")(norm("mixer_norm")(x))
+        mixer = sequence_layer(self.model, self.d_model, self.head_dim, self.backend, self.conv_size,
+                               layer_name="mixer")
+        h = norm("mixer_norm")(x)
+        if packed is None:
+            h = mixer(h)
+        elif isinstance(mixer, CausalAttention):
+            h = mixer(h, packed)
+        else:            # a design layer: its filter takes one row [1, B T, D] and the boundaries in it
+            flat = h.reshape(1, -1, h.shape[-1])
+            h = mixer(flat, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen).reshape(h.shape)
+        x = x + h
         if self.mlp_ratio:
             x = x + Mlp(self.d_model, self.mlp_ratio, name="mlp")(norm("mlp_norm")(x))
         return x
 
 
 class LanguageModel(nn.Module):
-    """``(tokens [B,T], vectors [B,T,F] or None, positions [B,M] or None) -> logits [B,T,vocab_size]``,
-    or ``[B,M,vocab_size]`` at ``positions`` only (float32).
+    """``(tokens [B,T], vectors [B,T,F] or None, positions [B,M] or None, cu_seqlens [B,S+1] or None) ->
+    logits [B,T,vocab_size]``, or ``[B,M,vocab_size]`` at ``positions`` only (float32).
+
+    ``cu_seqlens``: each row packs sequences end to end (`experiments.tasks.pack`: sequence ``j`` of row
+    ``b`` at ``cu_seqlens[b, j] <= t < cu_seqlens[b, j + 1]``); every sequence layer resets at each
+    boundary (`Packing`; the embedding, MLPs and head are per position), so each sequence's logits are
+    those it has alone in a padded row.
 
     ``model``: a name of `MODELS` or a `dm.DesignModel` instance. ``positions`` picks the positions whose
     logits are wanted (the supervised ones, in training): the head is per position, so those logits are
@@ -212,7 +269,8 @@ class LanguageModel(nn.Module):
     mlp_ratio: int = 0
 
     @nn.compact
-    def __call__(self, tokens, vectors=None, positions=None):
+    def __call__(self, tokens, vectors=None, positions=None, cu_seqlens=None):
+        packed = None if cu_seqlens is None else packing(jnp.asarray(cu_seqlens), tokens.shape[1])
         embed = nn.Embed(self.vocab_size, self.d_model, embedding_init=nn.initializers.normal(0.02),
                          dtype=F32, param_dtype=F32, name="embed")
         x = embed(tokens)
@@ -221,7 +279,7 @@ class LanguageModel(nn.Module):
                              name="vector_proj")(vectors.astype(F32))
         for i in range(self.num_layers):
             x = Block(self.model, self.d_model, self.head_dim, self.backend, self.conv_size, self.mlp_ratio,
-                      name=f"block_{i}")(x)
+                      name=f"block_{i}")(x, packed)
         if positions is not None:
             x = jnp.take_along_axis(x, positions[..., None], axis=1)
         x = nn.LayerNorm(dtype=F32, param_dtype=F32, name="final_norm")(x)

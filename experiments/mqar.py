@@ -9,9 +9,11 @@ cosine, orbax checkpoints, early stop at ``stop_accuracy`` on the validation spl
 ``workdir/runs``, then evaluated on the test split: at its training shape and beyond (longer sequences, more
 pairs). A training set is one shape ``(L, P)`` of ``config.train_shapes``, or, with ``config.train_mixture``,
 Zoology's mixed-length set ("original MQAR": several shapes padded to the longest, tested on
-``config.test_shapes``). With ``config.vectorize`` (default) the runs that differ only in their learning rate
-and seed train as one program (`sweep.run_all`), on every local device. Finished runs are skipped, so an
-interrupted sweep resumes; a run folder that holds a run of other settings is an error before anything trains.
+``config.test_shapes``); with ``config.pack`` its examples are packed end to end into rows (`tasks.pack`,
+`packed_rows`; evaluation stays padded). With ``config.vectorize`` (default) the runs that differ only in
+their learning rate and seed train as one program (`sweep.run_all`), on every local device. Finished runs are
+skipped, so an interrupted sweep resumes; a run folder that holds a run of other settings is an error before
+anything trains.
 
 Then every finished run of the workdir is collected (`report`) into ``results.csv`` (one row per run),
 ``table.md`` (per variant, training set, model and d_model: the learning rate with the best mean validation
@@ -26,6 +28,7 @@ import functools
 import os
 from typing import Optional
 
+import numpy as np
 from absl import logging
 
 from experiments import common, models, plotting, sweep, tasks, training
@@ -149,6 +152,35 @@ def check(config) -> None:
                         config.num_layers * (config.conv_size - 1))
 
 
+def _lengths(train_set: TrainingSet) -> np.ndarray:
+    """Each training example's length, in the order `_generate` lays them out (every example of a part fills
+    its ``L`` tokens)."""
+    return np.concatenate([np.full(n, L, np.int64) for L, _, n in train_set.parts])
+
+
+@functools.lru_cache(maxsize=8)
+def _pack_rows(train_set: TrainingSet, seed: int) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(row) for row in tasks.pack_rows(_lengths(train_set), train_set.seq_len, seed))
+
+
+def packed_rows(config, train_set: TrainingSet) -> list[list[int]]:
+    """With ``config.pack``: the training examples laid end to end into rows of the set's longest length
+    (`tasks.pack_rows`: best fit, in an order drawn from ``data_seed``), from the shapes alone (the same rows
+    for every variant, which all draw the same lengths)."""
+    return [list(row) for row in _pack_rows(train_set, sweep.derive_seed(config.data_seed, "pack"))]
+
+
+PACKED_ROWS_MULTIPLE = 8     # 1, 2, 4 or 8 devices split a packed step; the rows do not depend on the machine
+
+
+def rows_per_step(config, train_set: TrainingSet, num_rows: int) -> int:
+    """The packed rows of a step: ``batch_size`` examples on average, ``batch_size R / N`` of the ``R`` rows
+    that hold the ``N`` examples, rounded to the nearest multiple of `PACKED_ROWS_MULTIPLE` (at least one
+    multiple), so that the step splits over the devices of any machine with up to 8 of them."""
+    rows = config.batch_size * num_rows / sum(n for _, _, n in train_set.parts)
+    return PACKED_ROWS_MULTIPLE * max(1, round(rows / PACKED_ROWS_MULTIPLE))
+
+
 def _generate(config, variant: str, parts, split: str) -> dict:
     """MQAR data of the ``parts`` ``[(L, P, examples), ...]`` (concatenated and padded to the longest when several),
     from seeds of (``data_seed``, variant, shape, ``split``)."""
@@ -165,6 +197,8 @@ def datasets(config, variant: str, train_set: TrainingSet):
     """The training set and the evaluation sets (`VALID`, then one test set per test shape) of one (variant,
     training set)."""
     train = _generate(config, variant, train_set.parts, "train")
+    if config.pack:
+        train = tasks.pack(train, _lengths(train_set), packed_rows(config, train_set), train_set.seq_len)
     evals = {VALID: _generate(config, variant, _valid_parts(config, train_set), "valid")}
     for shape in test_shapes(config, variant, train_set):
         evals[set_name(*shape)] = _generate(config, variant, [(*shape, config.num_eval_examples)], "eval")
@@ -203,11 +237,19 @@ def runs(config, workdir: str) -> list[sweep.Run]:
         if (variant, train_set) not in shapes:
             shapes[variant, train_set] = test_shapes(config, variant, train_set)
         settings = sweep.settings_from_config(config, lr, seed, stop_set=VALID)
+        train_shape = (sum(n for _, _, n in train_set.parts), train_set.seq_len)
+        if config.pack:     # recorded only when packing, so that every padded run keeps its identity
+            rows = packed_rows(config, train_set)
+            step_rows = rows_per_step(config, train_set, len(rows))
+            description["pack"] = {"rows": len(rows), "rows_per_step": step_rows,
+                                   "examples_per_step": config.batch_size,
+                                   "max_examples_per_row": max(len(r) for r in rows)}
+            settings = dataclasses.replace(settings, batch_size=step_rows)
+            train_shape = (len(rows), train_set.seq_len)
         eval_shapes = {VALID: (sum(n for _, _, n in _valid_parts(config, train_set)), train_set.seq_len)}
         eval_shapes.update({set_name(*shape): (config.num_eval_examples, shape[0])
                             for shape in shapes[variant, train_set]})
-        identity = training.run_identity(description, settings,
-                                         (sum(n for _, _, n in train_set.parts), train_set.seq_len), eval_shapes)
+        identity = training.run_identity(description, settings, train_shape, eval_shapes)
         out.append(sweep.Run(folder, identity, sweep.model_from_config(config, name, config.vocab_size, d_model),
                              settings, functools.partial(data, variant, train_set), (variant, train_set),
                              description, desc=f"{variant} {train_set.name} {name} d{d_model}",

@@ -288,3 +288,77 @@ def concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     length = max(part["labels"].shape[1] for part in parts)
     padded = [pad_to(part, length) for part in parts]
     return {name: np.concatenate([part[name] for part in padded]) for name in padded[0]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# packing: examples laid end to end into rows
+# ----------------------------------------------------------------------------------------------------
+
+def pack_rows(lengths, max_len: int, seed: int) -> list[list[int]]:
+    """Which examples share a row: the examples (of ``lengths`` tokens each) in the order of a permutation
+    drawn from ``seed``, each put into the open row with the *least* room that still holds it (best fit), a
+    new row when none does. Returns the rows, each the list of its examples in the order they are laid
+    out. Every example is in exactly one row; no row holds more than ``max_len`` tokens.
+
+    A pure function of ``(lengths, max_len, seed)``: the layout of a training set follows from its shapes
+    alone, before its tokens are drawn. The open rows are kept by their room left (at most ``max_len``
+    distinct values, a handful for MQAR's lengths), so each example costs a look over those values only."""
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 1 or not len(lengths):
+        raise TaskError(f"pack_rows: lengths of shape {lengths.shape}; accepted: a non-empty 1-D array of the "
+                        "examples' lengths.")
+    bad = np.flatnonzero((lengths < 1) | (lengths > max_len))
+    if len(bad):
+        raise TaskError(f"pack_rows: example {int(bad[0])} has length {int(lengths[bad[0]])}; accepted: lengths "
+                        f"in [1, max_len = {max_len}] (an example longer than a row cannot be packed).")
+    rows: list[list[int]] = []
+    by_room: dict[int, list[int]] = {}       # room left -> the open rows with that room (room > 0)
+    for i in np.random.default_rng(seed).permutation(len(lengths)):
+        length = int(lengths[i])
+        fitting = [room for room, open_rows in by_room.items() if room >= length and open_rows]
+        if fitting:
+            room = min(fitting)
+            row = by_room[room].pop()
+        else:
+            room, row = max_len, len(rows)
+            rows.append([])
+        rows[row].append(int(i))
+        if room > length:
+            by_room.setdefault(room - length, []).append(row)
+    return rows
+
+
+def pack(data: dict[str, np.ndarray], lengths, rows: list[list[int]], max_len: int) -> dict[str, np.ndarray]:
+    """The examples of ``data`` (``[N, L, ...]``, example ``i`` in its first ``lengths[i]`` positions, as
+    `concatenate` pads them) laid end to end into ``rows`` (`pack_rows`) of ``max_len`` positions.
+
+    Returns every array of ``data`` as ``[R, max_len, ...]`` (a row's tail after its last example: token 0,
+    label ``IGNORE``, vector 0) and ``cu_seqlens`` int32 ``[R, S + 1]`` (``S``: the most examples in a
+    row): row ``r``'s ``j``-th example occupies ``cu[r, j] <= t < cu[r, j + 1]``; the last example of a row
+    runs to ``max_len`` (its tail is padding after it, which a causal model does not read back), and the
+    unused entries repeat ``max_len`` (empty sequences). The convention of `filters.packed`, per row."""
+    lengths = np.asarray(lengths)
+    width = max(len(r) for r in rows)
+    example_row = np.empty(len(lengths), np.int64)
+    offset = np.empty(len(lengths), np.int64)
+    cu = np.full((len(rows), width + 1), max_len, np.int32)
+    for r, members in enumerate(rows):
+        starts = np.concatenate([[0], np.cumsum(lengths[members])[:-1]])
+        if starts[-1] + lengths[members[-1]] > max_len:
+            raise TaskError(f"pack: row {r} holds {int(starts[-1] + lengths[members[-1]])} tokens > max_len = "
+                            f"{max_len}.")
+        example_row[members], offset[members] = r, starts
+        cu[r, :len(members)] = starts
+    if sorted(i for members in rows for i in members) != list(range(len(lengths))):
+        raise TaskError(f"pack: the rows do not hold each of the {len(lengths)} examples exactly once.")
+    out = {}
+    for name, x in data.items():
+        fill = IGNORE if name == "labels" else 0
+        packed = np.full((len(rows), max_len) + x.shape[2:], fill, x.dtype)
+        for length in np.unique(lengths):            # one scatter per distinct length
+            which = np.flatnonzero(lengths == length)
+            steps = np.arange(length)
+            packed[example_row[which, None], offset[which, None] + steps] = x[which, :length]
+        out[name] = packed
+    out["cu_seqlens"] = cu
+    return out

@@ -49,11 +49,12 @@ class ShortConv(nn.Module):
     size: int
 
     @nn.compact
-    def __call__(self, x, history=None):
-        """``x [B, T, C]``, ``history [B, size - 1, C]`` (the previous inputs; zeros at the start).
-        Returns ``(y, new_history)``."""
+    def __call__(self, x, history=None, positions=None):
+        """``x [B, T, C]``, ``history [B, size - 1, C]`` (the previous inputs; zeros at the start),
+        ``positions [T]`` (a packed row's steps since their sequence began: no term reaches back across a
+        boundary). Returns ``(y, new_history)``."""
         kernel = self.param("kernel", core._CONV_KERNEL, (self.size, x.shape[-1]), jnp.float32)
-        return core.short_conv(kernel, x, history)
+        return core.short_conv(kernel, x, history, positions)
 
 
 class DesignLayer(nn.Module):

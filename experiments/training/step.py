@@ -38,7 +38,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from designmodels import did_you_mean
 from experiments.tasks import IGNORE
 
-Batch = dict[str, np.ndarray]      # "tokens" [N, L] int, "labels" [N, L] int, optional "vectors" [N, L, F]
+# "tokens" [N, L] int, "labels" [N, L] int, optional "vectors" [N, L, F], optional "cu_seqlens" [N, S + 1] int
+# (each row packs sequences end to end: experiments.tasks.pack; the model takes it as a keyword)
+Batch = dict[str, np.ndarray]
 
 
 DEFAULT_OPTIMIZER = "adamw(b1=0.9, b2=0.98, eps=1e-8)"
@@ -364,11 +366,13 @@ def logits_and_labels(model: nn.Module, params, batch, supervised: Optional[int]
     order, get logits (rows with fewer are padded with unsupervised positions): the same loss and
     accuracy as the full ``[B, T, vocab]`` logits without computing the others."""
     labels = batch["labels"]
+    # a packed batch (rows of sequences end to end, experiments.tasks.pack) carries its boundaries
+    packing = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
     if supervised is None or supervised >= labels.shape[-1]:
-        return model.apply(params, batch["tokens"], batch.get("vectors")), labels
+        return model.apply(params, batch["tokens"], batch.get("vectors"), **packing), labels
     order = jnp.argsort(labels == IGNORE, axis=-1, stable=True)           # labelled positions first
     positions = order[..., :max(supervised, 1)]
-    logits = model.apply(params, batch["tokens"], batch.get("vectors"), positions)
+    logits = model.apply(params, batch["tokens"], batch.get("vectors"), positions, **packing)
     return logits, jnp.take_along_axis(labels, positions, axis=-1)
 
 
