@@ -4,6 +4,8 @@ span of each head of the first layer at initialisation and after training.
     python benchmarks/mqar_no_conv.py --out docs/results/mqar_no_conv_cpu.md
     python benchmarks/mqar_no_conv.py --models bayesian_no_noise_no_conv,bayesian_no_conv --steps 100
     python benchmarks/mqar_no_conv.py --task previous --steps 200
+    python benchmarks/mqar_no_conv.py --models bayesian_qt_no_conv --task previous --steps 200 \
+        --extra-model 'bayesian_qt_no_conv=["bayesian", {"process_noise": "input", "conv_size": 0}]'
 
 A 2-layer model without convolution must bind a key to the value one step later through its first layer:
 at a value's position the first layer must output something of the previous token (the key), which the
@@ -12,15 +14,17 @@ trains the model of the MQAR experiments (`experiments.training.train`: AdamW, w
 shape, evaluates it on held-out sequences, and reads the first layer's `layers.DesignLayer.readout_weights`
 on held-out sequences at initialisation and after training, summarized per head by `layers.memory_span`
 (how far back the readout looks on average, and the shares of the current and the previous step), beside
-the head's mean decay ``a_t`` and precision (or write strength) ``beta_t``. ``--out`` (markdown) is
+the head's mean decay ``a_t``, precision (or write strength) ``beta_t`` and process noise ``q_t``. ``--out`` (markdown) is
 rewritten after every model, so a run cut short keeps what it measured. ``--task previous`` trains one
 layer to output the previous token (uniform tokens; the label at ``t`` is the token at ``t - 1``): the
 first layer's job in MQAR without a convolution, alone. Runs are kept under ``--workdir``
-(a finished one is not trained again).
+(a finished one is not trained again). ``--extra-model name=JSON`` adds a model to the table for this
+run only, JSON being a table entry ``[named layer, {overrides}]``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -54,8 +58,9 @@ def first_layer(name: str, params, tokens, args) -> dict:
         decay = jnp.exp(gates["log_decay"])
         span["decay"] = np.asarray(decay.mean(tuple(range(decay.ndim - 1))) if decay.ndim == 3 else
                                    decay.mean((0, 1, 3)))
-    if "beta" in gates:
-        span["beta"] = np.asarray(gates["beta"].mean((0, 1)))
+    for gate in ("beta", "process_noise"):
+        if gate in gates:
+            span[gate] = np.asarray(gates[gate].mean((0, 1)))
     return span
 
 
@@ -98,8 +103,8 @@ def measure(name: str, args) -> dict:
             "init": first_layer(name, initial, probe, args), "trained": first_layer(name, trained, probe, args)}
 
 
-def _heads(values) -> str:
-    return " / ".join(f"{v:.2f}" for v in values)
+def _heads(values, form: str = ".2f") -> str:
+    return " / ".join(f"{v:{form}}" for v in values)
 
 
 def markdown(results: list[dict], args) -> str:
@@ -111,17 +116,33 @@ def markdown(results: list[dict], args) -> str:
              f"{args.eval_examples} held-out sequences. First "
              f"layer, per head (`/`-separated), over positions t >= {args.seq_len // 2} of {args.probe_examples} "
              "held-out sequences: mean lag of the readout, share of the current and of the previous step, mean "
-             "decay a and beta.", ""]
-    header = ["model", "accuracy", "when", "mean lag", "current", "previous", "decay a", "beta"]
+             "decay a, beta and process noise q.", ""]
+    header = ["model", "accuracy", "when", "mean lag", "current", "previous", "decay a", "beta", "q"]
     rows = []
     for r in results:
         for when in ("init", "trained"):
             s = r[when]
             rows.append([r["model"], f"{r['accuracy']:.3f}" if when == "trained" else "", when,
-                         *(_heads(s[k]) if k in s else "-" for k in ("mean_lag", "current", "previous", "decay",
-                                                                      "beta"))])
+                         *(_heads(s[k], ".2g" if k == "process_noise" else ".2f") if k in s else "-" for k in ("mean_lag", "current", "previous", "decay",
+                                                                      "beta", "process_noise"))])
     lines.append(common.markdown_table(header, rows))
     return "\n".join(lines) + "\n"
+
+
+def add_model(text: str) -> None:
+    """``NAME=JSON`` -> ``models.MODELS[NAME] = (layer, overrides)`` for this process only."""
+    name, _, spec = text.partition("=")
+    try:
+        layer, overrides = json.loads(spec)
+        ok = isinstance(layer, str) and isinstance(overrides, dict)
+    except (ValueError, TypeError):
+        ok = False
+    if not name or not ok:
+        raise SystemExit(f"--extra-model: got {text!r}; accepted: NAME=[named layer, {{overrides}}], e.g. "
+                         'bayesian_qt_no_conv=["bayesian", {"process_noise": "input", "conv_size": 0}]')
+    if name in models.MODELS:
+        raise SystemExit(f"--extra-model: {name!r} is already in the model table; choose another name.")
+    models.MODELS[name] = (layer, overrides)
 
 
 def main() -> None:
@@ -145,7 +166,12 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--workdir", default="/tmp/mqar_no_conv")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--extra-model", action="append", default=[], metavar="NAME=JSON",
+                        help='a model added to the table for this run, e.g. bayesian_qt_no_conv=["bayesian", '
+                             '{"process_noise": "input", "conv_size": 0}]')
     args = parser.parse_args()
+    for extra in args.extra_model:
+        add_model(extra)
     names = args.models.split(",")
     models.check_models(names)
     results = []
