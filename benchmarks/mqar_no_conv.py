@@ -4,6 +4,7 @@ span of each head of the first layer at initialisation and after training.
     python benchmarks/mqar_no_conv.py --out docs/results/mqar_no_conv_cpu.md
     python benchmarks/mqar_no_conv.py --models bayesian_no_noise_no_conv,bayesian_no_conv --steps 100
     python benchmarks/mqar_no_conv.py --task previous --steps 200
+    python benchmarks/mqar_no_conv.py --models gated_deltanet_no_conv+bayesian_no_conv --steps 1500
     python benchmarks/mqar_no_conv.py --models bayesian_qt_no_conv --task previous --steps 200 \
         --extra-model 'bayesian_qt_no_conv=["bayesian", {"process_noise": "input", "conv_size": 0}]'
 
@@ -18,7 +19,8 @@ the head's mean decay ``a_t``, precision (or write strength) ``beta_t`` and proc
 rewritten after every model, so a run cut short keeps what it measured. ``--task previous`` trains one
 layer to output the previous token (uniform tokens; the label at ``t`` is the token at ``t - 1``): the
 first layer's job in MQAR without a convolution, alone. Runs are kept under ``--workdir``
-(a finished one is not trained again). ``--extra-model name=JSON`` adds a model to the table for this
+(a finished one is not trained again). A name ``first+second`` is a hybrid: the first layer of one model
+and the second of another (which layer loses MQAR). ``--extra-model name=JSON`` adds a model to the table for this
 run only, JSON being a table entry ``[named layer, {overrides}]``.
 """
 from __future__ import annotations
@@ -44,7 +46,7 @@ from experiments import common, models, tasks, training  # noqa: E402
 def first_layer(name: str, params, tokens, args) -> dict:
     """The first layer's memory span per head (`layers.memory_span` over the second half of the sequence)
     and its mean gates, on ``tokens`` [N, L], for the language model's ``params``."""
-    mixer = models.sequence_layer(name, args.d_model, args.head_dim, "sequential", 4)
+    mixer = models.sequence_layer(name.split("+")[0], args.d_model, args.head_dim, "sequential", 4)
     block = params["block_0"]
     h = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32).apply(
         {"params": block["mixer_norm"]}, params["embed"]["embedding"][tokens])
@@ -84,7 +86,8 @@ def measure(name: str, args) -> dict:
     x, y = data(args, args.train_examples, args.seed)
     ex, ey = data(args, args.eval_examples, args.seed + 1)
     layers_ = 1 if args.task == "previous" else 2
-    model = models.LanguageModel(name, args.vocab_size, args.d_model, num_layers=layers_, head_dim=args.head_dim,
+    per_layer = tuple(name.split("+")) if "+" in name else name     # "first+second": a hybrid, layer by layer
+    model = models.LanguageModel(per_layer, args.vocab_size, args.d_model, num_layers=layers_, head_dim=args.head_dim,
                                  backend=args.backend)
     settings = training.TrainSettings(num_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                       warmup_steps=max(1, args.steps // 10), seed=args.seed, log_every=50,
@@ -173,7 +176,7 @@ def main() -> None:
     for extra in args.extra_model:
         add_model(extra)
     names = args.models.split(",")
-    models.check_models(names)
+    models.check_models([part for name in names for part in name.split("+")])
     results = []
     for name in names:
         results.append(measure(name, args))

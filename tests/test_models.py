@@ -162,3 +162,15 @@ def test_process_noise_input_is_a_run_time_random_walk_and_nothing_else():
         dm.bayesian(process_noise="input", noise="stationary")
     with pytest.raises(dm.DesignModelError, match=r"'inptu' \(did you mean 'input'\?\).*accepted"):
         dm.bayesian(process_noise="inptu")
+
+
+def test_a_hybrid_language_model_takes_one_model_per_layer():
+    """``LanguageModel((first, second))``: block i is built from entry i (here the convolution tells them apart);
+    a tuple of the wrong length is refused, naming both lengths."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    hybrid = models.LanguageModel(("gated_deltanet", "bayesian_no_conv"), 16, D_MODEL, head_dim=HEAD_DIM)
+    params = hybrid.init(jax.random.PRNGKey(0), tokens)["params"]
+    assert "q_conv" in params["block_0"]["mixer"] and "q_conv" not in params["block_1"]["mixer"]
+    assert "beta_proj" in params["block_1"]["mixer"]["gates"]
+    with pytest.raises(ValueError, match=r"got 1 per-layer models.*num_layers=2; accepted"):
+        models.LanguageModel(("gla",), 16, D_MODEL, head_dim=HEAD_DIM).init(jax.random.PRNGKey(0), tokens)
