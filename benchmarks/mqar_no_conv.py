@@ -15,7 +15,9 @@ trains the model of the MQAR experiments (`experiments.training.train`: AdamW, w
 shape, evaluates it on held-out sequences, and reads the first layer's `layers.DesignLayer.readout_weights`
 on held-out sequences at initialisation and after training, summarized per head by `layers.memory_span`
 (how far back the readout looks on average, and the shares of the current and the previous step), beside
-the head's mean decay ``a_t``, precision (or write strength) ``beta_t`` and process noise ``q_t``. ``--out`` (markdown) is
+the head's mean decay ``a_t``, precision (or write strength) ``beta_t`` and process noise ``q_t``; for MQAR,
+also the shares of the key's step and of the value's own step at the context's value positions
+(`context_binding`: the first layer's job is done there, not in the query region). ``--out`` (markdown) is
 rewritten after every model, so a run cut short keeps what it measured. ``--task previous`` trains one
 layer to output the previous token (uniform tokens; the label at ``t`` is the token at ``t - 1``): the
 first layer's job in MQAR without a convolution, alone. Runs are kept under ``--workdir``
@@ -55,6 +57,8 @@ def first_layer(name: str, params, tokens, args) -> dict:
     variables = {"params": block["mixer"]}
     weights = mixer.apply(variables, h, method=layers.DesignLayer.readout_weights)
     span = layers.memory_span(weights, start=tokens.shape[1] // 2)
+    if args.task == "mqar":
+        span.update(context_binding(weights, tasks.mqar_layout(args.seq_len, args.pairs, args.variant)))
     gates = mixer.apply(variables, h, method=lambda m, x: layers.core.features(m.spec, m._params(), x)[3])
     if "log_decay" in gates:
         decay = jnp.exp(gates["log_decay"])
@@ -64,6 +68,19 @@ def first_layer(name: str, params, tokens, args) -> dict:
         if gate in gates:
             span[gate] = np.asarray(gates[gate].mean((0, 1)))
     return span
+
+
+def context_binding(weights, layout) -> dict:
+    """Where the binding happens: at the context's value positions ``t`` (the value sits ``layout.bind_offset``
+    steps after its key), the shares (``|W[t, s]|`` normalized over ``s <= t``, as in `layers.memory_span`) of the
+    key's step ``t - bind_offset`` (``key_at_values``: what the second layer needs as the value's key) and of the
+    value's own step (``value_at_values``), per head. A memory that weighs every step alike gives the key
+    ``1 / (t + 1)``: ``1/2, 1/4, 1/6, 1/8`` for base MQAR's four pairs."""
+    w = np.abs(np.asarray(weights, np.float64))
+    w = w / np.maximum(w.sum(-1, keepdims=True), np.finfo(np.float64).tiny)
+    t = np.arange(layout.bind_offset, layout.context, layout.bind_offset + 1)
+    return {"key_at_values": w[..., t, t - layout.bind_offset].mean((0, 2)),
+            "value_at_values": w[..., t, t].mean((0, 2))}
 
 
 def previous_token(vocab_size: int, seq_len: int, num_examples: int, seed: int):
@@ -118,16 +135,19 @@ def markdown(results: list[dict], args) -> str:
              f"steps of batch {args.batch_size}, learning rate {args.lr:g}, seed {args.seed}; accuracy on "
              f"{args.eval_examples} held-out sequences. First "
              f"layer, per head (`/`-separated), over positions t >= {args.seq_len // 2} of {args.probe_examples} "
-             "held-out sequences: mean lag of the readout, share of the current and of the previous step, mean "
-             "decay a, beta and process noise q.", ""]
-    header = ["model", "accuracy", "when", "mean lag", "current", "previous", "decay a", "beta", "q"]
+             "held-out sequences: mean lag of the readout, share of the current and of the previous step; at "
+             "the context's value positions (MQAR), the shares of the key's step and of the value's own step; "
+             "mean decay a, beta and process noise q.", ""]
+    header = ["model", "accuracy", "when", "mean lag", "current", "previous", "key at values", "value at values",
+              "decay a", "beta", "q"]
     rows = []
     for r in results:
         for when in ("init", "trained"):
             s = r[when]
             rows.append([r["model"], f"{r['accuracy']:.3f}" if when == "trained" else "", when,
-                         *(_heads(s[k], ".2g" if k == "process_noise" else ".2f") if k in s else "-" for k in ("mean_lag", "current", "previous", "decay",
-                                                                      "beta", "process_noise"))])
+                         *(_heads(s[k], ".2g" if k == "process_noise" else ".2f") if k in s else "-"
+                           for k in ("mean_lag", "current", "previous", "key_at_values", "value_at_values", "decay",
+                                     "beta", "process_noise"))])
     lines.append(common.markdown_table(header, rows))
     return "\n".join(lines) + "\n"
 
