@@ -4,6 +4,9 @@ span of each head of the first layer at initialisation and after training.
     python benchmarks/mqar_no_conv.py --out docs/results/mqar_no_conv_cpu.md
     python benchmarks/mqar_no_conv.py --models bayesian_no_noise_no_conv,bayesian_no_conv --steps 100
     python benchmarks/mqar_no_conv.py --task previous --steps 200
+    python benchmarks/mqar_no_conv.py --models gated_deltanet_no_conv+bayesian_no_conv --steps 1500
+    python benchmarks/mqar_no_conv.py --models bayesian_qt_no_conv --task previous --steps 200 \
+        --extra-model 'bayesian_qt_no_conv=["bayesian", {"process_noise": "input", "conv_size": 0}]'
 
 A 2-layer model without convolution must bind a key to the value one step later through its first layer:
 at a value's position the first layer must output something of the previous token (the key), which the
@@ -12,15 +15,20 @@ trains the model of the MQAR experiments (`experiments.training.train`: AdamW, w
 shape, evaluates it on held-out sequences, and reads the first layer's `layers.DesignLayer.readout_weights`
 on held-out sequences at initialisation and after training, summarized per head by `layers.memory_span`
 (how far back the readout looks on average, and the shares of the current and the previous step), beside
-the head's mean decay ``a_t`` and precision (or write strength) ``beta_t``. ``--out`` (markdown) is
+the head's mean decay ``a_t``, precision (or write strength) ``beta_t`` and process noise ``q_t``; for MQAR,
+also the shares of the key's step and of the value's own step at the context's value positions
+(`context_binding`: the first layer's job is done there, not in the query region). ``--out`` (markdown) is
 rewritten after every model, so a run cut short keeps what it measured. ``--task previous`` trains one
 layer to output the previous token (uniform tokens; the label at ``t`` is the token at ``t - 1``): the
 first layer's job in MQAR without a convolution, alone. Runs are kept under ``--workdir``
-(a finished one is not trained again).
+(a finished one is not trained again). A name ``first+second`` is a hybrid: the first layer of one model
+and the second of another (which layer loses MQAR). ``--extra-model name=JSON`` adds a model to the table for this
+run only, JSON being a table entry ``[named layer, {overrides}]``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -40,7 +48,7 @@ from experiments import common, models, tasks, training  # noqa: E402
 def first_layer(name: str, params, tokens, args) -> dict:
     """The first layer's memory span per head (`layers.memory_span` over the second half of the sequence)
     and its mean gates, on ``tokens`` [N, L], for the language model's ``params``."""
-    mixer = models.sequence_layer(name, args.d_model, args.head_dim, "sequential", 4)
+    mixer = models.sequence_layer(name.split("+")[0], args.d_model, args.head_dim, "sequential", 4)
     block = params["block_0"]
     h = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32).apply(
         {"params": block["mixer_norm"]}, params["embed"]["embedding"][tokens])
@@ -49,14 +57,30 @@ def first_layer(name: str, params, tokens, args) -> dict:
     variables = {"params": block["mixer"]}
     weights = mixer.apply(variables, h, method=layers.DesignLayer.readout_weights)
     span = layers.memory_span(weights, start=tokens.shape[1] // 2)
+    if args.task == "mqar":
+        span.update(context_binding(weights, tasks.mqar_layout(args.seq_len, args.pairs, args.variant)))
     gates = mixer.apply(variables, h, method=lambda m, x: layers.core.features(m.spec, m._params(), x)[3])
     if "log_decay" in gates:
         decay = jnp.exp(gates["log_decay"])
         span["decay"] = np.asarray(decay.mean(tuple(range(decay.ndim - 1))) if decay.ndim == 3 else
                                    decay.mean((0, 1, 3)))
-    if "beta" in gates:
-        span["beta"] = np.asarray(gates["beta"].mean((0, 1)))
+    for gate in ("beta", "process_noise"):
+        if gate in gates:
+            span[gate] = np.asarray(gates[gate].mean((0, 1)))
     return span
+
+
+def context_binding(weights, layout) -> dict:
+    """Where the binding happens: at the context's value positions ``t`` (the value sits ``layout.bind_offset``
+    steps after its key), the shares (``|W[t, s]|`` normalized over ``s <= t``, as in `layers.memory_span`) of the
+    key's step ``t - bind_offset`` (``key_at_values``: what the second layer needs as the value's key) and of the
+    value's own step (``value_at_values``), per head. A memory that weighs every step alike gives the key
+    ``1 / (t + 1)``: ``1/2, 1/4, 1/6, 1/8`` for base MQAR's four pairs."""
+    w = np.abs(np.asarray(weights, np.float64))
+    w = w / np.maximum(w.sum(-1, keepdims=True), np.finfo(np.float64).tiny)
+    t = np.arange(layout.bind_offset, layout.context, layout.bind_offset + 1)
+    return {"key_at_values": w[..., t, t - layout.bind_offset].mean((0, 2)),
+            "value_at_values": w[..., t, t].mean((0, 2))}
 
 
 def previous_token(vocab_size: int, seq_len: int, num_examples: int, seed: int):
@@ -79,7 +103,8 @@ def measure(name: str, args) -> dict:
     x, y = data(args, args.train_examples, args.seed)
     ex, ey = data(args, args.eval_examples, args.seed + 1)
     layers_ = 1 if args.task == "previous" else 2
-    model = models.LanguageModel(name, args.vocab_size, args.d_model, num_layers=layers_, head_dim=args.head_dim,
+    per_layer = tuple(name.split("+")) if "+" in name else name     # "first+second": a hybrid, layer by layer
+    model = models.LanguageModel(per_layer, args.vocab_size, args.d_model, num_layers=layers_, head_dim=args.head_dim,
                                  backend=args.backend)
     settings = training.TrainSettings(num_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                       warmup_steps=max(1, args.steps // 10), seed=args.seed, log_every=50,
@@ -98,8 +123,8 @@ def measure(name: str, args) -> dict:
             "init": first_layer(name, initial, probe, args), "trained": first_layer(name, trained, probe, args)}
 
 
-def _heads(values) -> str:
-    return " / ".join(f"{v:.2f}" for v in values)
+def _heads(values, form: str = ".2f") -> str:
+    return " / ".join(f"{v:{form}}" for v in values)
 
 
 def markdown(results: list[dict], args) -> str:
@@ -110,18 +135,37 @@ def markdown(results: list[dict], args) -> str:
              f"steps of batch {args.batch_size}, learning rate {args.lr:g}, seed {args.seed}; accuracy on "
              f"{args.eval_examples} held-out sequences. First "
              f"layer, per head (`/`-separated), over positions t >= {args.seq_len // 2} of {args.probe_examples} "
-             "held-out sequences: mean lag of the readout, share of the current and of the previous step, mean "
-             "decay a and beta.", ""]
-    header = ["model", "accuracy", "when", "mean lag", "current", "previous", "decay a", "beta"]
+             "held-out sequences: mean lag of the readout, share of the current and of the previous step; at "
+             "the context's value positions (MQAR), the shares of the key's step and of the value's own step; "
+             "mean decay a, beta and process noise q.", ""]
+    header = ["model", "accuracy", "when", "mean lag", "current", "previous", "key at values", "value at values",
+              "decay a", "beta", "q"]
     rows = []
     for r in results:
         for when in ("init", "trained"):
             s = r[when]
             rows.append([r["model"], f"{r['accuracy']:.3f}" if when == "trained" else "", when,
-                         *(_heads(s[k]) if k in s else "-" for k in ("mean_lag", "current", "previous", "decay",
-                                                                      "beta"))])
+                         *(_heads(s[k], ".2g" if k == "process_noise" else ".2f") if k in s else "-"
+                           for k in ("mean_lag", "current", "previous", "key_at_values", "value_at_values", "decay",
+                                     "beta", "process_noise"))])
     lines.append(common.markdown_table(header, rows))
     return "\n".join(lines) + "\n"
+
+
+def add_model(text: str) -> None:
+    """``NAME=JSON`` -> ``models.MODELS[NAME] = (layer, overrides)`` for this process only."""
+    name, _, spec = text.partition("=")
+    try:
+        layer, overrides = json.loads(spec)
+        ok = isinstance(layer, str) and isinstance(overrides, dict)
+    except (ValueError, TypeError):
+        ok = False
+    if not name or not ok:
+        raise SystemExit(f"--extra-model: got {text!r}; accepted: NAME=[named layer, {{overrides}}], e.g. "
+                         'bayesian_qt_no_conv=["bayesian", {"process_noise": "input", "conv_size": 0}]')
+    if name in models.MODELS:
+        raise SystemExit(f"--extra-model: {name!r} is already in the model table; choose another name.")
+    models.MODELS[name] = (layer, overrides)
 
 
 def main() -> None:
@@ -145,9 +189,14 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--workdir", default="/tmp/mqar_no_conv")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--extra-model", action="append", default=[], metavar="NAME=JSON",
+                        help='a model added to the table for this run, e.g. bayesian_qt_no_conv=["bayesian", '
+                             '{"process_noise": "input", "conv_size": 0}]')
     args = parser.parse_args()
+    for extra in args.extra_model:
+        add_model(extra)
     names = args.models.split(",")
-    models.check_models(names)
+    models.check_models([part for name in names for part in name.split("+")])
     results = []
     for name in names:
         results.append(measure(name, args))

@@ -72,14 +72,16 @@ def longhorn() -> DesignModel:
                        covariance=c.Reset(variance=1.0), name="longhorn")
 
 
-def bayesian(prior_variance: float = 1.0, process_noise: Optional[float] = None,
+def bayesian(prior_variance: float = 1.0, process_noise: Union[None, float, Literal["input"]] = None,
              noise: Literal["random_walk", "stationary"] = "random_walk",
              decay: Union[Literal["input", "none"], float] = "input") -> DesignModel:
     """The Bayesian Layer: the exact Kalman filter of an isotropic-prior memory.
 
     Args:
       prior_variance: ``l^2`` in ``P_0 = l^2 I``.
-      process_noise: with ``noise="random_walk"``, ``q`` in ``Q = q I`` (None or 0: no noise);
+      process_noise: with ``noise="random_walk"``, ``q`` in ``Q = q I`` (None or 0: no noise), or
+        ``"input"``: an input-dependent ``Q_t = q_t I``, given at run time as ``process_noise`` ``[B,T,H]``
+        (forgets certainty without shrinking the mean: with ``a = 1`` the gain settles at a constant);
         with ``noise="stationary"``, the stationary variance ``l_s^2`` in ``Q_t = l_s^2 (1 - a_t^2) I``
         (None: the prior variance, so the prior stays stationary).
       noise: ``"random_walk"`` or ``"stationary"``.
@@ -88,9 +90,18 @@ def bayesian(prior_variance: float = 1.0, process_noise: Optional[float] = None,
 
     Run time: ``beta`` ``[B,T,H]``, the observation precision ``> 0``.
     """
+    if process_noise == "input" and noise != "random_walk":
+        raise c.DesignModelError(f"bayesian(process_noise='input', noise={noise!r}): an input-dependent noise is a "
+                                 "random walk; accepted: noise='random_walk' with process_noise='input'.")
     if noise == "random_walk":
         with _argument("bayesian", process_noise=process_noise):
-            noise_component = c.NoProcessNoise() if not process_noise else c.RandomWalk(process_noise)
+            if process_noise == "input":
+                noise_component = c.RandomWalk(None)
+            elif isinstance(process_noise, str):
+                raise c.DesignModelError(f"got {process_noise!r}{c.did_you_mean(process_noise, ('input',))}; "
+                                         "accepted: a number >= 0, None (no noise) or 'input' (given at run time).")
+            else:
+                noise_component = c.NoProcessNoise() if not process_noise else c.RandomWalk(process_noise)
     elif noise == "stationary":
         with _argument("bayesian", process_noise=process_noise):
             noise_component = c.Stationary(process_noise)

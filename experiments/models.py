@@ -255,7 +255,8 @@ class LanguageModel(nn.Module):
     boundary (`Packing`; the embedding, MLPs and head are per position), so each sequence's logits are
     those it has alone in a padded row.
 
-    ``model``: a name of `MODELS` or a `dm.DesignModel` instance. ``positions`` picks the positions whose
+    ``model``: a name of `MODELS` or a `dm.DesignModel` instance, or a tuple of them, one per layer (a
+    hybrid: ``("gated_deltanet_no_conv", "bayesian_no_conv")``). ``positions`` picks the positions whose
     logits are wanted (the supervised ones, in training): the head is per position, so those logits are
     the same as the full ones there, for M/T of the head's cost (MQAR supervises 1/16 of the positions)."""
 
@@ -277,8 +278,12 @@ class LanguageModel(nn.Module):
         if vectors is not None:
             x = x + nn.Dense(self.d_model, use_bias=False, dtype=F32, param_dtype=F32,
                              name="vector_proj")(vectors.astype(F32))
-        for i in range(self.num_layers):
-            x = Block(self.model, self.d_model, self.head_dim, self.backend, self.conv_size, self.mlp_ratio,
+        per_layer = self.model if isinstance(self.model, tuple) else (self.model,) * self.num_layers
+        if len(per_layer) != self.num_layers:
+            raise ValueError(f"LanguageModel.model: got {len(per_layer)} per-layer models {per_layer} for "
+                             f"num_layers={self.num_layers}; accepted: one model, or a tuple of {self.num_layers}.")
+        for i, layer_model in enumerate(per_layer):
+            x = Block(layer_model, self.d_model, self.head_dim, self.backend, self.conv_size, self.mlp_ratio,
                       name=f"block_{i}")(x, packed)
         if positions is not None:
             x = jnp.take_along_axis(x, positions[..., None], axis=1)

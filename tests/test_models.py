@@ -111,3 +111,66 @@ def test_the_readout_weights_of_a_decaying_exact_filter_in_closed_form(noise):
         np.testing.assert_allclose(ratios, a, rtol=0.02)     # W[t, s] ~ a^(t + s): the older weighs more
     else:
         assert np.all(ratios > 1)                             # recency: the newer weighs more
+
+
+def _random_walk_steady_gain(a, beta, q):
+    """The steady-state gain ``g*`` of one address under ``p_bar = a^2 p + q``, ``g = beta p_bar / (1 + beta
+    p_bar)``, ``p = (1 - g) p_bar``: with ``x = beta p_bar`` and ``r = beta q`` the fixed point solves
+    ``x^2 + (1 - a^2 - r) x - r = 0`` (the positive root), and ``g* = x / (1 + x)``."""
+    r, b = beta * q, 1 - a * a - beta * q
+    x = (-b + np.sqrt(b * b + 4 * r)) / 2
+    return x / (1 + x)
+
+
+@pytest.mark.parametrize("backend", ["sequential", "chunked"])
+@pytest.mark.parametrize("a", [1.0, 0.9])
+def test_input_dependent_random_walk_noise_gives_a_constant_gain_at_any_decay(a, backend):
+    """``Q_t = q_t I`` (``bayesian(process_noise="input")``) forgets the memory's *certainty* without shrinking
+    its mean: along one address (a random unit key and query, constant ``a``, ``beta``, ``q``) the gain
+    settles at ``g*`` of `_random_walk_steady_gain`, also at ``a = 1`` (``g* in (0, 1)`` with
+    ``x^2 - beta q x - beta q = 0``), and the readout weights become the delta rule's,
+    ``W[t, s] = g* (a (1 - g*))^(t - s)``: recency whatever the decay. Stationary noise vanishes at
+    ``a = 1``, where the gain falls like ``1 / (beta t)`` (ridge regression: every step weighs alike).
+    """
+    import filters
+
+    beta, q, time = 4.0, 0.05, 64
+    key = np.random.default_rng(0).normal(size=3)
+    c = jnp.broadcast_to(jnp.asarray(key / np.linalg.norm(key)), (1, time, 1, 3))
+    eye = jnp.eye(time, dtype=jnp.float64)[None, :, None, :]
+    full = lambda value: jnp.full((1, time, 1), value, jnp.float64)
+    gates = {"log_decay": full(np.log(a)), "beta": full(beta)}
+    w = np.asarray(filters.compile(dm.bayesian(process_noise="input"), backend=backend)(
+        c, c, eye, process_noise=full(q), **gates)[0])[0, :, 0]                      # [t, s]
+    g = _random_walk_steady_gain(a, beta, q)
+    assert 0 < g < 1
+    lags = np.arange(16)
+    np.testing.assert_allclose(w[-1, time - 1 - lags], g * (a * (1 - g)) ** lags, rtol=1e-6)
+    if a == 1.0:    # no decay at all: the same readout, and stationary noise has no floor there
+        w_none = np.asarray(filters.compile(dm.bayesian(process_noise="input", decay="none"), backend=backend)(
+            c, c, eye, process_noise=full(q), beta=full(beta))[0])[0, :, 0]
+        np.testing.assert_allclose(w_none, w, rtol=1e-10, atol=1e-14)
+        w_stat = np.asarray(filters.compile(dm.bayesian(noise="stationary"), backend=backend)(
+            c, c, eye, **gates)[0])[0, :, 0]
+        np.testing.assert_allclose(w_stat[-1, :], beta / (1 + beta * time), rtol=1e-6)
+
+
+def test_process_noise_input_is_a_run_time_random_walk_and_nothing_else():
+    model = dm.bayesian(process_noise="input")
+    assert model.noise == dm.RandomWalk(None) and "process_noise" in model.runtime_inputs
+    with pytest.raises(dm.DesignModelError, match=r"process_noise='input', noise='stationary'.*accepted"):
+        dm.bayesian(process_noise="input", noise="stationary")
+    with pytest.raises(dm.DesignModelError, match=r"'inptu' \(did you mean 'input'\?\).*accepted"):
+        dm.bayesian(process_noise="inptu")
+
+
+def test_a_hybrid_language_model_takes_one_model_per_layer():
+    """``LanguageModel((first, second))``: block i is built from entry i (here the convolution tells them apart);
+    a tuple of the wrong length is refused, naming both lengths."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    hybrid = models.LanguageModel(("gated_deltanet", "bayesian_no_conv"), 16, D_MODEL, head_dim=HEAD_DIM)
+    params = hybrid.init(jax.random.PRNGKey(0), tokens)["params"]
+    assert "q_conv" in params["block_0"]["mixer"] and "q_conv" not in params["block_1"]["mixer"]
+    assert "beta_proj" in params["block_1"]["mixer"]["gates"]
+    with pytest.raises(ValueError, match=r"got 1 per-layer models.*num_layers=2; accepted"):
+        models.LanguageModel(("gla",), 16, D_MODEL, head_dim=HEAD_DIM).init(jax.random.PRNGKey(0), tokens)
