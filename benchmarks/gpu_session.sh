@@ -16,12 +16,13 @@
 #   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128)
 #   training   the MQAR training step at d_model 512 (benchmarks/training_throughput.py)
 #   profile    Nsight Compute on the kernels that miss their targets (registers, occupancy, spills, pipes)
-# It installs the carried wheels into /tmp/site, restores the compilation caches from .cache/caches.tgz
+# It installs the carried wheels into /tmp/site, restores the compilation caches from .cache/caches.tgz.*
 # if present (Triton's, with fla's autotuning results, and JAX's), and saves them into
-# OUT_DIR/caches.tgz (copy it to .cache/ for the next call); it stops at SECONDS (default 540), keeping
+# OUT_DIR/caches.tgz.00, .01, ... (parts of 15 MB: the device returns files up to 16 MB; copy them to
+# .cache/ for the next call); it stops at SECONDS (default 540), keeping
 # what was measured (each step writes its files as it goes).
 set -u
-if [ $# -lt 1 ]; then sed -n 2,22p "$0"; exit 2; fi
+if [ $# -lt 1 ]; then sed -n 2,23p "$0"; exit 2; fi
 OUT_DIR=$1; BUDGET=${2:-540}; PHASES=,${3:-tests,kernels,headline},; START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 want() { [[ $PHASES == *,$1,* ]] && [ "$(left)" -gt 30 ]; }
@@ -30,8 +31,9 @@ mkdir -p "$OUT_DIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 FLA_CACHE_RESULTS=1
 export TRITON_CACHE_DIR=/tmp/caches/triton JAX_COMPILATION_CACHE_DIR=/tmp/caches/jax
-mkdir -p /tmp/caches && [ -f .cache/caches.tgz ] && tar -xzf .cache/caches.tgz -C /tmp/caches
-save() { tar -czf "$OUT_DIR/caches.tgz" -C /tmp/caches . 2>/dev/null; }
+mkdir -p /tmp/caches
+ls .cache/caches.tgz.* >/dev/null 2>&1 && cat .cache/caches.tgz.* | tar -xz -C /tmp/caches
+save() { tar -cz -C /tmp/caches . 2>/dev/null | split -b 15M -d - "$OUT_DIR/caches.tgz."; }
 trap save EXIT
 # On a GPU every kernel test of test_pallas.py compiles the kernels for real (no interpreter).
 want tests && timeout "$(cap 240)" python3 -m pytest -q -p no:cacheprovider tests/test_pallas.py \
