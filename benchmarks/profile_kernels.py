@@ -61,6 +61,7 @@ def kernel_calls(shape, seed=0):
     g_gla, _ = gla.state_backward_kernel(q, bk, dy, s0, **opts)
     noise = jnp.full(log_decay.shape, 0.01, jnp.float32)
     inv_beta = 1.0 / (0.5 + 3.5 * jax.nn.sigmoid(normal(7, (batch, time_, heads))))
+    cov_args = (k, log_decay, noise, inv_beta, s0 + jnp.eye(dim, dtype=jnp.float32))
     part = functools.partial
     return {
         "delta_rule_prepare": (part(delta_rule.prepare_kernel, **opts), (k, w, v, b)),
@@ -78,10 +79,8 @@ def kernel_calls(shape, seed=0):
         "gla_readout": (part(gla.readout_kernel, **opts), (q, bk, h_gla, attend_gla, v)),
         "gla_state_backward": (part(gla.state_backward_kernel, **opts), (q, bk, dy, s0)),
         "gla_chunk_backward": (part(gla.chunk_backward_kernel, **opts), (q, k, v, bk, h_gla, g_gla, dy)),
-        "covariance_pass": (part(covariance.covariance_kernel, products="tf32x3", interpret=interpret),
-                            (k, log_decay, noise, inv_beta, s0 + jnp.eye(dim, dtype=jnp.float32))),
-        "covariance_pass_ieee": (part(covariance.covariance_kernel, products="ieee", interpret=interpret),
-                                 (k, log_decay, noise, inv_beta, s0 + jnp.eye(dim, dtype=jnp.float32))),
+        "covariance_pass": (part(covariance.covariance_kernel, products="tf32x3", interpret=interpret), cov_args),
+        "covariance_pass_ieee": (part(covariance.covariance_kernel, products="ieee", interpret=interpret), cov_args),
     }
 
 

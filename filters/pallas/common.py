@@ -14,6 +14,7 @@ tests and for reading a kernel on a laptop).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import warnings
 
@@ -104,7 +105,6 @@ DEFAULT_TUNING = dict(num_warps=4, num_stages=1)
 def tuning_from_environment(text: str) -> None:
     """Merge ``MBD_PALLAS_TUNING`` (JSON ``{kernel: {setting: value}}``) into `TUNING`, so that a benchmark
     or a training run can try other launch settings without an edit; unknown kernels are refused."""
-    import json
     try:
         settings = json.loads(text)
         if not (isinstance(settings, dict) and all(isinstance(v, dict) for v in settings.values())):

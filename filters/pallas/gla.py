@@ -72,23 +72,34 @@ def _state_kernel(k_ref, v_ref, b_ref, s0_ref, h_ref, sf_ref, *, chunk, dots):
     sf_ref[...] = lax.fori_loop(0, n, body, s0_ref[...].astype(F32))
 
 
+def _launch_state_pass(kernel, name, sequences, state, *, chunk, dots, interpret):
+    """A pass over the chunks carrying ``K x BV`` float32 state blocks, one program per (batch, head, value
+    block): ``sequences`` are ``(array, "keys" | "values")`` pairs, ``[B,T,H,K]`` read whole or ``[B,T,H,V]``
+    read in the program's value block; ``state [B,H,K,V]`` the state it starts from. Returns the state of
+    every chunk ``[B,H,N,K,V]`` (product dtype; the kernel writes them as ``[N K, BV]``) and the last
+    ``[B,H,K,V]`` float32."""
+    batch, heads, key_dim, value_dim = state.shape
+    time = sequences[0][0].shape[1]
+    bv = value_block(name, value_dim, key_dim)
+    n = time // chunk
+    index = {"keys": lambda i, h, j: (i, 0, h, 0), "values": lambda i, h, j: (i, 0, h, j)}
+    width = {"keys": key_dim, "values": bv}
+    block = spec((None, None, key_dim, bv), lambda i, h, j: (i, h, 0, j))
+    every, last = launch(
+        functools.partial(kernel, chunk=chunk, dots=dots), grid=(batch, heads, value_dim // bv),
+        in_specs=[spec((None, time, None, width[kind]), index[kind]) for _, kind in sequences] + [block],
+        out_specs=[spec((None, None, n * key_dim, bv), lambda i, h, j: (i, h, 0, j)), block],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, n * key_dim, value_dim), dots.dtype),
+                   jax.ShapeDtypeStruct(state.shape, F32)],
+        interpret=interpret, name=name)(*(x for x, _ in sequences), state)
+    return every.reshape(batch, heads, n, key_dim, value_dim), last
+
+
 def state_kernel(k, v, b, s0, *, chunk, dots, interpret=False):
     """``k [B,T,H,K]``, ``v [B,T,H,V]``, ``b [B,T,H,K]``, ``s0 [B,H,K,V]`` -> ``h [B,H,N,K,V]`` (product
     dtype) and the final state (float32)."""
-    batch, time, heads, key_dim = k.shape
-    value_dim = v.shape[-1]
-    bv = value_block("gla_state", value_dim, key_dim)
-    n = time // chunk
-    seq_k = spec((None, time, None, key_dim), lambda i, h, j: (i, 0, h, 0))
-    state = spec((None, None, key_dim, bv), lambda i, h, j: (i, h, 0, j))
-    h, final = launch(
-        functools.partial(_state_kernel, chunk=chunk, dots=dots), grid=(batch, heads, value_dim // bv),
-        in_specs=[seq_k, spec((None, time, None, bv), lambda i, h, j: (i, 0, h, j)), seq_k, state],
-        out_specs=[spec((None, None, n * key_dim, bv), lambda i, h, j: (i, h, 0, j)), state],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, n * key_dim, value_dim), dots.dtype),
-                   jax.ShapeDtypeStruct(s0.shape, F32)],
-        interpret=interpret, name="gla_state")(k, v, b, s0)
-    return h.reshape(batch, heads, n, key_dim, value_dim), final
+    return _launch_state_pass(_state_kernel, "gla_state", [(k, "keys"), (v, "values"), (b, "keys")], s0,
+                              chunk=chunk, dots=dots, interpret=interpret)
 
 
 def _diagonal_by_columns(q_ref, k_ref, b_ref, start, q, b):
@@ -243,20 +254,9 @@ def state_backward_kernel(q, b, dy, dsf, *, chunk, dots, interpret=False):
     """The state pass in reverse: ``q, b [B,T,H,K]``, ``dy [B,T,H,V]``, ``dsf [B,H,K,V]`` (the cotangent
     of the final state) -> ``G [B,H,N,K,V]``, the cotangent of the state after every chunk (``G_{c+1}``
     for chunk ``c``; product dtype), and that of the initial state ``[B,H,K,V]`` float32."""
-    batch, time, heads, key_dim = q.shape
-    value_dim = dy.shape[-1]
-    bv = value_block("gla_state_backward", value_dim, key_dim)
-    n = time // chunk
-    seq_k = spec((None, time, None, key_dim), lambda i, h, j: (i, 0, h, 0))
-    state = spec((None, None, key_dim, bv), lambda i, h, j: (i, h, 0, j))
-    g, ds0 = launch(
-        functools.partial(_state_backward_kernel, chunk=chunk, dots=dots), grid=(batch, heads, value_dim // bv),
-        in_specs=[seq_k, seq_k, spec((None, time, None, bv), lambda i, h, j: (i, 0, h, j)), state],
-        out_specs=[spec((None, None, n * key_dim, bv), lambda i, h, j: (i, h, 0, j)), state],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, n * key_dim, value_dim), dots.dtype),
-                   jax.ShapeDtypeStruct(dsf.shape, F32)],
-        interpret=interpret, name="gla_state_backward")(q, b, dy, dsf)
-    return g.reshape(batch, heads, n, key_dim, value_dim), ds0
+    return _launch_state_pass(_state_backward_kernel, "gla_state_backward",
+                              [(q, "keys"), (b, "keys"), (dy, "values")], dsf, chunk=chunk, dots=dots,
+                              interpret=interpret)
 
 
 def _diagonal_backward(q_ref, k_ref, b_ref, start, dattend):
