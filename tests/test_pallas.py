@@ -276,6 +276,12 @@ def test_kernels_lower_for_cuda():
                          seq, gate, gate, gate, state) == 1
 
 
+def test_covariance_kernel_refuses_unknown_products():
+    args = [jnp.zeros((1, 16, 1, 16)), *([jnp.zeros((1, 16, 1))] * 3), jnp.eye(16)[None, None]]
+    with pytest.raises(ValueError, match="products='tf32'.*accepted: 'tf32x3', 'ieee'"):
+        covariance.covariance_kernel(*args, products="tf32", interpret=True)
+
+
 @pytest.mark.parametrize("dot_precision", ["default", "highest"])
 @pytest.mark.parametrize("form", [dict(carry="memory", factor="one_loop"), dict(carry="registers", factor="two_loops")])
 def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form, dot_precision):

@@ -109,11 +109,8 @@ def _products(kind: str, interpret: bool):
     accuracy; the interpreter, whose CPU has no TF32, takes IEEE products instead)."""
     if kind == "ieee" or interpret:
         return exact_dot
-    if kind == "tf32x3":
-        return lambda a, b, contract=((1,), (0,)): lax.dot_general(
-            a, b, (contract, ((), ())), precision=lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-            preferred_element_type=F32)
-    raise ValueError(f"covariance_pass products={kind!r}; accepted: 'ieee', 'tf32x3'")
+    return lambda a, b, contract=((1,), (0,)): lax.dot_general(
+        a, b, (contract, ((), ())), precision=lax.DotAlgorithmPreset.TF32_TF32_F32_X3, preferred_element_type=F32)
 
 
 def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *,
@@ -176,6 +173,8 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", i
     [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``, float32. ``products``:
     ``"tf32x3"`` or ``"ieee"`` (`_products`), each with its own launch and form in `TUNING`
     (``KERNEL_NAMES``: the two were measured best at different settings)."""
+    if products not in KERNEL_NAMES:
+        raise ValueError(f"covariance_kernel(products={products!r}); accepted: {', '.join(map(repr, KERNEL_NAMES))}")
     batch, time, heads, key_dim = k.shape
     seq = lambda *d: spec((None, time, None, *d), lambda i, h: (i, 0, h, *(0 for _ in d)))
     cov = spec((None, None, key_dim, key_dim), lambda i, h: (i, h, 0, 0))

@@ -75,10 +75,11 @@ class Pallas(Lowering):
                     "(backend='chunked' runs it)")
         return None
 
-    # `auto` takes the kernels wherever they apply: measured on an H200 at B4 T4096 H16 K=V=128, bf16
-    # (docs/results/gpu_kernels.md), every family's kernels are faster than the chunked lowering forward
-    # and forward+backward (GLA 3.58 / 8.34 ms against 7.98 / 12.44; the Bayesian Layer 6.52 / 44.8 against
-    # 19.2 / 54.8; Gated DeltaNet 0.75 / 2.81 against 4.70 / 13.25).
+    # `auto` takes the kernels wherever they apply: on an H200 at B4 T4096 H16 K=V=128, bf16
+    # (docs/results/gpu_kernels.md), every family's kernels were faster than the chunked lowering forward
+    # and forward+backward (GLA 3.58 / 8.34 ms, the Bayesian Layer 6.52 / 44.8, Gated DeltaNet 0.75 / 2.81;
+    # the chunked lowering 7.98 / 12.44, 19.2 / 54.8 and 4.70 / 13.25 in issue #14's earlier run, not the
+    # same process).
 
     def run(self, structure, x, state, *, diagnostics, chunk_size=chunked.DEFAULT_CHUNK_SIZE,
             precision="default", interpret=False):
