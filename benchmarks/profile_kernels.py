@@ -62,6 +62,8 @@ def kernel_calls(shape, seed=0):
     noise = jnp.full(log_decay.shape, 0.01, jnp.float32)
     inv_beta = 1.0 / (0.5 + 3.5 * jax.nn.sigmoid(normal(7, (batch, time_, heads))))
     cov_args = (k, log_decay, noise, inv_beta, s0 + jnp.eye(dim, dtype=jnp.float32))
+    checkpoints = covariance.covariance_kernel(*cov_args, checkpoints=True, interpret=interpret)[2]
+    d_gains = normal(6, (batch, time_, heads, dim))
     part = functools.partial
     return {
         "delta_rule_prepare": (part(delta_rule.prepare_kernel, **opts), (k, w, v, b)),
@@ -81,6 +83,8 @@ def kernel_calls(shape, seed=0):
         "gla_chunk_backward": (part(gla.chunk_backward_kernel, **opts), (q, k, v, bk, h_gla, g_gla, dy)),
         "covariance_pass": (part(covariance.covariance_kernel, products="tf32x3", interpret=interpret), cov_args),
         "covariance_pass_ieee": (part(covariance.covariance_kernel, products="ieee", interpret=interpret), cov_args),
+        "covariance_pass_backward": (part(covariance.covariance_backward_kernel, products="tf32x3", interpret=interpret),
+                                     (*cov_args[:4], checkpoints, d_gains, s0)),
     }
 
 
@@ -145,7 +149,7 @@ def main():
             record = dict(kernel=name, ms=round(1e3 * statistics.median(times), 4))
             if variant:
                 record["variant"] = variant
-            if name.startswith("covariance_pass"):
+            if name in covariance.KERNEL_NAMES.values():
                 record["error_gains"], record["error_final"] = covariance_error(*out, *call_args)
             print(json.dumps(record), flush=True)
         common.TUNING.clear()

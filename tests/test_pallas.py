@@ -184,16 +184,54 @@ def _kalman_covariance(k, log_decay, noise, beta, p0):
     return jnp.moveaxis(gains, 0, 1), final
 
 
-@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "reference"])
-def test_covariance_pass(interpret):
+@pytest.mark.parametrize("interpret, dot_precision", [(True, "default"), (True, "highest"), (False, "default")],
+                         ids=["kernel", "kernel_ieee", "reference"])
+def test_covariance_pass(interpret, dot_precision):
+    """Gains, final covariance and every gradient (the backward kernel's, through its checkpoints; T = 48
+    with chunks of 32: the last padded) against the float64 step-by-step recursion."""
     _, k, _, _, log_decay, _ = _inputs()
     noise = RNG.uniform(0.0, 0.1, size=log_decay.shape)
     beta = RNG.uniform(0.5, 4.0, size=log_decay.shape)
     a = RNG.normal(size=(B, H, K, K))
     p0 = a @ np.swapaxes(a, -1, -2) / K + 0.5 * np.eye(K)
     # on a GPU the default products are TF32x3 (about float32's accuracy, not IEEE's): 2e-5 there
-    _check(lambda *x: covariance.covariance_pass(None, *x, chunk_size=16, interpret=interpret)[:2],
-           _kalman_covariance, (k, log_decay, noise, beta, p0), symmetric=(4,), tol=5e-6 if INTERPRET else 2e-5)
+    tol = 2e-5 if (dot_precision == "default" and not INTERPRET) else 5e-6
+    _check(lambda *x: covariance.covariance_pass(None, *x, chunk_size=32, dot_precision=dot_precision,
+                                                 interpret=interpret)[:2],
+           _kalman_covariance, (k, log_decay, noise, beta, p0), symmetric=(4,), tol=tol)
+
+
+@pytest.mark.parametrize("one_loop", [True, False], ids=["one_loop", "two_loops"])
+def test_covariance_block_backward_is_the_blocks_derivative(one_loop):
+    """`_block_backward` (the backward kernel's body, written by hand) equals JAX's reverse mode of
+    `_block` (the forward kernel's body) on one block in float64, for every input and both factor forms,
+    with decays and noise on (every term of the derivative is exercised)."""
+    dot = lambda a, b, contract=((1,), (0,)): jax.lax.dot_general(a, b, (contract, ((), ())),
+                                                                  precision=jax.lax.Precision.HIGHEST)
+    whitening = covariance.whitening_tile if one_loop else covariance._whitening_two_loops
+    size, key_dim = 16, 8
+    k = jnp.asarray(RNG.normal(size=(size, key_dim)) / np.sqrt(key_dim))
+    log_decay, noise = jnp.asarray(-RNG.uniform(0.01, 0.3, size)), jnp.asarray(RNG.uniform(0.01, 0.5, size))
+    inv_beta = jnp.asarray(RNG.uniform(0.2, 2.0, size))
+    a = RNG.normal(size=(key_dim, key_dim))
+    cov = jnp.asarray(a @ a.T / key_dim + 0.5 * np.eye(key_dim))
+
+    def block(k_, ld, q, ib, p):
+        blk = covariance._block(k_, ld, q, ib, p, 0.0, dot=dot, whitening=whitening)
+        z = blk["z"]
+        return blk["gains"], jnp.exp(2 * blk["b_last"]) * p + blk["alpha_last"] * jnp.eye(key_dim) - z.T @ z
+
+    args = (k, log_decay, noise, inv_beta, cov)
+    d_gains = jnp.asarray(RNG.normal(size=(size, key_dim)))
+    d_next = RNG.normal(size=(key_dim, key_dim))
+    d_next = jnp.asarray(d_next + d_next.T)
+    want = jax.vjp(block, *args)[1]((d_gains, d_next))
+    blk = covariance._block(*args[:4], cov, 0.0, dot=dot, whitening=whitening)
+    got = covariance._block_backward(blk, k, noise, cov, d_gains, d_next, dot=dot)
+    assert all(g.dtype == jnp.float64 for g in got)
+    for i, (g, w) in enumerate(zip(got, want)):
+        w = 0.5 * (w + w.T) if i == 4 else w
+        assert _relative(g, w) < 1e-12
 
 
 @pytest.mark.parametrize("dot_precision", ["default", "highest"])
@@ -285,13 +323,23 @@ def test_covariance_kernel_refuses_unknown_products():
 @pytest.mark.parametrize("dot_precision", ["default", "highest"])
 @pytest.mark.parametrize("form", [dict(carry="memory", factor="one_loop"), dict(carry="registers", factor="two_loops")])
 def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form, dot_precision):
-    name = covariance.KERNEL_NAMES["ieee" if dot_precision == "highest" else "tf32x3"]
+    """Each form lowered for CUDA on this CPU, forward and gradient: the gradient's program holds the
+    forward kernel (storing its checkpoints) and the backward kernel, both named, no reference."""
+    products = "ieee" if dot_precision == "highest" else "tf32x3"
+    name, backward = covariance.KERNEL_NAMES[products], covariance.BACKWARD_NAMES[products]
     monkeypatch.setitem(common.TUNING, name, {**common.TUNING[name], **form})
+    monkeypatch.setitem(common.TUNING, backward, {**common.TUNING[backward], "factor": form["factor"]})
     sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     call = lambda k, ld, n, bt, p: covariance.covariance_pass(None, k, ld, n, bt, p, dot_precision=dot_precision)[:2]
-    lowered = jax.jit(call).trace(sd(2, 64, 2, 128), sd(2, 64, 2), sd(2, 64, 2), sd(2, 64, 2), sd(2, 2, 128, 128)
-                                  ).lower(lowering_platforms=("cuda",)).as_text()
+    shapes = (sd(2, 64, 2, 128), sd(2, 64, 2), sd(2, 64, 2), sd(2, 64, 2), sd(2, 2, 128, 128))
+    lowered = jax.jit(call).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert lowered.count("xla.gpu.triton") == 1 and f'name = "{name}"' in lowered
+    loss = lambda *a: sum(jnp.sum(x) for x in call(*a))
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*shapes).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert lowered.count("xla.gpu.triton") == 2
+    assert f'name = "{name}"' in lowered and f'name = "{backward}"' in lowered
+    assert "cholesky" not in lowered.lower() and "triangular_solve" not in lowered   # no reference left
 
 
 @pytest.mark.parametrize("key_dim, value_dim, chunk", [(16, 16, 16), (32, 128, 32), (128, 64, 128), (128, 128, 64),

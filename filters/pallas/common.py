@@ -91,6 +91,10 @@ TUNING = {
     # with P through memory and the one-loop factor; the gains' error against float64 4.3-5.2e-7 in all.
     "covariance_pass": dict(num_warps=8, carry="registers", factor="two_loops"),           # TF32x3
     "covariance_pass_ieee": dict(num_warps=8, carry="memory", factor="one_loop"),           # precision="highest"
+    # Its backward kernel (the blocks in reverse from the checkpoints, the cotangent of P in registers):
+    # not yet measured; the factor of each products' forward.
+    "covariance_pass_backward": dict(num_warps=8, factor="two_loops"),
+    "covariance_pass_backward_ieee": dict(num_warps=8, factor="one_loop"),
     # Not yet measured on a GPU: the channel-wise output in two passes (A through memory, then full-tile
     # products; "fused": one kernel of 16-row products, the form measured at 4.54 ms forward), and the
     # backward rerunning the state pass (as flash-linear-attention does) rather than keeping the chunk
@@ -161,25 +165,6 @@ def on_gpu(kernel_fn, reference_fn, interpret: bool):
         return lax.platform_dependent(*args, cuda=functools.partial(kernel_fn, interpret=False),
                                       default=reference_fn)
     return dispatch
-
-
-def differentiated_by_reference(kernel_fn, reference_fn, interpret: bool):
-    """``on_gpu(kernel_fn, reference_fn, interpret)`` as a `jax.custom_vjp` whose derivative is the
-    reference's VJP (recomputed from the inputs): for kernels that have no backward kernel yet."""
-    forward = on_gpu(kernel_fn, reference_fn, interpret)
-
-    @jax.custom_vjp
-    def run(*args):
-        return forward(*args)
-
-    def fwd(*args):
-        return forward(*args), args
-
-    def bwd(args, cotangents):
-        return jax.vjp(reference_fn, *args)[1](cotangents)
-
-    run.defvjp(fwd, bwd)
-    return run
 
 
 def spec(block, index_map):

@@ -7,7 +7,7 @@ block) through the sequence in blocks of 16 steps. For a block starting from ``P
 decay accumulated in the block, ``gamma_i = exp(b_i)``, ``R_ij = exp(b_i - b_j)`` for ``j <= i``,
 ``alpha_i = sum_{m<=i} q_m R_im^2`` the noise accumulated since the block start)::
 
-    Sigma = (K gamma) P_c (K gamma)^T + (exp(-|b_i - b_j|) alpha_min(i,j)) * (K K^T) + diag(1 / beta)
+    Sigma = (K gamma) P_c (K gamma)^T + E * (K K^T) + diag(1 / beta),  E_ij = R_max(i,j)min(i,j) alpha_min(i,j)
     Sigma = L L^T,  X = L^{-1}                         (the block's observations one by one)
     Kg_i  = [gamma_i (X K gamma P_c)_i + sum_m X_im R_im alpha_m k_m] / L_ii
     Z     = gamma_C X (K gamma) P_c + X (K * R_C. alpha)
@@ -20,9 +20,13 @@ float32's accuracy: three TF32 products on the tensor cores (``a_hi b_hi + a_hi 
 measured as accurate as IEEE products here and 13x faster on an H200, or IEEE float32 products with
 ``precision="highest"``. `TUNING` holds the launch and form of each (docs/results/gpu_kernels.md).
 
-The derivative is the plain-JAX reference's, `filters.chunked.covariance_pass` (its scan over chunks,
-with the implicit derivatives of the Cholesky factor): a backward kernel for this pass does not exist
-yet.
+The backward kernel walks the blocks in reverse, one program per head with the cotangent ``dP`` of the
+covariance in registers. It needs every block's ``P_c``: the backward pass first reruns the forward
+kernel, which then also stores ``P_c`` at each block start (``[B, H, T/16, K, K]`` float32, held only
+during the backward pass; 1 GiB at B4 T4096 H16 K128), rather than keeping them from the forward pass.
+Each block is recomputed from its ``P_c`` (`_block`) and differentiated by hand (`_block_backward`: the
+reverse of the formulas above, the Cholesky factor's by Murray's formula), so the kernel's derivative is
+exact, the same as JAX's of the block (tested in float64).
 """
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from filters import chunked
-from filters.pallas.common import (SUB, differentiated_by_reference, exact_dot, iota2, launch, masked_exp,
-                                   pad_time, pltriton, rows, spec, tuning)
+from filters.pallas.common import (SUB, exact_dot, iota2, launch, masked_exp,
+                                   on_gpu, pad_time, pltriton, rows, spec, tuning)
 from filters.pallas.delta_rule import unit_lower_inverse_tile
 
 F32 = jnp.float32
@@ -88,9 +92,9 @@ def whitening_tile(matrix):
         return (rest - column[:, None] * column[None, :], pending - column[:, None] * row[None, :],
                 jnp.where(r == j, row[None, :], whiten), jnp.where(index == j, pivot, pivots))
 
-    eye = (r == c).astype(F32)
+    eye = (r == c).astype(matrix.dtype)
     _, _, whiten, pivots = lax.fori_loop(0, size, body, (matrix, eye, jnp.zeros_like(matrix),
-                                                         jnp.zeros((size,), F32)))
+                                                         jnp.zeros((size,), matrix.dtype)))
     return whiten, pivots
 
 
@@ -113,39 +117,142 @@ def _products(kind: str, interpret: bool):
         a, b, (contract, ((), ())), precision=lax.DotAlgorithmPreset.TF32_TF32_F32_X3, preferred_element_type=F32)
 
 
-def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *,
+def _block(k, log_decay, noise, inv_beta, cov, scale, *, dot, whitening):
+    """One block of ``C`` steps from ``P_c = cov + scale I`` (module doc): the gains ``[C, K]`` and what
+    ``P_{c+1} = gamma_C^2 P_c + alpha_C I - Z^T Z`` is made of, with every intermediate the backward pass
+    reuses. ``E`` is built from the lower ``R``, not as ``exp(-|b_i - b_j|)``: the same values, but a
+    derivative that is right where decays vanish (``|x|`` has none at 0)."""
+    r, c = iota2(k.shape[0])
+    last = lax.broadcasted_iota(jnp.int32, (k.shape[0],), 0) == k.shape[0] - 1
+    b, gamma, decay, alpha = block_terms(log_decay, noise)
+    b_last = jnp.sum(jnp.where(last, b, 0.0))
+    k_gamma = k * gamma[:, None]                                                  # G = K gamma
+    kg_p = dot(k_gamma, cov) + scale * k_gamma                                    # M = G P_c
+    spread = jnp.where(c <= r, decay * alpha[None, :], decay.T * alpha[:, None])  # E
+    gram = dot(k, k, ((1,), (1,)))
+    sigma = dot(kg_p, k_gamma, ((1,), (1,))) + spread * gram + jnp.where(r == c, inv_beta[:, None], 0.0)
+    sigma = 0.5 * (sigma + sigma.T)
+    whiten, pivots = whitening(sigma)                                             # X = L^{-1}, diag(L)
+    kt_p = dot(whiten, kg_p)                                                      # U = X M
+    k_alpha = k * alpha[:, None]
+    gains = (gamma[:, None] * kt_p + dot(whiten * decay, k_alpha)) / pivots[:, None]
+    tail = jnp.exp(b_last - b) * alpha
+    z = jnp.exp(b_last) * kt_p + dot(whiten, k * tail[:, None])
+    return dict(b=b, gamma=gamma, decay=decay, alpha=alpha, b_last=b_last, k_gamma=k_gamma, kg_p=kg_p,
+                spread=spread, gram=gram, sigma=sigma, whiten=whiten, pivots=pivots, kt_p=kt_p,
+                k_alpha=k_alpha, gains=gains, tail=tail, z=z,
+                alpha_last=jnp.sum(jnp.where(last, alpha, 0.0)))
+
+
+def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
+    """The cotangents of one block's inputs ``(k, log_decay, noise, inv_beta, P_c)`` from those of its
+    gains and of ``P_{c+1}`` (symmetric), ``blk`` being `_block`'s intermediates from ``P_c = cov``.
+
+    Reverse mode through the module doc's formulas, last first: ``P_{c+1}`` gives ``dP_c = gamma_C^2
+    dP_{c+1}``, ``dZ = -2 Z dP_{c+1}``; ``Z``, the gains and ``U = X M`` give ``dX``, ``dM`` and the
+    key, decay and noise terms; the Cholesky factor's (Murray 2016) ``dSigma = sym(X^T Phi(L^T dL) X)``
+    with ``dL = tril(-X^T tril(dX) X^T) + diag(d pivots)``, ``L = Sigma X^T`` and ``Phi`` the lower
+    triangle with its diagonal halved; then ``Sigma = M G^T + E * (K K^T) + diag(1 / beta)``, ``M = G P_c``
+    and the decay terms, whose exponents are all differences of ``b = cumsum(log a)``."""
+    r, c = iota2(k.shape[0])
+    rk, ck = iota2(cov.shape[0])
+    last = lax.broadcasted_iota(jnp.int32, (k.shape[0],), 0) == k.shape[0] - 1
+    gamma, decay, alpha, whiten, pivots = blk["gamma"], blk["decay"], blk["alpha"], blk["whiten"], blk["pivots"]
+    lower = c <= r
+    g_last = jnp.exp(blk["b_last"])
+    # P_{c+1} = gamma_C^2 P_c + alpha_C I - Z^T Z
+    d_cov = g_last * g_last * d_next
+    d_b_last = 2.0 * g_last * g_last * jnp.sum(cov * d_next)
+    d_alpha_last = jnp.sum(jnp.where(rk == ck, d_next, 0.0))
+    d_z = -2.0 * dot(blk["z"], d_next)
+    # Z = gamma_C U + X (K * tail)
+    d_u = g_last * d_z
+    d_b_last += g_last * jnp.sum(blk["kt_p"] * d_z)
+    d_x = dot(d_z, k * blk["tail"][:, None], ((1,), (1,)))
+    xt_dz = dot(whiten, d_z, ((0,), (0,)))
+    d_k = xt_dz * blk["tail"][:, None]
+    d_tail = jnp.sum(xt_dz * k, axis=1)
+    # gains = (gamma U + (X * R)(K alpha)) / pivots
+    d_h = d_gains / pivots[:, None]
+    d_pivots = -jnp.sum(d_gains * blk["gains"], axis=1) / pivots
+    d_u += gamma[:, None] * d_h
+    d_gamma = jnp.sum(d_h * blk["kt_p"], axis=1)
+    dh_ka = dot(d_h, blk["k_alpha"], ((1,), (1,)))
+    d_x += dh_ka * decay
+    d_decay = dh_ka * whiten
+    xr_dh = dot(whiten * decay, d_h, ((0,), (0,)))
+    d_k += xr_dh * alpha[:, None]
+    d_alpha = jnp.sum(xr_dh * k, axis=1)
+    # U = X M
+    d_x += dot(d_u, blk["kg_p"], ((1,), (1,)))
+    d_m = dot(whiten, d_u, ((0,), (0,)))
+    # X = L^{-1}, pivots = diag(L), L L^T = Sigma
+    d_x = jnp.where(lower, d_x, 0.0)
+    factor = jnp.where(lower, dot(blk["sigma"], whiten, ((1,), (1,))), 0.0)
+    d_l = (jnp.where(lower, -dot(dot(whiten, d_x, ((0,), (0,))), whiten, ((1,), (1,))), 0.0)
+           + jnp.where(r == c, d_pivots[:, None], 0.0))
+    phi = dot(factor, d_l, ((0,), (0,)))
+    phi = jnp.where(c < r, phi, jnp.where(r == c, 0.5 * phi, 0.0))
+    d_sigma = dot(dot(whiten, phi, ((0,), (0,))), whiten)
+    d_sigma = 0.5 * (d_sigma + d_sigma.T)
+    # Sigma = M G^T + E * (K K^T) + diag(1 / beta)
+    d_inv_beta = jnp.sum(jnp.where(r == c, d_sigma, 0.0), axis=1)
+    d_m += dot(d_sigma, blk["k_gamma"])
+    d_g = dot(d_sigma, blk["kg_p"])
+    d_k += 2.0 * dot(d_sigma * blk["spread"], k)
+    d_spread = d_sigma * blk["gram"]
+    # M = G P_c (P_c symmetric), G = K gamma
+    d_g += dot(d_m, cov)
+    d_cov += dot(blk["k_gamma"], d_m, ((0,), (0,)))
+    d_k += d_g * gamma[:, None]
+    d_gamma += jnp.sum(d_g * k, axis=1)
+    # E = R alpha_j below the diagonal and its mirror above (dE symmetric: the lower part counts twice)
+    twice = jnp.where(c < r, 2.0, jnp.where(r == c, 1.0, 0.0)) * d_spread
+    d_decay += twice * alpha[None, :]
+    d_alpha += jnp.sum(twice * decay, axis=0)
+    # tail = exp(b_C - b) alpha, alpha_C
+    e = jnp.exp(blk["b_last"] - blk["b"])
+    d_alpha += d_tail * e + jnp.where(last, d_alpha_last, 0.0)
+    d_exponent = d_tail * alpha * e
+    d_b_last += jnp.sum(d_exponent)
+    # alpha_i = sum_{m <= i} q_m R_im^2
+    d_noise = jnp.sum(d_alpha[:, None] * decay * decay, axis=0)
+    d_decay += 2.0 * d_alpha[:, None] * noise[None, :] * decay
+    # R_ij = exp(b_i - b_j), gamma = exp(b), b = cumsum(log a)
+    d_exp = d_decay * decay
+    d_b = (jnp.sum(d_exp, axis=1) - jnp.sum(d_exp, axis=0) + d_gamma * gamma - d_exponent
+           + jnp.where(last, d_b_last, 0.0))
+    d_log_decay = jnp.sum(jnp.where(r >= c, d_b[:, None], 0.0), axis=0)
+    return d_k, d_log_decay, d_noise, d_inv_beta, 0.5 * (d_cov + d_cov.T)
+
+
+def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *ckpt_ref,
                        in_memory, one_loop, dot, interpret):
     n = k_ref.shape[0] // SUB
     r, c = iota2(SUB)
-    last = lax.broadcasted_iota(jnp.int32, (SUB,), 0) == SUB - 1
     whitening = whitening_tile if one_loop else _whitening_two_loops
     barrier = (lambda: None) if interpret else pltriton.debug_barrier
+    key_dim = p0_ref.shape[-1]
 
     # The carry is (P', s) with P = P' + s I: the noise enters as the scalar s, so that no K x K identity
     # occupies registers. P' is carried in registers (K^2 / threads of them per thread), or
     # (``in_memory``) in the output block itself, loaded where it is used and stored at the end of each
-    # block: the program's own stores are visible to its threads after a barrier.
+    # block: the program's own stores are visible to its threads after a barrier. With ``ckpt_ref`` (the
+    # backward pass's checkpoints) every block's P_c is stored as it starts.
     def body(i, cov, scale):
         if in_memory:
             cov = pf_ref[...]
+        if ckpt_ref:
+            rk, ck = iota2(key_dim)
+            ckpt_ref[0][i] = cov + jnp.where(rk == ck, scale, 0.0)
         t0 = pl.multiple_of(i * SUB, SUB)
         k = rows(k_ref, t0, SUB).astype(F32)
-        b, gamma, decay, alpha = block_terms(rows(ld_ref, t0, SUB), rows(noise_ref, t0, SUB))
-        k_gamma = k * gamma[:, None]
-        kg_p = dot(k_gamma, cov) + scale * k_gamma                                # (K gamma) P_c
-        alpha_min = jnp.where(c <= r, alpha[None, :], alpha[:, None])
-        sigma = (dot(kg_p, k_gamma, ((1,), (1,)))
-                 + jnp.exp(-jnp.abs(b[:, None] - b[None, :])) * alpha_min * dot(k, k, ((1,), (1,)))
-                 + jnp.where(r == c, rows(inv_beta_ref, t0, SUB)[:, None], 0.0))
-        whiten, pivots = whitening(0.5 * (sigma + sigma.T))                   # X = L^{-1}, diag(L)
-        kt_p = dot(whiten, kg_p)
-        gains = (gamma[:, None] * kt_p + dot(whiten * decay, k * alpha[:, None])) / pivots[:, None]
-        gains_ref[pl.ds(t0, SUB), :] = gains
-        b_last = jnp.min(b)
-        alpha_last = jnp.sum(jnp.where(last, alpha, 0.0))
-        z = jnp.exp(b_last) * kt_p + dot(whiten, k * (jnp.exp(b_last - b) * alpha)[:, None])
-        end = jnp.exp(2.0 * b_last)
-        scale = end * scale + alpha_last
+        blk = _block(k, rows(ld_ref, t0, SUB), rows(noise_ref, t0, SUB), rows(inv_beta_ref, t0, SUB), cov,
+                     scale, dot=dot, whitening=whitening)
+        gains_ref[pl.ds(t0, SUB), :] = blk["gains"]
+        end = jnp.exp(2.0 * blk["b_last"])
+        scale = end * scale + blk["alpha_last"]
+        z = blk["z"]
         if not in_memory:
             return end * cov - dot(z, z, ((0,), (0,))), scale
         new = end * pf_ref[...] - dot(z, z, ((0,), (0,)))   # P reloaded: not held through the block
@@ -165,53 +272,148 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
     scale_ref[...] = jnp.full(scale_ref.shape, scale, F32)
 
 
+def _covariance_backward_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, ckpt_ref, dgains_ref, dpf_ref,
+                                dk_ref, dld_ref, dnoise_ref, dinv_beta_ref, dp0_ref, *, one_loop, dot):
+    """The blocks in reverse: each recomputed from its checkpoint ``P_c``, then `_block_backward` turns
+    the cotangent of ``P_{c+1}`` (carried in registers) and of the block's gains into the block's input
+    cotangents and that of ``P_c``."""
+    n = k_ref.shape[0] // SUB
+    whitening = whitening_tile if one_loop else _whitening_two_loops
+
+    def body(j, d_next):
+        i = n - 1 - j
+        t0 = pl.multiple_of(i * SUB, SUB)
+        k = rows(k_ref, t0, SUB).astype(F32)
+        noise = rows(noise_ref, t0, SUB)
+        cov = ckpt_ref[i]
+        blk = _block(k, rows(ld_ref, t0, SUB), noise, rows(inv_beta_ref, t0, SUB), cov, 0.0, dot=dot,
+                     whitening=whitening)
+        d_k, d_ld, d_noise, d_inv_beta, d_cov = _block_backward(blk, k, noise, cov, rows(dgains_ref, t0, SUB),
+                                                                d_next, dot=dot)
+        dk_ref[pl.ds(t0, SUB), :] = d_k
+        dld_ref[pl.ds(t0, SUB)] = d_ld
+        dnoise_ref[pl.ds(t0, SUB)] = d_noise
+        dinv_beta_ref[pl.ds(t0, SUB)] = d_inv_beta
+        return d_cov
+
+    d_next = dpf_ref[...]
+    dp0_ref[...] = lax.fori_loop(0, n, body, 0.5 * (d_next + d_next.T))
+
+
 KERNEL_NAMES = {"tf32x3": "covariance_pass", "ieee": "covariance_pass_ieee"}   # their TUNING entries
+BACKWARD_NAMES = {"tf32x3": "covariance_pass_backward", "ieee": "covariance_pass_backward_ieee"}
 
 
-def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", interpret=False):
-    """``k [B,T,H,K]``, ``log_decay, noise, inv_beta [B,T,H]`` float32 (T a multiple of 16), ``p0
-    [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``, float32. ``products``:
-    ``"tf32x3"`` or ``"ieee"`` (`_products`), each with its own launch and form in `TUNING`
-    (``KERNEL_NAMES``: the two were measured best at different settings)."""
+def _check_products(products):
     if products not in KERNEL_NAMES:
         raise ValueError(f"covariance_kernel(products={products!r}); accepted: {', '.join(map(repr, KERNEL_NAMES))}")
+
+
+def _specs(k):
     batch, time, heads, key_dim = k.shape
     seq = lambda *d: spec((None, time, None, *d), lambda i, h: (i, 0, h, *(0 for _ in d)))
     cov = spec((None, None, key_dim, key_dim), lambda i, h: (i, h, 0, 0))
+    ckpt = spec((None, None, time // SUB, key_dim, key_dim), lambda i, h: (i, h, 0, 0, 0))
+    return seq, cov, ckpt
+
+
+def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", checkpoints=False,
+                      interpret=False):
+    """``k [B,T,H,K]``, ``log_decay, noise, inv_beta [B,T,H]`` float32 (T a multiple of 16), ``p0
+    [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``, float32, and with
+    ``checkpoints`` every block's starting covariance ``[B,H,T/16,K,K]`` (for the backward kernel).
+    ``products``: ``"tf32x3"`` or ``"ieee"`` (`_products`), each with its own launch and form in
+    `TUNING` (``KERNEL_NAMES``: the two were measured best at different settings)."""
+    _check_products(products)
+    batch, time, heads, key_dim = k.shape
+    seq, cov, ckpt = _specs(k)
     kernel = functools.partial(
         _covariance_kernel, in_memory=tuning(KERNEL_NAMES[products], "carry") == "memory",
         one_loop=tuning(KERNEL_NAMES[products], "factor") == "one_loop",
         dot=_products(products, interpret), interpret=interpret)
-    gains, final, scale = launch(
+    outs = launch(
         kernel, grid=(batch, heads),
         in_specs=[seq(key_dim), seq(), seq(), seq(), cov],
-        out_specs=[seq(key_dim), cov, spec((None, None, SUB), lambda i, h: (i, h, 0))],
+        out_specs=[seq(key_dim), cov, spec((None, None, SUB), lambda i, h: (i, h, 0))] + [ckpt] * checkpoints,
         out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(p0.shape, F32),
-                   jax.ShapeDtypeStruct((batch, heads, SUB), F32)],
+                   jax.ShapeDtypeStruct((batch, heads, SUB), F32)]
+                  + [jax.ShapeDtypeStruct((batch, heads, time // SUB, key_dim, key_dim), F32)] * checkpoints,
         interpret=interpret, name=KERNEL_NAMES[products])(k, log_decay, noise, inv_beta, p0)
+    gains, final, scale = outs[:3]
     final = final + scale[..., :1, None] * jnp.eye(key_dim, dtype=F32)
-    return gains, 0.5 * (final + jnp.swapaxes(final, -1, -2))
+    return (gains, 0.5 * (final + jnp.swapaxes(final, -1, -2))) + tuple(outs[3:])
 
 
-def _kernel_path(k, log_decay, noise, precision, p0, *, multiple, products, interpret=False):
-    time = k.shape[1]
+def covariance_backward_kernel(k, log_decay, noise, inv_beta, checkpoints, d_gains, d_final, *,
+                               products="tf32x3", interpret=False):
+    """The cotangents ``(dk [B,T,H,K], d log_decay, d noise, d inv_beta [B,T,H], dP_0 [B,H,K,K])`` of
+    `covariance_kernel`'s inputs from those of its gains and final covariance, given its
+    ``checkpoints``: one program per head walks the blocks backwards (`_covariance_backward_kernel`)."""
+    _check_products(products)
+    batch, time, heads, key_dim = k.shape
+    seq, cov, ckpt = _specs(k)
+    name = BACKWARD_NAMES[products]
+    kernel = functools.partial(_covariance_backward_kernel, one_loop=tuning(name, "factor") == "one_loop",
+                               dot=_products(products, interpret))
+    return launch(
+        kernel, grid=(batch, heads),
+        in_specs=[seq(key_dim), seq(), seq(), seq(), ckpt, seq(key_dim), cov],
+        out_specs=[seq(key_dim), seq(), seq(), seq(), cov],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, F32)] + [jax.ShapeDtypeStruct(noise.shape, F32)] * 3
+                  + [jax.ShapeDtypeStruct((batch, heads, key_dim, key_dim), F32)],
+        interpret=interpret, name=name)(k, log_decay, noise, inv_beta, checkpoints, d_gains, d_final)
+
+
+def _padded(k, log_decay, noise, precision, multiple):
     # Padded steps observe nothing (k = 0, unit noise) and neither decay nor add noise.
     k, log_decay, noise = (pad_time(x, multiple) for x in (k, log_decay, noise))
-    inv_beta = pad_time(1.0 / precision, multiple, 1.0)
-    gains, final = covariance_kernel(k, log_decay, noise, inv_beta, p0, products=products, interpret=interpret)
-    return gains[:, :time], final
+    return k, log_decay, noise, pad_time(1.0 / precision, multiple, 1.0)
 
 
 @functools.lru_cache(maxsize=None)
 def _pass(chunk: int, products: str, interpret: bool):
-    """The pass as a `jax.custom_vjp` of ``(k, log_decay, noise, precision, P_0)``: the kernel on CUDA
-    (or in the interpreter), the chunked reference elsewhere; the derivative is the reference's."""
+    """The pass as a `jax.custom_vjp` of ``(k, log_decay, noise, precision, P_0)``: forward and backward
+    kernels on CUDA (or in the interpreter), the chunked reference and its derivative elsewhere. The
+    backward pass reruns the forward kernel for its checkpoints (``P`` at every block start) rather than
+    keeping them between the passes: the residuals are the inputs alone."""
+    multiple = max(chunk, SUB)
+
     def reference(k, log_decay, noise, precision, p0):
         return chunked.covariance_pass(k, k, log_decay, noise, precision, p0, chunk_size=chunk,
                                        variance=False)[:2]
 
-    return differentiated_by_reference(functools.partial(_kernel_path, multiple=max(chunk, SUB), products=products),
-                                       reference, interpret)
+    def kernels(k, log_decay, noise, precision, p0, interpret=False):
+        gains, final = covariance_kernel(*_padded(k, log_decay, noise, precision, multiple), p0,
+                                         products=products, interpret=interpret)
+        return gains[:, :k.shape[1]], final
+
+    def kernels_vjp(k, log_decay, noise, precision, p0, d_gains, d_final, interpret=False):
+        time = k.shape[1]
+        padded = _padded(k, log_decay, noise, precision, multiple)
+        checkpoints = covariance_kernel(*padded, p0, products=products, checkpoints=True, interpret=interpret)[2]
+        d_k, d_log_decay, d_noise, d_inv_beta, d_p0 = covariance_backward_kernel(
+            *padded, checkpoints, pad_time(d_gains, multiple), d_final, products=products, interpret=interpret)
+        return (d_k[:, :time], d_log_decay[:, :time], d_noise[:, :time],
+                -d_inv_beta[:, :time] / (precision * precision), d_p0)
+
+    def reference_vjp(k, log_decay, noise, precision, p0, d_gains, d_final):
+        return jax.vjp(reference, k, log_decay, noise, precision, p0)[1]((d_gains, d_final))
+
+    forward = on_gpu(kernels, reference, interpret)
+    backward = on_gpu(kernels_vjp, reference_vjp, interpret)
+
+    @jax.custom_vjp
+    def run(*args):
+        return forward(*args)
+
+    def fwd(*args):
+        return forward(*args), args
+
+    def bwd(args, cotangents):
+        return tuple(backward(*args, *cotangents))
+
+    run.defvjp(fwd, bwd)
+    return run
 
 
 def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, chunk_size=64,

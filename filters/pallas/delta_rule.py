@@ -77,9 +77,9 @@ def unit_lower_inverse_tile(strict):
     def body(i, inverse):
         n_row = jnp.sum(jnp.where(r == i, strict, 0.0), axis=0)           # N[i, :], over j
         new = -jnp.sum(n_row[:, None] * inverse, axis=0)                   # -sum_j N_ij X[j, :]
-        return jnp.where(r == i, new[None, :] + (c == i).astype(F32), inverse)
+        return jnp.where(r == i, new[None, :] + (c == i).astype(strict.dtype), inverse)
 
-    return lax.fori_loop(1, size, body, (r == c).astype(F32))
+    return lax.fori_loop(1, size, body, (r == c).astype(strict.dtype))
 
 
 def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots, reload, interpret):
