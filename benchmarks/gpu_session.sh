@@ -7,22 +7,26 @@
 # PHASES (default "tests,kernels,headline"; a call has 600 s, fla autotunes 70-150 s per op and shape
 # on its first call, so give the phases to two or three calls, carrying the caches between them):
 #   tests      tests/test_pallas.py on the GPU (the kernels for real against float64 recurrences)
+#   covtests   only its covariance tests (the covariance kernels, forward and backward)
 #   reference  benchmarks/fla_reference.py: fla's own outputs for tests/test_fla.py (copy the .npz to
 #              tests/data/fla_reference.npz and commit it)
 #   kernels    every kernel alone (the GLA ones included), the covariance pass in several of its forms
 #              (other launch settings for any phase: MBD_PALLAS_TUNING, filters/pallas/common.py)
+#   variants   the kernels in $KERNELS (default: the covariance backward, GLA's attention and chunk
+#              backward) alone under each launch setting or form of $VARIANTS (a JSON list of TUNING dicts)
 #   sweep      the delta rule's launch settings
 #   headline   benchmarks/gpu_kernels.py, every model at 4x4096x16x128 beside fla (and MesaNet)
 #   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128)
 #   training   the MQAR training step at d_model 512 (benchmarks/training_throughput.py)
 #   profile    Nsight Compute on the kernels that miss their targets (registers, occupancy, spills, pipes)
-# It installs the carried wheels into /tmp/site, restores the compilation caches from .cache/caches.tgz.*
-# if present (Triton's, with fla's autotuning results, and JAX's), and saves them into
-# OUT_DIR/caches.tgz.00, .01, ... (parts of 15 MB: the device returns files up to 16 MB; copy them to
-# .cache/ for the next call); it stops at SECONDS (default 540), keeping
-# what was measured (each step writes its files as it goes).
+# It installs the carried wheels into /tmp/site, restores fla's autotuning results from
+# .cache/caches.tgz.* if present, and saves them into OUT_DIR/caches.tgz.00, .01, ... (parts of 15 MB: the
+# device returns files up to 16 MB; copy them to .cache/ for the next call). Only Triton's
+# *.autotune.json files are kept: with the compiled kernels and JAX's cache the caches grew to 420 MB
+# (2026-12-01), more than a call returns; the autotuned configuration recompiles in seconds. It stops at
+# SECONDS (default 540), keeping what was measured (each step writes its files as it goes).
 set -u
-if [ $# -lt 1 ]; then sed -n 2,23p "$0"; exit 2; fi
+if [ $# -lt 1 ]; then sed -n 2,28p "$0"; exit 2; fi
 OUT_DIR=$1; BUDGET=${2:-540}; PHASES=,${3:-tests,kernels,headline},; START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 want() { [[ $PHASES == *,$1,* ]] && [ "$(left)" -gt 30 ]; }
@@ -33,11 +37,13 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 FL
 export TRITON_CACHE_DIR=/tmp/caches/triton JAX_COMPILATION_CACHE_DIR=/tmp/caches/jax
 mkdir -p /tmp/caches
 ls .cache/caches.tgz.* >/dev/null 2>&1 && cat .cache/caches.tgz.* | tar -xz -C /tmp/caches
-save() { tar -cz -C /tmp/caches . 2>/dev/null | split -b 15M -d - "$OUT_DIR/caches.tgz."; }
+save() { (cd /tmp/caches && find . -name '*.autotune.json' | tar -cz -T - 2>/dev/null) | split -b 15M -d - "$OUT_DIR/caches.tgz."; }
 trap save EXIT
 # On a GPU every kernel test of test_pallas.py compiles the kernels for real (no interpreter).
 want tests && timeout "$(cap 240)" python3 -m pytest -q -p no:cacheprovider tests/test_pallas.py \
     tests/test_packed.py -k "pallas" 2>&1 | tail -4 | tee "$OUT_DIR/tests.txt"
+want covtests && timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider tests/test_pallas.py -k covariance \
+    2>&1 | tail -4 | tee "$OUT_DIR/covtests.txt"
 want reference && timeout "$(cap 240)" python3 benchmarks/fla_reference.py --out "$OUT_DIR/fla_reference.npz" \
     2>&1 | tail -3
 if want kernels; then
@@ -49,6 +55,12 @@ if want kernels; then
                      {"covariance_pass": {"carry": "memory", "factor": "one_loop"},
                       "covariance_pass_ieee": {"factor": "two_loops"}}]' > "$OUT_DIR/covariance.jsonl" 2>&1
 fi
+DEFAULT_VARIANTS='[{}, {"covariance_pass_backward": {"carry": "memory"}, "gla_output": {"diagonal": "columns"}},
+  {"covariance_pass_backward": {"num_warps": 4}, "gla_attention": {"num_warps": 8}},
+  {"covariance_pass_backward": {"carry": "memory", "factor": "one_loop"}, "gla_chunk_backward": {"num_warps": 8}}]'
+want variants && timeout "$(cap 240)" python3 benchmarks/profile_kernels.py --time \
+    --kernels "${KERNELS:-covariance_pass,covariance_pass_backward,gla_attention,gla_chunk_backward}" \
+    --variants "${VARIANTS:-$DEFAULT_VARIANTS}" > "$OUT_DIR/variants.jsonl" 2>&1
 want sweep && timeout "$(cap 150)" python3 benchmarks/gpu_kernels.py --sweep --shapes 4x4096x16x128 \
     --repeats 10 > "$OUT_DIR/sweep.jsonl" 2>&1
 want headline && timeout "$(cap 480)" python3 benchmarks/gpu_kernels.py --shapes 4x4096x16x128 \

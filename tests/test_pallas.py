@@ -188,7 +188,8 @@ def _kalman_covariance(k, log_decay, noise, beta, p0):
                          ids=["kernel", "kernel_ieee", "reference"])
 def test_covariance_pass(interpret, dot_precision):
     """Gains, final covariance and every gradient (the backward kernel's, through its checkpoints; T = 48
-    with chunks of 32: the last padded) against the float64 step-by-step recursion."""
+    with chunks of 32: the last padded) against the float64 step-by-step recursion. The two products
+    take their own TUNING forms: "highest" the backward with dP through memory and the one-loop factor."""
     _, k, _, _, log_decay, _ = _inputs()
     noise = RNG.uniform(0.0, 0.1, size=log_decay.shape)
     beta = RNG.uniform(0.5, 4.0, size=log_decay.shape)
@@ -227,7 +228,7 @@ def test_covariance_block_backward_is_the_blocks_derivative(one_loop):
     d_next = jnp.asarray(d_next + d_next.T)
     want = jax.vjp(block, *args)[1]((d_gains, d_next))
     blk = covariance._block(*args[:4], cov, 0.0, dot=dot, whitening=whitening)
-    got = covariance._block_backward(blk, k, noise, cov, d_gains, d_next, dot=dot)
+    got = covariance._block_backward(blk, k, noise, lambda: cov, d_gains, lambda: d_next, dot=dot)
     assert all(g.dtype == jnp.float64 for g in got)
     for i, (g, w) in enumerate(zip(got, want)):
         w = 0.5 * (w + w.T) if i == 4 else w
@@ -328,7 +329,7 @@ def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form, dot_precision
     products = "ieee" if dot_precision == "highest" else "tf32x3"
     name, backward = covariance.KERNEL_NAMES[products], covariance.BACKWARD_NAMES[products]
     monkeypatch.setitem(common.TUNING, name, {**common.TUNING[name], **form})
-    monkeypatch.setitem(common.TUNING, backward, {**common.TUNING[backward], "factor": form["factor"]})
+    monkeypatch.setitem(common.TUNING, backward, {**common.TUNING[backward], **form})
     sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     call = lambda k, ld, n, bt, p: covariance.covariance_pass(None, k, ld, n, bt, p, dot_precision=dot_precision)[:2]
     shapes = (sd(2, 64, 2, 128), sd(2, 64, 2), sd(2, 64, 2), sd(2, 64, 2), sd(2, 2, 128, 128))

@@ -93,8 +93,8 @@ TUNING = {
     "covariance_pass_ieee": dict(num_warps=8, carry="memory", factor="one_loop"),           # precision="highest"
     # Its backward kernel (the blocks in reverse from the checkpoints, the cotangent of P in registers):
     # not yet measured; the factor of each products' forward.
-    "covariance_pass_backward": dict(num_warps=8, factor="two_loops"),
-    "covariance_pass_backward_ieee": dict(num_warps=8, factor="one_loop"),
+    "covariance_pass_backward": dict(num_warps=8, carry="registers", factor="two_loops"),
+    "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", factor="one_loop"),
     # Not yet measured on a GPU: the channel-wise output in two passes (A through memory, then full-tile
     # products; "fused": one kernel of 16-row products, the form measured at 4.54 ms forward), and the
     # backward rerunning the state pass (as flash-linear-attention does) rather than keeping the chunk

@@ -146,7 +146,9 @@ def _block(k, log_decay, noise, inv_beta, cov, scale, *, dot, whitening):
 
 def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
     """The cotangents of one block's inputs ``(k, log_decay, noise, inv_beta, P_c)`` from those of its
-    gains and of ``P_{c+1}`` (symmetric), ``blk`` being `_block`'s intermediates from ``P_c = cov``.
+    gains and of ``P_{c+1}`` (symmetric), ``blk`` being `_block`'s intermediates from ``P_c``. ``cov`` and
+    ``d_next`` are functions that return ``P_c`` and ``dP_{c+1}`` (``K x K``): each use loads them anew,
+    so that a kernel need not hold them in registers through the block.
 
     Reverse mode through the module doc's formulas, last first: ``P_{c+1}`` gives ``dP_c = gamma_C^2
     dP_{c+1}``, ``dZ = -2 Z dP_{c+1}``; ``Z``, the gains and ``U = X M`` give ``dX``, ``dM`` and the
@@ -155,16 +157,15 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
     triangle with its diagonal halved; then ``Sigma = M G^T + E * (K K^T) + diag(1 / beta)``, ``M = G P_c``
     and the decay terms, whose exponents are all differences of ``b = cumsum(log a)``."""
     r, c = iota2(k.shape[0])
-    rk, ck = iota2(cov.shape[0])
+    rk, ck = iota2(blk["kg_p"].shape[1])
     last = lax.broadcasted_iota(jnp.int32, (k.shape[0],), 0) == k.shape[0] - 1
     gamma, decay, alpha, whiten, pivots = blk["gamma"], blk["decay"], blk["alpha"], blk["whiten"], blk["pivots"]
     lower = c <= r
     g_last = jnp.exp(blk["b_last"])
-    # P_{c+1} = gamma_C^2 P_c + alpha_C I - Z^T Z
-    d_cov = g_last * g_last * d_next
-    d_b_last = 2.0 * g_last * g_last * jnp.sum(cov * d_next)
-    d_alpha_last = jnp.sum(jnp.where(rk == ck, d_next, 0.0))
-    d_z = -2.0 * dot(blk["z"], d_next)
+    # P_{c+1} = gamma_C^2 P_c + alpha_C I - Z^T Z (its first term's cotangent is added last)
+    d_b_last = 2.0 * g_last * g_last * jnp.sum(cov() * d_next())
+    d_alpha_last = jnp.sum(jnp.where(rk == ck, d_next(), 0.0))
+    d_z = -2.0 * dot(blk["z"], d_next())
     # Z = gamma_C U + X (K * tail)
     d_u = g_last * d_z
     d_b_last += g_last * jnp.sum(blk["kt_p"] * d_z)
@@ -202,8 +203,8 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
     d_k += 2.0 * dot(d_sigma * blk["spread"], k)
     d_spread = d_sigma * blk["gram"]
     # M = G P_c (P_c symmetric), G = K gamma
-    d_g += dot(d_m, cov)
-    d_cov += dot(blk["k_gamma"], d_m, ((0,), (0,)))
+    d_g += dot(d_m, cov())
+    d_cov = g_last * g_last * d_next() + dot(blk["k_gamma"], d_m, ((0,), (0,)))
     d_k += d_g * gamma[:, None]
     d_gamma += jnp.sum(d_g * k, axis=1)
     # E = R alpha_j below the diagonal and its mirror above (dE symmetric: the lower part counts twice)
@@ -273,31 +274,46 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
 
 
 def _covariance_backward_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, ckpt_ref, dgains_ref, dpf_ref,
-                                dk_ref, dld_ref, dnoise_ref, dinv_beta_ref, dp0_ref, *, one_loop, dot):
+                                dk_ref, dld_ref, dnoise_ref, dinv_beta_ref, dp0_ref, *, in_memory, one_loop, dot,
+                                interpret):
     """The blocks in reverse: each recomputed from its checkpoint ``P_c``, then `_block_backward` turns
-    the cotangent of ``P_{c+1}`` (carried in registers) and of the block's gains into the block's input
-    cotangents and that of ``P_c``."""
+    the cotangent of ``P_{c+1}`` and of the block's gains into the block's input cotangents and that of
+    ``P_c``. The cotangent ``dP`` is carried in registers, or (``in_memory``) in the output block ``dP_0``,
+    loaded where it is used; ``P_c`` is loaded from the checkpoints where it is used."""
     n = k_ref.shape[0] // SUB
     whitening = whitening_tile if one_loop else _whitening_two_loops
+    barrier = (lambda: None) if interpret else pltriton.debug_barrier
 
     def body(j, d_next):
         i = n - 1 - j
         t0 = pl.multiple_of(i * SUB, SUB)
         k = rows(k_ref, t0, SUB).astype(F32)
         noise = rows(noise_ref, t0, SUB)
-        cov = ckpt_ref[i]
-        blk = _block(k, rows(ld_ref, t0, SUB), noise, rows(inv_beta_ref, t0, SUB), cov, 0.0, dot=dot,
+        cov = lambda: ckpt_ref[i]
+        blk = _block(k, rows(ld_ref, t0, SUB), noise, rows(inv_beta_ref, t0, SUB), cov(), 0.0, dot=dot,
                      whitening=whitening)
-        d_k, d_ld, d_noise, d_inv_beta, d_cov = _block_backward(blk, k, noise, cov, rows(dgains_ref, t0, SUB),
-                                                                d_next, dot=dot)
+        d_k, d_ld, d_noise, d_inv_beta, d_cov = _block_backward(
+            blk, k, noise, cov, rows(dgains_ref, t0, SUB), (lambda: dp0_ref[...]) if in_memory else (lambda: d_next),
+            dot=dot)
         dk_ref[pl.ds(t0, SUB), :] = d_k
         dld_ref[pl.ds(t0, SUB)] = d_ld
         dnoise_ref[pl.ds(t0, SUB)] = d_noise
         dinv_beta_ref[pl.ds(t0, SUB)] = d_inv_beta
-        return d_cov
+        if not in_memory:
+            return d_cov
+        barrier()                                 # every thread has read dP before any overwrites it
+        dp0_ref[...] = d_cov
+        barrier()
+        return d_next
 
-    d_next = dpf_ref[...]
-    dp0_ref[...] = lax.fori_loop(0, n, body, 0.5 * (d_next + d_next.T))
+    d_final = dpf_ref[...]
+    d_final = 0.5 * (d_final + d_final.T)
+    if in_memory:
+        dp0_ref[...] = d_final
+        barrier()
+        lax.fori_loop(0, n, body, jnp.zeros((), F32))
+    else:
+        dp0_ref[...] = lax.fori_loop(0, n, body, d_final)
 
 
 KERNEL_NAMES = {"tf32x3": "covariance_pass", "ieee": "covariance_pass_ieee"}   # their TUNING entries
@@ -353,8 +369,9 @@ def covariance_backward_kernel(k, log_decay, noise, inv_beta, checkpoints, d_gai
     batch, time, heads, key_dim = k.shape
     seq, cov, ckpt = _specs(k)
     name = BACKWARD_NAMES[products]
-    kernel = functools.partial(_covariance_backward_kernel, one_loop=tuning(name, "factor") == "one_loop",
-                               dot=_products(products, interpret))
+    kernel = functools.partial(_covariance_backward_kernel, in_memory=tuning(name, "carry") == "memory",
+                               one_loop=tuning(name, "factor") == "one_loop", dot=_products(products, interpret),
+                               interpret=interpret)
     return launch(
         kernel, grid=(batch, heads),
         in_specs=[seq(key_dim), seq(), seq(), seq(), ckpt, seq(key_dim), cov],
