@@ -314,6 +314,12 @@ def test_kernels_lower_for_cuda():
     assert _triton_calls(lambda k, ld, n, bt, p: covariance.covariance_pass(None, k, ld, n, bt, p)[:2],
                          seq, gate, gate, gate, state) == 1
 
+    def covariance_loss(k, ld, n, bt, p):      # bf16 keys: the kernels' cotangents come back in k's dtype
+        gains, final, _ = covariance.covariance_pass(None, k, ld, n, bt, p)
+        return jnp.sum(gains) + jnp.sum(final)
+
+    assert _triton_calls(jax.grad(covariance_loss, argnums=(0, 1, 2, 3, 4)), seq, gate, gate, gate, state) == 2
+
 
 def test_covariance_kernel_refuses_unknown_products():
     args = [jnp.zeros((1, 16, 1, 16)), *([jnp.zeros((1, 16, 1))] * 3), jnp.eye(16)[None, None]]

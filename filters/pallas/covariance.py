@@ -410,8 +410,9 @@ def _pass(chunk: int, products: str, interpret: bool):
         checkpoints = covariance_kernel(*padded, p0, products=products, checkpoints=True, interpret=interpret)[2]
         d_k, d_log_decay, d_noise, d_inv_beta, d_p0 = covariance_backward_kernel(
             *padded, checkpoints, pad_time(d_gains, multiple), d_final, products=products, interpret=interpret)
-        return (d_k[:, :time], d_log_decay[:, :time], d_noise[:, :time],
-                -d_inv_beta[:, :time] / (precision * precision), d_p0)
+        grads = (d_k[:, :time], d_log_decay[:, :time], d_noise[:, :time],
+                 -d_inv_beta[:, :time] / (precision * precision), d_p0)
+        return tuple(g.astype(a.dtype) for g, a in zip(grads, (k, log_decay, noise, precision, p0)))
 
     def reference_vjp(k, log_decay, noise, precision, p0, d_gains, d_final):
         return jax.vjp(reference, k, log_decay, noise, precision, p0)[1]((d_gains, d_final))
