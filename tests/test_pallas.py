@@ -346,7 +346,8 @@ def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form, dot_precision
         lowering_platforms=("cuda",)).as_text()
     assert lowered.count("xla.gpu.triton") == 2
     assert f'name = "{name}"' in lowered and f'name = "{backward}"' in lowered
-    assert "cholesky" not in lowered.lower() and "triangular_solve" not in lowered   # no reference left
+    # no reference left: its Cholesky factors (cuSOLVER's potrf) and triangular solves
+    assert "potrf" not in lowered and "stablehlo.triangular_solve" not in lowered
 
 
 @pytest.mark.parametrize("key_dim, value_dim, chunk", [(16, 16, 16), (32, 128, 32), (128, 64, 128), (128, 128, 64),
@@ -463,6 +464,19 @@ def test_the_filter_lowered_for_cuda_holds_the_kernels():
     gla_args = args[:3] + (sd(2, 128, 2, 64, dtype=jnp.float32),)
     assert _triton_calls(gla_loss, *gla_args) == 3                                    # state, A, readout
     assert _triton_calls(jax.grad(gla_loss, argnums=(0, 1, 2, 3)), *gla_args) == 6    # + state, reverse, chunk
+
+    bayesian_filter = filters.compile(dm.bayesian(), backend="pallas")
+
+    def bayesian_loss(q, k, v, log_decay, beta):
+        return jnp.sum(bayesian_filter(q, k, v, log_decay=log_decay, beta=beta, validate=False)[0].astype(jnp.float32))
+
+    assert _triton_calls(bayesian_loss, *args) == 4      # the covariance pass, then the delta rule's three
+    # the gradient: the covariance pass rerun for its checkpoints and its backward kernel, the delta rule's
+    # six and its forward's prepare; no Cholesky factor of the reference's
+    lowered = jax.jit(jax.grad(bayesian_loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert lowered.count("xla.gpu.triton") == 9 and 'name = "covariance_pass_backward"' in lowered
+    assert "potrf" not in lowered and "stablehlo.triangular_solve" not in lowered
 
 
 def test_auto_picks_the_kernels_on_a_gpu_where_they_were_measured_faster():
