@@ -91,9 +91,10 @@ TUNING = {
     # with P through memory and the one-loop factor; the gains' error against float64 4.3-5.2e-7 in all.
     "covariance_pass": dict(num_warps=8, carry="registers", factor="two_loops"),           # TF32x3
     "covariance_pass_ieee": dict(num_warps=8, carry="memory", factor="one_loop"),           # precision="highest"
-    # Its backward kernel (the blocks in reverse from the checkpoints, the cotangent of P in registers):
-    # not yet measured; the factor of each products' forward.
-    "covariance_pass_backward": dict(num_warps=8, carry="registers", factor="two_loops"),
+    # Its backward kernel (the blocks in reverse from the checkpoints), 2026-12-01: with dP through memory
+    # the Bayesian Layer's program compiles in 28 s and runs 6.23 / 36.0 ms forward / forward+backward;
+    # with dP in registers Triton's compile did not end within 230 s, twice (K x K tiles spilling).
+    "covariance_pass_backward": dict(num_warps=8, carry="memory", factor="two_loops"),
     "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", factor="one_loop"),
     # Not yet measured on a GPU: the channel-wise output in two passes (A through memory, then full-tile
     # products; "fused": one kernel of 16-row products, the form measured at 4.54 ms forward), and the

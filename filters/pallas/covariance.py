@@ -20,8 +20,9 @@ float32's accuracy: three TF32 products on the tensor cores (``a_hi b_hi + a_hi 
 measured as accurate as IEEE products here and 13x faster on an H200, or IEEE float32 products with
 ``precision="highest"``. `TUNING` holds the launch and form of each (docs/results/gpu_kernels.md).
 
-The backward kernel walks the blocks in reverse, one program per head with the cotangent ``dP`` of the
-covariance in registers. It needs every block's ``P_c``: the backward pass first reruns the forward
+The backward kernel walks the blocks in reverse, one program per head, the cotangent ``dP`` of the
+covariance carried through its output block (``TUNING carry="memory"``; in registers, Triton's compile
+of the K = 128 kernel did not end within minutes on an H200). It needs every block's ``P_c``: the backward pass first reruns the forward
 kernel, which then also stores ``P_c`` at each block start (``[B, H, T/16, K, K]`` float32, held only
 during the backward pass; 1 GiB at B4 T4096 H16 K128), rather than keeping them from the forward pass.
 Each block is recomputed from its ``P_c`` (`_block`) and differentiated by hand (`_block_backward`: the
