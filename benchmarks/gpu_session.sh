@@ -57,9 +57,9 @@ if want kernels; then
                      {"covariance_pass": {"carry": "memory", "factor": "one_loop"},
                       "covariance_pass_ieee": {"factor": "two_loops"}}]' > "$OUT_DIR/covariance.jsonl" 2>&1
 fi
-DEFAULT_VARIANTS='[{}, {"covariance_pass_backward": {"carry": "memory"}, "gla_output": {"diagonal": "columns"}},
+DEFAULT_VARIANTS='[{}, {"covariance_pass": {"block": 32}, "gla_output": {"diagonal": "columns"}},
   {"covariance_pass_backward": {"num_warps": 4}, "gla_attention": {"num_warps": 8}},
-  {"covariance_pass_backward": {"carry": "memory", "factor": "one_loop"}, "gla_chunk_backward": {"num_warps": 8}}]'
+  {"covariance_pass_backward": {"factor": "one_loop"}, "gla_chunk_backward": {"num_warps": 8}}]'
 want variants && timeout "$(cap 240)" python3 benchmarks/profile_kernels.py --time \
     --kernels "${KERNELS:-covariance_pass,covariance_pass_backward,gla_attention,gla_chunk_backward}" \
     --variants "${VARIANTS:-$DEFAULT_VARIANTS}" > "$OUT_DIR/variants.jsonl" 2>&1

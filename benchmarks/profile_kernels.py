@@ -62,8 +62,15 @@ def kernel_calls(shape, seed=0):
     noise = jnp.full(log_decay.shape, 0.01, jnp.float32)
     inv_beta = 1.0 / (0.5 + 3.5 * jax.nn.sigmoid(normal(7, (batch, time_, heads))))
     cov_args = (k, log_decay, noise, inv_beta, s0 + jnp.eye(dim, dtype=jnp.float32))
-    checkpoints = covariance.covariance_kernel(*cov_args, checkpoints=True, interpret=interpret)[2]
     d_gains = normal(6, (batch, time_, heads, dim))
+
+    def covariance_backward(k, log_decay, noise, inv_beta, p0, d_gains, d_final):
+        """The covariance pass's backward as the layer runs it: the forward kernel rerun for its
+        checkpoints (under the variant's block size), then the backward kernel."""
+        checkpoints = covariance.covariance_kernel(k, log_decay, noise, inv_beta, p0, checkpoints=True,
+                                                   interpret=interpret)[2]
+        return covariance.covariance_backward_kernel(k, log_decay, noise, inv_beta, checkpoints, d_gains, d_final,
+                                                     interpret=interpret)
     part = functools.partial
     return {
         "delta_rule_prepare": (part(delta_rule.prepare_kernel, **opts), (k, w, v, b)),
@@ -83,8 +90,7 @@ def kernel_calls(shape, seed=0):
         "gla_chunk_backward": (part(gla.chunk_backward_kernel, **opts), (q, k, v, bk, h_gla, g_gla, dy)),
         "covariance_pass": (part(covariance.covariance_kernel, products="tf32x3", interpret=interpret), cov_args),
         "covariance_pass_ieee": (part(covariance.covariance_kernel, products="ieee", interpret=interpret), cov_args),
-        "covariance_pass_backward": (part(covariance.covariance_backward_kernel, products="tf32x3", interpret=interpret),
-                                     (*cov_args[:4], checkpoints, d_gains, s0)),
+        "covariance_pass_backward": (covariance_backward, (*cov_args, d_gains, s0)),   # with its checkpointing forward
     }
 
 

@@ -184,12 +184,16 @@ def _kalman_covariance(k, log_decay, noise, beta, p0):
     return jnp.moveaxis(gains, 0, 1), final
 
 
-@pytest.mark.parametrize("interpret, dot_precision", [(True, "default"), (True, "highest"), (False, "default")],
-                         ids=["kernel", "kernel_ieee", "reference"])
-def test_covariance_pass(interpret, dot_precision):
+@pytest.mark.parametrize("interpret, dot_precision, block", [(True, "default", 16), (True, "highest", 16),
+                                                            (True, "default", 32), (False, "default", 16)],
+                         ids=["kernel", "kernel_ieee", "kernel_blocks_of_32", "reference"])
+def test_covariance_pass(monkeypatch, interpret, dot_precision, block):
     """Gains, final covariance and every gradient (the backward kernel's, through its checkpoints; T = 48
     with chunks of 32: the last padded) against the float64 step-by-step recursion. The two products
-    take their own TUNING forms: "highest" the backward with dP through memory and the one-loop factor."""
+    take their own TUNING forms: "highest" the backward with dP through memory and the one-loop factor;
+    blocks of 16 or 32 steps."""
+    name = covariance.KERNEL_NAMES["ieee" if dot_precision == "highest" else "tf32x3"]
+    monkeypatch.setitem(common.TUNING, name, {**common.TUNING[name], "block": block})
     _, k, _, _, log_decay, _ = _inputs()
     noise = RNG.uniform(0.0, 0.1, size=log_decay.shape)
     beta = RNG.uniform(0.5, 4.0, size=log_decay.shape)
@@ -321,14 +325,18 @@ def test_kernels_lower_for_cuda():
     assert _triton_calls(jax.grad(covariance_loss, argnums=(0, 1, 2, 3, 4)), seq, gate, gate, gate, state) == 2
 
 
-def test_covariance_kernel_refuses_unknown_products():
+def test_covariance_kernel_refuses_unknown_products_and_block_sizes(monkeypatch):
     args = [jnp.zeros((1, 16, 1, 16)), *([jnp.zeros((1, 16, 1))] * 3), jnp.eye(16)[None, None]]
     with pytest.raises(ValueError, match="products='tf32'.*accepted: 'tf32x3', 'ieee'"):
         covariance.covariance_kernel(*args, products="tf32", interpret=True)
+    monkeypatch.setitem(common.TUNING, "covariance_pass", {**common.TUNING["covariance_pass"], "block": 64})
+    with pytest.raises(ValueError, match="'block'.* = 64; accepted: 16 or 32"):
+        covariance.covariance_kernel(*args, interpret=True)
 
 
 @pytest.mark.parametrize("dot_precision", ["default", "highest"])
-@pytest.mark.parametrize("form", [dict(carry="memory", factor="one_loop"), dict(carry="registers", factor="two_loops")])
+@pytest.mark.parametrize("form", [dict(carry="memory", factor="one_loop"), dict(carry="registers", factor="two_loops"),
+                                  dict(carry="memory", factor="two_loops", block=32)])
 def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form, dot_precision):
     """Each form lowered for CUDA on this CPU, forward and gradient: the gradient's program holds the
     forward kernel (storing its checkpoints) and the backward kernel, both named, no reference."""

@@ -94,6 +94,8 @@ TUNING = {
     # Its backward kernel (the blocks in reverse from the checkpoints), 2026-12-01: with dP through memory
     # the Bayesian Layer's program compiles in 28 s and runs 6.23 / 36.0 ms forward / forward+backward;
     # with dP in registers Triton's compile did not end within 230 s, twice (K x K tiles spilling).
+    # Blocks of 32 steps (``"block": 32`` in covariance_pass; the backward follows its checkpoints) halve
+    # the sequential chain of both passes; tested, not yet timed.
     "covariance_pass_backward": dict(num_warps=8, carry="memory", factor="two_loops"),
     "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", factor="one_loop"),
     # Not yet measured on a GPU: the channel-wise output in two passes (A through memory, then full-tile

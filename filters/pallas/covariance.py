@@ -3,7 +3,7 @@
 With a scalar (or no) decay and isotropic noise ``Q_t = q_t I`` the covariance recursion never sees the
 values, so it runs first and hands the gains ``Kg_t`` to the delta-rule kernels (erase key ``k``, write
 key ``Kg``). One program carries one head's ``P [K, K]`` (float32, in registers or through its output
-block) through the sequence in blocks of 16 steps. For a block starting from ``P_c`` (``b_i`` the log
+block) through the sequence in blocks of 16 steps (or 32: ``TUNING[...]["block"]``, not yet timed). For a block starting from ``P_c`` (``b_i`` the log
 decay accumulated in the block, ``gamma_i = exp(b_i)``, ``R_ij = exp(b_i - b_j)`` for ``j <= i``,
 ``alpha_i = sum_{m<=i} q_m R_im^2`` the noise accumulated since the block start)::
 
@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from filters import chunked
-from filters.pallas.common import (SUB, exact_dot, iota2, launch, masked_exp,
+from filters.pallas.common import (SUB, TUNING, exact_dot, iota2, launch, masked_exp,
                                    on_gpu, pad_time, pltriton, rows, spec, tuning)
 from filters.pallas.delta_rule import unit_lower_inverse_tile
 
@@ -229,9 +229,8 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
 
 
 def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *ckpt_ref,
-                       in_memory, one_loop, dot, interpret):
-    n = k_ref.shape[0] // SUB
-    r, c = iota2(SUB)
+                       size, in_memory, one_loop, dot, interpret):
+    n = k_ref.shape[0] // size
     whitening = whitening_tile if one_loop else _whitening_two_loops
     barrier = (lambda: None) if interpret else pltriton.debug_barrier
     key_dim = p0_ref.shape[-1]
@@ -247,11 +246,11 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
         if ckpt_ref:
             rk, ck = iota2(key_dim)
             ckpt_ref[0][i] = cov + jnp.where(rk == ck, scale, 0.0)
-        t0 = pl.multiple_of(i * SUB, SUB)
-        k = rows(k_ref, t0, SUB).astype(F32)
-        blk = _block(k, rows(ld_ref, t0, SUB), rows(noise_ref, t0, SUB), rows(inv_beta_ref, t0, SUB), cov,
+        t0 = pl.multiple_of(i * size, size)
+        k = rows(k_ref, t0, size).astype(F32)
+        blk = _block(k, rows(ld_ref, t0, size), rows(noise_ref, t0, size), rows(inv_beta_ref, t0, size), cov,
                      scale, dot=dot, whitening=whitening)
-        gains_ref[pl.ds(t0, SUB), :] = blk["gains"]
+        gains_ref[pl.ds(t0, size), :] = blk["gains"]
         end = jnp.exp(2.0 * blk["b_last"])
         scale = end * scale + blk["alpha_last"]
         z = blk["z"]
@@ -275,31 +274,31 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
 
 
 def _covariance_backward_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, ckpt_ref, dgains_ref, dpf_ref,
-                                dk_ref, dld_ref, dnoise_ref, dinv_beta_ref, dp0_ref, *, in_memory, one_loop, dot,
-                                interpret):
+                                dk_ref, dld_ref, dnoise_ref, dinv_beta_ref, dp0_ref, *, size, in_memory, one_loop,
+                                dot, interpret):
     """The blocks in reverse: each recomputed from its checkpoint ``P_c``, then `_block_backward` turns
     the cotangent of ``P_{c+1}`` and of the block's gains into the block's input cotangents and that of
     ``P_c``. The cotangent ``dP`` is carried in registers, or (``in_memory``) in the output block ``dP_0``,
     loaded where it is used; ``P_c`` is loaded from the checkpoints where it is used."""
-    n = k_ref.shape[0] // SUB
+    n = k_ref.shape[0] // size
     whitening = whitening_tile if one_loop else _whitening_two_loops
     barrier = (lambda: None) if interpret else pltriton.debug_barrier
 
     def body(j, d_next):
         i = n - 1 - j
-        t0 = pl.multiple_of(i * SUB, SUB)
-        k = rows(k_ref, t0, SUB).astype(F32)
-        noise = rows(noise_ref, t0, SUB)
+        t0 = pl.multiple_of(i * size, size)
+        k = rows(k_ref, t0, size).astype(F32)
+        noise = rows(noise_ref, t0, size)
         cov = lambda: ckpt_ref[i]
-        blk = _block(k, rows(ld_ref, t0, SUB), noise, rows(inv_beta_ref, t0, SUB), cov(), 0.0, dot=dot,
+        blk = _block(k, rows(ld_ref, t0, size), noise, rows(inv_beta_ref, t0, size), cov(), 0.0, dot=dot,
                      whitening=whitening)
         d_k, d_ld, d_noise, d_inv_beta, d_cov = _block_backward(
-            blk, k, noise, cov, rows(dgains_ref, t0, SUB), (lambda: dp0_ref[...]) if in_memory else (lambda: d_next),
+            blk, k, noise, cov, rows(dgains_ref, t0, size), (lambda: dp0_ref[...]) if in_memory else (lambda: d_next),
             dot=dot)
-        dk_ref[pl.ds(t0, SUB), :] = d_k
-        dld_ref[pl.ds(t0, SUB)] = d_ld
-        dnoise_ref[pl.ds(t0, SUB)] = d_noise
-        dinv_beta_ref[pl.ds(t0, SUB)] = d_inv_beta
+        dk_ref[pl.ds(t0, size), :] = d_k
+        dld_ref[pl.ds(t0, size)] = d_ld
+        dnoise_ref[pl.ds(t0, size)] = d_noise
+        dinv_beta_ref[pl.ds(t0, size)] = d_inv_beta
         if not in_memory:
             return d_cov
         barrier()                                 # every thread has read dP before any overwrites it
@@ -326,26 +325,37 @@ def _check_products(products):
         raise ValueError(f"covariance_kernel(products={products!r}); accepted: {', '.join(map(repr, KERNEL_NAMES))}")
 
 
-def _specs(k):
+def block_size(products: str) -> int:
+    """Steps per block of the covariance kernels (``TUNING[...]["block"]``, 16 or 32; 16 unless set): the
+    forward kernel's, which its checkpoints, and so the backward kernel, follow."""
+    size = tuning(KERNEL_NAMES[products], "block") or SUB
+    if size not in (16, 32):
+        raise ValueError(f"TUNING[{KERNEL_NAMES[products]!r}]['block'] = {size!r}; accepted: 16 or 32")
+    return size
+
+
+def _specs(k, size):
     batch, time, heads, key_dim = k.shape
     seq = lambda *d: spec((None, time, None, *d), lambda i, h: (i, 0, h, *(0 for _ in d)))
     cov = spec((None, None, key_dim, key_dim), lambda i, h: (i, h, 0, 0))
-    ckpt = spec((None, None, time // SUB, key_dim, key_dim), lambda i, h: (i, h, 0, 0, 0))
+    ckpt = spec((None, None, time // size, key_dim, key_dim), lambda i, h: (i, h, 0, 0, 0))
     return seq, cov, ckpt
 
 
 def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", checkpoints=False,
                       interpret=False):
-    """``k [B,T,H,K]``, ``log_decay, noise, inv_beta [B,T,H]`` float32 (T a multiple of 16), ``p0
-    [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``, float32, and with
-    ``checkpoints`` every block's starting covariance ``[B,H,T/16,K,K]`` (for the backward kernel).
+    """``k [B,T,H,K]``, ``log_decay, noise, inv_beta [B,T,H]`` float32 (T a multiple of the block size,
+    `block_size`), ``p0 [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``,
+    float32, and with ``checkpoints`` every block's starting covariance ``[B,H,T/block,K,K]`` (for the
+    backward kernel).
     ``products``: ``"tf32x3"`` or ``"ieee"`` (`_products`), each with its own launch and form in
     `TUNING` (``KERNEL_NAMES``: the two were measured best at different settings)."""
     _check_products(products)
     batch, time, heads, key_dim = k.shape
-    seq, cov, ckpt = _specs(k)
+    size = block_size(products)
+    seq, cov, ckpt = _specs(k, size)
     kernel = functools.partial(
-        _covariance_kernel, in_memory=tuning(KERNEL_NAMES[products], "carry") == "memory",
+        _covariance_kernel, size=size, in_memory=tuning(KERNEL_NAMES[products], "carry") == "memory",
         one_loop=tuning(KERNEL_NAMES[products], "factor") == "one_loop",
         dot=_products(products, interpret), interpret=interpret)
     outs = launch(
@@ -354,7 +364,7 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", c
         out_specs=[seq(key_dim), cov, spec((None, None, SUB), lambda i, h: (i, h, 0))] + [ckpt] * checkpoints,
         out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(p0.shape, F32),
                    jax.ShapeDtypeStruct((batch, heads, SUB), F32)]
-                  + [jax.ShapeDtypeStruct((batch, heads, time // SUB, key_dim, key_dim), F32)] * checkpoints,
+                  + [jax.ShapeDtypeStruct((batch, heads, time // size, key_dim, key_dim), F32)] * checkpoints,
         interpret=interpret, name=KERNEL_NAMES[products])(k, log_decay, noise, inv_beta, p0)
     gains, final, scale = outs[:3]
     final = final + scale[..., :1, None] * jnp.eye(key_dim, dtype=F32)
@@ -368,9 +378,10 @@ def covariance_backward_kernel(k, log_decay, noise, inv_beta, checkpoints, d_gai
     ``checkpoints``: one program per head walks the blocks backwards (`_covariance_backward_kernel`)."""
     _check_products(products)
     batch, time, heads, key_dim = k.shape
-    seq, cov, ckpt = _specs(k)
+    size = time // checkpoints.shape[2]                       # the forward kernel's blocks
+    seq, cov, ckpt = _specs(k, size)
     name = BACKWARD_NAMES[products]
-    kernel = functools.partial(_covariance_backward_kernel, in_memory=tuning(name, "carry") == "memory",
+    kernel = functools.partial(_covariance_backward_kernel, size=size, in_memory=tuning(name, "carry") == "memory",
                                one_loop=tuning(name, "factor") == "one_loop", dot=_products(products, interpret),
                                interpret=interpret)
     return launch(
@@ -389,12 +400,13 @@ def _padded(k, log_decay, noise, precision, multiple):
 
 
 @functools.lru_cache(maxsize=None)
-def _pass(chunk: int, products: str, interpret: bool):
+def _pass(chunk: int, products: str, interpret: bool, settings: tuple):
     """The pass as a `jax.custom_vjp` of ``(k, log_decay, noise, precision, P_0)``: forward and backward
     kernels on CUDA (or in the interpreter), the chunked reference and its derivative elsewhere. The
     backward pass reruns the forward kernel for its checkpoints (``P`` at every block start) rather than
-    keeping them between the passes: the residuals are the inputs alone."""
-    multiple = max(chunk, SUB)
+    keeping them between the passes: the residuals are the inputs alone. ``settings``: the kernels'
+    `TUNING` when called, a key of the cache only (JAX caches the traces of ``fwd`` and ``bwd``)."""
+    multiple = max(chunk, block_size(products))
 
     def reference(k, log_decay, noise, precision, p0):
         return chunked.covariance_pass(k, k, log_decay, noise, precision, p0, chunk_size=chunk,
@@ -456,6 +468,8 @@ def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, ch
     f32 = lambda x: x.astype(F32)
     log_decay = jnp.zeros(k.shape[:3], F32) if log_decay is None else f32(log_decay)
     products = "ieee" if dot_precision == "highest" else "tf32x3"
-    gains, final = _pass(chunk_size, products, interpret)(k, log_decay, f32(noise), f32(precision),
+    settings = tuple((name, tuple(sorted(TUNING.get(name, {}).items())))
+                     for name in (KERNEL_NAMES[products], BACKWARD_NAMES[products]))
+    gains, final = _pass(chunk_size, products, interpret, settings)(k, log_decay, f32(noise), f32(precision),
                                                f32(initial_covariance))
     return gains, final, None
