@@ -1,0 +1,141 @@
+"""The Pallas kernels under ``jax.vmap`` over a leading axis of runs, as the sweep engine trains a block of
+runs (`experiments.training.make_block_train_step`: ``jax.vmap`` of the one-run step over stacked
+parameters and optimizer states).
+
+``jax.vmap`` of a ``pallas_call`` runs the kernel on a grid with one more dimension (Pallas's batching
+rule), and the kernels' ``jax.custom_vjp``s batch their forward and backward functions. Tested here for the
+three kernel families, on a CPU: the kernels themselves in Pallas's interpreter, the vectorized loss and
+gradient against each run's own (a Python loop over the runs); the vectorized gradient traced on this CPU
+and lowered for CUDA holds the same Triton kernels as one run's, and no plain-JAX reference; and one step of
+the sweep engine's block, with the kernels in the interpreter, against each run's own step.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import designmodels as dm
+import filters
+from experiments import models, tasks, training
+from filters.pallas import lowering as pallas_lowering
+from tests.support import random_inputs
+
+RUNS = 3
+# one kernel family each: the delta rule (reset family), the channel-wise additive form (GLA), the covariance
+# pass feeding the delta rule (the Bayesian Layer)
+FAMILIES = {"gated_deltanet": dm.gated_deltanet(), "gla": dm.gla(), "bayesian": dm.bayesian(process_noise=0.05)}
+
+
+def _relative(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def _runs_inputs(model):
+    """``RUNS`` independent draws of ``(q, k, v, *gates)`` stacked on a leading run axis, float32; T = 21
+    crosses a chunk boundary of 16 and pads the last chunk."""
+    draws = [random_inputs(model, batch=1, time=21, heads=2, key_dim=16, value_dim=16, seed=s, dtype=np.float32)
+             for s in range(RUNS)]
+    names = sorted(draws[0][3])
+    stacked = [jnp.stack([jnp.asarray(d[i], jnp.float32) for d in draws]) for i in range(3)]
+    stacked += [jnp.stack([jnp.asarray(d[3][n], jnp.float32) for d in draws]) for n in names]
+    return names, stacked
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_vmapped_kernels_equal_each_run(name):
+    """``jax.vmap`` over runs of a loss on the kernels (in the interpreter), forward and ``jax.grad`` of every
+    input, equals the loss and gradient of each run alone."""
+    model = FAMILIES[name]
+    f = filters.compile(model, backend="pallas", chunk_size=16, precision="highest", interpret=True)
+    names, args = _runs_inputs(model)
+    weights = jnp.asarray(np.random.default_rng(7).normal(size=args[2].shape[1:]), jnp.float32)
+
+    def loss(q, k, v, *gates):
+        y, state = f(q, k, v, validate=False, **dict(zip(names, gates)))
+        loss = jnp.sum(y * weights) + jnp.sum(state.mean ** 2)
+        return loss if state.covariance is None else loss + jnp.sum(state.covariance)
+
+    value_and_grad = jax.value_and_grad(loss, argnums=tuple(range(len(args))))
+    together, together_grads = jax.jit(jax.vmap(value_and_grad))(*args)
+    one_run = jax.jit(value_and_grad)
+    for r in range(RUNS):
+        want, want_grads = one_run(*(x[r] for x in args))
+        assert _relative(together[r], want) < 1e-5
+        for got, want in zip(together_grads, want_grads):
+            assert _relative(got[r], want) < 1e-5
+    # the runs differ (a test of a block of equal runs could not tell the axis from a broadcast)
+    assert _relative(together[0], together[1]) > 1e-3
+
+
+def _lowered_for_cuda(fn, *shapes) -> str:
+    return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("name, kernels", [("gated_deltanet", 6), ("gla", 6), ("bayesian", 9)])
+def test_vmapped_gradient_lowered_for_cuda_holds_the_kernels(name, kernels):
+    """The gradient vectorized over runs, traced on this CPU and lowered for CUDA: as many Triton kernels as
+    one run's gradient (each launched on the grid that the run axis extends), the covariance pass's backward
+    kernel for the Bayesian Layer, and no plain-JAX reference (no cuSOLVER Cholesky, no triangular solve)."""
+    model = FAMILIES[name]
+    f = filters.compile(model, backend="pallas")
+    names = [spec.name for spec in model.structure.inputs]
+    sd = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+    gate = lambda n: sd(2, 128, 2, 64, dtype=jnp.float32) if (name == "gla" and n == "log_decay") \
+        else sd(2, 128, 2, dtype=jnp.float32)
+    one_run = [sd(2, 128, 2, 64)] * 3 + [gate(n) for n in names]
+    block = [sd(RUNS, *a.shape, dtype=a.dtype) for a in one_run]
+
+    def loss(q, k, v, *gates):
+        return jnp.sum(f(q, k, v, validate=False, **dict(zip(names, gates)))[0].astype(jnp.float32))
+
+    grad = jax.grad(loss, argnums=tuple(range(len(one_run))))
+    alone, together = _lowered_for_cuda(grad, *one_run), _lowered_for_cuda(jax.vmap(grad), *block)
+    assert alone.count("xla.gpu.triton") == together.count("xla.gpu.triton") == kernels
+    for text in (alone, together):
+        assert "potrf" not in text and "stablehlo.triangular_solve" not in text
+    if name == "bayesian":
+        assert 'name = "covariance_pass_backward"' in together
+
+
+@pytest.fixture
+def kernels_in_the_interpreter(monkeypatch):
+    """The ``"pallas"`` lowering with ``interpret=True`` wherever it runs, for a model whose layers ask for
+    ``backend="pallas"`` alone (a layer takes no lowering options). Compiled filters and traces are dropped
+    before and after, so that no program traced with the other setting is reused."""
+    run = pallas_lowering.LOWERING.run
+    monkeypatch.setattr(pallas_lowering.LOWERING, "run", functools.partial(run, interpret=True))
+    filters.compiler._compile_cached.cache_clear()
+    jax.clear_caches()
+    yield
+    filters.compiler._compile_cached.cache_clear()
+    jax.clear_caches()
+
+
+def test_a_block_step_on_the_kernels_is_each_runs_step(kernels_in_the_interpreter):
+    """The sweep engine's block of two runs (learning rate and seed differ) on the kernels in the interpreter:
+    one training step equals each run's own step, to the tolerances the chunked lowering's block meets
+    (tests/test_block.py: the forward pass bit for bit, the gradient to float32 round-off)."""
+    model = models.LanguageModel("gated_deltanet", 32, 16, num_layers=1, head_dim=16, backend="pallas")
+    x, y = tasks.mqar(32, 16, 2, 32, seed=0)
+    data = {"tokens": x, "labels": y}
+    runs = [training.TrainSettings(num_steps=4, batch_size=4, learning_rate=1e-2, warmup_steps=1, seed=0),
+            training.TrainSettings(num_steps=4, batch_size=4, learning_rate=3e-3, warmup_steps=1, seed=1)]
+    one, block = training.data_mesh(jax.devices()[:1]), training.block_mesh(2, jax.devices()[:1])
+    states = [training.init_state(model, s, data, one) for s in runs]
+    batches = [training.BatchSchedule(data, 4, s.seed)(0) for s in runs]
+    step = training.make_train_step(model, runs[0], one, donate=False)
+    block_step = training.make_block_train_step(model, runs[0], block, donate=False)
+    stacked, block_batch, active = training.stack_states(states, block), training.put_block_batch(batches, block), \
+        jnp.array([True, True])
+    assert "pallas_call" in str(jax.make_jaxpr(block_step)(stacked, block_batch, active))   # the kernels ran
+    alone = [step(state, training.put_batch(batch, one)) for state, batch in zip(states, batches)]
+    both, metrics = block_step(stacked, block_batch, active)
+    host = jax.device_get(metrics)
+    for r, (state, m) in enumerate(alone):
+        for key in ("loss", "accuracy", "learning_rate"):
+            np.testing.assert_allclose(host[key][r], m[key], rtol=1e-6, err_msg=key)
+        np.testing.assert_allclose(host["grad_norm"][r], m["grad_norm"], rtol=2e-5)
+        for a, b in zip(jax.tree.leaves(training.unstack_states(both)[r].params), jax.tree.leaves(state.params)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(np.max(np.abs(b))) + 1e-12)
