@@ -10,6 +10,7 @@ and lowered for CUDA holds the same Triton kernels as one run's, and no plain-JA
 the sweep engine's block, with the kernels in the interpreter, against each run's own step.
 """
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +19,10 @@ import pytest
 
 import designmodels as dm
 import filters
-from experiments import models, tasks, training
+from configs import mqar as mqar_config, recall as recall_config
+from experiments import models, mqar, recall, tasks, training
 from filters.pallas import lowering as pallas_lowering
-from tests.support import random_inputs
+from tests.support import random_inputs, smoke_config
 
 RUNS = 3
 # one kernel family each: the delta rule (reset family), the channel-wise additive form (GLA), the covariance
@@ -139,3 +141,79 @@ def test_a_block_step_on_the_kernels_is_each_runs_step(kernels_in_the_interprete
         np.testing.assert_allclose(host["grad_norm"][r], m["grad_norm"], rtol=2e-5)
         for a, b in zip(jax.tree.leaves(training.unstack_states(both)[r].params), jax.tree.leaves(state.params)):
             np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(np.max(np.abs(b))) + 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sweeps on the kernels: configs/mqar.py and configs/recall.py ask for backend="auto"
+
+
+_DELTA_RULE = {"delta_rule_prepare", "delta_rule_state", "delta_rule_output", "delta_rule_output_backward",
+               "delta_rule_state_backward", "delta_rule_chunk_backward"}
+BLOCK_STEP_KERNELS = {
+    "mamba2": {"additive_state", "delta_rule_output", "additive_state_backward", "delta_rule_output_backward",
+               "additive_chunk_backward"},
+    "gated_deltanet": _DELTA_RULE,
+    "bayesian": _DELTA_RULE | {"covariance_pass", "covariance_pass_backward"},
+}
+
+
+@pytest.mark.parametrize("name", BLOCK_STEP_KERNELS)
+def test_the_block_training_step_lowered_for_cuda_holds_the_kernels(name):
+    """The sweep engine's step of a block of two runs of an MQAR model (2 layers, d_model 64, heads of 64, as
+    configs/mqar.py at its smallest width), traced on this CPU on the backend that ``"auto"`` picks on a GPU
+    and lowered for CUDA: the Triton kernels forward and backward (the additive form, the delta rule, the
+    covariance pass feeding it), and no plain-JAX reference."""
+    backend = models.lowering_of(name, "auto", platform="gpu")
+    assert backend == "pallas"
+    model = models.LanguageModel(name, 64, 64, num_layers=2, head_dim=64, backend=backend)
+    x, y = tasks.mqar(64, 64, 4, 16, seed=0)
+    data = {"tokens": x, "labels": y}
+    runs = [training.TrainSettings(num_steps=4, batch_size=8, learning_rate=lr, warmup_steps=1, seed=seed)
+            for lr, seed in ((1e-3, 0), (1e-2, 1))]
+    one, block = training.data_mesh(jax.devices()[:1]), training.block_mesh(2, jax.devices()[:1])
+    states = [training.init_state(model, s, data, one) for s in runs]
+    batches = [training.BatchSchedule(data, 8, s.seed)(0) for s in runs]
+    block_step = training.make_block_train_step(model, runs[0], block, donate=False)
+    text = _lowered_for_cuda(block_step, training.stack_states(states, block),
+                             training.put_block_batch(batches, block), jnp.array([True, True]))
+    assert BLOCK_STEP_KERNELS[name] <= set(re.findall(r'name = "(\w+)"', text))
+    assert "potrf" not in text and "stablehlo.triangular_solve" not in text
+
+
+def test_auto_is_resolved_per_model_on_the_platform():
+    """`models.lowering_of`: ``"auto"`` as `filters.compile` resolves it for the model's design layers on the
+    platform; any other backend as asked; attention (no filter) as asked. Every design model of the MQAR and
+    recall sweeps, whose configs ask for ``"auto"``, runs the kernels on a GPU."""
+    assert models.lowering_of("gated_deltanet", "auto", platform="gpu") == "pallas"
+    assert models.lowering_of("gated_deltanet", "auto", platform="cpu") == "chunked"
+    assert models.lowering_of("bayesian_no_conv", "chunked", platform="gpu") == "chunked"
+    assert models.lowering_of("attention", "auto", platform="gpu") == "auto"
+    assert models.lowering_of("gla", "auto") == filters.compile(dm.gla(), backend="auto").backend
+    for module in (mqar_config, recall_config):
+        config = module.get_config()
+        assert config.backend == "auto"
+        assert {models.lowering_of(n, config.backend, platform="gpu") for n in config.models if n != "attention"} \
+            == {"pallas"}
+
+
+@pytest.mark.parametrize("app", ["mqar", "recall"])
+def test_a_run_records_the_backend_its_layers_run(tmp_path, app):
+    """With ``backend = "auto"`` a design model's run records, and its model is built on, the resolved backend
+    (``"pallas"`` on a GPU, ``"chunked"`` on a CPU), never ``"auto"``: on a CPU its identity is that of the
+    same run asked on ``"chunked"``, so a run folder made on ``chunked`` resumes (on a GPU it is refused, as
+    any changed backend is: tests/test_faults.py)."""
+    module, runs = {"mqar": (mqar_config, mqar.runs), "recall": (recall_config, recall.runs)}[app]
+    chunked = runs(smoke_config(module, backend="chunked"), str(tmp_path))
+    auto = runs(smoke_config(module, backend="auto"), str(tmp_path))
+    resolved = "pallas" if jax.default_backend() == "gpu" else "chunked"
+    design = 0
+    for asked_chunked, asked_auto in zip(chunked, auto):
+        assert asked_auto.folder == asked_chunked.folder
+        if asked_auto.description["model"] == "attention":      # no filter: the backend as asked
+            assert asked_auto.description["backend"] == asked_auto.model.backend == "auto"
+            continue
+        design += 1
+        assert asked_auto.description["backend"] == asked_auto.model.backend == resolved
+        if resolved == "chunked":
+            assert asked_auto.identity == asked_chunked.identity
+    assert design     # the smoke grids hold design models
