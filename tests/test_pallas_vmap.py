@@ -4,10 +4,12 @@ parameters and optimizer states).
 
 ``jax.vmap`` of a ``pallas_call`` runs the kernel on a grid with one more dimension (Pallas's batching
 rule), and the kernels' ``jax.custom_vjp``s batch their forward and backward functions. Tested here for the
-three kernel families, on a CPU: the kernels themselves in Pallas's interpreter, the vectorized loss and
+three kernel families: the kernels themselves (in Pallas's interpreter on a CPU), the vectorized loss and
 gradient against each run's own (a Python loop over the runs); the vectorized gradient traced on this CPU
 and lowered for CUDA holds the same Triton kernels as one run's, and no plain-JAX reference; and one step of
-the sweep engine's block, with the kernels in the interpreter, against each run's own step.
+the sweep engine's block on the kernels against each run's own step. Then the sweeps that ask for
+``backend="auto"`` (configs/mqar.py, configs/recall.py): the block training step of their models lowered for
+CUDA holds the kernels, and a run records the backend ``"auto"`` resolved to (`experiments.models.lowering_of`).
 """
 import functools
 import re
@@ -25,6 +27,9 @@ from filters.pallas import lowering as pallas_lowering
 from tests.support import random_inputs, smoke_config
 
 RUNS = 3
+# The kernels themselves: in Pallas's interpreter on a CPU, compiled by Triton on a GPU (as in
+# tests/test_pallas.py: `pytest tests/test_pallas_vmap.py` on a GPU runs the vectorized kernels for real).
+INTERPRET = jax.default_backend() != "gpu"
 # one kernel family each: the delta rule (reset family), the channel-wise additive form (GLA), the covariance
 # pass feeding the delta rule (the Bayesian Layer)
 FAMILIES = {"gated_deltanet": dm.gated_deltanet(), "gla": dm.gla(), "bayesian": dm.bayesian(process_noise=0.05)}
@@ -50,7 +55,7 @@ def test_vmapped_kernels_equal_each_run(name):
     """``jax.vmap`` over runs of a loss on the kernels (in the interpreter), forward and ``jax.grad`` of every
     input, equals the loss and gradient of each run alone."""
     model = FAMILIES[name]
-    f = filters.compile(model, backend="pallas", chunk_size=16, precision="highest", interpret=True)
+    f = filters.compile(model, backend="pallas", chunk_size=16, precision="highest", interpret=INTERPRET)
     names, args = _runs_inputs(model)
     weights = jnp.asarray(np.random.default_rng(7).normal(size=args[2].shape[1:]), jnp.float32)
 
@@ -102,12 +107,13 @@ def test_vmapped_gradient_lowered_for_cuda_holds_the_kernels(name, kernels):
 
 
 @pytest.fixture
-def kernels_in_the_interpreter(monkeypatch):
-    """The ``"pallas"`` lowering with ``interpret=True`` wherever it runs, for a model whose layers ask for
-    ``backend="pallas"`` alone (a layer takes no lowering options). Compiled filters and traces are dropped
-    before and after, so that no program traced with the other setting is reused."""
+def kernels_as_tested(monkeypatch):
+    """The ``"pallas"`` lowering with ``interpret=INTERPRET`` wherever it runs (the kernels, not their
+    references, on a CPU too), for a model whose layers ask for ``backend="pallas"`` alone (a layer takes no
+    lowering options). Compiled filters and traces are dropped before and after, so that no program traced
+    with the other setting is reused."""
     run = pallas_lowering.LOWERING.run
-    monkeypatch.setattr(pallas_lowering.LOWERING, "run", functools.partial(run, interpret=True))
+    monkeypatch.setattr(pallas_lowering.LOWERING, "run", functools.partial(run, interpret=INTERPRET))
     filters.compiler._compile_cached.cache_clear()
     jax.clear_caches()
     yield
@@ -115,10 +121,12 @@ def kernels_in_the_interpreter(monkeypatch):
     jax.clear_caches()
 
 
-def test_a_block_step_on_the_kernels_is_each_runs_step(kernels_in_the_interpreter):
-    """The sweep engine's block of two runs (learning rate and seed differ) on the kernels in the interpreter:
-    one training step equals each run's own step, to the tolerances the chunked lowering's block meets
-    (tests/test_block.py: the forward pass bit for bit, the gradient to float32 round-off)."""
+def test_a_block_step_on_the_kernels_is_each_runs_step(kernels_as_tested):
+    """The sweep engine's block of two runs (learning rate and seed differ) on the kernels (in the interpreter
+    on a CPU):
+    one training step equals each run's own step: the loss and accuracy to 1e-6 (measured on CPU: one float32
+    ulp of one run's loss; tests/test_block.py has the chunked block's forward pass bit for bit), the gradient
+    and the updated parameters to the float32 round-off tolerances of tests/test_block.py."""
     model = models.LanguageModel("gated_deltanet", 32, 16, num_layers=1, head_dim=16, backend="pallas")
     x, y = tasks.mqar(32, 16, 2, 32, seed=0)
     data = {"tokens": x, "labels": y}
@@ -131,7 +139,9 @@ def test_a_block_step_on_the_kernels_is_each_runs_step(kernels_in_the_interprete
     block_step = training.make_block_train_step(model, runs[0], block, donate=False)
     stacked, block_batch, active = training.stack_states(states, block), training.put_block_batch(batches, block), \
         jnp.array([True, True])
-    assert "pallas_call" in str(jax.make_jaxpr(block_step)(stacked, block_batch, active))   # the kernels ran
+    # the kernels run: in the interpreter no platform switch is left to pick their references
+    program = str(jax.make_jaxpr(block_step)(stacked, block_batch, active))
+    assert "pallas_call" in program and ("platform_index" not in program) == INTERPRET
     alone = [step(state, training.put_batch(batch, one)) for state, batch in zip(states, batches)]
     both, metrics = block_step(stacked, block_batch, active)
     host = jax.device_get(metrics)
