@@ -15,8 +15,8 @@ Mamba-2, DeltaNet and Gated DeltaNet, 1.07x for the Bayesian Layer before its ba
 (docs/results/gpu_kernels.md); the kernels multiply these float32 layers' operands in TF32, ``chunked`` in full
 float32. The kernels under the sweep engine's ``jax.vmap`` are tested on CPU only (tests/test_pallas_vmap.py:
 in Pallas's interpreter equal to each run alone; the vectorized training step lowered for CUDA holds the
-kernels and no reference); they have not yet run vectorized on a GPU. XLA does not split the kernels over
-several devices (docs/experiments.md, "Sweeps"): one GPU per process. A run records the resolved backend
+kernels and no reference); they have not yet run vectorized on a GPU. On several devices each device's
+kernels take its own runs (docs/experiments.md, "Sweeps"). A run records the resolved backend
 (``"pallas"`` or ``"chunked"``), so a workdir begun on ``chunked`` resumes with ``--config.backend=chunked``.
 
     python -m experiments.mqar --config=configs/mqar.py --workdir=runs/mqar

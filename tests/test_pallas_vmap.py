@@ -12,7 +12,12 @@ the sweep engine's block on the kernels against each run's own step. Then the sw
 CUDA holds the kernels, and a run records the backend ``"auto"`` resolved to (`experiments.models.lowering_of`).
 """
 import functools
+import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +31,7 @@ from experiments import models, mqar, recall, tasks, training
 from filters.pallas import lowering as pallas_lowering
 from tests.support import random_inputs, smoke_config
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = 3
 # The kernels themselves: in Pallas's interpreter on a CPU, compiled by Triton on a GPU (as in
 # tests/test_pallas.py: `pytest tests/test_pallas_vmap.py` on a GPU runs the vectorized kernels for real).
@@ -227,3 +233,43 @@ def test_a_run_records_the_backend_its_layers_run(tmp_path, app):
         if resolved == "chunked":
             assert asked_auto.identity == asked_chunked.identity
     assert design     # the smoke grids hold design models
+
+
+_SPLIT_RUNS = textwrap.dedent("""
+    import json, re
+    import jax, jax.numpy as jnp
+    from experiments import models, tasks, training
+
+    assert jax.device_count() == 2, jax.devices()
+    model = models.LanguageModel("gated_deltanet", 64, 64, num_layers=1, head_dim=64, backend="pallas")
+    x, y = tasks.mqar(64, 64, 4, 16, seed=0)
+    data = {"tokens": x, "labels": y}
+    runs = [training.TrainSettings(num_steps=4, batch_size=8, learning_rate=lr, warmup_steps=1, seed=seed)
+            for lr, seed in ((1e-3, 0), (1e-2, 1), (1e-3, 2), (1e-2, 3))]
+    block, one = training.block_mesh(len(runs)), training.data_mesh(jax.devices()[:1])
+    states = [training.init_state(model, s, data, one) for s in runs]
+    batches = [training.BatchSchedule(data, 8, s.seed)(0) for s in runs]
+    step = training.make_block_train_step(model, runs[0], block, donate=False)
+    text = step.trace(training.stack_states(states, block), training.put_block_batch(batches, block),
+                      jnp.ones(len(runs), bool)).lower(lowering_platforms=("cuda",)).as_text()
+    operands = re.findall(r"custom_call @__gpu\\$xla\\.gpu\\.triton\\([^)]*\\).*?: \\(([^)]*)\\)", text)
+    print("RESULT" + json.dumps({"mesh": dict(block.shape), "operands": operands}))
+""")
+
+
+def test_each_device_runs_the_kernels_on_its_own_runs():
+    """On 2 (simulated CPU) devices, a block of 4 runs split 2 per device: lowered for CUDA, every kernel takes
+    one device's 2 runs (``[2, B, T, ...]``): the block step maps the runs over the devices itself
+    (`training.step._per_device_runs`), as XLA cannot split a kernel (a custom call), whose inputs it would
+    otherwise gather from both devices (``[4, B, T, ...]``) for each device to run all four runs."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", _SPLIT_RUNS], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out["mesh"] == {"runs": 2, "data": 1}
+    assert len(out["operands"]) == len(_DELTA_RULE)
+    for types in out["operands"]:    # [runs, B=8, ...] where batched (the prior state is not: [B, ...])
+        leading = [t.split("x")[0] for t in re.findall(r"tensor<([^>]*)>", types)]
+        assert "2" in leading and "4" not in leading, types
