@@ -9,7 +9,8 @@ gradient against each run's own (a Python loop over the runs); the vectorized gr
 and lowered for CUDA holds the same Triton kernels as one run's, and no plain-JAX reference; and one step of
 the sweep engine's block on the kernels against each run's own step. Then the sweeps that ask for
 ``backend="auto"`` (configs/mqar.py, configs/recall.py): the block training step of their models lowered for
-CUDA holds the kernels, and a run records the backend ``"auto"`` resolved to (`experiments.models.lowering_of`).
+CUDA holds the kernels, a run records the backend ``"auto"`` resolved to (`experiments.models.lowering_of`), and
+on several devices each device's kernels take its own runs only (XLA cannot split a kernel).
 """
 import functools
 import json
