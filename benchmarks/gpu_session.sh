@@ -8,6 +8,8 @@
 # on its first call, so give the phases to two or three calls, carrying the caches between them):
 #   tests      tests/test_pallas.py on the GPU (the kernels for real against float64 recurrences)
 #   covtests   only its covariance tests (the covariance kernels, forward and backward)
+#   vmap       tests/test_pallas_vmap.py on the GPU (the kernels vectorized over runs, as the sweep engine
+#              trains the MQAR and recall blocks, against each run alone)
 #   reference  benchmarks/fla_reference.py: fla's own outputs for tests/test_fla.py (copy the .npz to
 #              tests/data/fla_reference.npz and commit it)
 #   kernels    every kernel alone (the GLA ones included), the covariance pass in several of its forms
@@ -28,7 +30,7 @@
 # (2026-12-01), more than a call returns; the autotuned configuration recompiles in seconds. It stops at
 # SECONDS (default 540), keeping what was measured (each step writes its files as it goes).
 set -u
-if [ $# -lt 1 ]; then sed -n 2,28p "$0"; exit 2; fi
+if [ $# -lt 1 ]; then sed -n 2,31p "$0"; exit 2; fi
 OUT_DIR=$1; BUDGET=${2:-540}; PHASES=,${3:-tests,kernels,headline},; START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 want() { [[ $PHASES == *,$1,* ]] && [ "$(left)" -gt 30 ]; }
@@ -46,6 +48,8 @@ want tests && timeout "$(cap 240)" python3 -m pytest -q -p no:cacheprovider test
     tests/test_packed.py -k "pallas" 2>&1 | tail -4 | tee "$OUT_DIR/tests.txt"
 want covtests && timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider tests/test_pallas.py -k covariance \
     2>&1 | tail -4 | tee "$OUT_DIR/covtests.txt"
+want vmap && timeout "$(cap 240)" python3 -m pytest -q -p no:cacheprovider tests/test_pallas_vmap.py \
+    2>&1 | tail -4 | tee "$OUT_DIR/vmap.txt"
 want reference && timeout "$(cap 240)" python3 benchmarks/fla_reference.py --out "$OUT_DIR/fla_reference.npz" \
     2>&1 | tail -3
 if want kernels; then

@@ -5,7 +5,8 @@ and colliding keys (pairs of keys with a fixed overlap rho). Reproduces the tabl
 docs/experiments.md, "Learned associative recall", with the learning-rate rule of `configs/mqar.py`: four
 rates (logspace(-4, -2, 4)), three seeds, the rate chosen on a validation split of the training regime (early
 stop at 0.99 there), the conditions reported as the test split, mean ± spread over seeds. Budget: 2,000
-steps of 128 sequences, warm-up 200, the same for every model.
+steps of 128 sequences, warm-up 200, the same for every model. Design layers on ``backend = "auto"`` (the Pallas
+kernels on a GPU, the chunked form on a CPU; what that means and what is tested: `configs/mqar.py`).
 
     python -m experiments.recall --config=configs/recall.py --workdir=runs/recall
     python -m experiments.recall --config=configs/recall.py --config.smoke=True --workdir=/tmp/recall
@@ -48,7 +49,7 @@ def get_config():
     config.num_eval_examples = 1_000    # each condition
     config.data_seed = 0
     training.add_model_and_training(config, num_steps=2000, batch_size=128, warmup_steps=200)
-    config.backend = "chunked"
+    config.backend = "auto"           # pallas on a GPU, chunked on a CPU; runs record which (models.lowering_of)
     config.smoke = False
     config.smoke_settings = ml_collections.ConfigDict({
         "models": ("attention", "bayesian"), "d_models": (16,), "learning_rates": (3e-3,), "key_dim": 8,

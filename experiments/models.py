@@ -76,6 +76,24 @@ def recorded_options(name: str) -> dict[str, Any]:
     return {"layer_options": dict(sorted(overrides.items()))} if overrides else {}
 
 
+def _design_model(kind: str, overrides: dict[str, Any]) -> dm.DesignModel:
+    """The design model of a `MODELS` entry (its design-model options; the rest are the layer's)."""
+    return dm.NAMED_MODELS[kind](**{k: v for k, v in overrides.items() if k in _MODEL_OPTIONS})
+
+
+def lowering_of(name: str, backend: str, platform: Optional[str] = None) -> str:
+    """The backend that model ``name``'s design layers run when asked for ``backend``, as a run records it:
+    ``"auto"`` resolved for its design model on ``platform`` (default: jax's; `filters.lowering.auto`:
+    ``"pallas"`` on a GPU, ``"chunked"`` on a CPU, for every model of `MODELS`), so that a record says which
+    lowering trained it and a run folder made on one lowering is not resumed on another; any other backend as
+    asked; and ``backend`` as asked for attention, which has no filter."""
+    check_models([name])
+    kind, overrides = MODELS[name]
+    if kind == "attention" or backend != "auto":
+        return backend
+    return filters.lowering.auto(filters.analyze(_design_model(kind, overrides)), platform=platform).name
+
+
 def check_models(names) -> None:
     bad = [n for n in names if n not in MODELS]
     if bad:
@@ -181,7 +199,7 @@ def state_size(name: str, d_model: int, *, head_dim: int = 64, num_layers: int =
     if kind == "attention":
         return num_layers * 2 * seq_len * d_model
     heads, key_dim = heads_for(d_model, head_dim)
-    model = dm.NAMED_MODELS[kind](**{k: v for k, v in overrides.items() if k in _MODEL_OPTIONS})
+    model = _design_model(kind, overrides)
     per_head = key_dim * key_dim + (key_dim * key_dim if model.family == "exact" else 0)
     return num_layers * heads * per_head
 

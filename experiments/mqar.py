@@ -230,8 +230,9 @@ def runs(config, workdir: str) -> list[sweep.Run]:
         description = {"experiment": "mqar", "variant": variant, "model": name, "d_model": d_model,
                        "learning_rate": lr, "seed": seed, "train_set": train_set.name,
                        "train_parts": [list(part) for part in train_set.parts], "seq_len": train_set.seq_len,
-                       "num_kv_pairs": train_set.pairs, "vocab_size": config.vocab_size, "backend": config.backend,
-                       "conv_size": config.conv_size, "mlp_ratio": config.mlp_ratio, "num_layers": config.num_layers,
+                       "num_kv_pairs": train_set.pairs, "vocab_size": config.vocab_size,
+                       "backend": models.lowering_of(name, config.backend), "conv_size": config.conv_size,
+                       "mlp_ratio": config.mlp_ratio, "num_layers": config.num_layers,
                        "head_dim": config.head_dim, "data_seed": config.data_seed, "task": _task_kwargs(config),
                        **models.recorded_options(name)}
         if (variant, train_set) not in shapes:

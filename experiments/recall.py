@@ -79,8 +79,9 @@ def runs(config, workdir: str) -> list[sweep.Run]:
                        "train_pairs": config.train_pairs, "train_seq_len": config.train_seq_len,
                        "train_collision_fraction": config.train_collision_fraction,
                        "train_collision_overlap": config.train_collision_overlap,
-                       "backend": config.backend, "conv_size": config.conv_size, "mlp_ratio": config.mlp_ratio,
-                       "num_layers": config.num_layers, "head_dim": config.head_dim, "data_seed": config.data_seed,
+                       "backend": models.lowering_of(name, config.backend), "conv_size": config.conv_size,
+                       "mlp_ratio": config.mlp_ratio, "num_layers": config.num_layers, "head_dim": config.head_dim,
+                       "data_seed": config.data_seed,
                        "eval_conditions": [list(c) for c in config.eval_conditions], **models.recorded_options(name)}
         settings = sweep.settings_from_config(config, lr, seed, stop_set=VALID)
         identity = training.run_identity(description, settings, (config.num_train_examples, config.train_seq_len),

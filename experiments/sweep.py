@@ -38,8 +38,11 @@ def quiet_orbax() -> None:
 
 
 def model_from_config(config, name: str, vocab_size: int, d_model: int) -> models.LanguageModel:
+    """Model ``name`` of the config, its design layers on ``config.backend`` resolved on this platform
+    (`models.lowering_of`: the backend its run records)."""
     return models.LanguageModel(name, vocab_size, d_model, num_layers=config.num_layers, head_dim=config.head_dim,
-                                backend=config.backend, conv_size=config.conv_size, mlp_ratio=config.mlp_ratio)
+                                backend=models.lowering_of(name, config.backend), conv_size=config.conv_size,
+                                mlp_ratio=config.mlp_ratio)
 
 
 def kill_hook(config) -> Optional[Callable[[int], None]]:

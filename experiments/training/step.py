@@ -13,7 +13,8 @@
 * a block of runs: runs that differ only in their learning rate and seed train as one program, the step
   vectorized (``jax.vmap``) over a leading run axis of the state and of the batch, on a 2-D mesh
   ``("runs", "data")`` (`block_mesh`: the runs split over the devices where their number allows, the batch
-  over the rest); a run that is done (stopped early, diverged, finished) stays frozen (`make_block_train_step`);
+  over the rest; each device steps its own runs, `_per_device_runs`); a run that is done (stopped early,
+  diverged, finished) stays frozen (`make_block_train_step`);
 * `evaluate` over a whole set (`evaluate_block`: every run of a block at once), and `measure_throughput` of
   a compiled training step.
 """
@@ -514,10 +515,23 @@ def _train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: b
                    out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
 
 
+def _per_device_runs(fn: Callable, mesh: Mesh, in_specs) -> Callable:
+    """``fn`` (vectorized over a leading run axis) with each device of a `block_mesh` taking its own runs
+    (``jax.shard_map``, manual over ``"runs"``; the batch stays split over ``"data"`` by XLA). The runs are
+    independent, so this is what XLA's partitioning would do, except where it cannot partition an
+    operation: the Pallas kernels are custom calls without a partitioning rule, whose inputs XLA would
+    gather from every device, each device then running the kernels on every run. No value crosses devices
+    along ``"runs"`` (``check_vma=False``: the filters' initial states, constants, need not be marked as
+    varying over the runs)."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec("runs"),
+                         axis_names=frozenset({"runs"}), check_vma=False)
+
+
 @functools.lru_cache(maxsize=64)
 def _block_train_step(model: nn.Module, settings: TrainSettings, mesh: Mesh, donate: bool,
                       supervised: Optional[int]) -> Callable:
-    one = jax.vmap(_step_function(model, settings, supervised))
+    one = _per_device_runs(jax.vmap(_step_function(model, settings, supervised)), mesh,
+                           (PartitionSpec("runs"), PartitionSpec("runs")))
 
     def step(states: TrainState, batches, active):
         new, metrics = one(states, batches)
@@ -550,8 +564,10 @@ def make_block_eval_step(model: nn.Module, mesh: Mesh, supervised: Optional[int]
     """`make_eval_step` for a block: ``(params [R, ...], batch) -> {name: [R]}``, every run's parameters on
     the same batch (``jax.vmap`` over the parameters only), on a `block_mesh`."""
     replicated, sharded = _shardings(mesh)
-    return jax.jit(jax.vmap(_eval_function(model, supervised), in_axes=(0, None)),
-                   in_shardings=(NamedSharding(mesh, PartitionSpec("runs")), sharded), out_shardings=replicated)
+    every_run = _per_device_runs(jax.vmap(_eval_function(model, supervised), in_axes=(0, None)), mesh,
+                                 (PartitionSpec("runs"), PartitionSpec()))
+    return jax.jit(every_run, in_shardings=(NamedSharding(mesh, PartitionSpec("runs")), sharded),
+                   out_shardings=replicated)
 
 
 def _eval_totals(eval_step: Callable, params, data: Batch, batch_size: int, mesh: Mesh, runs: int) -> list[dict]:
