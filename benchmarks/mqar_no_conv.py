@@ -59,6 +59,11 @@ def first_layer(name: str, params, tokens, args) -> dict:
     span = layers.memory_span(weights, start=tokens.shape[1] // 2)
     if args.task == "mqar":
         span.update(context_binding(weights, tasks.mqar_layout(args.seq_len, args.pairs, args.variant)))
+    cosine, gain = mixer.apply(variables, h, method=lambda m, x: write_angle(m.spec, m._params(), x))
+    context = tasks.mqar_layout(args.seq_len, args.pairs, args.variant).context if args.task == "mqar" else \
+        tokens.shape[1]
+    span["write_cosine"] = np.median(cosine[:, :context], axis=(0, 1))
+    span["write_gain"] = np.median(gain[:, :context], axis=(0, 1))
     gates = mixer.apply(variables, h, method=lambda m, x: layers.core.features(m.spec, m._params(), x)[3])
     if "log_decay" in gates:
         decay = jnp.exp(gates["log_decay"])
@@ -68,6 +73,34 @@ def first_layer(name: str, params, tokens, args) -> dict:
         if gate in gates:
             span[gate] = np.asarray(gates[gate].mean((0, 1)))
     return span
+
+
+def write_angle(spec, params, x) -> tuple[np.ndarray, np.ndarray]:
+    """Where each step writes: the gain ``Kg_t`` of ``S_t = G_t S_{t-1} + Kg_t v_t^T`` against the key ``k_t``.
+
+    The exact filter writes along ``Kg_t = P_bar_t k_t / (k_t^T P_bar_t k_t + 1 / beta_t)``, the reset family
+    along ``k_t`` (``Kg_t = eta_t k_t``). Returns, ``[B, T, H]`` each, the cosine ``k_t^T Kg_t / (|k_t| |Kg_t|)``
+    (1 when the write goes along the key: ``P_bar = sigma^2 I``; it falls as ``P_bar`` turns ``k`` towards the
+    directions the memory is less sure of) and the effective gain ``g_t = k_t^T Kg_t``: the fraction of the
+    innovation at ``k_t`` that the write removes (the delta rule's ``eta_t |k_t|^2``; a full overwrite is 1).
+
+    ``Kg_t`` is read from the layer's own filter (every family): run on the values ``v_s = e_s`` (the
+    identity over time, as `layers.core.readout_weights`) with the query ``e_c`` at every step, the readout's
+    diagonal is ``y_t[t] = e_c^T Kg_t`` (``W[t, t] = q_t^T Kg_t``), one run per key channel ``c``."""
+    q, k, _, gate_values, _ = layers.core.features(spec, params, x)
+    batch, time, heads, key_dim = k.shape
+    eye = jnp.broadcast_to(jnp.eye(time, dtype=k.dtype)[None, :, None, :], (batch, time, heads, time))
+    tile = lambda z: jnp.concatenate([z] * key_dim)                     # the key channels along the batch
+    basis = jnp.broadcast_to(jnp.eye(key_dim, dtype=q.dtype)[:, None, None, None, :],
+                             (key_dim, batch, time, heads, key_dim)).reshape(key_dim * batch, time, heads, key_dim)
+    y, _ = spec.filter(basis, tile(k), tile(eye), validate=False,
+                       **{name: tile(g) for name, g in gate_values.items()})     # [K B, T, H, T]
+    diagonal = jnp.diagonal(y, axis1=1, axis2=3)                        # [K B, H, T]: e_c^T Kg_t
+    gains = np.asarray(jnp.transpose(diagonal.reshape(key_dim, batch, heads, time), (1, 3, 2, 0)), np.float64)
+    k = np.asarray(k, np.float64)
+    gain = (k * gains).sum(-1)
+    norms = np.linalg.norm(k, axis=-1) * np.linalg.norm(gains, axis=-1)
+    return gain / np.maximum(norms, np.finfo(np.float64).tiny), gain
 
 
 def context_binding(weights, layout) -> dict:
@@ -137,17 +170,19 @@ def markdown(results: list[dict], args) -> str:
              f"layer, per head (`/`-separated), over positions t >= {args.seq_len // 2} of {args.probe_examples} "
              "held-out sequences: mean lag of the readout, share of the current and of the previous step; at "
              "the context's value positions (MQAR), the shares of the key's step and of the value's own step; "
-             "mean decay a, beta and process noise q.", ""]
+             "at the context's positions (MQAR; every position for the previous token), the median cosine "
+             "between the write direction Kg_t (P_bar k_t for the exact filter) and the key k_t, and the median "
+             "effective gain k_t^T Kg_t (`write_angle`); mean decay a, beta and process noise q.", ""]
     header = ["model", "accuracy", "when", "mean lag", "current", "previous", "key at values", "value at values",
-              "decay a", "beta", "q"]
+              "write cosine", "write gain", "decay a", "beta", "q"]
     rows = []
     for r in results:
         for when in ("init", "trained"):
             s = r[when]
             rows.append([r["model"], f"{r['accuracy']:.3f}" if when == "trained" else "", when,
                          *(_heads(s[k], ".2g" if k == "process_noise" else ".2f") if k in s else "-"
-                           for k in ("mean_lag", "current", "previous", "key_at_values", "value_at_values", "decay",
-                                     "beta", "process_noise"))])
+                           for k in ("mean_lag", "current", "previous", "key_at_values", "value_at_values",
+                                     "write_cosine", "write_gain", "decay", "beta", "process_noise"))])
     lines.append(common.markdown_table(header, rows))
     return "\n".join(lines) + "\n"
 
