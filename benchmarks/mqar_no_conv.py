@@ -148,12 +148,22 @@ def measure(name: str, args) -> dict:
     initial = training.init_state(model, settings, {"tokens": x, "labels": y}, mesh).params["params"]
     start = time.time()
     record = training.train(model, settings, {"tokens": x, "labels": y}, {"eval": {"tokens": ex, "labels": ey}},
-                            folder, mesh=mesh, description={"script": "mqar_no_conv", "model": name, **{
-                                k: v for k, v in vars(args).items() if k not in ("models", "out", "workdir", "probe_examples")}})
+                            folder, mesh=mesh, description=run_description(name, args))
     trained = training.load_checkpoint(folder)["params"]["params"]
     probe = ex[:args.probe_examples]
     return {"model": name, "accuracy": record["eval"]["eval"]["accuracy"], "seconds": time.time() - start,
             "init": first_layer(name, initial, probe, args), "trained": first_layer(name, trained, probe, args)}
+
+
+def run_description(name: str, args) -> dict:
+    """A run's identity (its folder's ``run.json``): the script's settings, of ``--extra-model`` only the
+    entries of the layers this model uses (another model added in the same command does not change the run,
+    so its finished folder is reused by a command without that model)."""
+    parts = name.split("+")
+    own = [extra for extra in args.extra_model if extra.partition("=")[0] in parts]
+    return {"script": "mqar_no_conv", "model": name, **{
+        k: v for k, v in vars(args).items() if k not in ("models", "out", "workdir", "probe_examples")},
+        "extra_model": own}
 
 
 def _heads(values, form: str = ".2f") -> str:

@@ -1,6 +1,7 @@
 """The pieces of `benchmarks/mqar_no_conv.py` that its recorded results rest on (docs/results/mqar/no_conv.md):
 the first layer's shares at the context's value positions, the direction and gain of its writes, and a model
 added to the table for one run."""
+import argparse
 import importlib.util
 import os
 
@@ -84,3 +85,15 @@ def test_the_exact_memory_writes_along_p_bar_k(monkeypatch):
                 np.testing.assert_allclose(gain[b, t, h], kt @ kg, rtol=1e-4)
     np.testing.assert_allclose(cosine[:, 0], 1.0, atol=1e-5)
     assert np.all(cosine[:, 2:] < 0.999)
+
+
+def test_a_run_is_identified_by_its_own_layers_only():
+    """``--extra-model`` entries of other models in the same command are not part of a run's identity."""
+    lh = 'lh=["longhorn", {"decay": "input", "conv_size": 0}]'
+    qt = 'qt=["bayesian", {"process_noise": "input", "conv_size": 0}]'
+    args = argparse.Namespace(models="lh+bayesian_no_conv,qt", task="mqar", seed=0, extra_model=[lh, qt],
+                              out=None, workdir="/tmp", probe_examples=64)
+    assert mqar_no_conv.run_description("lh+bayesian_no_conv", args)["extra_model"] == [lh]
+    assert mqar_no_conv.run_description("qt", args)["extra_model"] == [qt]
+    assert mqar_no_conv.run_description("bayesian_no_conv", args) == {
+        "script": "mqar_no_conv", "model": "bayesian_no_conv", "task": "mqar", "seed": 0, "extra_model": []}
