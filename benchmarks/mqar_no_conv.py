@@ -64,7 +64,8 @@ def first_layer(name: str, params, tokens, args) -> dict:
         tokens.shape[1]
     span["write_cosine"] = np.median(cosine[:, :context], axis=(0, 1))
     span["write_gain"] = np.median(gain[:, :context], axis=(0, 1))
-    gates = mixer.apply(variables, h, method=lambda m, x: layers.core.features(m.spec, m._params(), x)[3])
+    _, k, _, gates, _ = mixer.apply(variables, h, method=lambda m, x: layers.core.features(m.spec, m._params(), x))
+    span["key_alignment"] = key_alignment(k[:, :context])
     if "log_decay" in gates:
         decay = jnp.exp(gates["log_decay"])
         span["decay"] = np.asarray(decay.mean(tuple(range(decay.ndim - 1))) if decay.ndim == 3 else
@@ -101,6 +102,18 @@ def write_angle(spec, params, x) -> tuple[np.ndarray, np.ndarray]:
     gain = (k * gains).sum(-1)
     norms = np.linalg.norm(k, axis=-1) * np.linalg.norm(gains, axis=-1)
     return gain / np.maximum(norms, np.finfo(np.float64).tiny), gain
+
+
+def key_alignment(k) -> np.ndarray:
+    """How alike the keys of one sequence are: per head, the median over sequences and pairs of steps
+    ``s < t`` of ``|cos(k_t, k_s)|``, for keys ``[B, T, H, K]``. Near 1, every step writes along about one
+    direction, where an exact memory is soon certain (its gain there falls like ``1 / (beta n)`` after
+    ``n`` writes) and a reset memory overwrites."""
+    k = np.asarray(k, np.float64)
+    unit = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), np.finfo(np.float64).tiny)
+    cosines = np.abs(np.einsum("bthk,bshk->bhts", unit, unit))
+    later, earlier = np.tril_indices(k.shape[1], -1)
+    return np.median(cosines[:, :, later, earlier], axis=(0, 2))
 
 
 def context_binding(weights, layout) -> dict:
@@ -182,9 +195,10 @@ def markdown(results: list[dict], args) -> str:
              "the context's value positions (MQAR), the shares of the key's step and of the value's own step; "
              "at the context's positions (MQAR; every position for the previous token), the median cosine "
              "between the write direction Kg_t (P_bar k_t for the exact filter) and the key k_t, and the median "
-             "effective gain k_t^T Kg_t (`write_angle`); mean decay a, beta and process noise q.", ""]
+             "effective gain k_t^T Kg_t (`write_angle`) and the median |cos(k_t, k_s)| of two keys there "
+             "(`key_alignment`); mean decay a, beta and process noise q.", ""]
     header = ["model", "accuracy", "when", "mean lag", "current", "previous", "key at values", "value at values",
-              "write cosine", "write gain", "decay a", "beta", "q"]
+              "write cosine", "write gain", "key alignment", "decay a", "beta", "q"]
     rows = []
     for r in results:
         for when in ("init", "trained"):
@@ -192,7 +206,8 @@ def markdown(results: list[dict], args) -> str:
             rows.append([r["model"], f"{r['accuracy']:.3f}" if when == "trained" else "", when,
                          *(_heads(s[k], ".2g" if k == "process_noise" else ".2f") if k in s else "-"
                            for k in ("mean_lag", "current", "previous", "key_at_values", "value_at_values",
-                                     "write_cosine", "write_gain", "decay", "beta", "process_noise"))])
+                                     "write_cosine", "write_gain", "key_alignment", "decay", "beta",
+                                     "process_noise"))])
     lines.append(common.markdown_table(header, rows))
     return "\n".join(lines) + "\n"
 

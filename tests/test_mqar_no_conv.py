@@ -97,3 +97,14 @@ def test_a_run_is_identified_by_its_own_layers_only():
     assert mqar_no_conv.run_description("qt", args)["extra_model"] == [qt]
     assert mqar_no_conv.run_description("bayesian_no_conv", args) == {
         "script": "mqar_no_conv", "model": "bayesian_no_conv", "task": "mqar", "seed": 0, "extra_model": []}
+
+
+def test_key_alignment_is_one_for_one_direction_and_zero_for_orthogonal_keys():
+    """Head 0 writes along one direction (signs flip: |cos| = 1), head 1 along orthogonal keys (0), head 2 along
+    keys at 60 degrees to the first (the median of 1/2, 1/2 and 0 for three steps)."""
+    eye = np.eye(3)
+    k = np.zeros((2, 3, 3, 3))
+    k[:, :, 0] = [1.0, 0.0, 0.0] * np.array([1.0, -2.0, 3.0])[:, None]
+    k[:, :, 1] = eye
+    k[:, :, 2] = [[1.0, 0.0, 0.0], [0.5, np.sqrt(0.75), 0.0], [0.5, -np.sqrt(0.75) / 3, np.sqrt(2 / 3)]]
+    np.testing.assert_allclose(mqar_no_conv.key_alignment(k), [1.0, 0.0, 0.5], atol=1e-12)
