@@ -60,8 +60,12 @@ def first_layer(name: str, params, tokens, args) -> dict:
     if args.task == "mqar":
         span.update(context_binding(weights, tasks.mqar_layout(args.seq_len, args.pairs, args.variant)))
     cosine, gain = mixer.apply(variables, h, method=lambda m, x: write_angle(m.spec, m._params(), x))
-    context = tasks.mqar_layout(args.seq_len, args.pairs, args.variant).context if args.task == "mqar" else \
-        tokens.shape[1]
+    context = tokens.shape[1]
+    if args.task == "mqar":
+        layout = tasks.mqar_layout(args.seq_len, args.pairs, args.variant)
+        context, values = layout.context, np.arange(layout.bind_offset, layout.context, layout.bind_offset + 1)
+        span["gain_at_keys"] = np.median(gain[:, values - layout.bind_offset], axis=(0, 1))
+        span["gain_at_values"] = np.median(gain[:, values], axis=(0, 1))
     span["write_cosine"] = np.median(cosine[:, :context], axis=(0, 1))
     span["write_gain"] = np.median(gain[:, :context], axis=(0, 1))
     _, k, _, gates, _ = mixer.apply(variables, h, method=lambda m, x: layers.core.features(m.spec, m._params(), x))
@@ -195,10 +199,12 @@ def markdown(results: list[dict], args) -> str:
              "the context's value positions (MQAR), the shares of the key's step and of the value's own step; "
              "at the context's positions (MQAR; every position for the previous token), the median cosine "
              "between the write direction Kg_t (P_bar k_t for the exact filter) and the key k_t, and the median "
-             "effective gain k_t^T Kg_t (`write_angle`) and the median |cos(k_t, k_s)| of two keys there "
-             "(`key_alignment`); mean decay a, beta and process noise q.", ""]
+             "effective gain k_t^T Kg_t (`write_angle`), for MQAR also the median gain at the context's key and "
+             "value positions, and the median |cos(k_t, k_s)| of two keys there (`key_alignment`); mean decay a, "
+             "beta and process noise q.", ""]
     header = ["model", "accuracy", "when", "mean lag", "current", "previous", "key at values", "value at values",
-              "write cosine", "write gain", "key alignment", "decay a", "beta", "q"]
+              "write cosine", "write gain", "gain at keys", "gain at values", "key alignment", "decay a", "beta",
+              "q"]
     rows = []
     for r in results:
         for when in ("init", "trained"):
@@ -206,8 +212,8 @@ def markdown(results: list[dict], args) -> str:
             rows.append([r["model"], f"{r['accuracy']:.3f}" if when == "trained" else "", when,
                          *(_heads(s[k], ".2g" if k == "process_noise" else ".2f") if k in s else "-"
                            for k in ("mean_lag", "current", "previous", "key_at_values", "value_at_values",
-                                     "write_cosine", "write_gain", "key_alignment", "decay", "beta",
-                                     "process_noise"))])
+                                     "write_cosine", "write_gain", "gain_at_keys", "gain_at_values",
+                                     "key_alignment", "decay", "beta", "process_noise"))])
     lines.append(common.markdown_table(header, rows))
     return "\n".join(lines) + "\n"
 
