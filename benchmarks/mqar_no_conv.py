@@ -17,7 +17,9 @@ on held-out sequences at initialisation and after training, summarized per head 
 (how far back the readout looks on average, and the shares of the current and the previous step), beside
 the head's mean decay ``a_t``, precision (or write strength) ``beta_t`` and process noise ``q_t``; for MQAR,
 also the shares of the key's step and of the value's own step at the context's value positions
-(`context_binding`: the first layer's job is done there, not in the query region). ``--out`` (markdown) is
+(`context_binding`: the first layer's job is done there, not in the query region), where each step writes
+(`write_angle`: the cosine between the write direction ``Kg_t`` and the key, and the effective gain
+``k_t^T Kg_t``, at the context's key and value positions) and how alike the keys are (`key_alignment`). ``--out`` (markdown) is
 rewritten after every model, so a run cut short keeps what it measured. ``--task previous`` trains one
 layer to output the previous token (uniform tokens; the label at ``t`` is the token at ``t - 1``): the
 first layer's job in MQAR without a convolution, alone. Runs are kept under ``--workdir``
