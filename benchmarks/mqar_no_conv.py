@@ -17,7 +17,9 @@ on held-out sequences at initialisation and after training, summarized per head 
 (how far back the readout looks on average, and the shares of the current and the previous step), beside
 the head's mean decay ``a_t``, precision (or write strength) ``beta_t`` and process noise ``q_t``; for MQAR,
 also the shares of the key's step and of the value's own step at the context's value positions
-(`context_binding`: the first layer's job is done there, not in the query region). ``--out`` (markdown) is
+(`context_binding`: the first layer's job is done there, not in the query region), where each step writes
+(`write_angle`: the cosine between the write direction ``Kg_t`` and the key, and the effective gain
+``k_t^T Kg_t``, at the context's key and value positions) and how alike the keys are (`key_alignment`). ``--out`` (markdown) is
 rewritten after every model, so a run cut short keeps what it measured. ``--task previous`` trains one
 layer to output the previous token (uniform tokens; the label at ``t`` is the token at ``t - 1``): the
 first layer's job in MQAR without a convolution, alone. Runs are kept under ``--workdir``
@@ -59,7 +61,17 @@ def first_layer(name: str, params, tokens, args) -> dict:
     span = layers.memory_span(weights, start=tokens.shape[1] // 2)
     if args.task == "mqar":
         span.update(context_binding(weights, tasks.mqar_layout(args.seq_len, args.pairs, args.variant)))
-    gates = mixer.apply(variables, h, method=lambda m, x: layers.core.features(m.spec, m._params(), x)[3])
+    cosine, gain = mixer.apply(variables, h, method=lambda m, x: write_angle(m.spec, m._params(), x))
+    context = tokens.shape[1]
+    if args.task == "mqar":
+        layout = tasks.mqar_layout(args.seq_len, args.pairs, args.variant)
+        context, values = layout.context, np.arange(layout.bind_offset, layout.context, layout.bind_offset + 1)
+        span["gain_at_keys"] = np.median(gain[:, values - layout.bind_offset], axis=(0, 1))
+        span["gain_at_values"] = np.median(gain[:, values], axis=(0, 1))
+    span["write_cosine"] = np.median(cosine[:, :context], axis=(0, 1))
+    span["write_gain"] = np.median(gain[:, :context], axis=(0, 1))
+    _, k, _, gates, _ = mixer.apply(variables, h, method=lambda m, x: layers.core.features(m.spec, m._params(), x))
+    span["key_alignment"] = key_alignment(k[:, :context])
     if "log_decay" in gates:
         decay = jnp.exp(gates["log_decay"])
         span["decay"] = np.asarray(decay.mean(tuple(range(decay.ndim - 1))) if decay.ndim == 3 else
@@ -68,6 +80,46 @@ def first_layer(name: str, params, tokens, args) -> dict:
         if gate in gates:
             span[gate] = np.asarray(gates[gate].mean((0, 1)))
     return span
+
+
+def write_angle(spec, params, x) -> tuple[np.ndarray, np.ndarray]:
+    """Where each step writes: the gain ``Kg_t`` of ``S_t = G_t S_{t-1} + Kg_t v_t^T`` against the key ``k_t``.
+
+    The exact filter writes along ``Kg_t = P_bar_t k_t / (k_t^T P_bar_t k_t + 1 / beta_t)``, the reset family
+    along ``k_t`` (``Kg_t = eta_t k_t``). Returns, ``[B, T, H]`` each, the cosine ``k_t^T Kg_t / (|k_t| |Kg_t|)``
+    (1 when the write goes along the key: ``P_bar = sigma^2 I``; it falls as ``P_bar`` turns ``k`` towards the
+    directions the memory is less sure of) and the effective gain ``g_t = k_t^T Kg_t``: the fraction of the
+    innovation at ``k_t`` that the write removes (the delta rule's ``eta_t |k_t|^2``; a full overwrite is 1).
+
+    ``Kg_t`` is read from the layer's own filter (every family): run on the values ``v_s = e_s`` (the
+    identity over time, as `layers.core.readout_weights`) with the query ``e_c`` at every step, the readout's
+    diagonal is ``y_t[t] = e_c^T Kg_t`` (``W[t, t] = q_t^T Kg_t``), one run per key channel ``c``."""
+    q, k, _, gate_values, _ = layers.core.features(spec, params, x)
+    batch, time, heads, key_dim = k.shape
+    eye = jnp.broadcast_to(jnp.eye(time, dtype=k.dtype)[None, :, None, :], (batch, time, heads, time))
+    tile = lambda z: jnp.concatenate([z] * key_dim)                     # the key channels along the batch
+    basis = jnp.broadcast_to(jnp.eye(key_dim, dtype=q.dtype)[:, None, None, None, :],
+                             (key_dim, batch, time, heads, key_dim)).reshape(key_dim * batch, time, heads, key_dim)
+    y, _ = spec.filter(basis, tile(k), tile(eye), validate=False,
+                       **{name: tile(g) for name, g in gate_values.items()})     # [K B, T, H, T]
+    diagonal = jnp.diagonal(y, axis1=1, axis2=3)                        # [K B, H, T]: e_c^T Kg_t
+    gains = np.asarray(jnp.transpose(diagonal.reshape(key_dim, batch, heads, time), (1, 3, 2, 0)), np.float64)
+    k = np.asarray(k, np.float64)
+    gain = (k * gains).sum(-1)
+    norms = np.linalg.norm(k, axis=-1) * np.linalg.norm(gains, axis=-1)
+    return gain / np.maximum(norms, np.finfo(np.float64).tiny), gain
+
+
+def key_alignment(k) -> np.ndarray:
+    """How alike the keys of one sequence are: per head, the median over sequences and pairs of steps
+    ``s < t`` of ``|cos(k_t, k_s)|``, for keys ``[B, T, H, K]``. Near 1, every step writes along about one
+    direction, where an exact memory is soon certain (its gain there falls like ``1 / (beta n)`` after
+    ``n`` writes) and a reset memory overwrites."""
+    k = np.asarray(k, np.float64)
+    unit = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), np.finfo(np.float64).tiny)
+    cosines = np.abs(np.einsum("bthk,bshk->bhts", unit, unit))
+    later, earlier = np.tril_indices(k.shape[1], -1)
+    return np.median(cosines[:, :, later, earlier], axis=(0, 2))
 
 
 def context_binding(weights, layout) -> dict:
@@ -115,12 +167,22 @@ def measure(name: str, args) -> dict:
     initial = training.init_state(model, settings, {"tokens": x, "labels": y}, mesh).params["params"]
     start = time.time()
     record = training.train(model, settings, {"tokens": x, "labels": y}, {"eval": {"tokens": ex, "labels": ey}},
-                            folder, mesh=mesh, description={"script": "mqar_no_conv", "model": name, **{
-                                k: v for k, v in vars(args).items() if k not in ("models", "out", "workdir", "probe_examples")}})
+                            folder, mesh=mesh, description=run_description(name, args))
     trained = training.load_checkpoint(folder)["params"]["params"]
     probe = ex[:args.probe_examples]
     return {"model": name, "accuracy": record["eval"]["eval"]["accuracy"], "seconds": time.time() - start,
             "init": first_layer(name, initial, probe, args), "trained": first_layer(name, trained, probe, args)}
+
+
+def run_description(name: str, args) -> dict:
+    """A run's identity (its folder's ``run.json``): the script's settings, of ``--extra-model`` only the
+    entries of the layers this model uses (another model added in the same command does not change the run,
+    so its finished folder is reused by a command without that model)."""
+    parts = name.split("+")
+    own = [extra for extra in args.extra_model if extra.partition("=")[0] in parts]
+    return {"script": "mqar_no_conv", "model": name, **{
+        k: v for k, v in vars(args).items() if k not in ("models", "out", "workdir", "probe_examples")},
+        "extra_model": own}
 
 
 def _heads(values, form: str = ".2f") -> str:
@@ -137,17 +199,23 @@ def markdown(results: list[dict], args) -> str:
              f"layer, per head (`/`-separated), over positions t >= {args.seq_len // 2} of {args.probe_examples} "
              "held-out sequences: mean lag of the readout, share of the current and of the previous step; at "
              "the context's value positions (MQAR), the shares of the key's step and of the value's own step; "
-             "mean decay a, beta and process noise q.", ""]
+             "at the context's positions (MQAR; every position for the previous token), the median cosine "
+             "between the write direction Kg_t (P_bar k_t for the exact filter) and the key k_t, and the median "
+             "effective gain k_t^T Kg_t (`write_angle`), for MQAR also the median gain at the context's key and "
+             "value positions, and the median |cos(k_t, k_s)| of two keys there (`key_alignment`); mean decay a, "
+             "beta and process noise q.", ""]
     header = ["model", "accuracy", "when", "mean lag", "current", "previous", "key at values", "value at values",
-              "decay a", "beta", "q"]
+              "write cosine", "write gain", "gain at keys", "gain at values", "key alignment", "decay a", "beta",
+              "q"]
     rows = []
     for r in results:
         for when in ("init", "trained"):
             s = r[when]
             rows.append([r["model"], f"{r['accuracy']:.3f}" if when == "trained" else "", when,
                          *(_heads(s[k], ".2g" if k == "process_noise" else ".2f") if k in s else "-"
-                           for k in ("mean_lag", "current", "previous", "key_at_values", "value_at_values", "decay",
-                                     "beta", "process_noise"))])
+                           for k in ("mean_lag", "current", "previous", "key_at_values", "value_at_values",
+                                     "write_cosine", "write_gain", "gain_at_keys", "gain_at_values",
+                                     "key_alignment", "decay", "beta", "process_noise"))])
     lines.append(common.markdown_table(header, rows))
     return "\n".join(lines) + "\n"
 

@@ -64,11 +64,25 @@ def gated_deltanet() -> DesignModel:
                        covariance=c.Reset(write_strength=True), name="gated_deltanet")
 
 
-def longhorn() -> DesignModel:
+def longhorn(decay: Literal["none", "input"] = "none") -> DesignModel:
     """Longhorn (Liu et al. 2024), the closed-form online-regression update: ``eps_t = beta_t /
     (1 + beta_t |k_t|^2)``, ``S_t = (I - eps_t k_t k_t^T) S_{t-1} + eps_t k_t v_t^T``: a reset to unit
-    prior variance with observation precision ``beta > 0`` (run time, ``[B,T,H]``)."""
-    return DesignModel(transition=c.Identity(), observation=c.KeyValueObservation(None),
+    prior variance with observation precision ``beta > 0`` (run time, ``[B,T,H]``).
+
+    ``decay="input"`` adds the Bayesian Layer's scalar decay (not in the paper): ``S_bar = a_t S_{t-1}``,
+    then the same reset and update, ``S_t = (I - eps_t k_t k_t^T) S_bar + eps_t k_t v_t^T``, with
+    ``log_decay`` ``[B,T,H]`` at run time. It is the Bayesian Layer's observation, precision and decay with
+    the covariance reset to ``I`` before every write instead of propagated (Gated DeltaNet with a
+    precision in place of the write strength).
+    """
+    if decay == "none":
+        transition = c.Identity()
+    elif decay == "input":
+        transition = c.ScalarDecay(None)
+    else:
+        hint = c.did_you_mean(decay, ("input", "none")) if isinstance(decay, str) else ""
+        raise c.DesignModelError(f"longhorn(decay=...): got {decay!r}{hint}; accepted: 'none' or 'input'.")
+    return DesignModel(transition=transition, observation=c.KeyValueObservation(None),
                        covariance=c.Reset(variance=1.0), name="longhorn")
 
 

@@ -10,6 +10,7 @@ import designmodels as dm
 import filters
 import layers
 from designmodels import Domain
+from tests.support import random_inputs, relative_error
 
 # name -> (family, transition, noise, {input: (domain, trailing)})
 NAMED_FACTS = {
@@ -68,3 +69,23 @@ def test_the_gate_heads_follow_the_domain_of_each_input():
         gates, _ = layers.Gates(model, num_heads=2, key_dim=4).init_with_output(jax.random.PRNGKey(1), x)
         beta = np.asarray(gates["beta"])
         assert np.all((beta >= low) & (beta <= high)) and beta.max() > 0.99 * high, model.name
+
+
+@pytest.mark.parametrize("backend", ["sequential", "chunked"])
+def test_longhorn_with_a_decay_is_gated_deltanet_with_longhorns_write_strength(backend):
+    """``longhorn(decay="input")``: ``S_t = (I - eps_t k_t k_t^T) a_t S_{t-1} + eps_t k_t v_t^T`` with
+    ``eps_t = beta_t / (1 + beta_t |k_t|^2)``, i.e. Gated DeltaNet with the write strength ``eps_t``; without
+    the decay (the default) the model is Longhorn as before (`NAMED_FACTS`)."""
+    model = dm.longhorn(decay="input")
+    structure = filters.analyze(model)
+    assert (structure.family, structure.transition, structure.reset_variance) == ("reset", "scalar", 1.0)
+    assert {s.name: s.domain for s in structure.inputs} == {"log_decay": Domain.LOG_DECAY, "beta": Domain.PRECISION}
+    q, k, v, gates = random_inputs(model, time=9, seed=3, unit_keys=False)
+    y, final = filters.compile(model, backend=backend)(q, k, v, **gates)
+    eps = gates["beta"] / (1 + gates["beta"] * np.sum(k * k, -1))
+    y_ref, final_ref = filters.compile(dm.gated_deltanet(), backend="sequential")(
+        q, k, v, log_decay=gates["log_decay"], beta=eps)
+    assert relative_error(y, y_ref) < 1e-10 and relative_error(final.mean, final_ref.mean) < 1e-10
+    with pytest.raises(dm.DesignModelError, match=r"longhorn\(decay=\.\.\.\): got 'inptu' \(did you mean 'input'\?\); "
+                                                  r"accepted: 'none' or 'input'"):
+        dm.longhorn(decay="inptu")
