@@ -2,7 +2,7 @@
 from designmodels.components import (
     DesignModelError, did_you_mean, IsotropicCovariance, DiagonalCovariance, FullCovariance, Prior,
     Identity, ScalarDecay, DiagonalDecay, DenseTransition,
-    NoProcessNoise, RandomWalk, Stationary,
+    NoProcessNoise, RandomWalk, Stationary, KeyNoise,
     KeyValueObservation, LatentInput, Exact, Reset,
 )
 from designmodels.model import DesignModel

@@ -300,7 +300,32 @@ class Stationary:
                 "a finite number > 0, or None for the prior covariance"))
 
 
-ProcessNoise = Union[NoProcessNoise, RandomWalk, Stationary]
+@dataclasses.dataclass(frozen=True)
+class KeyNoise:
+    """``Q_t = q_t k_t k_t^T``: noise along the key about to be written, so that a write replaces.
+
+    Added in the prediction before the write at ``t`` (``P_bar_t = A_t P A_t^T + q_t k_t k_t^T``), it says
+    that the content at ``k_t`` has changed and nothing else has: ``P_bar_t k_t = A_t P A_t^T k_t +
+    q_t |k_t|^2 k_t`` turns towards ``k_t`` and the gain ``k_t^T P_bar_t k_t / (k_t^T P_bar_t k_t + 1 /
+    beta_t)`` tends to 1 as ``q_t |k_t|^4`` grows, however often ``k_t`` was written before, while the
+    memory stays as sure as it was of the directions orthogonal to ``k_t``. (Without it, along a unit key
+    written ``n`` times the gain falls like ``1 / (beta n)``.)
+
+    ``variance`` fixed ``q >= 0``, or ``None``: taken at run time as ``process_noise`` ``[B, T, H]``, as
+    `RandomWalk`'s. Only the sequential and associative lowerings take it (the chunked forms need
+    ``Q_t = q_t I``).
+    """
+
+    variance: Optional[float] = None
+
+    def __post_init__(self):
+        if self.variance is not None:
+            object.__setattr__(self, "variance", _number(
+                self.variance, "KeyNoise.variance", lambda x: x >= 0,
+                "a finite number >= 0, or None for an input-dependent one (given at run time as process_noise)"))
+
+
+ProcessNoise = Union[NoProcessNoise, RandomWalk, Stationary, KeyNoise]
 
 
 # ----------------------------------------------------------------------------------------------------

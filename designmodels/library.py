@@ -86,7 +86,7 @@ def longhorn(decay: Literal["none", "input"] = "none") -> DesignModel:
                        covariance=c.Reset(variance=1.0), name="longhorn")
 
 
-def bayesian(prior_variance: float = 1.0, process_noise: Union[None, float, Literal["input"]] = None,
+def bayesian(prior_variance: float = 1.0, process_noise: Union[None, float, Literal["input", "key"]] = None,
              noise: Literal["random_walk", "stationary"] = "random_walk",
              decay: Union[Literal["input", "none"], float] = "input") -> DesignModel:
     """The Bayesian Layer: the exact Kalman filter of an isotropic-prior memory.
@@ -96,6 +96,9 @@ def bayesian(prior_variance: float = 1.0, process_noise: Union[None, float, Lite
       process_noise: with ``noise="random_walk"``, ``q`` in ``Q = q I`` (None or 0: no noise), or
         ``"input"``: an input-dependent ``Q_t = q_t I``, given at run time as ``process_noise`` ``[B,T,H]``
         (forgets certainty without shrinking the mean: with ``a = 1`` the gain settles at a constant);
+        or ``"key"``: noise along the key about to be written, ``Q_t = q_t k_t k_t^T`` (`KeyNoise`), ``q_t``
+        given at run time as ``process_noise`` ``[B,T,H]`` (a write replaces what the memory held at
+        ``k_t``: the gain along ``k_t`` tends to 1 as ``q_t`` grows; sequential and associative lowerings only);
         with ``noise="stationary"``, the stationary variance ``l_s^2`` in ``Q_t = l_s^2 (1 - a_t^2) I``
         (None: the prior variance, so the prior stays stationary).
       noise: ``"random_walk"`` or ``"stationary"``.
@@ -104,16 +107,20 @@ def bayesian(prior_variance: float = 1.0, process_noise: Union[None, float, Lite
 
     Run time: ``beta`` ``[B,T,H]``, the observation precision ``> 0``.
     """
-    if process_noise == "input" and noise != "random_walk":
-        raise c.DesignModelError(f"bayesian(process_noise='input', noise={noise!r}): an input-dependent noise is a "
-                                 "random walk; accepted: noise='random_walk' with process_noise='input'.")
+    if process_noise in ("input", "key") and noise != "random_walk":
+        raise c.DesignModelError(f"bayesian(process_noise={process_noise!r}, noise={noise!r}): an input-dependent "
+                                 "noise is not stationary; accepted: noise='random_walk' with process_noise='input' "
+                                 "or 'key'.")
     if noise == "random_walk":
         with _argument("bayesian", process_noise=process_noise):
             if process_noise == "input":
                 noise_component = c.RandomWalk(None)
+            elif process_noise == "key":
+                noise_component = c.KeyNoise(None)
             elif isinstance(process_noise, str):
-                raise c.DesignModelError(f"got {process_noise!r}{c.did_you_mean(process_noise, ('input',))}; "
-                                         "accepted: a number >= 0, None (no noise) or 'input' (given at run time).")
+                raise c.DesignModelError(f"got {process_noise!r}{c.did_you_mean(process_noise, ('input', 'key'))}; "
+                                         "accepted: a number >= 0, None (no noise), 'input' (q_t I given at run "
+                                         "time) or 'key' (q_t k_t k_t^T given at run time).")
             else:
                 noise_component = c.NoProcessNoise() if not process_noise else c.RandomWalk(process_noise)
     elif noise == "stationary":

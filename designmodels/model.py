@@ -36,7 +36,8 @@ class DesignModel:
         _check_type("DesignModel.prior", self.prior, (c.Prior,))
         _check_type("DesignModel.transition", self.transition,
                     (c.Identity, c.ScalarDecay, c.DiagonalDecay, c.DenseTransition))
-        _check_type("DesignModel.noise", self.noise, (c.NoProcessNoise, c.RandomWalk, c.Stationary))
+        _check_type("DesignModel.noise", self.noise, (c.NoProcessNoise, c.RandomWalk, c.Stationary,
+                                                                  c.KeyNoise))
         _check_type("DesignModel.observation", self.observation, (c.KeyValueObservation, c.LatentInput))
         _check_type("DesignModel.covariance", self.covariance, (c.Exact, c.Reset))
         if isinstance(self.observation, c.LatentInput) and isinstance(self.covariance, c.Reset):
@@ -104,7 +105,7 @@ class DesignModel:
             specs.append(InputSpec("log_decay", ("K",), "log a_t <= 0 (decays in (0, 1])", Domain.LOG_DECAY))
         elif isinstance(t, c.DenseTransition) and t.matrix is None:
             specs.append(InputSpec("transition", ("K", "K"), "finite K x K matrices", Domain.TRANSITION))
-        if isinstance(self.noise, c.RandomWalk) and self.noise.variance is None:
+        if isinstance(self.noise, (c.RandomWalk, c.KeyNoise)) and self.noise.variance is None:
             specs.append(InputSpec("process_noise", (), "finite q_t >= 0", Domain.PROCESS_NOISE))
         obs = self.observation
         if isinstance(obs, c.LatentInput) and obs.scaled:

@@ -6,7 +6,7 @@ decides from that. A structure holds
 
 * the family (which recursion: ``additive``, ``reset`` or ``exact``), the kind of transition
   (``identity``, ``scalar``, ``diagonal``, ``dense``) and of process noise (``none``, ``random_walk``,
-  ``stationary``);
+  ``stationary``, ``key``: `KeyNoise`'s ``q_t k_t k_t^T``);
 * the constants the declaration fixes, as numbers or arrays: the prior covariance ``P_0`` and the
   stationary covariance ``P_s`` (each a `KeyCovariance`), a fixed transition (as log decays, or a
   matrix), a fixed process noise variance, a fixed precision, the reset variance ``sigma^2``;
@@ -27,7 +27,7 @@ from designmodels import components as c
 
 Family = c.Family                                       # "additive" | "reset" | "exact"
 TransitionKind = Literal["identity", "scalar", "diagonal", "dense"]
-NoiseKind = Literal["none", "random_walk", "stationary"]
+NoiseKind = Literal["none", "random_walk", "stationary", "key"]
 
 
 class Domain(enum.Enum):
@@ -95,7 +95,7 @@ class Structure:
     prior: KeyCovariance                     # P_0
     stationary: Optional[KeyCovariance]      # P_s of Stationary noise (Q_t = P_s - A_t P_s A_t^T), else None
     fixed_transition: FixedTransition        # see FixedTransition; None when given at run time
-    fixed_process_noise: Optional[float]     # q of RandomWalk(q) with q > 0; None: run time, or no noise
+    fixed_process_noise: Optional[float]     # q of RandomWalk(q) or KeyNoise(q), q > 0; None: run time, or none
     fixed_precision: Optional[float]         # beta of KeyValueObservation(beta); None: run time, or none
     reset_variance: Optional[float]          # sigma^2 of Reset(sigma^2) (reset family, fixed variance)
     write_strength: bool                     # reset family: the run-time beta is the step eta itself
@@ -136,9 +136,9 @@ def analyze(model) -> Structure:
         c.Identity: "identity", c.ScalarDecay: "scalar", c.DiagonalDecay: "diagonal",
         c.DenseTransition: "dense",
     }[type(model.transition)]
-    noise = {c.NoProcessNoise: "none", c.RandomWalk: "random_walk", c.Stationary: "stationary"}[
-        type(model.noise)]
-    if noise == "random_walk" and model.noise.variance == 0:
+    noise = {c.NoProcessNoise: "none", c.RandomWalk: "random_walk", c.Stationary: "stationary",
+             c.KeyNoise: "key"}[type(model.noise)]
+    if noise in ("random_walk", "key") and model.noise.variance == 0:
         noise = "none"
     prior = _key_covariance(model.prior.covariance)
     stationary = None
@@ -150,7 +150,7 @@ def analyze(model) -> Structure:
         name=model.name, family=model.family, transition=transition, noise=noise, key_dim=model.key_dim,
         inputs=tuple(model.runtime_inputs.values()), prior=prior, stationary=stationary,
         fixed_transition=_fixed_transition(model.transition),
-        fixed_process_noise=model.noise.variance if noise == "random_walk" else None,
+        fixed_process_noise=model.noise.variance if noise in ("random_walk", "key") else None,
         fixed_precision=getattr(observation, "precision", None),
         reset_variance=None if reset is None or reset.write_strength else float(reset.variance),
         write_strength=bool(reset and reset.write_strength),

@@ -109,6 +109,8 @@ def exact(structure, x: StepInputs, state: FilterState):
         noise = p_s - a @ p_s @ _mT(a)
     elif structure.noise == "random_walk":
         noise = x.process_noise[..., None, None] * eye
+    elif structure.noise == "key":                                  # Q_t = q_t k_t k_t^T
+        noise = x.process_noise[..., None, None] * _outer(x.k, x.k)
     else:
         noise = jnp.zeros((*lead, key_dim, key_dim), dtype)
 

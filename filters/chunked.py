@@ -431,6 +431,9 @@ def reason_not_applicable(structure) -> str | None:
     if structure.transition == "diagonal":
         return ("the exact chunked filter needs a scalar or no decay (a channel-wise decay with a full "
                 "covariance does not reduce to Gram matrices of the keys)")
+    if structure.noise == "key":
+        return ("process noise along the key (KeyNoise, Q_t = q_t k_t k_t^T) has no chunked form (the exact "
+                "chunked filter needs Q_t = q_t I); backend='sequential' or 'associative' runs it")
     if structure.noise == "stationary" and not structure.stationary.isotropic:
         return ("stationary noise towards a non-isotropic prior, Q_t = (1 - a_t^2) P_0, is not isotropic; "
                 "the exact chunked filter needs Q_t = q_t I")

@@ -96,7 +96,7 @@ def parameterize(structure: Structure, q, k, v, gates: dict) -> StepInputs:
     gates = {name: jnp.asarray(g).astype(dtype) for name, g in gates.items()}
     ones = jnp.ones(q.shape[:-1], dtype)
     fields = dict(q=q, k=k, v=v, transition=_transition(structure, gates, ones))
-    if structure.noise == "random_walk":
+    if structure.noise in ("random_walk", "key"):                # q_t of q_t I or of q_t k_t k_t^T
         fixed = structure.fixed_process_noise
         fields["process_noise"] = gates["process_noise"] if fixed is None else fixed * ones
     if structure.family == "additive":

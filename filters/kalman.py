@@ -101,13 +101,17 @@ def symmetrize(p):
 
 
 def predict_covariance(structure, p, x: StepInputs, stationary_cov):
-    """``P_bar = A P A^T + Q`` with ``Q`` as declared (stationary: ``A (P - P_s) A^T + P_s``)."""
+    """``P_bar = A P A^T + Q`` with ``Q`` as declared (stationary: ``A (P - P_s) A^T + P_s``; key noise:
+    ``Q = q_t k_t k_t^T`` with the key of the step about to be written)."""
     kind = structure.transition
     if structure.noise == "stationary":
         return transitions.congruence(p - stationary_cov, kind, x.transition) + stationary_cov
     p_bar = transitions.congruence(p, kind, x.transition)
     if structure.noise == "random_walk":
         p_bar = p_bar + x.process_noise[..., None, None] * jnp.eye(p.shape[-1], dtype=p.dtype)
+    elif structure.noise == "key":
+        k = x.k.astype(p.dtype)
+        p_bar = p_bar + x.process_noise[..., None, None] * _outer(k, k)
     return p_bar
 
 

@@ -33,6 +33,9 @@ def _noise(model, a, gates, b, t, h, key_dim):
     noise = model.noise
     if isinstance(noise, dm.NoProcessNoise):
         return np.zeros((key_dim, key_dim))
+    if isinstance(noise, dm.KeyNoise):
+        raise NotImplementedError("the joint-Gaussian oracle writes Q_t from the components alone; KeyNoise's "
+                                  "Q_t = q_t k_t k_t^T depends on the keys (tests/test_key_noise.py has its oracle).")
     if isinstance(noise, dm.RandomWalk):
         variance = noise.variance if noise.variance is not None else gates["process_noise"][b, t, h]
         return variance * np.eye(key_dim)
