@@ -87,7 +87,7 @@ def longhorn(decay: Literal["none", "input"] = "none") -> DesignModel:
 
 
 def bayesian(prior_variance: float = 1.0, process_noise: Union[None, float, Literal["input", "key"]] = None,
-             noise: Literal["random_walk", "stationary"] = "random_walk",
+             noise: Literal["random_walk", "stationary", "key"] = "random_walk",
              decay: Union[Literal["input", "none"], float] = "input") -> DesignModel:
     """The Bayesian Layer: the exact Kalman filter of an isotropic-prior memory.
 
@@ -101,12 +101,16 @@ def bayesian(prior_variance: float = 1.0, process_noise: Union[None, float, Lite
         ``k_t``: the gain along ``k_t`` tends to 1 as ``q_t`` grows; sequential and associative lowerings only);
         with ``noise="stationary"``, the stationary variance ``l_s^2`` in ``Q_t = l_s^2 (1 - a_t^2) I``
         (None: the prior variance, so the prior stays stationary).
-      noise: ``"random_walk"`` or ``"stationary"``.
+      noise: ``"random_walk"``, ``"stationary"`` or ``"key"``: `KeyNoise`, ``Q_t = q k_t k_t^T`` with
+        ``process_noise`` a fixed ``q`` (None or 0: no noise) or ``"input"`` (``q_t`` at run time, as
+        ``process_noise="key"``).
       decay: ``"input"``: an optional run-time ``log_decay`` ``[B,T,H]`` (omitted: no decay);
         ``"none"``: no decay; a number in (0, 1]: a fixed scalar decay.
 
     Run time: ``beta`` ``[B,T,H]``, the observation precision ``> 0``.
     """
+    if process_noise == "input" and noise == "key":
+        process_noise, noise = "key", "random_walk"               # one spelling of KeyNoise(None)
     if process_noise in ("input", "key") and noise != "random_walk":
         raise c.DesignModelError(f"bayesian(process_noise={process_noise!r}, noise={noise!r}): an input-dependent "
                                  "noise is not stationary; accepted: noise='random_walk' with process_noise='input' "
@@ -126,9 +130,16 @@ def bayesian(prior_variance: float = 1.0, process_noise: Union[None, float, Lite
     elif noise == "stationary":
         with _argument("bayesian", process_noise=process_noise):
             noise_component = c.Stationary(process_noise)
+    elif noise == "key":
+        with _argument("bayesian", process_noise=process_noise):
+            if isinstance(process_noise, str):
+                raise c.DesignModelError(f"got {process_noise!r}{c.did_you_mean(process_noise, ('input',))}; "
+                                         "accepted with noise='key': a number >= 0, None (no noise) or 'input'.")
+            noise_component = c.NoProcessNoise() if not process_noise else c.KeyNoise(process_noise)
     else:
-        hint = c.did_you_mean(noise, ("random_walk", "stationary"))
-        raise c.DesignModelError(f"bayesian(noise=...): got {noise!r}{hint}; accepted: 'random_walk' or 'stationary'.")
+        hint = c.did_you_mean(noise, ("random_walk", "stationary", "key"))
+        raise c.DesignModelError(f"bayesian(noise=...): got {noise!r}{hint}; accepted: 'random_walk', 'stationary' "
+                                 "or 'key'.")
     if decay == "input":
         transition = c.ScalarDecay(None, required=False)
     elif decay == "none":

@@ -23,7 +23,7 @@ from tests.support import random_inputs
     (lambda: dm.Reset(variance=-1.0), r"Reset.variance"),
     (lambda: dm.retnet(gamma=1.2), r"ScalarDecay.decay: got 1.2"),
     (lambda: dm.bayesian(prior_variance=-1.0), r"IsotropicCovariance.variance: got -1.0"),
-    (lambda: dm.bayesian(noise="brownian"), r"noise=.*'brownian'.*accepted: 'random_walk' or 'stationary'"),
+    (lambda: dm.bayesian(noise="brownian"), r"noise=.*'brownian'.*accepted: 'random_walk', 'stationary' or 'key'"),
     (lambda: dm.DesignModel(observation=dm.LatentInput(), covariance=dm.Reset()),
      r"DesignModel.covariance: Reset needs an observation"),
     (lambda: dm.DesignModel(noise=dm.RandomWalk(0.1), covariance=dm.Reset()),

@@ -126,6 +126,13 @@ def test_chunked_and_pallas_refuse_key_noise_by_name_and_auto_falls_back():
 def test_bayesian_process_noise_key_option():
     assert dm.bayesian(process_noise="key").noise == dm.KeyNoise(None)
     assert "process_noise" in dm.bayesian(process_noise="key").runtime_inputs
+    assert dm.bayesian(noise="key", process_noise="input") == dm.bayesian(process_noise="key")
+    assert dm.bayesian(noise="key", process_noise=5.0).noise == dm.KeyNoise(5.0)
+    assert dm.bayesian(noise="key").noise == dm.NoProcessNoise()
+    with pytest.raises(dm.DesignModelError, match=r"accepted with noise='key'"):
+        dm.bayesian(noise="key", process_noise="kye")
+    with pytest.raises(dm.DesignModelError, match=r"'random_walk', 'stationary' or 'key'"):
+        dm.bayesian(noise="keys")
     with pytest.raises(dm.DesignModelError, match=r"did you mean 'key'.*'key' \(q_t k_t k_t\^T"):
         dm.bayesian(process_noise="kye")
     with pytest.raises(dm.DesignModelError, match=r"process_noise='key', noise='stationary'.*accepted"):
