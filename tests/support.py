@@ -2,13 +2,21 @@
 design model (from its declared run-time interface), and the error measure."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
 import numpy as np
 
 import designmodels as dm
 import filters
-from experiments import common
+from experiments import common, tasks, training
 from experiments.oracles.support import random_inputs, relative_error  # noqa: F401  (shipped in the wheel)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ["sequential", "associative", "chunked"]
 PARALLEL = ["associative", "chunked"]
 
@@ -85,3 +93,31 @@ def smoke_config(module, **overrides):
     config.lock()
     return config
 
+
+
+def run_on_cpu_devices(script: str, devices: int, *args: str, **env) -> dict:
+    """Run ``script`` (python source) in a fresh process whose jax sees ``devices`` simulated CPU devices
+    (a process's device count is fixed when jax starts), with ``env`` added to its environment; returns
+    the JSON the script printed after ``RESULT``."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": ROOT, **env}
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+def two_run_block(model, batch_size: int):
+    """The sweep engine's smallest block on one device: two runs of ``model`` on one MQAR set that differ in
+    learning rate and seed, each run's state and first batch, the single-run step and the block step."""
+    x, y = tasks.mqar(32, 16, 2, 32, seed=0)
+    data = {"tokens": x, "labels": y}
+    runs = [training.TrainSettings(num_steps=4, batch_size=batch_size, learning_rate=1e-2, warmup_steps=1, seed=0),
+            training.TrainSettings(num_steps=4, batch_size=batch_size, learning_rate=3e-3, warmup_steps=1, seed=1)]
+    one, block = training.data_mesh(jax.devices()[:1]), training.block_mesh(2, jax.devices()[:1])
+    return types.SimpleNamespace(
+        data=data, labels=y, runs=runs, one=one, block=block,
+        states=[training.init_state(model, s, data, one) for s in runs],
+        batches=[training.BatchSchedule(data, batch_size, s.seed)(0) for s in runs],
+        step=training.make_train_step(model, runs[0], one, donate=False),
+        block_step=training.make_block_train_step(model, runs[0], block, donate=False))

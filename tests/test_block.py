@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -25,10 +23,9 @@ import pytest
 
 from configs import mqar as mqar_config, mqar_original as mqar_original_config, recall as recall_config
 from experiments import common, models, mqar, plotting, recall, sweep, tasks, training
-from tests.support import smoke_config
+from tests.support import run_on_cpu_devices, smoke_config, two_run_block
 from tests import test_faults
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -37,16 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_a_block_step_is_each_runs_step_and_a_frozen_run_keeps_its_state():
     model = models.LanguageModel("gated_deltanet", 32, 8, num_layers=1, head_dim=8, backend="sequential")
-    x, y = tasks.mqar(32, 16, 2, 32, seed=0)
-    data = {"tokens": x, "labels": y}
-    runs = [training.TrainSettings(num_steps=4, batch_size=8, learning_rate=1e-2, warmup_steps=1, seed=0),
-            training.TrainSettings(num_steps=4, batch_size=8, learning_rate=3e-3, warmup_steps=1, seed=1)]
-    one, block = training.data_mesh(jax.devices()[:1]), training.block_mesh(2, jax.devices()[:1])
-    states = [training.init_state(model, s, data, one) for s in runs]
-    batches = [training.BatchSchedule(data, 8, s.seed)(0) for s in runs]
-    step = training.make_train_step(model, runs[0], one, donate=False)
-    alone = [step(state, training.put_batch(batch, one)) for state, batch in zip(states, batches)]
-    block_step = training.make_block_train_step(model, runs[0], block, donate=False)
+    b = two_run_block(model, batch_size=8)
+    data, y, one, block, states, batches, block_step = b.data, b.labels, b.one, b.block, b.states, b.batches, \
+        b.block_step
+    alone = [b.step(state, training.put_batch(batch, one)) for state, batch in zip(states, batches)]
     stacked = training.stack_states(states, block)
     both, metrics = block_step(stacked, training.put_block_batch(batches, block), jnp.array([True, True]))
     host = jax.device_get(metrics)
@@ -244,12 +235,7 @@ _DEVICES = textwrap.dedent("""
 def test_a_block_spreads_its_runs_and_their_batches_over_every_device(trained, tmp_path):
     """On 4 (simulated CPU) devices: 2 runs, each split over 2 devices (runs x data = 2 x 2), as each alone."""
     root, _, _ = trained
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": ROOT, "JAX_DEFAULT_MATMUL_PRECISION": "float32"}
-    proc = subprocess.run([sys.executable, "-c", _DEVICES, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    out = run_on_cpu_devices(_DEVICES, 4, str(tmp_path), JAX_DEFAULT_MATMUL_PRECISION="float32")
     assert out["mesh"] == {"runs": 2, "data": 2} and out["devices"] == 4
     assert out["shards"] == [[1, 4, 8]]               # [run, batch, length]: one run, half its batch per device
     assert out["block3"] == {"runs": 1, "data": 4}    # 3 runs on 4 devices: each run's batch over all 4

@@ -188,7 +188,7 @@ def _kalman_covariance(k, log_decay, noise, beta, p0):
                                                             (True, "default", 32), (False, "default", 16)],
                          ids=["kernel", "kernel_ieee", "kernel_blocks_of_32", "reference"])
 def test_covariance_pass(monkeypatch, interpret, dot_precision, block):
-    """Gains, final covariance and every gradient (the backward kernel's, through its checkpoints; T = 48
+    """Gains, final covariance and every gradient (the backward kernel's, through its checkpoints; T = 37
     with chunks of 32: the last padded) against the float64 step-by-step recursion. The two products
     take their own TUNING forms: "highest" the backward with dP through memory and the one-loop factor;
     blocks of 16 or 32 steps."""

@@ -13,11 +13,7 @@ CUDA holds the kernels, a run records the backend ``"auto"`` resolved to (`exper
 on several devices each device's kernels take its own runs only (XLA cannot split a kernel).
 """
 import functools
-import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -30,9 +26,8 @@ import filters
 from configs import mqar as mqar_config, recall as recall_config
 from experiments import models, mqar, recall, tasks, training
 from filters.pallas import lowering as pallas_lowering
-from tests.support import random_inputs, smoke_config
+from tests.support import random_inputs, run_on_cpu_devices, smoke_config, two_run_block
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = 3
 # The kernels themselves: in Pallas's interpreter on a CPU, compiled by Triton on a GPU (as in
 # tests/test_pallas.py: `pytest tests/test_pallas_vmap.py` on a GPU runs the vectorized kernels for real).
@@ -135,15 +130,8 @@ def test_a_block_step_on_the_kernels_is_each_runs_step(kernels_as_tested):
     ulp of one run's loss; tests/test_block.py has the chunked block's forward pass bit for bit), the gradient
     and the updated parameters to the float32 round-off tolerances of tests/test_block.py."""
     model = models.LanguageModel("gated_deltanet", 32, 16, num_layers=1, head_dim=16, backend="pallas")
-    x, y = tasks.mqar(32, 16, 2, 32, seed=0)
-    data = {"tokens": x, "labels": y}
-    runs = [training.TrainSettings(num_steps=4, batch_size=4, learning_rate=1e-2, warmup_steps=1, seed=0),
-            training.TrainSettings(num_steps=4, batch_size=4, learning_rate=3e-3, warmup_steps=1, seed=1)]
-    one, block = training.data_mesh(jax.devices()[:1]), training.block_mesh(2, jax.devices()[:1])
-    states = [training.init_state(model, s, data, one) for s in runs]
-    batches = [training.BatchSchedule(data, 4, s.seed)(0) for s in runs]
-    step = training.make_train_step(model, runs[0], one, donate=False)
-    block_step = training.make_block_train_step(model, runs[0], block, donate=False)
+    b = two_run_block(model, batch_size=4)
+    one, block, states, batches, step, block_step = b.one, b.block, b.states, b.batches, b.step, b.block_step
     stacked, block_batch, active = training.stack_states(states, block), training.put_block_batch(batches, block), \
         jnp.array([True, True])
     # the kernels run: in the interpreter no platform switch is left to pick their references
@@ -263,12 +251,7 @@ def test_each_device_runs_the_kernels_on_its_own_runs():
     one device's 2 runs (``[2, B, T, ...]``): the block step maps the runs over the devices itself
     (`training.step._per_device_runs`), as XLA cannot split a kernel (a custom call), whose inputs it would
     otherwise gather from both devices (``[4, B, T, ...]``) for each device to run all four runs."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, "-c", _SPLIT_RUNS], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    out = run_on_cpu_devices(_SPLIT_RUNS, 2)
     assert out["mesh"] == {"runs": 2, "data": 1}
     assert len(out["operands"]) == len(_DELTA_RULE)
     for types in out["operands"]:    # [runs, B=8, ...] where batched (the prior state is not: [B, ...])

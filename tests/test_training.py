@@ -15,7 +15,7 @@ import pytest
 
 from configs import mqar as mqar_config, recall as recall_config
 from experiments import common, models, mqar, recall, tasks, training
-from tests.support import smoke_config
+from tests.support import run_on_cpu_devices, smoke_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,12 +236,7 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_sharded_step_equals_single_device_step():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    out = run_on_cpu_devices(_SHARDED, 4)
     one, four = out["1"], out["4"]
     assert one["shards"] == [[8, 16]] and four["shards"] == [[2, 16]]    # the batch really is split in 4
     assert four["devices"] == 4
