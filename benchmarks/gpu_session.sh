@@ -22,7 +22,8 @@
 #              kernels in blocks of 16 then 32 steps, and Gated DeltaNet (ours and fla's) beside it
 #   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128)
 #   training   the MQAR training step at d_model 512 (benchmarks/training_throughput.py)
-#   profile    Nsight Compute on the kernels that miss their targets (registers, occupancy, spills, pipes)
+#   profile    Nsight Compute on the kernels that miss their targets (registers, occupancy, spills, pipes;
+#              $NCU_KERNELS: which of them)
 # It installs the carried wheels into /tmp/site, restores fla's autotuning results from
 # .cache/caches.tgz.* if present, and saves them into OUT_DIR/caches.tgz.00, .01, ... (parts of 15 MB: the
 # device returns files up to 16 MB; copy them to .cache/ for the next call). Only Triton's
@@ -30,7 +31,7 @@
 # (2026-12-01), more than a call returns; the autotuned configuration recompiles in seconds. It stops at
 # SECONDS (default 540), keeping what was measured (each step writes its files as it goes).
 set -u
-if [ $# -lt 1 ]; then sed -n 2,31p "$0"; exit 2; fi
+if [ $# -lt 1 ]; then sed -n 2,33p "$0"; exit 2; fi
 OUT_DIR=$1; BUDGET=${2:-540}; PHASES=,${3:-tests,kernels,headline},; START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 want() { [[ $PHASES == *,$1,* ]] && [ "$(left)" -gt 30 ]; }
@@ -89,9 +90,9 @@ want shapes && timeout "$(cap 400)" python3 benchmarks/gpu_kernels.py --shapes 8
 want training && timeout "$(cap 300)" python3 benchmarks/training_throughput.py --d-models 512 \
     --models mamba2,deltanet,gated_deltanet,bayesian --backends pallas,chunked \
     --out "$OUT_DIR/training_throughput.md" 2>&1 | tail -3
-want profile && timeout "$(cap 240)" ncu --clock-control none \
-    -k regex:"gla_attention|gla_chunk_backward|covariance_pass|delta_rule_prepare" \
+# NCU_KERNELS narrows it (ncu replays every section's passes per launch: four kernels did not all fit in 240 s).
+PROFILED=${NCU_KERNELS:-gla_attention,gla_chunk_backward,covariance_pass,delta_rule_prepare}
+want profile && timeout "$(cap 240)" ncu --clock-control none -k regex:"${PROFILED//,/|}" \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
-    python3 benchmarks/profile_kernels.py --kernels gla_attention,gla_chunk_backward,covariance_pass,delta_rule_prepare \
-    > "$OUT_DIR/ncu.txt" 2>&1
+    python3 benchmarks/profile_kernels.py --kernels "$PROFILED" > "$OUT_DIR/ncu.txt" 2>&1
 exit 0
