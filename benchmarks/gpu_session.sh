@@ -17,11 +17,12 @@
 #   variants   the kernels in $KERNELS (default: the covariance backward, GLA's attention and chunk
 #              backward) alone under each launch setting or form of $VARIANTS (a JSON list of TUNING dicts)
 #   sweep      the delta rule's launch settings
-#   headline   benchmarks/gpu_kernels.py, every model at 4x4096x16x128 beside fla (and MesaNet)
+#   headline   benchmarks/gpu_kernels.py, every model at 4x4096x16x128 beside fla (and MesaNet; $MODELS,
+#              $BACKENDS and $ORACLE narrow it)
 #   bayesian   the Bayesian Layer at 4x4096x16x128 with its error against float64, the covariance
 #              kernels in blocks of 16 then 32 steps, and Gated DeltaNet (ours and fla's) beside it
 #   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128)
-#   training   the MQAR training step at d_model 512 (benchmarks/training_throughput.py)
+#   training   the MQAR training step at d_model 512 (benchmarks/training_throughput.py; $TRAIN_MODELS)
 #   profile    Nsight Compute on the kernels that miss their targets (registers, occupancy, spills, pipes;
 #              $NCU_KERNELS: which of them)
 # It installs the carried wheels into /tmp/site, restores fla's autotuning results from
@@ -31,7 +32,7 @@
 # (2026-12-01), more than a call returns; the autotuned configuration recompiles in seconds. It stops at
 # SECONDS (default 540), keeping what was measured (each step writes its files as it goes).
 set -u
-if [ $# -lt 1 ]; then sed -n 2,33p "$0"; exit 2; fi
+if [ $# -lt 1 ]; then sed -n 2,35p "$0"; exit 2; fi
 OUT_DIR=$1; BUDGET=${2:-540}; PHASES=,${3:-tests,kernels,headline},; START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 want() { [[ $PHASES == *,$1,* ]] && [ "$(left)" -gt 30 ]; }
@@ -71,7 +72,7 @@ want variants && timeout "$(cap 240)" python3 benchmarks/profile_kernels.py --ti
 want sweep && timeout "$(cap 150)" python3 benchmarks/gpu_kernels.py --sweep --shapes 4x4096x16x128 \
     --repeats 10 > "$OUT_DIR/sweep.jsonl" 2>&1
 want headline && timeout "$(cap 480)" python3 benchmarks/gpu_kernels.py --shapes 4x4096x16x128 \
-    --backends pallas,chunked --out "$OUT_DIR/gpu_kernels.md" --json "$OUT_DIR/gpu_kernels.jsonl" 2>&1 \
+    ${MODELS:+--models "$MODELS"} --backends "${BACKENDS:-pallas,chunked}" ${ORACLE:+--oracle "$ORACLE"} --out "$OUT_DIR/gpu_kernels.md" --json "$OUT_DIR/gpu_kernels.jsonl" 2>&1 \
     | grep -v -i deprecat | tail -3
 if want bayesian; then
     for block in 16 32; do
@@ -88,7 +89,7 @@ want shapes && timeout "$(cap 400)" python3 benchmarks/gpu_kernels.py --shapes 8
     --oracle none --out "$OUT_DIR/gpu_kernels_shapes.md" --json "$OUT_DIR/gpu_kernels_shapes.jsonl" 2>&1 \
     | grep -v -i deprecat | tail -3
 want training && timeout "$(cap 300)" python3 benchmarks/training_throughput.py --d-models 512 \
-    --models mamba2,deltanet,gated_deltanet,bayesian --backends pallas,chunked \
+    --models "${TRAIN_MODELS:-mamba2,deltanet,gated_deltanet,bayesian}" --backends "${BACKENDS:-pallas,chunked}" \
     --out "$OUT_DIR/training_throughput.md" 2>&1 | tail -3
 # NCU_KERNELS narrows it (ncu replays every section's passes per launch: four kernels did not all fit in 240 s).
 PROFILED=${NCU_KERNELS:-gla_attention,gla_chunk_backward,covariance_pass,delta_rule_prepare}
