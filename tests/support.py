@@ -100,7 +100,7 @@ def run_on_cpu_devices(script: str, devices: int, *args: str, **env) -> dict:
     (a process's device count is fixed when jax starts), with ``env`` added to its environment; returns
     the JSON the script printed after ``RESULT``."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": ROOT, **env}
+           "PYTHONPATH": os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]), **env}
     proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
