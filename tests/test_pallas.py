@@ -383,8 +383,8 @@ def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
     assert _triton_calls(lambda *a: loss(*a), *args) == 2    # state pass, output with A in registers
 
 
-@pytest.mark.parametrize("output", [dict(form="fused"), dict(form="fused", diagonal="columns"),
-                                    dict(diagonal="columns")])
+@pytest.mark.parametrize("output", [dict(form="fused", diagonal="slices"), dict(form="fused", diagonal="columns"),
+                                    dict(form="two_pass", diagonal="slices")])
 def test_gla_output_forms(monkeypatch, output):
     """Every form of the channel-wise output (A through memory or in registers; its diagonal blocks
     over channel slices or column by column) in the interpreter against the float64 recurrence."""

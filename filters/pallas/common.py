@@ -95,15 +95,17 @@ TUNING = {
     # the Bayesian Layer's program compiles in 28 s and runs 6.23 / 36.0 ms forward / forward+backward;
     # with dP in registers Triton's compile did not end within 230 s, twice (K x K tiles spilling).
     # Blocks of 32 steps (``"block": 32`` in covariance_pass; the backward follows its checkpoints) halve
-    # the sequential chain of both passes; tested, not yet timed.
+    # the number of blocks but not the steps of the factorizations: 8.18 / 45.7 ms against 6.23 / 34.6 at
+    # 16 (2026-12-01, benchmarks/gpu_session.sh bayesian), so 16 stays.
     "covariance_pass_backward": dict(num_warps=8, carry="memory", factor="two_loops"),
     "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", factor="one_loop"),
-    # Not yet measured on a GPU: the channel-wise output in two passes (A through memory, then full-tile
-    # products; "fused": one kernel of 16-row products, the form measured at 4.54 ms forward), and the
-    # backward rerunning the state pass (as flash-linear-attention does) rather than keeping the chunk
-    # states from the forward (False keeps them: one kernel less, 2 T K V / C more bytes held per head
-    # between the passes).
-    "gla_output": dict(diagonal="slices", form="two_pass"),
+    # The channel-wise output (B4 T4096 H16 K128, 2026-12-01, benchmarks/profile_kernels.py --variants, one
+    # process): in two passes (A through memory, then full-tile products) 2.95 ms with A's diagonal blocks
+    # over channel slices, 2.36 ms column by column (its attention kernel 2.43 -> 1.97 ms); "fused" (one
+    # kernel of 16-row products) 3.94 ms; 8 warps slower (attention 3.01 ms). The backward reruns the state
+    # pass (as flash-linear-attention does) rather than keeping the chunk states from the forward (False
+    # keeps them: one kernel less, 2 T K V / C more bytes held per head between the passes).
+    "gla_output": dict(diagonal="columns", form="two_pass"),
     "gla_backward": dict(recompute_states=True),
 }
 DEFAULT_TUNING = dict(num_warps=4, num_stages=1)

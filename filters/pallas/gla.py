@@ -11,8 +11,8 @@ of ``b [C, K]``; ``b_C`` its last row) and ``S_c`` the state at the chunk start:
 ``A`` has no matmul form over the whole chunk (the decay differs per channel), so it is built on 16-row
 blocks: a block below the diagonal is a product of ``Q`` and ``K`` decayed towards the first step ``r``
 of the row block, ``(Q_i exp(b_i - b_r)) (K_j exp(b_r - b_j))^T`` (both exponents <= 0), and a diagonal
-block is summed directly, as ``[16, 16, 32]`` products over slices of the channels (or column by
-column: ``TUNING["gla_output"]["diagonal"] = "columns"``). By default ``A`` goes through memory (its own
+block is summed directly, channel by channel (``TUNING["gla_output"]["diagonal"] = "columns"``, measured
+faster) or as ``[16, 16, 32]`` products over slices of the channels (``"slices"``). By default ``A`` goes through memory (its own
 kernel), so the readout is two full-tile products; ``TUNING["gla_output"]["form"] = "fused"`` keeps it in
 registers in one kernel of 16-row products.
 
