@@ -363,3 +363,28 @@ def test_recall_trains_its_seeds_as_one_block_and_reports_mean_and_spread(tmp_pa
     train = [r["eval"]["train"]["accuracy"] for r in records]
     assert cells[header.index("train")] == sweep.fmt_mean_spread(train)
     assert os.path.getsize(tmp_path / "accuracy_by_condition.png") > 0
+
+
+def test_a_gpu_slice_restores_earlier_runs_and_returns_the_new_ones_without_checkpoints(tmp_path):
+    """experiments/gpu_slice.sh (a sweep slice on a machine that keeps nothing between calls): the earlier
+    slices' run folders are unpacked before the command (so the sweep skips them), and every run folder, old
+    and new, comes back in OUT/runs.tgz without checkpoints or compilation cache; the command's status is
+    the script's."""
+    import subprocess
+    import tarfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = tmp_path / "tree"
+    (work / "runs/mqar/old/checkpoints").mkdir(parents=True)
+    (work / "runs/mqar/old/results.json").write_text("{}")
+    (work / "runs/mqar/old/checkpoints/0").write_text("params")
+    subprocess.run(["tar", "-czf", str(tmp_path / "earlier.tgz"), "runs"], cwd=work, check=True)
+    shutil.rmtree(work / "runs")
+    command = ("test -f runs/mqar/old/results.json && mkdir -p runs/mqar/new/checkpoints runs/mqar/jax_cache && "
+               "echo '{}' > runs/mqar/new/results.json && touch runs/mqar/new/checkpoints/1 runs/mqar/jax_cache/x; "
+               "exit 3")
+    proc = subprocess.run(["bash", os.path.join(root, "experiments/gpu_slice.sh"), str(tmp_path / "out"),
+                           str(tmp_path / "earlier.tgz"), "bash", "-c", command], cwd=work, capture_output=True,
+                          text=True)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    with tarfile.open(tmp_path / "out/runs.tgz") as archive:
+        assert sorted(archive.getnames()) == ["runs/mqar/new/results.json", "runs/mqar/old/results.json"]
