@@ -190,8 +190,8 @@ def _kalman_covariance(k, log_decay, noise, beta, p0):
 def test_covariance_pass(monkeypatch, interpret, dot_precision, block):
     """Gains, final covariance and every gradient (the backward kernel's, through its checkpoints; T = 37
     with chunks of 32: the last padded) against the float64 step-by-step recursion. The two products
-    take their own TUNING forms: "highest" the backward with dP through memory and the one-loop factor;
-    blocks of 16 or 32 steps."""
+    take their own TUNING forms; blocks of 16 or 32 steps. The backward kernel takes each block's X and
+    pivots from the checkpointing forward."""
     name = covariance.KERNEL_NAMES["ieee" if dot_precision == "highest" else "tf32x3"]
     monkeypatch.setitem(common.TUNING, name, {**common.TUNING[name], "block": block})
     _, k, _, _, log_decay, _ = _inputs()

@@ -97,8 +97,10 @@ TUNING = {
     # Blocks of 32 steps (``"block": 32`` in covariance_pass; the backward follows its checkpoints) halve
     # the number of blocks but not the steps of the factorizations: 8.18 / 45.7 ms against 6.23 / 34.6 at
     # 16 (2026-12-01, benchmarks/gpu_session.sh bayesian), so 16 stays.
-    "covariance_pass_backward": dict(num_warps=8, carry="memory", factor="two_loops"),
-    "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", factor="one_loop"),
+    # Since 2026-12-01 (morning) the backward kernel takes each block's X = L^{-1} and pivots from the
+    # checkpointing forward rather than factoring again (not yet timed): "factor" no longer applies to it.
+    "covariance_pass_backward": dict(num_warps=8, carry="memory"),
+    "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory"),
     # The channel-wise output (B4 T4096 H16 K128, 2026-12-01, benchmarks/profile_kernels.py --variants, one
     # process): in two passes (A through memory, then full-tile products) 2.95 ms with A's diagonal blocks
     # over channel slices, 2.36 ms column by column (its attention kernel 2.43 -> 1.97 ms); "fused" (one

@@ -22,12 +22,15 @@ measured as accurate as IEEE products here and 13x faster on an H200, or IEEE fl
 
 The backward kernel walks the blocks in reverse, one program per head, the cotangent ``dP`` of the
 covariance carried through its output block (``TUNING carry="memory"``; in registers, Triton's compile
-of the K = 128 kernel did not end within minutes on an H200). It needs every block's ``P_c``: the backward pass first reruns the forward
-kernel, which then also stores ``P_c`` at each block start (``[B, H, T/16, K, K]`` float32, held only
-during the backward pass; 1 GiB at B4 T4096 H16 K128), rather than keeping them from the forward pass.
-Each block is recomputed from its ``P_c`` (`_block`) and differentiated by hand (`_block_backward`: the
-reverse of the formulas above, the Cholesky factor's by Murray's formula), so the kernel's derivative is
-exact, the same as JAX's of the block (tested in float64).
+of the K = 128 kernel did not end within minutes on an H200). It needs every block's ``P_c``: the
+backward pass first reruns the forward kernel, which then also stores ``P_c`` at each block start
+(``[B, H, T/16, K, K]`` float32, held only during the backward pass; 1 GiB at B4 T4096 H16 K128), rather
+than keeping them from the forward pass, and the block's ``X = L^{-1}`` and pivots (``C x C`` and ``C``
+more per block): the 16 x 16 factorization, a chain of dependent steps that the forward kernel's time
+follows (docs/performance.md), then runs once per block in the backward pass, not twice. Each block is
+recomputed from these (`_block`) and differentiated by hand (`_block_backward`: the reverse of the
+formulas above, the Cholesky factor's by Murray's formula), so the kernel's derivative is exact, the same
+as JAX's of the block (tested in float64).
 """
 from __future__ import annotations
 
@@ -228,7 +231,7 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
     return d_k, d_log_decay, d_noise, d_inv_beta, 0.5 * (d_cov + d_cov.T)
 
 
-def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *ckpt_ref,
+def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *ckpt_refs,
                        size, in_memory, one_loop, dot, interpret):
     n = k_ref.shape[0] // size
     whitening = whitening_tile if one_loop else _whitening_two_loops
@@ -238,19 +241,23 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
     # The carry is (P', s) with P = P' + s I: the noise enters as the scalar s, so that no K x K identity
     # occupies registers. P' is carried in registers (K^2 / threads of them per thread), or
     # (``in_memory``) in the output block itself, loaded where it is used and stored at the end of each
-    # block: the program's own stores are visible to its threads after a barrier. With ``ckpt_ref`` (the
-    # backward pass's checkpoints) every block's P_c is stored as it starts.
+    # block: the program's own stores are visible to its threads after a barrier. With ``ckpt_refs`` (the
+    # backward pass's checkpoints) every block's P_c is stored as it starts, and its X = L^{-1} and pivots
+    # diag(L) once computed, so that the backward kernel does not factor Sigma again.
     def body(i, cov, scale):
         if in_memory:
             cov = pf_ref[...]
-        if ckpt_ref:
+        if ckpt_refs:
             rk, ck = iota2(key_dim)
-            ckpt_ref[0][i] = cov + jnp.where(rk == ck, scale, 0.0)
+            ckpt_refs[0][i] = cov + jnp.where(rk == ck, scale, 0.0)
         t0 = pl.multiple_of(i * size, size)
         k = rows(k_ref, t0, size).astype(F32)
         blk = _block(k, rows(ld_ref, t0, size), rows(noise_ref, t0, size), rows(inv_beta_ref, t0, size), cov,
                      scale, dot=dot, whitening=whitening)
         gains_ref[pl.ds(t0, size), :] = blk["gains"]
+        if ckpt_refs:
+            ckpt_refs[1][i] = blk["whiten"]
+            ckpt_refs[2][i] = blk["pivots"]
         end = jnp.exp(2.0 * blk["b_last"])
         scale = end * scale + blk["alpha_last"]
         z = blk["z"]
@@ -273,15 +280,15 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
     scale_ref[...] = jnp.full(scale_ref.shape, scale, F32)
 
 
-def _covariance_backward_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, ckpt_ref, dgains_ref, dpf_ref,
-                                dk_ref, dld_ref, dnoise_ref, dinv_beta_ref, dp0_ref, *, size, in_memory, one_loop,
-                                dot, interpret):
-    """The blocks in reverse: each recomputed from its checkpoint ``P_c``, then `_block_backward` turns
-    the cotangent of ``P_{c+1}`` and of the block's gains into the block's input cotangents and that of
+def _covariance_backward_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, ckpt_ref, whiten_ref, pivots_ref, dgains_ref,
+                                dpf_ref, dk_ref, dld_ref, dnoise_ref, dinv_beta_ref, dp0_ref, *, size, in_memory, dot,
+                                interpret):
+    """The blocks in reverse: each recomputed from its checkpoints (``P_c``, and ``X = L^{-1}`` and the
+    pivots, which the forward kernel stored: no factorization here), then `_block_backward` turns the
+    cotangent of ``P_{c+1}`` and of the block's gains into the block's input cotangents and that of
     ``P_c``. The cotangent ``dP`` is carried in registers, or (``in_memory``) in the output block ``dP_0``,
     loaded where it is used; ``P_c`` is loaded from the checkpoints where it is used."""
     n = k_ref.shape[0] // size
-    whitening = whitening_tile if one_loop else _whitening_two_loops
     barrier = (lambda: None) if interpret else pltriton.debug_barrier
 
     def body(j, d_next):
@@ -291,7 +298,7 @@ def _covariance_backward_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, ckpt_ref
         noise = rows(noise_ref, t0, size)
         cov = lambda: ckpt_ref[i]
         blk = _block(k, rows(ld_ref, t0, size), noise, rows(inv_beta_ref, t0, size), cov(), 0.0, dot=dot,
-                     whitening=whitening)
+                     whitening=lambda sigma: (whiten_ref[i], pivots_ref[i]))
         d_k, d_ld, d_noise, d_inv_beta, d_cov = _block_backward(
             blk, k, noise, cov, rows(dgains_ref, t0, size), (lambda: dp0_ref[...]) if in_memory else (lambda: d_next),
             dot=dot)
@@ -338,7 +345,10 @@ def _specs(k, size):
     batch, time, heads, key_dim = k.shape
     seq = lambda *d: spec((None, time, None, *d), lambda i, h: (i, 0, h, *(0 for _ in d)))
     cov = spec((None, None, key_dim, key_dim), lambda i, h: (i, h, 0, 0))
-    ckpt = spec((None, None, time // size, key_dim, key_dim), lambda i, h: (i, h, 0, 0, 0))
+    n = time // size
+    ckpt = [spec((None, None, n, key_dim, key_dim), lambda i, h: (i, h, 0, 0, 0)),    # P_c
+            spec((None, None, n, size, size), lambda i, h: (i, h, 0, 0, 0)),          # X = L^{-1}
+            spec((None, None, n, size), lambda i, h: (i, h, 0, 0))]                   # diag(L)
     return seq, cov, ckpt
 
 
@@ -346,8 +356,9 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", c
                       interpret=False):
     """``k [B,T,H,K]``, ``log_decay, noise, inv_beta [B,T,H]`` float32 (T a multiple of the block size,
     `block_size`), ``p0 [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``,
-    float32, and with ``checkpoints`` every block's starting covariance ``[B,H,T/block,K,K]`` (for the
-    backward kernel).
+    float32, and with ``checkpoints`` a third result for the backward kernel: every block's starting
+    covariance ``[B,H,T/block,K,K]``, the inverse ``X [B,H,T/block,C,C]`` of its Sigma's Cholesky factor and
+    that factor's diagonal ``[B,H,T/block,C]``.
     ``products``: ``"tf32x3"`` or ``"ieee"`` (`_products`), each with its own launch and form in
     `TUNING` (``KERNEL_NAMES``: the two were measured best at different settings)."""
     _check_products(products)
@@ -361,36 +372,37 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", c
     outs = launch(
         kernel, grid=(batch, heads),
         in_specs=[seq(key_dim), seq(), seq(), seq(), cov],
-        out_specs=[seq(key_dim), cov, spec((None, None, SUB), lambda i, h: (i, h, 0))] + [ckpt] * checkpoints,
+        out_specs=[seq(key_dim), cov, spec((None, None, SUB), lambda i, h: (i, h, 0))] + ckpt * checkpoints,
         out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(p0.shape, F32),
                    jax.ShapeDtypeStruct((batch, heads, SUB), F32)]
-                  + [jax.ShapeDtypeStruct((batch, heads, time // size, key_dim, key_dim), F32)] * checkpoints,
+                  + [jax.ShapeDtypeStruct((batch, heads, time // size, *d), F32)
+                     for d in ((key_dim, key_dim), (size, size), (size,))] * checkpoints,
         interpret=interpret, name=KERNEL_NAMES[products])(k, log_decay, noise, inv_beta, p0)
     gains, final, scale = outs[:3]
     final = final + scale[..., :1, None] * jnp.eye(key_dim, dtype=F32)
-    return (gains, 0.5 * (final + jnp.swapaxes(final, -1, -2))) + tuple(outs[3:])
+    return (gains, 0.5 * (final + jnp.swapaxes(final, -1, -2))) + ((tuple(outs[3:]),) if checkpoints else ())
 
 
 def covariance_backward_kernel(k, log_decay, noise, inv_beta, checkpoints, d_gains, d_final, *,
                                products="tf32x3", interpret=False):
     """The cotangents ``(dk [B,T,H,K], d log_decay, d noise, d inv_beta [B,T,H], dP_0 [B,H,K,K])`` of
     `covariance_kernel`'s inputs from those of its gains and final covariance, given its
-    ``checkpoints``: one program per head walks the blocks backwards (`_covariance_backward_kernel`)."""
+    ``checkpoints`` (its third result): one program per head walks the blocks backwards
+    (`_covariance_backward_kernel`)."""
     _check_products(products)
     batch, time, heads, key_dim = k.shape
-    size = time // checkpoints.shape[2]                       # the forward kernel's blocks
+    size = checkpoints[1].shape[-1]                           # the forward kernel's blocks
     seq, cov, ckpt = _specs(k, size)
     name = BACKWARD_NAMES[products]
     kernel = functools.partial(_covariance_backward_kernel, size=size, in_memory=tuning(name, "carry") == "memory",
-                               one_loop=tuning(name, "factor") == "one_loop", dot=_products(products, interpret),
-                               interpret=interpret)
+                               dot=_products(products, interpret), interpret=interpret)
     return launch(
         kernel, grid=(batch, heads),
-        in_specs=[seq(key_dim), seq(), seq(), seq(), ckpt, seq(key_dim), cov],
+        in_specs=[seq(key_dim), seq(), seq(), seq(), *ckpt, seq(key_dim), cov],
         out_specs=[seq(key_dim), seq(), seq(), seq(), cov],
         out_shape=[jax.ShapeDtypeStruct(k.shape, F32)] + [jax.ShapeDtypeStruct(noise.shape, F32)] * 3
                   + [jax.ShapeDtypeStruct((batch, heads, key_dim, key_dim), F32)],
-        interpret=interpret, name=name)(k, log_decay, noise, inv_beta, checkpoints, d_gains, d_final)
+        interpret=interpret, name=name)(k, log_decay, noise, inv_beta, *checkpoints, d_gains, d_final)
 
 
 def _padded(k, log_decay, noise, precision, multiple):
@@ -403,8 +415,8 @@ def _padded(k, log_decay, noise, precision, multiple):
 def _pass(chunk: int, products: str, interpret: bool, settings: tuple):
     """The pass as a `jax.custom_vjp` of ``(k, log_decay, noise, precision, P_0)``: forward and backward
     kernels on CUDA (or in the interpreter), the chunked reference and its derivative elsewhere. The
-    backward pass reruns the forward kernel for its checkpoints (``P`` at every block start) rather than
-    keeping them between the passes: the residuals are the inputs alone. ``settings``: the kernels'
+    backward pass reruns the forward kernel for its checkpoints (``P``, ``X`` and the pivots of every
+    block) rather than keeping them between the passes: the residuals are the inputs alone. ``settings``: the kernels'
     `TUNING` when called, a key of the cache only (JAX caches the traces of ``fwd`` and ``bwd``)."""
     multiple = max(chunk, block_size(products))
 
