@@ -381,14 +381,21 @@ def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
     assert _triton_calls(lambda *a: grad(*a), *args) == 5
     monkeypatch.setitem(common.TUNING, "gla_output", dict(form="fused"))
     assert _triton_calls(lambda *a: loss(*a), *args) == 2    # state pass, output with A in registers
+    monkeypatch.setitem(common.TUNING, "gla_output", dict(form="two_pass"))
+    monkeypatch.setitem(common.TUNING, "gla_attention", dict(programs="row_blocks"))
+    assert _triton_calls(lambda *a: loss(*a), *args) == 3    # A by one program per 16-row block
 
 
-@pytest.mark.parametrize("output", [dict(form="fused", diagonal="slices"), dict(form="fused", diagonal="columns"),
-                                    dict(form="two_pass", diagonal="slices")])
-def test_gla_output_forms(monkeypatch, output):
+@pytest.mark.parametrize("output, programs", [
+    (dict(form="fused", diagonal="slices"), "chunks"), (dict(form="fused", diagonal="columns"), "chunks"),
+    (dict(form="two_pass", diagonal="slices"), "chunks"), (dict(form="two_pass", diagonal="columns"), "row_blocks"),
+    (dict(form="two_pass", diagonal="slices"), "row_blocks")])
+def test_gla_output_forms(monkeypatch, output, programs):
     """Every form of the channel-wise output (A through memory or in registers; its diagonal blocks
-    over channel slices or column by column) in the interpreter against the float64 recurrence."""
+    over channel slices or column by column; A's kernel one program per chunk or per 16-row block) in the
+    interpreter against the float64 recurrence."""
     monkeypatch.setitem(common.TUNING, "gla_output", output)
+    monkeypatch.setitem(common.TUNING, "gla_attention", dict(programs=programs))
     q, k, v, _, log_decay, s0 = _inputs(channelwise=True)
     args = [jnp.asarray(x) for x in (q, k, v, log_decay, s0)]
     y, final = gla.additive(*(x.astype(jnp.float32) for x in args), chunk_size=32, precision="highest",

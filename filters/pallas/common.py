@@ -108,6 +108,8 @@ TUNING = {
     # pass (as flash-linear-attention does) rather than keeping the chunk states from the forward (False
     # keeps them: one kernel less, 2 T K V / C more bytes held per head between the passes).
     "gla_output": dict(diagonal="columns", form="two_pass"),
+    # A's kernel: one program per chunk, or per 16-row block of a chunk ("row_blocks"; not yet timed).
+    "gla_attention": dict(programs="chunks"),
     "gla_backward": dict(recompute_states=True),
 }
 DEFAULT_TUNING = dict(num_warps=4, num_stages=1)

@@ -164,6 +164,34 @@ def _attention_kernel(q_ref, k_ref, b_ref, a_ref, *, dots, slices):
             a_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = blocks[j] if j <= i else zero
 
 
+def _attention_row_block_kernel(q_ref, k_ref, b_ref, a_ref, *, dots, slices):
+    """Row block ``i = program_id(3)`` of a chunk's ``A`` (``a_ref``: its 16 rows): the blocks left of
+    the diagonal in a loop, then the diagonal, then zeros; `_attention_row`'s formulas at a dynamic
+    ``i``."""
+    n = k_ref.shape[0] // SUB
+    i = pl.program_id(3)
+    start = pl.multiple_of(i * SUB, SUB)
+    q = rows(q_ref, start, SUB).astype(F32)
+    b = rows(b_ref, start, SUB)
+    ref = rows(b_ref, start, 1)                                         # b at the block's first step
+    q_rel = q * jnp.exp(b - ref)
+
+    def left(j, carry):
+        cols = pl.multiple_of(j * SUB, SUB)
+        k_rel = rows(k_ref, cols, SUB).astype(F32) * jnp.exp(ref - rows(b_ref, cols, SUB))
+        a_ref[:, pl.ds(cols, SUB)] = dots.nt(q_rel, k_rel)
+        return carry
+
+    def right(j, carry):
+        a_ref[:, pl.ds(pl.multiple_of(j * SUB, SUB), SUB)] = jnp.zeros((SUB, SUB), F32)
+        return carry
+
+    lax.fori_loop(0, i, left, 0)
+    diagonal = _diagonal_by_slices if slices else _diagonal_by_columns
+    a_ref[:, pl.ds(start, SUB)] = diagonal(q_ref, k_ref, b_ref, start, q, b)
+    lax.fori_loop(i + 1, n, right, 0)
+
+
 def _readout_kernel(q_ref, b_ref, h_ref, a_ref, v_ref, y_ref, *, dots):
     """``Y = (Q * exp(b)) S_c + A V``: two full-tile products (``C`` rows each)."""
     y = dots(q_ref[...].astype(F32) * jnp.exp(b_ref[...]), h_ref[...]) + dots(a_ref[...], v_ref[...])
@@ -179,11 +207,23 @@ def _output_specs(chunk, key_dim, bv):
 
 def attention_kernel(q, k, b, *, chunk, dots, interpret=False):
     """``q, k, b [B,T,H,K]`` -> ``A [B,T,H,C]`` float32 (row ``i`` of each chunk's ``A``, zero above the
-    diagonal), computed once per chunk, whatever the value width."""
+    diagonal), computed once per chunk, whatever the value width: by one program per chunk, or
+    (``TUNING["gla_attention"]["programs"] = "row_blocks"``, as flash-linear-attention splits it) one per
+    16-row block of a chunk, C / 16 times the programs, each with a quarter of the work at C = 64 (the
+    last row block the most)."""
     batch, time, heads, key_dim = q.shape
     s = _output_specs(chunk, key_dim, 1)
+    slices = tuning("gla_output", "diagonal") != "columns"
+    if tuning("gla_attention", "programs") == "row_blocks":
+        per_chunk = chunk // SUB
+        return launch(
+            functools.partial(_attention_row_block_kernel, dots=dots, slices=slices),
+            grid=(batch, heads, time // chunk, per_chunk), in_specs=[s["k"]] * 3,
+            out_specs=spec((None, SUB, None, chunk), lambda i, hh, c, r: (i, c * per_chunk + r, hh, 0)),
+            out_shape=jax.ShapeDtypeStruct((batch, time, heads, chunk), F32),
+            interpret=interpret, name="gla_attention")(q, k, b)
     return launch(
-        functools.partial(_attention_kernel, dots=dots, slices=tuning("gla_output", "diagonal") != "columns"),
+        functools.partial(_attention_kernel, dots=dots, slices=slices),
         grid=(batch, heads, time // chunk, 1), in_specs=[s["k"]] * 3, out_specs=s["square"],
         out_shape=jax.ShapeDtypeStruct((batch, time, heads, chunk), F32),
         interpret=interpret, name="gla_attention")(q, k, b)
