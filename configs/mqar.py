@@ -1,8 +1,8 @@
 """MQAR (Zoology, Arora et al. 2024) and its variants: the protocol of Zoology's figure 2, a 2-layer model per
 sequence layer trained on multi-query associative recall, swept over d_model, learning rate, seed and training
 shape; the learning rate chosen on a validation split, the accuracy reported on a test split at the training
-shape and at twice its length and pairs. For the four variants of docs/experiments.md: "base", "shared",
-"update", "block".
+shape and at twice its length and pairs. For the five variants of docs/experiments.md: "base", "shared",
+"update", "forget" (Update-MQAR with every key rewritten once: Zoology's forgetting layout), "block".
 
 Zoology's figure 2 recipe: vocabulary 8192, (seq_len, pairs) in (64, 4), (128, 8), (256, 16) (and (512, 64),
 which its config lists but did not run), d_model 64-512, learning rates logspace(-4, -2, 4), 100,000 training
@@ -39,7 +39,7 @@ from configs import training
 def get_config():
     config = ml_collections.ConfigDict()
     # the sweep: variants x training sets x models x d_model x learning rate x seed (training.py)
-    config.variants = ("base", "shared", "update", "block")
+    config.variants = ("base", "shared", "update", "forget", "block")
     config.models = ("attention", "linear_attention", "mamba2", "deltanet", "gated_deltanet", "bayesian",
                      "bayesian_no_conv")
     config.d_models = (64, 128, 256, 512)
@@ -67,7 +67,7 @@ def get_config():
     config.num_eval_examples = 1_000    # each test shape
     config.power_a = 0.01
     config.random_filler = True
-    config.num_updates = 0            # update variant: rebinding pairs; 0 means num_kv_pairs
+    config.num_updates = 0            # update variant: rebinding pairs; 0 means num_kv_pairs (forget: always)
     config.block_gap = 6              # block variant: separators between a key and its value (> 2 * (4 - 1) - 1)
     config.data_seed = 0
     training.add_model_and_training(config, num_steps=3000, batch_size=256, warmup_steps=300)

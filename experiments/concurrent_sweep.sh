@@ -25,7 +25,7 @@ BUDGET=$1; export MQAR_DIR=$2; RECALL_DIR=$3; shift 3
 export CONFIG=${CONFIG:-configs/mqar.py} EXTRA=${EXTRA:-}
 NAMES=(attention linear_attention mamba2 deltanet gated_deltanet bayesian bayesian_no_conv)
 export MODELS=${MODELS:-"($(printf "'%s'," "${NAMES[@]}"))"}
-export VARIANTS=${VARIANTS:-"('base','shared','update','block')"}
+export VARIANTS=${VARIANTS:-"('base','shared','update','forget','block')"}
 # several processes on one device: each allocates what it uses (not XLA's default 75% of the memory)
 [ "${WORKERS:-2}" -gt 1 ] && export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 # One compilation cache for every process (a block's program is compiled once per model, d_model and shape).

@@ -7,7 +7,7 @@ Shape legend::
     N  examples        L  sequence length        P  key-value pairs        V  vocabulary size
 
 Labels are ``IGNORE`` (-100) wherever nothing is supervised; a supervised position holds a query key
-and its label is the value that key is bound to (for "update": the latest binding).
+and its label is the value that key is bound to (for "update" and "forget": the latest binding).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 IGNORE = -100
-MQAR_VARIANTS = ("base", "shared", "update", "block")
+MQAR_VARIANTS = ("base", "shared", "update", "forget", "block")
 # Where an example's keys and values come from: Zoology's two halves of the vocabulary (keys [1, V/2), values
 # [V/2, V)), or one shared pool [1, V) (a token's role is then given only by its position).
 VOCABULARIES = ("split", "shared")
@@ -99,6 +99,12 @@ def mqar_layout(seq_len: int, num_kv_pairs: int, variant: str = "base", *, num_u
         updates = num_kv_pairs if num_updates is None else num_updates
         if updates < 1:
             raise TaskError(f"num_updates={updates}: the update variant needs at least one rebinding.")
+    if variant == "forget":
+        if num_updates not in (None, num_kv_pairs):
+            raise TaskError(f"num_updates={num_updates}: the forget variant rewrites each of the {num_kv_pairs} "
+                            f"keys once (accepted: None or {num_kv_pairs}; for another number of random "
+                            "rebindings use variant 'update').")
+        updates = num_kv_pairs
     if variant == "block":
         if block_gap < 1:
             raise TaskError(f"block_gap={block_gap}: must be at least 1 separator.")
@@ -147,6 +153,9 @@ def mqar(vocab_size: int, seq_len: int, num_kv_pairs: int, num_examples: int, se
     * ``update``: after the ``P`` pairs come ``R = num_updates`` (default ``P``) rebinding pairs
       ``k_j v'`` with ``j`` uniform over the keys (a key may be rebound more than once); every value in
       an example is distinct, so a rebinding never repeats an old value. The label is the latest value.
+    * ``forget``: the update layout with every key rewritten once: after the ``P`` pairs, the same ``P``
+      keys again in a random order, each with a new value, and every key queried, so that every query
+      asks for its key's second value and none may be answered from the first block.
     * ``block``: each key is followed by ``block_gap`` separator tokens (token 0), then its value:
       ``k_i 0^g v_i``. The value sits ``g + 1`` positions after its key; with ``g + 1 > n_layers *
       (conv_size - 1)`` no stack of the models' short convolutions reaches from a value to its key.
@@ -188,7 +197,10 @@ def mqar(vocab_size: int, seq_len: int, num_kv_pairs: int, num_examples: int, se
     else:
         inputs[:, 0:2 * p:2], inputs[:, 1:2 * p:2] = keys, values[:, :p]
     if r:
-        which = rng.integers(0, p, size=(n, r))                       # the key rebound by update u
+        if variant == "forget":                                        # every key once, in a random order
+            which = rng.permuted(np.tile(np.arange(p), (n, 1)), axis=1)
+        else:                                                          # the key rebound by update u
+            which = rng.integers(0, p, size=(n, r))
         inputs[:, 2 * p::2][:, :r] = np.take_along_axis(keys, which, 1)
         inputs[:, 2 * p + 1::2][:, :r] = values[:, p:]
         hit = which[:, :, None] == np.arange(p)                        # [N, R, P]

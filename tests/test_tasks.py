@@ -29,7 +29,7 @@ def _check_labels_bound_to_keys(inputs, labels, variant, pairs, gap=6):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_labels_are_the_values_bound_to_the_query_keys(variant):
-    seq_len = 96 if variant in ("update", "block") else L
+    seq_len = 96 if variant in ("update", "forget", "block") else L
     inputs, labels = tasks.mqar(V, seq_len, P, 200, seed=3, variant=variant)
     assert inputs.shape == labels.shape == (200, seq_len)
     assert inputs.dtype == labels.dtype == np.int32
@@ -201,6 +201,28 @@ def test_update_rebinds_to_new_values_and_labels_the_latest(vocabulary):
     assert changed > 300                           # many queries ask a rebound key
 
 
+@pytest.mark.parametrize("vocabulary", tasks.VOCABULARIES)
+def test_forget_rewrites_every_key_once_and_labels_the_new_value(vocabulary):
+    """Zoology's forgetting layout: the second block of pairs is the first block's keys in another order,
+    each with a new value; every key is queried, and every label is its key's second value."""
+    pairs, seq_len = 6, 96
+    inputs, labels = tasks.mqar(V, seq_len, pairs, 300, seed=4, variant="forget", vocabulary=vocabulary)
+    orders = set()
+    for x, y in zip(inputs, labels):
+        first, second = x[0:2 * pairs], x[2 * pairs:4 * pairs]
+        assert sorted(second[0::2]) == sorted(first[0::2])                      # the same keys, once each
+        assert len(set(first[1::2]) | set(second[1::2])) == 2 * pairs          # all values new
+        orders.add(tuple(second[0::2]) == tuple(first[0::2]))
+        new = dict(zip(second[0::2], second[1::2]))
+        queried = np.flatnonzero(y != tasks.IGNORE)
+        assert sorted(x[queried]) == sorted(first[0::2])                        # every key queried
+        assert all(y[t] == new[x[t]] for t in queried)
+    assert orders == {False} or orders == {False, True}                         # rewritten in random orders
+    assert tasks.mqar_layout(96, pairs, "forget") == tasks.mqar_layout(96, pairs, "update")
+    with pytest.raises(tasks.TaskError, match="forget variant rewrites each of the 6 keys once .*accepted: None or 6"):
+        tasks.mqar(V, seq_len, pairs, 4, 0, variant="forget", num_updates=3)
+
+
 def test_block_separates_keys_from_values_beyond_the_convolutions():
     gap = 6
     inputs, labels = tasks.mqar(V, 96, P, 100, seed=5, variant="block", block_gap=gap)
@@ -214,7 +236,7 @@ def test_block_separates_keys_from_values_beyond_the_convolutions():
 
 
 def test_layout_errors_are_clear():
-    with pytest.raises(tasks.TaskError, match="variant='nope': unknown; accepted: base, shared, update, block"):
+    with pytest.raises(tasks.TaskError, match="variant='nope': unknown; accepted: base, shared, update, forget, block"):
         tasks.mqar(V, L, P, 4, 0, variant="nope")
     with pytest.raises(tasks.TaskError, match=r"seq_len=32 is too short .* \(seq_len >= 36\)"):
         tasks.mqar(V, 32, 4, 4, 0, variant="block", block_gap=5)
