@@ -19,8 +19,8 @@
 #   sweep      the delta rule's launch settings
 #   headline   benchmarks/gpu_kernels.py, every model at 4x4096x16x128 beside fla (and MesaNet; $MODELS,
 #              $BACKENDS and $ORACLE narrow it)
-#   bayesian   the Bayesian Layer at 4x4096x16x128 with its error against float64, the covariance
-#              kernels in blocks of 16 then 32 steps, and Gated DeltaNet (ours and fla's) beside it
+#   bayesian   the Bayesian Layer at 4x4096x16x128 with its error against float64, its covariance
+#              checkpoints rerun in the backward pass then kept from the forward, Gated DeltaNet beside it
 #   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128)
 #   training   the MQAR training step at d_model 512 (benchmarks/training_throughput.py; $TRAIN_MODELS)
 #   profile    Nsight Compute on the kernels that miss their targets (registers, occupancy, spills, pipes;
@@ -74,12 +74,13 @@ want headline && timeout "$(cap 480)" python3 benchmarks/gpu_kernels.py --shapes
     ${MODELS:+--models "$MODELS"} --backends "${BACKENDS:-pallas,chunked}" ${ORACLE:+--oracle "$ORACLE"} --out "$OUT_DIR/gpu_kernels.md" --json "$OUT_DIR/gpu_kernels.jsonl" 2>&1 \
     | grep -v -i deprecat | tail -3
 if want bayesian; then
-    for block in 16 32; do
-        MBD_PALLAS_TUNING="{\"covariance_pass\": {\"block\": $block}}" timeout "$(cap 200)" \
+    # the covariance checkpoints rerun in the backward pass (default) or kept from the forward pass
+    for keep in rerun forward; do
+        MBD_PALLAS_TUNING="{\"covariance_pass_backward\": {\"checkpoints\": \"$keep\"}}" timeout "$(cap 200)" \
             python3 benchmarks/gpu_kernels.py --shapes 4x4096x16x128 --models bayesian --backends pallas \
-            --peers none --oracle 4x4096x16x128 --repeats 10 --json "$OUT_DIR/bayesian_block$block.jsonl" 2>&1 \
+            --peers none --oracle 4x4096x16x128 --repeats 10 --json "$OUT_DIR/bayesian_checkpoints_$keep.jsonl" 2>&1 \
             | grep -v -i deprecat | tail -2
-        [ $block = 16 ] && timeout "$(cap 120)" python3 benchmarks/gpu_kernels.py --shapes 4x4096x16x128 \
+        [ $keep = rerun ] && timeout "$(cap 120)" python3 benchmarks/gpu_kernels.py --shapes 4x4096x16x128 \
             --models gated_deltanet --backends pallas --peers fla --oracle none --repeats 10 \
             --json "$OUT_DIR/gated_deltanet.jsonl" 2>&1 | grep -v -i deprecat | tail -2
     done

@@ -184,16 +184,20 @@ def _kalman_covariance(k, log_decay, noise, beta, p0):
     return jnp.moveaxis(gains, 0, 1), final
 
 
-@pytest.mark.parametrize("interpret, dot_precision, block", [(True, "default", 16), (True, "highest", 16),
-                                                            (True, "default", 32), (False, "default", 16)],
-                         ids=["kernel", "kernel_ieee", "kernel_blocks_of_32", "reference"])
-def test_covariance_pass(monkeypatch, interpret, dot_precision, block):
+@pytest.mark.parametrize("interpret, dot_precision, block, checkpoints", [
+    (True, "default", 16, "rerun"), (True, "highest", 16, "rerun"), (True, "default", 32, "rerun"),
+    (True, "default", 16, "forward"), (False, "default", 16, "rerun"), (False, "default", 16, "forward")],
+    ids=["kernel", "kernel_ieee", "kernel_blocks_of_32", "kernel_checkpoints_kept", "reference",
+         "reference_checkpoints_kept"])
+def test_covariance_pass(monkeypatch, interpret, dot_precision, block, checkpoints):
     """Gains, final covariance and every gradient (the backward kernel's, through its checkpoints; T = 37
     with chunks of 32: the last padded) against the float64 step-by-step recursion. The two products
-    take their own TUNING forms; blocks of 16 or 32 steps. The backward kernel takes each block's X and
-    pivots from the checkpointing forward."""
-    name = covariance.KERNEL_NAMES["ieee" if dot_precision == "highest" else "tf32x3"]
+    take their own TUNING forms; blocks of 16 or 32 steps; the checkpoints (P, X and pivots of every
+    block) stored by a rerun of the forward kernel in the backward pass, or kept from the forward pass."""
+    products = "ieee" if dot_precision == "highest" else "tf32x3"
+    name, backward = covariance.KERNEL_NAMES[products], covariance.BACKWARD_NAMES[products]
     monkeypatch.setitem(common.TUNING, name, {**common.TUNING[name], "block": block})
+    monkeypatch.setitem(common.TUNING, backward, {**common.TUNING[backward], "checkpoints": checkpoints})
     _, k, _, _, log_decay, _ = _inputs()
     noise = RNG.uniform(0.0, 0.1, size=log_decay.shape)
     beta = RNG.uniform(0.5, 4.0, size=log_decay.shape)
@@ -356,6 +360,30 @@ def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form, dot_precision
     assert f'name = "{name}"' in lowered and f'name = "{backward}"' in lowered
     # no reference left: its Cholesky factors (cuSOLVER's potrf) and triangular solves
     assert "potrf" not in lowered and "stablehlo.triangular_solve" not in lowered
+
+
+def test_covariance_checkpoints_kept_from_the_forward_pass_lower_for_cuda(monkeypatch):
+    """With the checkpoints kept from the forward pass, the gradient's program runs the forward kernel once
+    (storing them) and the backward kernel, where the default reruns the forward kernel: 2 calls either
+    way (forward, backward), the forward's with 4 more outputs; no reference."""
+    sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    shapes = (sd(2, 64, 2, 32), sd(2, 64, 2), sd(2, 64, 2), sd(2, 64, 2), sd(2, 2, 32, 32))
+    loss = lambda *a: sum(jnp.sum(x) for x in covariance.covariance_pass(None, *a)[:2])
+    texts = {}
+    for checkpoints in ("rerun", "forward"):
+        monkeypatch.setitem(common.TUNING, "covariance_pass_backward",
+                            {**common.TUNING["covariance_pass_backward"], "checkpoints": checkpoints})
+        grad = lambda *a: jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a)     # a new function: a new trace
+        texts[checkpoints] = jax.jit(grad).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    for text in texts.values():
+        assert text.count("xla.gpu.triton") == 2 and "potrf" not in text
+    # the forward kernel of "rerun" runs twice in the value-and-gradient program, of "forward" once
+    value_and_grad = lambda checkpoints: jax.jit(lambda *a: jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(*a))
+    for checkpoints, calls in (("rerun", 3), ("forward", 2)):
+        monkeypatch.setitem(common.TUNING, "covariance_pass_backward",
+                            {**common.TUNING["covariance_pass_backward"], "checkpoints": checkpoints})
+        text = value_and_grad(checkpoints).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == calls, checkpoints
 
 
 @pytest.mark.parametrize("key_dim, value_dim, chunk", [(16, 16, 16), (32, 128, 32), (128, 64, 128), (128, 128, 64),

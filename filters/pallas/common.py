@@ -99,8 +99,11 @@ TUNING = {
     # 16 (2026-12-01, benchmarks/gpu_session.sh bayesian), so 16 stays.
     # Since 2026-12-01 (morning) the backward kernel takes each block's X = L^{-1} and pivots from the
     # checkpointing forward rather than factoring again (not yet timed): "factor" no longer applies to it.
-    "covariance_pass_backward": dict(num_warps=8, carry="memory"),
-    "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory"),
+    # "checkpoints": "rerun" (the backward pass reruns the forward kernel to store them) or "forward" (the
+    # forward pass stores them and keeps them for the backward: one pass less, T/16 K^2 floats per head
+    # held between the passes; not yet timed).
+    "covariance_pass_backward": dict(num_warps=8, carry="memory", checkpoints="rerun"),
+    "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", checkpoints="rerun"),
     # The channel-wise output (B4 T4096 H16 K128, 2026-12-01, benchmarks/profile_kernels.py --variants, one
     # process): in two passes (A through memory, then full-tile products) 2.95 ms with A's diagonal blocks
     # over channel slices, 2.36 ms column by column (its attention kernel 2.43 -> 1.97 ms); "fused" (one

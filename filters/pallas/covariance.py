@@ -341,6 +341,11 @@ def block_size(products: str) -> int:
     return size
 
 
+def _checkpoint_shapes(k, size):
+    batch, time, heads, key_dim = k.shape
+    return [(batch, heads, time // size, *d) for d in ((key_dim, key_dim), (size, size), (size,))]
+
+
 def _specs(k, size):
     batch, time, heads, key_dim = k.shape
     seq = lambda *d: spec((None, time, None, *d), lambda i, h: (i, 0, h, *(0 for _ in d)))
@@ -375,8 +380,7 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", c
         out_specs=[seq(key_dim), cov, spec((None, None, SUB), lambda i, h: (i, h, 0))] + ckpt * checkpoints,
         out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(p0.shape, F32),
                    jax.ShapeDtypeStruct((batch, heads, SUB), F32)]
-                  + [jax.ShapeDtypeStruct((batch, heads, time // size, *d), F32)
-                     for d in ((key_dim, key_dim), (size, size), (size,))] * checkpoints,
+                  + [jax.ShapeDtypeStruct(shape, F32) for shape in _checkpoint_shapes(k, size)] * checkpoints,
         interpret=interpret, name=KERNEL_NAMES[products])(k, log_decay, noise, inv_beta, p0)
     gains, final, scale = outs[:3]
     final = final + scale[..., :1, None] * jnp.eye(key_dim, dtype=F32)
@@ -414,11 +418,16 @@ def _padded(k, log_decay, noise, precision, multiple):
 @functools.lru_cache(maxsize=None)
 def _pass(chunk: int, products: str, interpret: bool, settings: tuple):
     """The pass as a `jax.custom_vjp` of ``(k, log_decay, noise, precision, P_0)``: forward and backward
-    kernels on CUDA (or in the interpreter), the chunked reference and its derivative elsewhere. The
-    backward pass reruns the forward kernel for its checkpoints (``P``, ``X`` and the pivots of every
-    block) rather than keeping them between the passes: the residuals are the inputs alone. ``settings``: the kernels'
-    `TUNING` when called, a key of the cache only (JAX caches the traces of ``fwd`` and ``bwd``)."""
+    kernels on CUDA (or in the interpreter), the chunked reference and its derivative elsewhere. By
+    default (``TUNING[...backward]["checkpoints"] = "rerun"``) the backward pass reruns the forward kernel
+    for its checkpoints (``P``, ``X`` and the pivots of every block) rather than keeping them between the
+    passes: the residuals are the inputs alone. With ``"forward"`` the forward pass stores them (``T/16 K^2``
+    floats per head more, held until the backward pass: 1 GiB at B4 T4096 H16 K128) and the backward pass
+    runs the backward kernel alone; off CUDA the reference then carries zeros of their shapes (it needs
+    none). ``settings``: the kernels' `TUNING` when called, a key of the cache only (JAX caches the traces
+    of ``fwd`` and ``bwd``)."""
     multiple = max(chunk, block_size(products))
+    keep = tuning(BACKWARD_NAMES[products], "checkpoints") == "forward"
 
     def reference(k, log_decay, noise, precision, p0):
         return chunked.covariance_pass(k, k, log_decay, noise, precision, p0, chunk_size=chunk,
@@ -429,20 +438,33 @@ def _pass(chunk: int, products: str, interpret: bool, settings: tuple):
                                          products=products, interpret=interpret)
         return gains[:, :k.shape[1]], final
 
-    def kernels_vjp(k, log_decay, noise, precision, p0, d_gains, d_final, interpret=False):
+    def kernels_keeping(k, log_decay, noise, precision, p0, interpret=False):
+        gains, final, checkpoints = covariance_kernel(*_padded(k, log_decay, noise, precision, multiple), p0,
+                                                      products=products, checkpoints=True, interpret=interpret)
+        return (gains[:, :k.shape[1]], final), checkpoints
+
+    def reference_keeping(k, log_decay, noise, precision, p0):
+        padded = _padded(k, log_decay, noise, precision, multiple)[0]
+        zeros = tuple(jnp.zeros(shape, F32) for shape in _checkpoint_shapes(padded, block_size(products)))
+        return reference(k, log_decay, noise, precision, p0), zeros
+
+    def kernels_vjp(k, log_decay, noise, precision, p0, d_gains, d_final, checkpoints=None, interpret=False):
         time = k.shape[1]
         padded = _padded(k, log_decay, noise, precision, multiple)
-        checkpoints = covariance_kernel(*padded, p0, products=products, checkpoints=True, interpret=interpret)[2]
+        if checkpoints is None:
+            checkpoints = covariance_kernel(*padded, p0, products=products, checkpoints=True,
+                                            interpret=interpret)[2]
         d_k, d_log_decay, d_noise, d_inv_beta, d_p0 = covariance_backward_kernel(
             *padded, checkpoints, pad_time(d_gains, multiple), d_final, products=products, interpret=interpret)
         grads = (d_k[:, :time], d_log_decay[:, :time], d_noise[:, :time],
                  -d_inv_beta[:, :time] / (precision * precision), d_p0)
         return tuple(g.astype(a.dtype) for g, a in zip(grads, (k, log_decay, noise, precision, p0)))
 
-    def reference_vjp(k, log_decay, noise, precision, p0, d_gains, d_final):
+    def reference_vjp(k, log_decay, noise, precision, p0, d_gains, d_final, checkpoints=None):
         return jax.vjp(reference, k, log_decay, noise, precision, p0)[1]((d_gains, d_final))
 
     forward = on_gpu(kernels, reference, interpret)
+    forward_keeping = on_gpu(kernels_keeping, reference_keeping, interpret)
     backward = on_gpu(kernels_vjp, reference_vjp, interpret)
 
     @jax.custom_vjp
@@ -450,10 +472,14 @@ def _pass(chunk: int, products: str, interpret: bool, settings: tuple):
         return forward(*args)
 
     def fwd(*args):
-        return forward(*args), args
+        if keep:
+            out, checkpoints = forward_keeping(*args)
+            return out, (args, checkpoints)
+        return forward(*args), (args, None)
 
-    def bwd(args, cotangents):
-        return tuple(backward(*args, *cotangents))
+    def bwd(saved, cotangents):
+        args, checkpoints = saved
+        return tuple(backward(*args, *cotangents, *([checkpoints] if keep else [])))
 
     run.defvjp(fwd, bwd)
     return run
