@@ -63,8 +63,8 @@ if want kernels; then
                      {"covariance_pass": {"carry": "memory", "factor": "one_loop"},
                       "covariance_pass_ieee": {"factor": "two_loops"}}]' > "$OUT_DIR/covariance.jsonl" 2>&1
 fi
-DEFAULT_VARIANTS='[{}, {"gla_attention": {"programs": "row_blocks"}},
-  {"gla_attention": {"programs": "row_blocks"}, "gla_output": {"diagonal": "slices"}}]'
+DEFAULT_VARIANTS='[{}, {"gla_attention": {"programs": "row_blocks"}, "gla_backward": {"programs": "row_blocks"}},
+  {"gla_attention": {"programs": "row_blocks"}, "gla_backward": {"programs": "row_blocks"}, "gla_output": {"diagonal": "slices"}}]'
 want variants && timeout "$(cap 240)" python3 benchmarks/profile_kernels.py --time \
     --kernels "${KERNELS:-covariance_pass,covariance_pass_backward,gla_attention,gla_output,gla_chunk_backward}" \
     --variants "${VARIANTS:-$DEFAULT_VARIANTS}" > "$OUT_DIR/variants.jsonl" 2>&1

@@ -129,17 +129,21 @@ def test_additive_channelwise_decay(interpret):
            (q, k, v, log_decay, s0))
 
 
-@pytest.mark.parametrize("dtype, key_dim, value_dim, chunk, keep_states, strongest", [
-    ("bfloat16", 32, 16, 16, True, 0.6), ("float32", 16, 256, 64, False, 4.0)])
-def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_dim, chunk, keep_states, strongest):
+@pytest.mark.parametrize("dtype, key_dim, value_dim, chunk, keep_states, strongest, programs", [
+    ("bfloat16", 32, 16, 16, True, 0.6, "chunks"), ("float32", 16, 256, 64, False, 4.0, "chunks"),
+    ("float32", 16, 256, 64, True, 4.0, "row_blocks")])
+def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_dim, chunk, keep_states, strongest,
+                                           programs):
     """The channel-wise kernels and their backward kernels in the interpreter, K != V (V = 256: value
     blocks of 128 in the backward, 2 readout programs per chunk), chunk sizes
     the sub-blocks tile differently (1 block per chunk at 16, 4 at 64), the last chunk padded, against
     the float64 recurrence on the same (rounded) inputs; bf16 with the default products (bf16 on tensor
-    cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed.
+    cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed; the
+    backward kernel by one program per chunk or per 16-row block (and A's kernel likewise).
     Decays down to exp(-4) per step: a chunk's decay reaches exp(-128), which a kernel that split
     exp(b_i - b_j) into exp(b_i) exp(-b_j) would overflow (float32 ends at exp(88))."""
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states))
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states, programs=programs))
+    monkeypatch.setitem(common.TUNING, "gla_attention", dict(programs=programs))
     low = jnp.dtype(dtype) == jnp.bfloat16
     q, k = RNG.normal(size=(B, T, H, key_dim)), RNG.normal(size=(B, T, H, key_dim))
     v = RNG.normal(size=(B, T, H, value_dim))
@@ -411,7 +415,9 @@ def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
     assert _triton_calls(lambda *a: loss(*a), *args) == 2    # state pass, output with A in registers
     monkeypatch.setitem(common.TUNING, "gla_output", dict(form="two_pass"))
     monkeypatch.setitem(common.TUNING, "gla_attention", dict(programs="row_blocks"))
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, programs="row_blocks"))
     assert _triton_calls(lambda *a: loss(*a), *args) == 3    # A by one program per 16-row block
+    assert _triton_calls(lambda *a: grad(*a), *args) == 6    # and the backward per 16-row block
 
 
 @pytest.mark.parametrize("output, programs", [

@@ -113,7 +113,9 @@ TUNING = {
     "gla_output": dict(diagonal="columns", form="two_pass"),
     # A's kernel: one program per chunk, or per 16-row block of a chunk ("row_blocks"; not yet timed).
     "gla_attention": dict(programs="chunks"),
-    "gla_backward": dict(recompute_states=True),
+    # "programs": "chunks" (one per chunk, its 16-row blocks in two passes) or "row_blocks" (one per 16-row
+    # block, C / 16 times the programs, none waiting on another; not yet timed).
+    "gla_backward": dict(recompute_states=True, programs="chunks"),
 }
 DEFAULT_TUNING = dict(num_warps=4, num_stages=1)
 

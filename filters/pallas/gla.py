@@ -389,10 +389,80 @@ def _chunk_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_
         db_ref[block, :] = db
 
 
+def _row_block_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_ref, dk_ref, dv_ref, db_ref,
+                               *, dots, block_v):
+    """`_chunk_backward_kernel`'s cotangents for the 16 steps of block ``r = program_id(3)`` of a chunk
+    (the outputs' blocks are those 16 rows): ``dq`` of row block ``r`` (its blocks of ``dA`` left of the
+    diagonal), ``dk`` and ``dv`` of column block ``r`` (the blocks below it), the diagonal block's terms
+    and the products with ``S_c`` and ``G_{c+1}`` restricted to its rows. Every program walks ``n - 1``
+    off-diagonal blocks (``r`` left, ``n - 1 - r`` below), and none needs another's results; the last
+    block's program adds the state update's terms of ``b_C`` to ``db``'s last row."""
+    chunk = q_ref.shape[0]
+    n = chunk // SUB
+    r = pl.program_id(3)
+    start = pl.multiple_of(r * SUB, SUB)
+    value_blocks = [pl.ds(j * block_v, block_v) for j in range(v_ref.shape[1] // block_v)]
+    own = pl.ds(start, SUB)
+    b = rows(b_ref, start, SUB)
+    b_end = rows(b_ref, chunk - 1, 1)                               # b_C, [1, K]
+    to_end = jnp.exp(b_end - b)
+    q_r, k_r = rows(q_ref, start, SUB).astype(F32), rows(k_ref, start, SUB).astype(F32)
+    dy_r, v_r = rows(dy_ref, start, SUB), rows(v_ref, start, SUB)
+    # the products with S_c and G = G_{c+1}, on this block's rows
+    dk = sum(dots.nt(v_ref[own, cols], g_ref[:, cols]) for cols in value_blocks) * to_end
+    dv = [dots(k_r * to_end, g_ref[:, cols]) for cols in value_blocks]
+    dq = sum(dots.nt(dy_ref[own, cols], h_ref[:, cols]) for cols in value_blocks) * jnp.exp(b)
+    # the diagonal block
+    attend, dq_diag, dk_diag = _diagonal_backward(q_ref, k_ref, b_ref, start, dots.nt(dy_r, v_r))
+    dq, dk = dq + dq_diag, dk + dk_diag
+    dv = [dv_c + dots.tn(attend, dy_ref[own, cols]) for dv_c, cols in zip(dv, value_blocks)]
+    # left of the diagonal (row block r): dq += dA_rj K_j exp(ref - b_j) exp(b_r - ref), ref = b at step start
+    ref = rows(b_ref, start, 1)
+
+    def left(j, dq_rel):
+        cols = pl.multiple_of(j * SUB, SUB)
+        k_rel = rows(k_ref, cols, SUB).astype(F32) * jnp.exp(ref - rows(b_ref, cols, SUB))
+        return dq_rel + dots(dots.nt(dy_r, rows(v_ref, cols, SUB)), k_rel)
+
+    dq = dq + lax.fori_loop(0, r, left, jnp.zeros(dq.shape, F32)) * jnp.exp(b - ref)
+
+    # below the diagonal (column block r): dk += dA_ir^T Q_i-terms, dv += A_ir^T dY_i, decayed towards
+    # each row block's first step (both exponents <= 0, as in the forward)
+    def below(i, carry):
+        dk, *dv = carry
+        t = pl.multiple_of(i * SUB, SUB)
+        first = rows(b_ref, t, 1)
+        q_rel = rows(q_ref, t, SUB).astype(F32) * jnp.exp(rows(b_ref, t, SUB) - first)
+        dy_i = rows(dy_ref, t, SUB)
+        back = jnp.exp(first - b)
+        dk = dk + dots.tn(dots.nt(dy_i, v_r), q_rel) * back
+        attend_ir = dots.nt(q_rel, k_r * back)
+        return (dk, *(dv_c + dots.tn(attend_ir, dy_ref[pl.ds(t, SUB), cols]) for dv_c, cols in zip(dv, value_blocks)))
+
+    dk, *dv = lax.fori_loop(r + 1, n, below, (dk, *dv))
+    dq_ref[...] = dq
+    dk_ref[...] = dk
+    for dv_c, cols in zip(dv, value_blocks):
+        dv_ref[:, cols] = dv_c
+
+    # db = q * dq - k * dk; on the chunk's last row also the derivative of S_{c+1} in b_C:
+    # exp(b_C) rowsum(G * S_c) + sum_j k_j exp(b_C - b_j) (V G^T)_j, over the whole chunk
+    def end_terms():
+        k_end = k_ref[...].astype(F32) * jnp.exp(b_end - b_ref[...])
+        g_h = sum(jnp.sum(g_ref[:, cols].astype(F32) * h_ref[:, cols].astype(F32), axis=1) for cols in value_blocks)
+        state = sum(dots.nt(v_ref[:, cols], g_ref[:, cols]) for cols in value_blocks)
+        return jnp.exp(b_end) * g_h[None, :] + jnp.sum(k_end * state, axis=0)[None, :]
+
+    end = lax.cond(r == n - 1, end_terms, lambda: jnp.zeros(b_end.shape, F32))
+    last = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0) == SUB - 1
+    db_ref[...] = q_r * dq - k_r * dk + jnp.where(last, end, 0.0)
+
+
 def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, interpret=False):
     """Per chunk, the cotangents of ``q, k [B,T,H,K]``, ``v [B,T,H,V]`` and the cumulative log decay
     ``b [B,T,H,K]`` (float32), from the chunk states ``h`` and their cotangents ``g`` (``[B,H,N,K,V]``,
-    `state_backward_kernel`'s) and ``dy [B,T,H,V]``."""
+    `state_backward_kernel`'s) and ``dy [B,T,H,V]``: one program per chunk, or (``TUNING["gla_backward"]
+    ["programs"] = "row_blocks"``) one per 16-row block of a chunk (`_row_block_backward_kernel`)."""
     batch, time, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     n = time // chunk
@@ -401,6 +471,20 @@ def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, interpret=False)
     state = spec((None, None, key_dim, value_dim), lambda i, hh, c: (i, hh, c, 0))
     f32 = lambda x: jax.ShapeDtypeStruct(x.shape, F32)
     flat = lambda s: s.reshape(batch, heads, n * key_dim, value_dim)
+    if tuning("gla_backward", "programs") == "row_blocks":
+        per_chunk = chunk // SUB
+        four = lambda i, hh, c, r: (i, c, hh, 0)
+        row = lambda width: spec((None, SUB, None, width), lambda i, hh, c, r: (i, c * per_chunk + r, hh, 0))
+        return tuple(launch(
+            functools.partial(_row_block_backward_kernel, dots=dots, block_v=min(value_dim, 128)),
+            grid=(batch, heads, n, per_chunk),
+            in_specs=[spec((None, chunk, None, key_dim), four)] * 2 + [spec((None, chunk, None, value_dim), four),
+                      spec((None, chunk, None, key_dim), four)]
+                     + [spec((None, None, key_dim, value_dim), lambda i, hh, c, r: (i, hh, c, 0))] * 2
+                     + [spec((None, chunk, None, value_dim), four)],
+            out_specs=[row(key_dim), row(key_dim), row(value_dim), row(key_dim)],
+            out_shape=[f32(q), f32(k), f32(v), f32(b)],
+            interpret=interpret, name="gla_chunk_backward")(q, k, v, b, flat(h), flat(g), dy))
     return tuple(launch(
         functools.partial(_chunk_backward_kernel, dots=dots, block_v=min(value_dim, 128), interpret=interpret),
         grid=(batch, heads, n),
