@@ -32,7 +32,10 @@ db_i``, a reverse cumulative sum that JAX derives from `chunk_log_decay`. (The l
 ``rowsum(G_{c+1} * S_{c+1})``: the derivative of ``S_{c+1}`` in ``b_C``.) The products with ``S_c``
 and ``G_{c+1}`` are full ``C``-row tiles; the sums over ``dA`` use the same 16-row blocks as ``A``, in
 two passes per chunk: by rows (``dq``), then by columns (``dk, dv``), the partial sums of each block
-through memory rather than all alive in registers. The chunk states are recomputed in the backward
+through memory rather than all alive in registers; or (``TUNING["gla_backward"]["programs"] =
+"row_blocks"``, with ``TUNING["gla_attention"]["programs"]`` its forward counterpart) one program per
+16-row block ``r``, which owns ``dq`` of row block ``r`` and ``dk, dv`` of column block ``r``, so that no
+program waits on another, as flash-linear-attention splits its intra-chunk work. The chunk states are recomputed in the backward
 pass by the state kernel rather than kept (``TUNING["gla_backward"]["recompute_states"]``), as
 flash-linear-attention does: memory stays linear in T either way.
 
