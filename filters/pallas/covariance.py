@@ -208,7 +208,9 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
     d_spread = d_sigma * blk["gram"]
     # M = G P_c (P_c symmetric), G = K gamma
     d_g += dot(d_m, cov())
-    d_cov = g_last * g_last * d_next() + dot(blk["k_gamma"], d_m, ((0,), (0,)))
+    # symmetrized as two products rather than a K x K transpose (dP_{c+1} is symmetric already)
+    d_cov = g_last * g_last * d_next() + 0.5 * (dot(blk["k_gamma"], d_m, ((0,), (0,)))
+                                                + dot(d_m, blk["k_gamma"], ((0,), (0,))))
     d_k += d_g * gamma[:, None]
     d_gamma += jnp.sum(d_g * k, axis=1)
     # E = R alpha_j below the diagonal and its mirror above (dE symmetric: the lower part counts twice)
@@ -228,7 +230,7 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
     d_b = (jnp.sum(d_exp, axis=1) - jnp.sum(d_exp, axis=0) + d_gamma * gamma - d_exponent
            + jnp.where(last, d_b_last, 0.0))
     d_log_decay = jnp.sum(jnp.where(r >= c, d_b[:, None], 0.0), axis=0)
-    return d_k, d_log_decay, d_noise, d_inv_beta, 0.5 * (d_cov + d_cov.T)
+    return d_k, d_log_decay, d_noise, d_inv_beta, d_cov
 
 
 def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *ckpt_refs,
