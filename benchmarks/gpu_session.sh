@@ -15,7 +15,7 @@
 #   kernels    every kernel alone (the GLA ones included), the covariance pass in several of its forms
 #              (other launch settings for any phase: MBD_PALLAS_TUNING, filters/pallas/common.py)
 #   variants   the kernels in $KERNELS (default: the covariance passes, GLA's attention, output and chunk
-#              backward) alone under each launch setting or form of $VARIANTS (a JSON list of TUNING dicts)
+#              backward, the delta rule's prepare) alone under each launch setting or form of $VARIANTS (a JSON list of TUNING dicts)
 #   sweep      the delta rule's launch settings
 #   headline   benchmarks/gpu_kernels.py, every model at 4x4096x16x128 beside fla (and MesaNet; $MODELS,
 #              $BACKENDS and $ORACLE narrow it)
@@ -63,10 +63,12 @@ if want kernels; then
                      {"covariance_pass": {"carry": "memory", "factor": "one_loop"},
                       "covariance_pass_ieee": {"factor": "two_loops"}}]' > "$OUT_DIR/covariance.jsonl" 2>&1
 fi
-DEFAULT_VARIANTS='[{}, {"gla_attention": {"programs": "row_blocks"}, "gla_backward": {"programs": "row_blocks"}},
-  {"gla_attention": {"programs": "row_blocks"}, "gla_backward": {"programs": "row_blocks"}, "gla_output": {"diagonal": "slices"}}]'
+DEFAULT_VARIANTS='[{}, {"gla_attention": {"programs": "row_blocks"}, "gla_backward": {"programs": "row_blocks"},
+                        "covariance_pass": {"factor": "recursive"}, "delta_rule_prepare": {"inverse": "recursive"}},
+  {"gla_attention": {"programs": "row_blocks"}, "gla_backward": {"programs": "row_blocks"}, "gla_output": {"diagonal": "slices"},
+   "covariance_pass": {"factor": "one_loop"}}]'
 want variants && timeout "$(cap 240)" python3 benchmarks/profile_kernels.py --time \
-    --kernels "${KERNELS:-covariance_pass,covariance_pass_backward,gla_attention,gla_output,gla_chunk_backward}" \
+    --kernels "${KERNELS:-covariance_pass,covariance_pass_backward,gla_attention,gla_output,gla_chunk_backward,delta_rule_prepare}" \
     --variants "${VARIANTS:-$DEFAULT_VARIANTS}" > "$OUT_DIR/variants.jsonl" 2>&1
 want sweep && timeout "$(cap 150)" python3 benchmarks/gpu_kernels.py --sweep --shapes 4x4096x16x128 \
     --repeats 10 > "$OUT_DIR/sweep.jsonl" 2>&1

@@ -87,12 +87,14 @@ def test_delta_rule(interpret, decay):
     _check(ours, oracle, args)
 
 
-@pytest.mark.parametrize("reload", [True, False], ids=["through_memory", "in_registers"])
-def test_prepare_inverts_every_block_of_a_long_chunk(reload, monkeypatch):
+@pytest.mark.parametrize("reload, inverse", [(True, "substitution"), (False, "substitution"), (True, "recursive")],
+                         ids=["through_memory", "in_registers", "recursive_diagonal_blocks"])
+def test_prepare_inverts_every_block_of_a_long_chunk(reload, inverse, monkeypatch):
     """The UT transform of a 64-step chunk (four 16 x 16 diagonal blocks and their block products), both
-    ways the kernel can assemble it, against ``(I + L)^{-1}`` computed densely in float64."""
+    ways the kernel can assemble it and both ways it can invert the diagonal blocks, against ``(I +
+    L)^{-1}`` computed densely in float64."""
     from filters.pallas import common
-    monkeypatch.setitem(common.TUNING, "delta_rule_prepare", dict(num_warps=2, reload=reload))
+    monkeypatch.setitem(common.TUNING, "delta_rule_prepare", dict(num_warps=2, reload=reload, inverse=inverse))
     chunk = time = 64                     # one head, one chunk: the interpreter is slow
     q, k, v, beta, log_decay, _ = (np.asarray(x)[:, :, :1] for x in _inputs())
     k, v = np.resize(k, (B, time, 1, K)), np.resize(v, (B, time, 1, V))
@@ -213,6 +215,28 @@ def test_covariance_pass(monkeypatch, interpret, dot_precision, block, checkpoin
            _kalman_covariance, (k, log_decay, noise, beta, p0), symmetric=(4,), tol=tol)
 
 
+@pytest.mark.parametrize("size", [16, 32])
+def test_recursive_unit_lower_inverse_is_as_accurate_as_substitution(size):
+    """`unit_lower_inverse_recursive` (log2(n) - 1 levels of products) is ``(I + N)^{-1}`` in float64 to
+    round-off, and in float32 as accurate as substitution where a Neumann product is not: on ``N = 0.9
+    tril(ones, -1)`` (repeated keys), whose inverse's entries alternate and whose powers grow like binomial
+    coefficients."""
+    dot = lambda a, b: jax.lax.dot(a, b, precision=jax.lax.Precision.HIGHEST)
+    strict = np.tril(0.3 * RNG.normal(size=(size, size)), -1)
+    exact = np.linalg.inv(np.eye(size) + strict)
+    assert _relative(delta_rule.unit_lower_inverse_recursive(jnp.asarray(strict), dot), exact) < 1e-12
+    hard = 0.9 * np.tril(np.ones((size, size)), -1)
+    exact = np.linalg.inv(np.eye(size) + hard)
+    recursive = delta_rule.unit_lower_inverse_recursive(jnp.asarray(hard, jnp.float32), dot)
+    substituted = delta_rule.unit_lower_inverse_tile(jnp.asarray(hard, jnp.float32))
+    assert _relative(substituted, exact) < 1e-6 and _relative(recursive, exact) < 1e-6
+    power, neumann = jnp.asarray(hard, jnp.float32), jnp.eye(size) - jnp.asarray(hard, jnp.float32)
+    for _ in range(int(np.log2(size)) - 1):       # (I - N)(I + N^2)(I + N^4)...: what it replaces, 60x off
+        power = dot(power, power)
+        neumann = neumann + dot(neumann, power)
+    assert _relative(neumann, exact) > 1e-5
+
+
 @pytest.mark.parametrize("one_loop", [True, False], ids=["one_loop", "two_loops"])
 def test_covariance_block_backward_is_the_blocks_derivative(one_loop):
     """`_block_backward` (the backward kernel's body, written by hand) equals JAX's reverse mode of
@@ -248,7 +272,7 @@ def test_covariance_block_backward_is_the_blocks_derivative(one_loop):
 
 @pytest.mark.parametrize("dot_precision", ["default", "highest"])
 @pytest.mark.parametrize("form", [dict(carry="memory", factor="two_loops"), dict(carry="registers", factor="one_loop"),
-                                  dict(carry="memory", factor="one_loop")])
+                                  dict(carry="memory", factor="one_loop"), dict(carry="registers", factor="recursive")])
 def test_covariance_kernel_forms(monkeypatch, form, dot_precision):
     """Every form of the covariance kernel (P carried in registers or through its output block; L^{-1} by
     one elimination or by Cholesky then substitution), with TF32x3 (default) or IEEE products, against the
@@ -301,9 +325,10 @@ def _triton_calls(fn, *shapes):
     return lowered.as_text().count("xla.gpu.triton")
 
 
-def test_kernels_lower_for_cuda():
+def test_kernels_lower_for_cuda(monkeypatch):
     """Traced on this CPU and lowered for CUDA, the program holds the Triton kernels (forward and
-    backward), chosen at lowering time (no reference left in their place)."""
+    backward), chosen at lowering time (no reference left in their place); also with the UT transform's
+    diagonal blocks inverted recursively."""
     sd = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
     f32 = jnp.float32
     b, t, h, d = 2, 192, 2, 64
@@ -316,6 +341,9 @@ def test_kernels_lower_for_cuda():
     assert _triton_calls(delta, seq, seq, sd(b, t, h, d, dtype=f32), seq, gate, state) == 3
     assert _triton_calls(jax.grad(delta, argnums=(0, 1, 2, 3, 4, 5)), seq, seq, sd(b, t, h, d, dtype=f32), seq,
                          gate, state) == 6
+    monkeypatch.setitem(common.TUNING, "delta_rule_prepare", {**common.TUNING["delta_rule_prepare"],
+                                                              "inverse": "recursive"})
+    assert _triton_calls(lambda *a: delta(*a), seq, seq, sd(b, t, h, d, dtype=f32), seq, gate, state) == 3
 
     def additive(q, k, v, ld, s):
         y, final = delta_rule.additive(q, k, v, ld, s)
@@ -343,7 +371,8 @@ def test_covariance_kernel_refuses_unknown_products_and_block_sizes(monkeypatch)
 
 @pytest.mark.parametrize("dot_precision", ["default", "highest"])
 @pytest.mark.parametrize("form", [dict(carry="memory", factor="one_loop"), dict(carry="registers", factor="two_loops"),
-                                  dict(carry="memory", factor="two_loops", block=32)])
+                                  dict(carry="memory", factor="two_loops", block=32),
+                                  dict(carry="registers", factor="recursive")])
 def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form, dot_precision):
     """Each form lowered for CUDA on this CPU, forward and gradient: the gradient's program holds the
     forward kernel (storing its checkpoints) and the backward kernel, both named, no reference."""

@@ -77,7 +77,10 @@ def exact_dot(a, b, contract=((1,), (0,))):
 # gpu_kernels.md): the state passes pipeline their loads over 3 stages; the prepare kernel, whose 16 x 16
 # substitutions reduce across warps, runs best on 2 warps and with T assembled through memory.
 TUNING = {
-    "delta_rule_prepare": dict(num_warps=2, reload=True),
+    # "inverse": the 16 x 16 diagonal blocks of (I + L)^{-1} by substitution (15 dependent steps, each a
+    # reduction across the program) or "recursive" (delta_rule.unit_lower_inverse_recursive: 3 levels of
+    # two small products; as accurate; not yet timed).
+    "delta_rule_prepare": dict(num_warps=2, reload=True, inverse="substitution"),
     "delta_rule_state": dict(num_warps=4, num_stages=3, block_v=64),
     "additive_state": dict(num_warps=4, num_stages=3, block_v=64),
     "delta_rule_output": dict(num_warps=4, num_stages=2, block_v=128),
@@ -89,6 +92,9 @@ TUNING = {
     # process): with TF32x3 products 6.6 ms at 8 warps (10.7 at 4, 125 at 2; P through memory and the
     # one-loop factor 7.1 at 8); with IEEE products 85.6 ms at 4 warps (P in registers), 45.3 at 8 warps
     # with P through memory and the one-loop factor; the gains' error against float64 4.3-5.2e-7 in all.
+    # "factor": "two_loops" (Cholesky, then substitution), "one_loop" (one elimination) or "recursive"
+    # (Cholesky, then the recursive unit-lower inverse: 16 + 3 dependent steps where two_loops takes 16 +
+    # 15; 2026-12-01, not yet timed).
     "covariance_pass": dict(num_warps=8, carry="registers", factor="two_loops"),           # TF32x3
     "covariance_pass_ieee": dict(num_warps=8, carry="memory", factor="one_loop"),           # precision="highest"
     # Its backward kernel (the blocks in reverse from the checkpoints), 2026-12-01: with dP through memory

@@ -15,7 +15,8 @@ decay accumulated in the block, ``gamma_i = exp(b_i)``, ``R_ij = exp(b_i - b_j)`
 
 (the derivation is the chunked lowering's, `filters.chunked`). The 16 x 16 Cholesky factor and its
 inverse are computed in the kernel (column by column, then forward substitution; or, ``factor=
-"one_loop"``, in one elimination). This recursion is where precision is spent, so every product keeps
+"one_loop"``, in one elimination; or, ``"recursive"``, the inverse by `unit_lower_inverse_recursive`'s
+three levels of products instead of 15 substitution steps). This recursion is where precision is spent, so every product keeps
 float32's accuracy: three TF32 products on the tensor cores (``a_hi b_hi + a_hi b_lo + a_lo b_hi``),
 measured as accurate as IEEE products here and 13x faster on an H200, or IEEE float32 products with
 ``precision="highest"``. `TUNING` holds the launch and form of each (docs/results/gpu_kernels.md).
@@ -44,7 +45,7 @@ from jax.experimental import pallas as pl
 from filters import chunked
 from filters.pallas.common import (SUB, TUNING, exact_dot, iota2, launch, masked_exp,
                                    on_gpu, pad_time, pltriton, rows, spec, tuning)
-from filters.pallas.delta_rule import unit_lower_inverse_tile
+from filters.pallas.delta_rule import unit_lower_inverse_recursive, unit_lower_inverse_tile
 
 F32 = jnp.float32
 
@@ -102,13 +103,26 @@ def whitening_tile(matrix):
     return whiten, pivots
 
 
-def _whitening_two_loops(matrix):
-    """`whitening_tile`'s results from `cholesky_tile` and a substitution for the unit factor's inverse."""
+def _whitening_two_loops(matrix, inverse=unit_lower_inverse_tile):
+    """`whitening_tile`'s results from `cholesky_tile` and ``inverse`` of the unit factor (by substitution,
+    or `unit_lower_inverse_recursive`)."""
     r, c = iota2(matrix.shape[0])
     factor = cholesky_tile(matrix)
     pivots = jnp.sum(jnp.where(r == c, factor, 0.0), axis=1)
     unit = factor / pivots[:, None]
-    return unit_lower_inverse_tile(jnp.where(c < r, unit, 0.0)) / pivots[None, :], pivots
+    return inverse(jnp.where(c < r, unit, 0.0)) / pivots[None, :], pivots
+
+
+def _whitening(factor: str, dot):
+    """The kernel's ``Sigma -> (L^{-1}, diag(L))`` for ``TUNING[...]["factor"]``: ``"one_loop"``
+    (`whitening_tile`), ``"two_loops"`` (Cholesky, then substitution) or ``"recursive"`` (Cholesky, then
+    `unit_lower_inverse_recursive` in ``dot``'s products: half the dependent steps)."""
+    forms = {"one_loop": whitening_tile, "two_loops": _whitening_two_loops,
+             "recursive": functools.partial(_whitening_two_loops,
+                                            inverse=functools.partial(unit_lower_inverse_recursive, dot=dot))}
+    if factor not in forms:
+        raise ValueError(f"TUNING covariance factor={factor!r}; accepted: {', '.join(map(repr, forms))}")
+    return forms[factor]
 
 
 def _products(kind: str, interpret: bool):
@@ -234,9 +248,9 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
 
 
 def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *ckpt_refs,
-                       size, in_memory, one_loop, dot, interpret):
+                       size, in_memory, factor, dot, interpret):
     n = k_ref.shape[0] // size
-    whitening = whitening_tile if one_loop else _whitening_two_loops
+    whitening = _whitening(factor, dot)
     barrier = (lambda: None) if interpret else pltriton.debug_barrier
     key_dim = p0_ref.shape[-1]
 
@@ -374,7 +388,7 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", c
     seq, cov, ckpt = _specs(k, size)
     kernel = functools.partial(
         _covariance_kernel, size=size, in_memory=tuning(KERNEL_NAMES[products], "carry") == "memory",
-        one_loop=tuning(KERNEL_NAMES[products], "factor") == "one_loop",
+        factor=tuning(KERNEL_NAMES[products], "factor") or "two_loops",
         dot=_products(products, interpret), interpret=interpret)
     outs = launch(
         kernel, grid=(batch, heads),
