@@ -21,7 +21,8 @@
 #              $BACKENDS and $ORACLE narrow it)
 #   bayesian   the Bayesian Layer at 4x4096x16x128 with its error against float64, its covariance
 #              checkpoints rerun in the backward pass then kept from the forward, Gated DeltaNet beside it
-#   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128)
+#   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128; $SHAPES: one of them per call, as fla
+#              autotunes every op anew at each)
 #   training   the MQAR training step at d_model 512 (benchmarks/training_throughput.py; $TRAIN_MODELS)
 #   profile    Nsight Compute on the kernels that miss their targets (registers, occupancy, spills, pipes;
 #              $NCU_KERNELS: which of them)
@@ -32,7 +33,7 @@
 # (2026-12-01), more than a call returns; the autotuned configuration recompiles in seconds. It stops at
 # SECONDS (default 540), keeping what was measured (each step writes its files as it goes).
 set -u
-if [ $# -lt 1 ]; then sed -n 2,35p "$0"; exit 2; fi
+if [ $# -lt 1 ]; then sed -n 2,34p "$0"; exit 2; fi
 OUT_DIR=$1; BUDGET=${2:-540}; PHASES=,${3:-tests,kernels,headline},; START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 want() { [[ $PHASES == *,$1,* ]] && [ "$(left)" -gt 30 ]; }
@@ -87,7 +88,8 @@ if want bayesian; then
             --json "$OUT_DIR/gated_deltanet.jsonl" 2>&1 | grep -v -i deprecat | tail -2
     done
 fi
-want shapes && timeout "$(cap 400)" python3 benchmarks/gpu_kernels.py --shapes 8x2048x32x64,1x32768x8x128 \
+want shapes && timeout "$(cap 540)" python3 benchmarks/gpu_kernels.py --shapes "${SHAPES:-8x2048x32x64,1x32768x8x128}" \
+    ${MODELS:+--models "$MODELS"} \
     --oracle none --out "$OUT_DIR/gpu_kernels_shapes.md" --json "$OUT_DIR/gpu_kernels_shapes.jsonl" 2>&1 \
     | grep -v -i deprecat | tail -3
 want training && timeout "$(cap 300)" python3 benchmarks/training_throughput.py --d-models 512 \
