@@ -309,9 +309,9 @@ def test_a_training_shape_that_a_variant_cannot_hold_is_left_out_of_that_variant
     config = common.resolve(mqar_config.get_config())
     mqar.check(config)
     cells = {(r.description["variant"], r.description["train_set"]) for r in mqar.runs(config, str(tmp_path))}
-    assert {("base", "L512_P64"), ("update", "L512_P64"), ("block", "L256_P16")} <= cells
+    assert {("base", "L512_P64"), ("update", "L512_P64"), ("forget", "L512_P64"), ("block", "L256_P16")} <= cells
     assert ("block", "L512_P64") not in cells
-    assert len(cells) == 4 * 4 - 1
+    assert len(cells) == 5 * 4 - 1          # 5 variants x 4 shapes, less block's (512, 64)
 
 
 def test_every_model_has_its_own_colour():
