@@ -53,6 +53,19 @@ and the predictive variance ``q_i^T P_i q_i = gamma_i^2 q_i^T P_c q_i + alpha_i 
 with ``E = diag(gamma) Q P_c Gw^T + F X^T``, ``F_im = R_im alpha_m q_i . k_m`` (``m <= i``). The mean
 pass is then the generalized delta rule above with ``w = Kg``.
 
+**Exact with process noise along the key** (``Q_t = q_t k_t k_t^T``, `designmodels.KeyNoise`): the noise
+added at step ``m`` lies along ``k_m``, so with ``Rg = R * (K K^T)`` (``Rg_im = R_im k_i . k_m``, ``m <= i``)
+and ``M = Rg diag(sqrt(q))`` the same conditioning holds with::
+
+    Sigma = G P_c G^T + M M^T + diag(1 / beta)
+    Kg_i  = [gamma_i (Gw P_c)_i + sum_m q_m R_im (X Rg)_im k_m] / L_ii
+    Z     = gamma_C Gw P_c + X Rg (K * q R_C.)
+    P_C   = gamma_C^2 P_c + K^T diag(q R_C.^2) K - Z^T Z
+
+(``Cov(s_i, y_j) = gamma_i gamma_j P_c k_j + sum_{m <= j} R_im R_jm q_m (k_m . k_j) k_m``), and in the
+predictive variance ``alpha_i |q_i|^2`` becomes ``sum_m R_im^2 q_m (q_i . k_m)^2`` and ``F = (R * (Q K^T)
+diag(q)) Rg^T``.
+
 **The likelihood** (diagnostics): ``L_ii^2`` is the variance of ``y_i`` given every earlier observation,
 i.e. the innovation variance ``s_i = k_i^T P_bar_i k_i + 1/beta_i``, and the mean pass's ``U`` holds the
 innovations ``u_i = v_i - (A_i S_{i-1})^T k_i``; so ``log p(v_i | v_<i) = -1/2 (V log(2 pi s_i) +
@@ -319,36 +332,52 @@ def _delta_scan(q, k, w, v, log_decay, initial_state, *, chunk_size: int, innova
 
 
 class CovarianceChunk(NamedTuple):
-    """The terms of one chunk (one head) that do not read ``P_c``."""
+    """The terms of one chunk (one head) that do not read ``P_c``; ``rg`` and ``root_end`` (None for
+    isotropic noise) mark process noise along the key (module doc)."""
 
     g: shapes.ChunkKeys                 # G = K * gamma                                          [C, K]
-    n: shapes.ChunkSquare               # N = (R * alpha_min) * (K K^T) + diag(1 / beta)         [C, C]
-    k_alpha: shapes.ChunkKeys           # K * alpha                                              [C, K]
-    k_end: shapes.ChunkKeys             # K * R_C. alpha: the noise of each step left at the end [C, K]
+    n: shapes.ChunkSquare               # Sigma's noise part: N (isotropic) or M M^T + diag(1 / beta) [C, C]
+    k_noise: shapes.ChunkKeys           # K * alpha (isotropic) or K * q (key noise)             [C, K]
+    k_end: shapes.ChunkKeys             # Cov(y, s_C)'s noise part before X: K * R_C. alpha, or
+                                        # (R * K K^T) (K * q R_C.)                               [C, K]
     r: shapes.ChunkSquare               # R_ij = exp(b_i - b_j) (j <= i), else 0                 [C, C]
     gamma: shapes.ChunkSteps            # gamma                                                  [C]
-    alpha: shapes.ChunkSteps            # alpha                                                  [C]
+    alpha: shapes.ChunkSteps            # alpha (isotropic noise accumulated since the start)    [C]
     q: Optional[shapes.ChunkKeys]       # Q (for the predictive variance only)                   [C, K]
-    f: Optional[shapes.ChunkSquare]     # F_im = R_im alpha_m q_i . k_m (m <= i) (variance only) [C, C]
+    f: Optional[shapes.ChunkSquare]     # Cov(q_i . s_i, y_m)'s noise part (variance only)       [C, C]
+    q_noise: Optional[shapes.ChunkSteps]  # q_i^T (noise part of P_bar_i) q_i (variance only)    [C]
+    rg: Optional[shapes.ChunkSquare]    # key noise: R * (K K^T)                                 [C, C]
+    root_end: Optional[shapes.ChunkKeys]  # key noise: K * sqrt(q) R_C., the noise left at C = root^T root
 
 
 @shapes.typed
 def _covariance_chunk(q: shapes.ChunkKeys, k: shapes.ChunkKeys, log_decay: Optional[shapes.ChunkSteps],
                       noise: shapes.ChunkSteps, precision: shapes.ChunkSteps, *,
-                      variance: bool) -> CovarianceChunk:
+                      variance: bool, key_noise: bool = False) -> CovarianceChunk:
     chunk = k.shape[0]
     b = _cumulative_log_decay(log_decay, chunk, k.dtype)[:, 0]                    # scalar decay: b [C]
     lower = jnp.tril(jnp.ones((chunk, chunk), bool))
     diff = b[:, None] - b[None, :]                                       # b_i - b_j
     r = jnp.exp(jnp.where(lower, diff, -jnp.inf))                        # R_ij, j <= i, else 0
+    gamma = jnp.exp(b)
     alpha = (r ** 2) @ noise                                             # sum_{m<=i} q_m exp(2 (b_i - b_m))
+    qk = q @ k.T if variance else None
+    if key_noise:                                                        # Q_m = q_m k_m k_m^T
+        rg = r * (k @ k.T)                                               # R_im (k_i . k_m), m <= i
+        m = rg * jnp.sqrt(noise)[None, :]
+        return CovarianceChunk(
+            g=k * gamma[:, None], n=m @ m.T + jnp.diag(1.0 / precision), k_noise=k * noise[:, None],
+            k_end=rg @ (k * (noise * r[-1])[:, None]), r=r, gamma=gamma, alpha=alpha, q=q if variance else None,
+            f=(r * qk * noise[None, :]) @ rg.T if variance else None,
+            q_noise=jnp.sum(r ** 2 * noise[None, :] * qk ** 2, -1) if variance else None,
+            rg=rg, root_end=k * (jnp.sqrt(noise) * r[-1])[:, None])
     alpha_min = jnp.where(lower, alpha[None, :], alpha[:, None])         # alpha_{min(i, j)}
     n = jnp.exp(-jnp.abs(diff)) * alpha_min * (k @ k.T) + jnp.diag(1.0 / precision)
-    gamma = jnp.exp(b)
     return CovarianceChunk(
-        g=k * gamma[:, None], n=n, k_alpha=k * alpha[:, None], k_end=k * (r[-1] * alpha)[:, None], r=r,
+        g=k * gamma[:, None], n=n, k_noise=k * alpha[:, None], k_end=k * (r[-1] * alpha)[:, None], r=r,
         gamma=gamma, alpha=alpha, q=q if variance else None,
-        f=r * (q @ k.T) * alpha[None, :] if variance else None)
+        f=r * qk * alpha[None, :] if variance else None,
+        q_noise=alpha * jnp.sum(q * q, -1) if variance else None, rg=None, root_end=None)
 
 
 @shapes.typed
@@ -359,26 +388,31 @@ def _covariance_step(p: shapes.ChunkCovariance, c: CovarianceChunk, *,
     sigma = c.g @ p @ c.g.T + c.n
     chol, x = linalg.cholesky_with_inverse(kalman.symmetrize(sigma))   # L and X = L^{-1}
     gw_p = x @ c.g @ p                                                   # Gw P_c
-    gains = (c.gamma[:, None] * gw_p + (x * c.r) @ c.k_alpha) / jnp.diagonal(chol)[:, None]
+    if c.rg is None:                                                     # Q_t = q_t I
+        noise_gains = (x * c.r) @ c.k_noise
+        noise_end = c.alpha[-1] * jnp.eye(p.shape[-1], dtype=p.dtype)
+    else:                                                                # Q_t = q_t k_t k_t^T
+        noise_gains = (c.r * (x @ c.rg)) @ c.k_noise
+        noise_end = c.root_end.T @ c.root_end
+    gains = (c.gamma[:, None] * gw_p + noise_gains) / jnp.diagonal(chol)[:, None]
     z = c.gamma[-1] * gw_p + x @ c.k_end
-    eye = jnp.eye(p.shape[-1], dtype=p.dtype)
-    p_end = kalman.symmetrize(c.gamma[-1] ** 2 * p + c.alpha[-1] * eye - z.T @ z)
+    p_end = kalman.symmetrize(c.gamma[-1] ** 2 * p + noise_end - z.T @ z)
     out = {"gains": gains}
     if c.q is not None:                                                  # diagnostics
         out["innovation_variance"] = jnp.diagonal(chol) ** 2             # s_i = Var(y_i | y_<i) = L_ii^2
         e = jnp.tril(c.gamma[:, None] * (c.q @ gw_p.T) + c.f @ x.T)
-        out["variance"] = (c.gamma ** 2 * jnp.sum((c.q @ p) * c.q, -1) + c.alpha * jnp.sum(c.q * c.q, -1)
-                           - jnp.sum(e * e, -1))
+        out["variance"] = c.gamma ** 2 * jnp.sum((c.q @ p) * c.q, -1) + c.q_noise - jnp.sum(e * e, -1)
     if boundaries:
         out["start"] = p
     return p_end, out
 
 
 def _covariance_scan(q, k, log_decay, noise, precision, initial_covariance, *, chunk_size: int,
-                     variance: bool, boundaries: bool = False):
+                     variance: bool, boundaries: bool = False, key_noise: bool = False):
     """`covariance_pass`'s three results, then with ``boundaries`` ``P`` at the start of every chunk
     ``[N, B*H, K, K]`` (for numerical checks, `benchmarks/long_sequence.py`; else None), then with
-    ``variance`` the innovation variances ``s_t [B, T, H]`` (for the likelihood; else None)."""
+    ``variance`` the innovation variances ``s_t [B, T, H]`` (for the likelihood; else None).
+    ``key_noise``: ``noise`` is ``q_t`` of ``Q_t = q_t k_t k_t^T`` instead of ``q_t I``."""
     dtype = compute_dtype(q, k, noise, precision, initial_covariance)
     batch, time, heads = q.shape[:3]
     with jax.default_matmul_precision("float32"):
@@ -386,8 +420,8 @@ def _covariance_scan(q, k, log_decay, noise, precision, initial_covariance, *, c
         log_decay = None if log_decay is None else _to_chunks(log_decay.astype(dtype), chunk_size)
         noise = _to_chunks(noise.astype(dtype), chunk_size)                           # pads add none
         precision = _to_chunks(precision.astype(dtype), chunk_size, pad_value=1.0)    # pads: k = 0
-        terms = _every_chunk(functools.partial(_covariance_chunk, variance=variance), q, k, log_decay, noise,
-                             precision)
+        terms = _every_chunk(functools.partial(_covariance_chunk, variance=variance, key_noise=key_noise), q, k,
+                             log_decay, noise, precision)
         final, out = _through_chunks(functools.partial(_covariance_step, boundaries=boundaries),
                                      _heads(initial_covariance.astype(dtype)), terms)
     gains = _from_chunks(out["gains"], batch, heads, time)
@@ -431,18 +465,16 @@ def reason_not_applicable(structure) -> str | None:
     if structure.transition == "diagonal":
         return ("the exact chunked filter needs a scalar or no decay (a channel-wise decay with a full "
                 "covariance does not reduce to Gram matrices of the keys)")
-    if structure.noise == "key":
-        return ("process noise along the key (KeyNoise, Q_t = q_t k_t k_t^T) has no chunked form (the exact "
-                "chunked filter needs Q_t = q_t I); backend='sequential' or 'associative' runs it")
     if structure.noise == "stationary" and not structure.stationary.isotropic:
         return ("stationary noise towards a non-isotropic prior, Q_t = (1 - a_t^2) P_0, is not isotropic; "
                 "the exact chunked filter needs Q_t = q_t I")
     return None
 
 
-def _isotropic_noise(structure, x: StepInputs):
-    """``q_t`` of ``Q_t = q_t I`` ``[B,T,H]`` (zeros without noise)."""
-    if structure.noise == "random_walk":
+def _noise_variance(structure, x: StepInputs):
+    """``q_t`` of ``Q_t = q_t I`` or, for key noise, of ``Q_t = q_t k_t k_t^T``, ``[B,T,H]`` (zeros without
+    noise)."""
+    if structure.noise in ("random_walk", "key"):
         return x.process_noise
     dtype = x.compute_dtype
     if structure.noise == "stationary":                                  # P_s = l^2 I: Q_t = l^2 (1 - a_t^2) I
@@ -464,8 +496,8 @@ def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = Fal
         return FilterOutput(y, FilterState(mean, None))
     # Without diagnostics this is covariance_pass, then delta_rule (the signatures a kernel implements).
     gains, covariance, variance, _, innovation_variance = _covariance_scan(
-        x.q, x.k, x.transition, _isotropic_noise(structure, x), x.precision, state.covariance,
-        chunk_size=chunk_size, variance=diagnostics)
+        x.q, x.k, x.transition, _noise_variance(structure, x), x.precision, state.covariance,
+        chunk_size=chunk_size, variance=diagnostics, key_noise=structure.noise == "key")
     y, mean, squared_innovation = _delta_scan(x.q, x.k, gains, x.v, x.transition, state.mean,
                                               chunk_size=chunk_size, innovations=diagnostics)
     out = FilterOutput(y, FilterState(mean, covariance))

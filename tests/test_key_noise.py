@@ -44,18 +44,26 @@ def _oracle(q, k, v, gates, prior_variance=1.0):
     return y, means, covs, gain
 
 
-@pytest.mark.parametrize("backend", ["sequential", "associative"])
+@pytest.mark.parametrize("backend", ["sequential", "associative", "chunked"])
 def test_key_noise_filter_is_its_kalman_recursion(backend):
+    """Every lowering that runs key noise against the written-out recursion (chunked: chunks of 3 over
+    T = 7, the last padded: its block formulas, filters/chunked.py)."""
     q, k, v, gates = _inputs()
-    f = filters.compile(dm.bayesian(process_noise="key"), backend=backend)
+    options = {"chunk_size": 3} if backend == "chunked" else {}
+    f = filters.compile(dm.bayesian(process_noise="key"), backend=backend, **options)
     y, state = f(q, k, v, **gates)
     y_ref, mean_ref, cov_ref, gain_ref = _oracle(q, k, v, gates)
     np.testing.assert_allclose(y, y_ref, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(state.mean, mean_ref, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(state.covariance, cov_ref, rtol=1e-9, atol=1e-9)
-    if backend == "sequential":
+    if backend in ("sequential", "chunked"):
         _, _, diagnostics = f(q, k, v, diagnostics=True, **gates)
         np.testing.assert_allclose(diagnostics.write_gain, gain_ref, rtol=1e-9, atol=1e-12)
+    if backend == "chunked":    # the predictive variance and the likelihood, as the sequential filter's
+        _, _, want = filters.compile(dm.bayesian(process_noise="key"), backend="sequential")(
+            q, k, v, diagnostics=True, **gates)
+        for field in ("predictive_variance", "log_predictive_density"):
+            np.testing.assert_allclose(getattr(diagnostics, field), getattr(want, field), rtol=1e-9, atol=1e-12)
 
 
 def test_a_fixed_key_noise_is_the_run_time_one_held_constant():
@@ -98,29 +106,30 @@ def test_key_noise_keeps_overwriting_one_key_and_stays_sure_of_the_others():
     np.testing.assert_allclose(np.diag(walk_cov)[1:], 1 + 32 * 100.0, rtol=1e-9)
 
 
-def test_key_noise_gradients_are_finite():
+def test_key_noise_gradients_are_finite_and_the_same_chunked():
     q, k, v, gates = _inputs(2)
-    f = filters.compile(dm.bayesian(process_noise="key"), backend="sequential")
+    grads = {}
+    for backend in ("sequential", "chunked"):
+        f = filters.compile(dm.bayesian(process_noise="key"), backend=backend)
 
-    def loss(k, noise):
-        return jnp.sum(f(q, k, v, **{**gates, "process_noise": noise})[0] ** 2)
+        def loss(k, noise, beta):
+            return jnp.sum(f(q, k, v, **{**gates, "process_noise": noise, "beta": beta})[0] ** 2)
 
-    grads = jax.grad(loss, argnums=(0, 1))(jnp.asarray(k), jnp.asarray(gates["process_noise"]))
-    for g in grads:
+        grads[backend] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(
+            jnp.asarray(k), jnp.asarray(gates["process_noise"]), jnp.asarray(gates["beta"]))
+    for g, want in zip(grads["chunked"], grads["sequential"]):
         assert np.all(np.isfinite(g)) and np.any(g != 0)
+        np.testing.assert_allclose(g, want, rtol=1e-8, atol=1e-10)
 
 
-def test_chunked_and_pallas_refuse_key_noise_by_name_and_auto_falls_back():
+def test_pallas_refuses_key_noise_by_name_and_auto_takes_the_chunked_form():
     model = dm.bayesian(process_noise="key")
-    assert filters.compile(dm.bayesian(process_noise="input")).lowering.name != "sequential"  # the contrast
-    assert filters.compile(model).lowering.name == "sequential"
+    assert filters.compile(model).lowering.name == "chunked"       # on this CPU, as for isotropic noise
     with pytest.raises(filters.BackendError, match=r"KeyNoise, Q_t = q_t k_t k_t\^T"):
-        filters.compile(model, backend="chunked")
+        filters.compile(model, backend="pallas")
     reason = filters.LOWERINGS["pallas"].reason_not_applicable(model.structure)
-    assert reason is not None
     if filters.pallas.common.pltriton is not None:                # else refused for want of Triton
-        assert "KeyNoise" in reason
-    assert "chunked     does not apply: process noise along the key" in filters.explain(model)
+        assert "KeyNoise" in reason and "backend='chunked' runs it" in reason
 
 
 def test_bayesian_process_noise_key_option():

@@ -70,6 +70,9 @@ class Pallas(Lowering):
         reason = chunked.LOWERING.reason_not_applicable(structure)
         if reason:
             return reason
+        if structure.noise == "key":
+            return ("process noise along the key (KeyNoise, Q_t = q_t k_t k_t^T) has no Pallas kernel (the "
+                    "covariance kernel takes Q_t = q_t I); backend='chunked' runs it")
         if structure.family == "reset" and structure.transition == "diagonal":
             return ("a delta rule with a channel-wise decay (KDA-style) has no Pallas kernel yet "
                     "(backend='chunked' runs it)")
