@@ -24,6 +24,7 @@ COLORS = {
     "bayesian_no_conv": "tab:cyan",
     "bayesian_noise": "tab:purple",
     "bayesian_no_noise": "midnightblue",
+    "bayesian_key": "teal",
 }
 NO_CONV = "_no_conv"   # experiments.models.NO_CONV (not imported: the dynamics figures load no models)
 
