@@ -55,9 +55,9 @@ pass is then the generalized delta rule above with ``w = Kg``.
 
 **Exact with process noise along the key** (``Q_t = q_t k_t k_t^T``, `designmodels.KeyNoise`): the noise
 added at step ``m`` lies along ``k_m``, so with ``Rg = R * (K K^T)`` (``Rg_im = R_im k_i . k_m``, ``m <= i``)
-and ``M = Rg diag(sqrt(q))`` the same conditioning holds with::
+the same conditioning holds with::
 
-    Sigma = G P_c G^T + M M^T + diag(1 / beta)
+    Sigma = G P_c G^T + Rg diag(q) Rg^T + diag(1 / beta)
     Kg_i  = [gamma_i (Gw P_c)_i + sum_m q_m R_im (X Rg)_im k_m] / L_ii
     Z     = gamma_C Gw P_c + X Rg (K * q R_C.)
     P_C   = gamma_C^2 P_c + K^T diag(q R_C.^2) K - Z^T Z
@@ -332,11 +332,11 @@ def _delta_scan(q, k, w, v, log_decay, initial_state, *, chunk_size: int, innova
 
 
 class CovarianceChunk(NamedTuple):
-    """The terms of one chunk (one head) that do not read ``P_c``; ``rg`` and ``root_end`` (None for
+    """The terms of one chunk (one head) that do not read ``P_c``; ``rg`` and ``k_left`` (None for
     isotropic noise) mark process noise along the key (module doc)."""
 
     g: shapes.ChunkKeys                 # G = K * gamma                                          [C, K]
-    n: shapes.ChunkSquare               # Sigma's noise part: N (isotropic) or M M^T + diag(1 / beta) [C, C]
+    n: shapes.ChunkSquare               # Sigma's noise part: N, or Rg diag(q) Rg^T + diag(1 / beta) [C, C]
     k_noise: shapes.ChunkKeys           # K * alpha (isotropic) or K * q (key noise)             [C, K]
     k_end: shapes.ChunkKeys             # Cov(y, s_C)'s noise part before X: K * R_C. alpha, or
                                         # (R * K K^T) (K * q R_C.)                               [C, K]
@@ -347,7 +347,7 @@ class CovarianceChunk(NamedTuple):
     f: Optional[shapes.ChunkSquare]     # Cov(q_i . s_i, y_m)'s noise part (variance only)       [C, C]
     q_noise: Optional[shapes.ChunkSteps]  # q_i^T (noise part of P_bar_i) q_i (variance only)    [C]
     rg: Optional[shapes.ChunkSquare]    # key noise: R * (K K^T)                                 [C, C]
-    root_end: Optional[shapes.ChunkKeys]  # key noise: K * sqrt(q) R_C., the noise left at C = root^T root
+    k_left: Optional[shapes.ChunkKeys]  # key noise: K * R_C.^2: the noise left at C is k_noise^T k_left [C, K]
 
 
 @shapes.typed
@@ -363,21 +363,21 @@ def _covariance_chunk(q: shapes.ChunkKeys, k: shapes.ChunkKeys, log_decay: Optio
     alpha = (r ** 2) @ noise                                             # sum_{m<=i} q_m exp(2 (b_i - b_m))
     qk = q @ k.T if variance else None
     if key_noise:                                                        # Q_m = q_m k_m k_m^T
+        # M M^T (M = Rg diag(sqrt q)) as Rg diag(q) Rg^T: no square root, whose derivative at q = 0 is infinite
         rg = r * (k @ k.T)                                               # R_im (k_i . k_m), m <= i
-        m = rg * jnp.sqrt(noise)[None, :]
         return CovarianceChunk(
-            g=k * gamma[:, None], n=m @ m.T + jnp.diag(1.0 / precision), k_noise=k * noise[:, None],
-            k_end=rg @ (k * (noise * r[-1])[:, None]), r=r, gamma=gamma, alpha=alpha, q=q if variance else None,
-            f=(r * qk * noise[None, :]) @ rg.T if variance else None,
+            g=k * gamma[:, None], n=(rg * noise[None, :]) @ rg.T + jnp.diag(1.0 / precision),
+            k_noise=k * noise[:, None], k_end=rg @ (k * (noise * r[-1])[:, None]), r=r, gamma=gamma, alpha=alpha,
+            q=q if variance else None, f=(r * qk * noise[None, :]) @ rg.T if variance else None,
             q_noise=jnp.sum(r ** 2 * noise[None, :] * qk ** 2, -1) if variance else None,
-            rg=rg, root_end=k * (jnp.sqrt(noise) * r[-1])[:, None])
+            rg=rg, k_left=k * (r[-1] ** 2)[:, None])
     alpha_min = jnp.where(lower, alpha[None, :], alpha[:, None])         # alpha_{min(i, j)}
     n = jnp.exp(-jnp.abs(diff)) * alpha_min * (k @ k.T) + jnp.diag(1.0 / precision)
     return CovarianceChunk(
         g=k * gamma[:, None], n=n, k_noise=k * alpha[:, None], k_end=k * (r[-1] * alpha)[:, None], r=r,
         gamma=gamma, alpha=alpha, q=q if variance else None,
         f=r * qk * alpha[None, :] if variance else None,
-        q_noise=alpha * jnp.sum(q * q, -1) if variance else None, rg=None, root_end=None)
+        q_noise=alpha * jnp.sum(q * q, -1) if variance else None, rg=None, k_left=None)
 
 
 @shapes.typed
@@ -393,7 +393,7 @@ def _covariance_step(p: shapes.ChunkCovariance, c: CovarianceChunk, *,
         noise_end = c.alpha[-1] * jnp.eye(p.shape[-1], dtype=p.dtype)
     else:                                                                # Q_t = q_t k_t k_t^T
         noise_gains = (c.r * (x @ c.rg)) @ c.k_noise
-        noise_end = c.root_end.T @ c.root_end
+        noise_end = c.k_noise.T @ c.k_left
     gains = (c.gamma[:, None] * gw_p + noise_gains) / jnp.diagonal(chol)[:, None]
     z = c.gamma[-1] * gw_p + x @ c.k_end
     p_end = kalman.symmetrize(c.gamma[-1] ** 2 * p + noise_end - z.T @ z)
