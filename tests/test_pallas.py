@@ -410,7 +410,8 @@ def test_covariance_checkpoints_kept_from_the_forward_pass_lower_for_cuda(monkey
     # off CUDA the reference runs either way (carrying zeros for the kept checkpoints): the same gradient
     _, k, _, _, log_decay, _ = _inputs()
     args = [jnp.asarray(x, jnp.float32) for x in (k, log_decay, np.full(log_decay.shape, 0.05),
-                                                   np.full(log_decay.shape, 2.0), np.broadcast_to(np.eye(K), (B, H, K, K)))]
+                                                   np.full(log_decay.shape, 2.0),
+                                                   np.broadcast_to(np.eye(K), (B, H, K, K)))]
     grads = {}
     for checkpoints in ("rerun", "forward"):
         monkeypatch.setitem(common.TUNING, "covariance_pass_backward",

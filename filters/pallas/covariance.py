@@ -3,9 +3,10 @@
 With a scalar (or no) decay and isotropic noise ``Q_t = q_t I`` the covariance recursion never sees the
 values, so it runs first and hands the gains ``Kg_t`` to the delta-rule kernels (erase key ``k``, write
 key ``Kg``). One program carries one head's ``P [K, K]`` (float32, in registers or through its output
-block) through the sequence in blocks of 16 steps (or 32: ``TUNING[...]["block"]``, measured slower). For a block starting from ``P_c`` (``b_i`` the log
-decay accumulated in the block, ``gamma_i = exp(b_i)``, ``R_ij = exp(b_i - b_j)`` for ``j <= i``,
-``alpha_i = sum_{m<=i} q_m R_im^2`` the noise accumulated since the block start)::
+block) through the sequence in blocks of 16 steps (or 32: ``TUNING[...]["block"]``, measured slower). For
+a block starting from ``P_c`` (``b_i`` the log decay accumulated in the block, ``gamma_i = exp(b_i)``,
+``R_ij = exp(b_i - b_j)`` for ``j <= i``, ``alpha_i = sum_{m<=i} q_m R_im^2`` the noise accumulated since
+the block start)::
 
     Sigma = (K gamma) P_c (K gamma)^T + E * (K K^T) + diag(1 / beta),  E_ij = R_max(i,j)min(i,j) alpha_min(i,j)
     Sigma = L L^T,  X = L^{-1}                         (the block's observations one by one)

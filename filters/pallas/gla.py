@@ -9,12 +9,12 @@ of ``b [C, K]``; ``b_C`` its last row) and ``S_c`` the state at the chunk start:
     Y = (Q * exp(b)) S_c + A V                                                    readout
 
 ``A`` has no matmul form over the whole chunk (the decay differs per channel), so it is built on 16-row
-blocks: a block below the diagonal is a product of ``Q`` and ``K`` decayed towards the first step ``r``
-of the row block, ``(Q_i exp(b_i - b_r)) (K_j exp(b_r - b_j))^T`` (both exponents <= 0), and a diagonal
-block is summed directly, channel by channel (``TUNING["gla_output"]["diagonal"] = "columns"``, measured
-faster) or as ``[16, 16, 32]`` products over slices of the channels (``"slices"``). By default ``A`` goes through memory (its own
-kernel), so the readout is two full-tile products; ``TUNING["gla_output"]["form"] = "fused"`` keeps it in
-registers in one kernel of 16-row products.
+blocks: a block below the diagonal is a product of ``Q`` and ``K`` decayed towards the first step ``r`` of
+the row block, ``(Q_i exp(b_i - b_r)) (K_j exp(b_r - b_j))^T`` (both exponents <= 0), and a diagonal block
+is summed directly, channel by channel (``TUNING["gla_output"]["diagonal"] = "columns"``, measured faster)
+or as ``[16, 16, 32]`` products over slices of the channels (``"slices"``). By default ``A`` goes through
+memory (its own kernel), so the readout is two full-tile products; ``TUNING["gla_output"]["form"] =
+"fused"`` keeps it in registers in one kernel of 16-row products.
 
 The backward pass, with cotangents written ``dX`` and ``G_{c+1}`` the cotangent of ``S_{c+1}``::
 
@@ -26,16 +26,16 @@ The backward pass, with cotangents written ``dX`` and ``G_{c+1}`` the cotangent 
             db = Q * dQ - K * dK,  and on the last row also exp(b_C) * rowsum(G_{c+1} * S_c)
                  + sum_j k_j * (V G_{c+1}^T)_j exp(b_C - b_j)
 
-(every exponent is ``b_i - b_j`` or ``b_i`` alone: a query's side gains ``q * dq``, a key's side loses
-``k * dk``; ``b_C`` gathers the terms of the state update), and ``d log a_m = sum_{i >= m in its chunk}
+(every exponent is ``b_i - b_j`` or ``b_i`` alone: a query's side gains ``q * dq``, a key's side loses ``k
+* dk``; ``b_C`` gathers the terms of the state update), and ``d log a_m = sum_{i >= m in its chunk}
 db_i``, a reverse cumulative sum that JAX derives from `chunk_log_decay`. (The last row's terms are
-``rowsum(G_{c+1} * S_{c+1})``: the derivative of ``S_{c+1}`` in ``b_C``.) The products with ``S_c``
-and ``G_{c+1}`` are full ``C``-row tiles; the sums over ``dA`` use the same 16-row blocks as ``A``, in
-two passes per chunk: by rows (``dq``), then by columns (``dk, dv``), the partial sums of each block
-through memory rather than all alive in registers; or (``TUNING["gla_backward"]["programs"] =
-"row_blocks"``, with ``TUNING["gla_attention"]["programs"]`` its forward counterpart) one program per
-16-row block ``r``, which owns ``dq`` of row block ``r`` and ``dk, dv`` of column block ``r``, so that no
-program waits on another, as flash-linear-attention splits its intra-chunk work. The chunk states are recomputed in the backward
+``rowsum(G_{c+1} * S_{c+1})``: the derivative of ``S_{c+1}`` in ``b_C``.) The products with ``S_c`` and
+``G_{c+1}`` are full ``C``-row tiles; the sums over ``dA`` use the same 16-row blocks as ``A``, in two
+passes per chunk: by rows (``dq``), then by columns (``dk, dv``), the partial sums of each block through
+memory rather than all alive in registers; or (``TUNING["gla_backward"]["programs"] = "row_blocks"``, with
+``TUNING["gla_attention"]["programs"]`` its forward counterpart) one program per 16-row block ``r``, which
+owns ``dq`` of row block ``r`` and ``dk, dv`` of column block ``r``, so that no program waits on another,
+as flash-linear-attention splits its intra-chunk work. The chunk states are recomputed in the backward
 pass by the state kernel rather than kept (``TUNING["gla_backward"]["recompute_states"]``), as
 flash-linear-attention does: memory stays linear in T either way.
 
