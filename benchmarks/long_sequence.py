@@ -53,10 +53,10 @@ def check(model, args):
     x = prepare(structure, f32(q), f32(k), f32(v), gates32, validate=False)
     state = prior_state(structure, batch=1, heads=args.heads, key_dim=args.dim, value_dim=args.dim,
                         dtype=np.float32)
-    noise = chunked._isotropic_noise(structure, x)
+    noise = chunked.noise_variance(structure, x)
     boundaries = jax.jit(lambda x, noise, p: chunked._covariance_scan(   # P at every chunk start
         x.q, x.k, x.transition, noise, x.precision, p, chunk_size=args.chunk_size, variance=False,
-        boundaries=True)[3])(x, noise, state.covariance)
+        boundaries=True, key_noise=structure.noise == "key")[3])(x, noise, state.covariance)
     start = time.perf_counter()
     y = filters.compile(model, backend="chunked", chunk_size=args.chunk_size)(
         f32(q), f32(k), f32(v), validate=False, **gates32)[0]

@@ -433,9 +433,10 @@ def _covariance_scan(q, k, log_decay, noise, precision, initial_covariance, *, c
 @shapes.typed
 def covariance_pass(q: shapes.Queries, k: shapes.Keys, log_decay: Optional[shapes.PerHead], noise: shapes.PerHead,
                     precision: shapes.PerHead, initial_covariance: shapes.Covariance, *, chunk_size: int,
-                    variance: bool) -> tuple[shapes.Keys, shapes.Covariance, Optional[shapes.PerHead]]:
+                    variance: bool, key_noise: bool = False
+                    ) -> tuple[shapes.Keys, shapes.Covariance, Optional[shapes.PerHead]]:
     """The exact family's covariance recursion, in chunks (module doc, `CovarianceChunk`): scalar or no
-    decay, ``Q_t = noise_t I``.
+    decay, ``Q_t = noise_t I`` or, with ``key_noise``, ``Q_t = noise_t k_t k_t^T``.
 
     Args:
       q, k: ``[B, T, H, K]``.
@@ -449,7 +450,7 @@ def covariance_pass(q: shapes.Queries, k: shapes.Keys, log_decay: Optional[shape
     unless ``variance``), in the compute dtype.
     """
     return _covariance_scan(q, k, log_decay, noise, precision, initial_covariance, chunk_size=chunk_size,
-                            variance=variance)[:3]
+                            variance=variance, key_noise=key_noise)[:3]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -471,7 +472,7 @@ def reason_not_applicable(structure) -> str | None:
     return None
 
 
-def _noise_variance(structure, x: StepInputs):
+def noise_variance(structure, x: StepInputs):
     """``q_t`` of ``Q_t = q_t I`` or, for key noise, of ``Q_t = q_t k_t k_t^T``, ``[B,T,H]`` (zeros without
     noise)."""
     if structure.noise in ("random_walk", "key"):
@@ -496,7 +497,7 @@ def run(structure, x: StepInputs, state: FilterState, *, diagnostics: bool = Fal
         return FilterOutput(y, FilterState(mean, None))
     # Without diagnostics this is covariance_pass, then delta_rule (the signatures a kernel implements).
     gains, covariance, variance, _, innovation_variance = _covariance_scan(
-        x.q, x.k, x.transition, _noise_variance(structure, x), x.precision, state.covariance,
+        x.q, x.k, x.transition, noise_variance(structure, x), x.precision, state.covariance,
         chunk_size=chunk_size, variance=diagnostics, key_noise=structure.noise == "key")
     y, mean, squared_innovation = _delta_scan(x.q, x.k, gains, x.v, x.transition, state.mean,
                                               chunk_size=chunk_size, innovations=diagnostics)

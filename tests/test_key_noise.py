@@ -1,5 +1,5 @@
 """Process noise along the key (`dm.KeyNoise`, ``Q_t = q_t k_t k_t^T``): the exact filter against its
-Kalman recursion written out in float64, the overwrite it is for, and the lowerings that refuse it."""
+Kalman recursion written out in float64, the overwrite it is for, and the lowerings that run it."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,14 +125,14 @@ def test_key_noise_gradients_are_finite_and_the_same_chunked():
         np.testing.assert_allclose(g, want, rtol=1e-8, atol=1e-10)
 
 
-def test_pallas_refuses_key_noise_by_name_and_auto_takes_the_chunked_form():
+def test_pallas_runs_key_noise_and_auto_takes_it_on_a_gpu():
+    """The Pallas covariance kernels take key noise (tests/test_pallas.py checks them against the
+    recursion); auto picks them on a GPU and the chunked form on this CPU, as for isotropic noise."""
     model = dm.bayesian(process_noise="key")
-    assert filters.compile(model).lowering.name == "chunked"       # on this CPU, as for isotropic noise
-    with pytest.raises(filters.BackendError, match=r"KeyNoise, Q_t = q_t k_t k_t\^T"):
-        filters.compile(model, backend="pallas")
-    reason = filters.LOWERINGS["pallas"].reason_not_applicable(model.structure)
+    assert filters.compile(model).lowering.name == "chunked"
     if filters.pallas.common.pltriton is not None:                # else refused for want of Triton
-        assert "KeyNoise" in reason and "backend='chunked' runs it" in reason
+        assert filters.LOWERINGS["pallas"].reason_not_applicable(model.structure) is None
+        assert filters.lowering.auto(model.structure, platform="gpu").name == "pallas"
 
 
 def test_bayesian_process_noise_key_option():

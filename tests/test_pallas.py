@@ -177,12 +177,14 @@ def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_di
         assert _relative(got, expected) < tol
 
 
-def _kalman_covariance(k, log_decay, noise, beta, p0):
-    """The exact filter's covariance recursion step by step: ``P_bar = a^2 P + q I``, ``u = P_bar k``,
-    ``Kg = u / (k^T u + 1/beta)``, ``P = P_bar - u Kg^T``; returns the gains and the final P."""
+def _kalman_covariance(k, log_decay, noise, beta, p0, key_noise=False):
+    """The exact filter's covariance recursion step by step: ``P_bar = a^2 P + q I`` (``key_noise``:
+    ``+ q k k^T``), ``u = P_bar k``, ``Kg = u / (k^T u + 1/beta)``, ``P = P_bar - u Kg^T``; returns the gains
+    and the final P."""
     def step(cov, x):
         k_t, a_t, q_t, b_t = x
-        cov = jnp.exp(2 * a_t)[..., None, None] * cov + q_t[..., None, None] * jnp.eye(k.shape[-1])
+        added = k_t[..., :, None] * k_t[..., None, :] if key_noise else jnp.eye(k.shape[-1])
+        cov = jnp.exp(2 * a_t)[..., None, None] * cov + q_t[..., None, None] * added
         u = jnp.einsum("bhij,bhj->bhi", cov, k_t)
         gain = u / (jnp.sum(k_t * u, -1) + 1 / b_t)[..., None]
         return cov - u[..., :, None] * gain[..., None, :], gain
@@ -215,6 +217,20 @@ def test_covariance_pass(monkeypatch, interpret, dot_precision, block, checkpoin
            _kalman_covariance, (k, log_decay, noise, beta, p0), symmetric=(4,), tol=tol)
 
 
+@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "reference"])
+def test_covariance_pass_with_key_noise(interpret):
+    """Process noise along the key (``Q_t = q_t k_t k_t^T``), some steps without any (``q_t = 0``): gains,
+    final covariance and every gradient against the float64 step-by-step recursion."""
+    _, k, _, _, log_decay, _ = _inputs()
+    noise = RNG.uniform(0.0, 3.0, size=log_decay.shape) * (RNG.uniform(size=log_decay.shape) < 0.7)
+    beta = RNG.uniform(0.5, 4.0, size=log_decay.shape)
+    a = RNG.normal(size=(B, H, K, K))
+    p0 = a @ np.swapaxes(a, -1, -2) / K + 0.5 * np.eye(K)
+    _check(lambda *x: covariance.covariance_pass(None, *x, chunk_size=32, key_noise=True, dot_precision="highest",
+                                                 interpret=interpret)[:2],
+           lambda *x: _kalman_covariance(*x, key_noise=True), (k, log_decay, noise, beta, p0), symmetric=(4,))
+
+
 @pytest.mark.parametrize("size", [16, 32])
 def test_recursive_unit_lower_inverse_is_as_accurate_as_substitution(size):
     """`unit_lower_inverse_recursive` (log2(n) - 1 levels of products) is ``(I + N)^{-1}`` in float64 to
@@ -237,11 +253,12 @@ def test_recursive_unit_lower_inverse_is_as_accurate_as_substitution(size):
     assert _relative(neumann, exact) > 1e-5
 
 
+@pytest.mark.parametrize("key_noise", [False, True], ids=["isotropic_noise", "key_noise"])
 @pytest.mark.parametrize("one_loop", [True, False], ids=["one_loop", "two_loops"])
-def test_covariance_block_backward_is_the_blocks_derivative(one_loop):
+def test_covariance_block_backward_is_the_blocks_derivative(one_loop, key_noise):
     """`_block_backward` (the backward kernel's body, written by hand) equals JAX's reverse mode of
     `_block` (the forward kernel's body) on one block in float64, for every input and both factor forms,
-    with decays and noise on (every term of the derivative is exercised)."""
+    with decays and noise (isotropic or along the key) on: every term of the derivative is exercised."""
     dot = lambda a, b, contract=((1,), (0,)): jax.lax.dot_general(a, b, (contract, ((), ())),
                                                                   precision=jax.lax.Precision.HIGHEST)
     whitening = covariance.whitening_tile if one_loop else covariance._whitening_two_loops
@@ -253,16 +270,16 @@ def test_covariance_block_backward_is_the_blocks_derivative(one_loop):
     cov = jnp.asarray(a @ a.T / key_dim + 0.5 * np.eye(key_dim))
 
     def block(k_, ld, q, ib, p):
-        blk = covariance._block(k_, ld, q, ib, p, 0.0, dot=dot, whitening=whitening)
-        z = blk["z"]
-        return blk["gains"], jnp.exp(2 * blk["b_last"]) * p + blk["alpha_last"] * jnp.eye(key_dim) - z.T @ z
+        blk = covariance._block(k_, ld, q, ib, p, 0.0, dot=dot, whitening=whitening, key_noise=key_noise)
+        return blk["gains"], (covariance._next_covariance(blk, k_, p, dot=dot)
+                              + blk["alpha_last"] * jnp.eye(key_dim))
 
     args = (k, log_decay, noise, inv_beta, cov)
     d_gains = jnp.asarray(RNG.normal(size=(size, key_dim)))
     d_next = RNG.normal(size=(key_dim, key_dim))
     d_next = jnp.asarray(d_next + d_next.T)
     want = jax.vjp(block, *args)[1]((d_gains, d_next))
-    blk = covariance._block(*args[:4], cov, 0.0, dot=dot, whitening=whitening)
+    blk = covariance._block(*args[:4], cov, 0.0, dot=dot, whitening=whitening, key_noise=key_noise)
     got = covariance._block_backward(blk, k, noise, lambda: cov, d_gains, lambda: d_next, dot=dot)
     assert all(g.dtype == jnp.float64 for g in got)
     for i, (g, w) in enumerate(zip(got, want)):
@@ -394,6 +411,20 @@ def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form, dot_precision
     assert "potrf" not in lowered and "stablehlo.triangular_solve" not in lowered
 
 
+def test_covariance_kernels_with_key_noise_lower_for_cuda():
+    """Key noise's kernels (the same kernels, with ``Rg``) lowered for CUDA on this CPU at K = 128, forward
+    and gradient: the forward kernel, its rerun for the checkpoints and the backward kernel; no reference."""
+    sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    shapes = (sd(2, 64, 2, 128), sd(2, 64, 2), sd(2, 64, 2), sd(2, 64, 2), sd(2, 2, 128, 128))
+    call = lambda *a: covariance.covariance_pass(None, *a, key_noise=True)[:2]
+    assert _triton_calls(call, *shapes) == 1
+    loss = lambda *a: sum(jnp.sum(x) for x in call(*a))
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*shapes).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert lowered.count("xla.gpu.triton") == 2 and 'name = "covariance_pass_backward"' in lowered
+    assert "potrf" not in lowered and "stablehlo.triangular_solve" not in lowered
+
+
 def test_covariance_checkpoints_kept_from_the_forward_pass_lower_for_cuda(monkeypatch):
     """With the checkpoints kept from the forward pass, the value-and-gradient program runs the forward
     kernel once (storing them) and the backward kernel, where the default runs it twice (the forward, then
@@ -481,6 +512,7 @@ PALLAS_MODELS = {
     "linear_attention": dm.linear_attention(), "mamba2": dm.mamba2(), "gla": dm.gla(),
     "deltanet": dm.deltanet(), "gated_deltanet": dm.gated_deltanet(), "longhorn": dm.longhorn(),
     "bayesian": dm.bayesian(process_noise=0.05), "bayesian_stationary": dm.bayesian(noise="stationary"),
+    "bayesian_key_noise": dm.bayesian(process_noise="key"),
 }
 
 
@@ -561,7 +593,7 @@ def test_the_filter_lowered_for_cuda_holds_the_kernels():
 
 def test_auto_picks_the_kernels_on_a_gpu_where_they_were_measured_faster():
     for model in (dm.gated_deltanet(), dm.deltanet(), dm.mamba2(), dm.linear_attention(), dm.gla(),
-                  dm.bayesian(), dm.bayesian(noise="stationary")):
+                  dm.bayesian(), dm.bayesian(noise="stationary"), dm.bayesian(process_noise="key")):
         assert auto(filters.analyze(model), platform="gpu").name == "pallas"
     kda_style = dm.DesignModel(transition=dm.DiagonalDecay(None), observation=dm.KeyValueObservation(None),
                                covariance=dm.Reset(write_strength=True))

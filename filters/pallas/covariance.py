@@ -1,6 +1,6 @@
 """The Pallas GPU kernel of the exact family's covariance pass (the Bayesian Layer).
 
-With a scalar (or no) decay and isotropic noise ``Q_t = q_t I`` the covariance recursion never sees the
+With a scalar (or no) decay and isotropic noise ``Q_t = q_t I`` (or noise along the key, below) the covariance recursion never sees the
 values, so it runs first and hands the gains ``Kg_t`` to the delta-rule kernels (erase key ``k``, write
 key ``Kg``). One program carries one head's ``P [K, K]`` (float32, in registers or through its output
 block) through the sequence in blocks of 16 steps (or 32: ``TUNING[...]["block"]``, measured slower). For
@@ -14,7 +14,10 @@ the block start)::
     Z     = gamma_C X (K gamma) P_c + X (K * R_C. alpha)
     P_C   = gamma_C^2 P_c + alpha_C I - Z^T Z
 
-(the derivation is the chunked lowering's, `filters.chunked`). The 16 x 16 Cholesky factor and its
+(the derivation is the chunked lowering's, `filters.chunked`). With process noise along the key, ``Q_t =
+q_t k_t k_t^T`` (`designmodels.KeyNoise`), the same kernels take ``Rg = R * (K K^T)``: Sigma's noise part
+is ``Rg diag(q) Rg^T``, ``X`` is followed by ``X Rg`` in the gains' and ``Z``'s noise parts, and ``alpha_C I``
+becomes ``K^T diag(q R_C.^2) K`` (`_block`). The 16 x 16 Cholesky factor and its
 inverse are computed in the kernel (column by column, then forward substitution; or, ``factor=
 "one_loop"``, in one elimination; or, ``"recursive"``, the inverse by `unit_lower_inverse_recursive`'s
 three levels of products instead of 15 substitution steps). This recursion is where precision is spent, so every product keeps
@@ -136,31 +139,55 @@ def _products(kind: str, interpret: bool):
         a, b, (contract, ((), ())), precision=lax.DotAlgorithmPreset.TF32_TF32_F32_X3, preferred_element_type=F32)
 
 
-def _block(k, log_decay, noise, inv_beta, cov, scale, *, dot, whitening):
+def _block(k, log_decay, noise, inv_beta, cov, scale, *, dot, whitening, key_noise=False):
     """One block of ``C`` steps from ``P_c = cov + scale I`` (module doc): the gains ``[C, K]`` and what
-    ``P_{c+1} = gamma_C^2 P_c + alpha_C I - Z^T Z`` is made of, with every intermediate the backward pass
-    reuses. ``E`` is built from the lower ``R``, not as ``exp(-|b_i - b_j|)``: the same values, but a
-    derivative that is right where decays vanish (``|x|`` has none at 0)."""
+    ``P_{c+1} = gamma_C^2 P_c + alpha_C I - Z^T Z`` (key noise: ``+ K^T diag(q R_C.^2) K`` for ``alpha_C I``,
+    ``k_left^T K``) is made of, with every intermediate the backward pass reuses.
+
+    The two noises share one form: with ``Y = X`` and ``c = alpha`` (isotropic) or ``Y = X Rg`` and ``c =
+    q`` (key noise, ``Rg = R * K K^T``), the gains' noise part is ``(Y * R)(K * c)`` and ``Z``'s is ``Y (K *
+    R_C. c)`` (the chunked lowering's formulas, `filters.chunked`). Sigma's noise part is ``E * (K K^T)``,
+    ``E`` built from the lower ``R`` rather than as ``exp(-|b_i - b_j|)`` (the same values, but a derivative
+    that is right where decays vanish: ``|x|`` has none at 0), or ``Rg diag(q) Rg^T``."""
     r, c = iota2(k.shape[0])
     last = lax.broadcasted_iota(jnp.int32, (k.shape[0],), 0) == k.shape[0] - 1
     b, gamma, decay, alpha = block_terms(log_decay, noise)
     b_last = jnp.sum(jnp.where(last, b, 0.0))
     k_gamma = k * gamma[:, None]                                                  # G = K gamma
     kg_p = dot(k_gamma, cov) + scale * k_gamma                                    # M = G P_c
-    spread = jnp.where(c <= r, decay * alpha[None, :], decay.T * alpha[:, None])  # E
     gram = dot(k, k, ((1,), (1,)))
-    sigma = dot(kg_p, k_gamma, ((1,), (1,))) + spread * gram + jnp.where(r == c, inv_beta[:, None], 0.0)
+    if key_noise:
+        spread = None
+        rg = decay * gram                                                         # Rg = R * (K K^T)
+        noise_part = dot(rg * noise[None, :], rg, ((1,), (1,)))                   # Rg diag(q) Rg^T
+        carrier = noise
+    else:
+        spread = jnp.where(c <= r, decay * alpha[None, :], decay.T * alpha[:, None])   # E
+        rg, noise_part, carrier = None, spread * gram, alpha
+    sigma = dot(kg_p, k_gamma, ((1,), (1,))) + noise_part + jnp.where(r == c, inv_beta[:, None], 0.0)
     sigma = 0.5 * (sigma + sigma.T)
     whiten, pivots = whitening(sigma)                                             # X = L^{-1}, diag(L)
     kt_p = dot(whiten, kg_p)                                                      # U = X M
-    k_alpha = k * alpha[:, None]
-    gains = (gamma[:, None] * kt_p + dot(whiten * decay, k_alpha)) / pivots[:, None]
-    tail = jnp.exp(b_last - b) * alpha
-    z = jnp.exp(b_last) * kt_p + dot(whiten, k * tail[:, None])
+    mix = dot(whiten, rg) if key_noise else whiten                                # Y
+    k_carrier = k * carrier[:, None]
+    gains = (gamma[:, None] * kt_p + dot(mix * decay, k_carrier)) / pivots[:, None]
+    to_end = jnp.exp(b_last - b)                                                  # R_C.
+    tail = to_end * carrier
+    z = jnp.exp(b_last) * kt_p + dot(mix, k * tail[:, None])
     return dict(b=b, gamma=gamma, decay=decay, alpha=alpha, b_last=b_last, k_gamma=k_gamma, kg_p=kg_p,
-                spread=spread, gram=gram, sigma=sigma, whiten=whiten, pivots=pivots, kt_p=kt_p,
-                k_alpha=k_alpha, gains=gains, tail=tail, z=z,
-                alpha_last=jnp.sum(jnp.where(last, alpha, 0.0)))
+                spread=spread, gram=gram, rg=rg, sigma=sigma, whiten=whiten, pivots=pivots, kt_p=kt_p, mix=mix,
+                carrier=carrier, k_carrier=k_carrier, gains=gains, to_end=to_end, tail=tail, z=z,
+                k_left=k * (noise * to_end * to_end)[:, None] if key_noise else None,
+                alpha_last=0.0 if key_noise else jnp.sum(jnp.where(last, alpha, 0.0)))
+
+
+def _next_covariance(blk, k, cov, *, dot):
+    """``P_{c+1}`` from ``P_c`` (``cov``, without the carried ``scale I``, which the caller advances) and the
+    block's intermediates: ``gamma_C^2 P_c - Z^T Z`` (``+ k_left^T K`` with key noise)."""
+    new = jnp.exp(2.0 * blk["b_last"]) * cov - dot(blk["z"], blk["z"], ((0,), (0,)))
+    if blk["k_left"] is not None:
+        new = new + dot(blk["k_left"], k, ((0,), (0,)))
+    return new
 
 
 def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
@@ -169,43 +196,63 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
     ``d_next`` are functions that return ``P_c`` and ``dP_{c+1}`` (``K x K``): each use loads them anew,
     so that a kernel need not hold them in registers through the block.
 
-    Reverse mode through the module doc's formulas, last first: ``P_{c+1}`` gives ``dP_c = gamma_C^2
-    dP_{c+1}``, ``dZ = -2 Z dP_{c+1}``; ``Z``, the gains and ``U = X M`` give ``dX``, ``dM`` and the
+    Reverse mode through `_block`'s formulas, last first: ``P_{c+1}`` gives ``dP_c = gamma_C^2
+    dP_{c+1}``, ``dZ = -2 Z dP_{c+1}``; ``Z``, the gains and ``U = X M`` give ``dY``, ``dX``, ``dM`` and the
     key, decay and noise terms; the Cholesky factor's (Murray 2016) ``dSigma = sym(X^T Phi(L^T dL) X)``
     with ``dL = tril(-X^T tril(dX) X^T) + diag(d pivots)``, ``L = Sigma X^T`` and ``Phi`` the lower
-    triangle with its diagonal halved; then ``Sigma = M G^T + E * (K K^T) + diag(1 / beta)``, ``M = G P_c``
+    triangle with its diagonal halved; then ``Sigma = M G^T + (noise part) + diag(1 / beta)``, ``M = G P_c``
     and the decay terms, whose exponents are all differences of ``b = cumsum(log a)``."""
+    key_noise = blk["rg"] is not None
     r, c = iota2(k.shape[0])
     rk, ck = iota2(blk["kg_p"].shape[1])
     last = lax.broadcasted_iota(jnp.int32, (k.shape[0],), 0) == k.shape[0] - 1
     gamma, decay, alpha, whiten, pivots = blk["gamma"], blk["decay"], blk["alpha"], blk["whiten"], blk["pivots"]
+    mix, carrier, to_end = blk["mix"], blk["carrier"], blk["to_end"]
     lower = c <= r
     g_last = jnp.exp(blk["b_last"])
-    # P_{c+1} = gamma_C^2 P_c + alpha_C I - Z^T Z (its first term's cotangent is added last)
+    # P_{c+1} = gamma_C^2 P_c + alpha_C I (key noise: + K^T diag(q R_C.^2) K) - Z^T Z; its first term's
+    # cotangent is added last
     d_b_last = 2.0 * g_last * g_last * jnp.sum(cov() * d_next())
-    d_alpha_last = jnp.sum(jnp.where(rk == ck, d_next(), 0.0))
     d_z = -2.0 * dot(blk["z"], d_next())
-    # Z = gamma_C U + X (K * tail)
+    if key_noise:
+        k_dp = dot(k, d_next())
+        d_k = 2.0 * k_dp * (noise * to_end * to_end)[:, None]
+        d_left = jnp.sum(k_dp * k, axis=1) * to_end * to_end                  # d(q R_C.^2) R_C.^2 / q
+        d_noise = d_left
+        d_exponent = 2.0 * d_left * noise
+    else:
+        d_alpha_last = jnp.sum(jnp.where(rk == ck, d_next(), 0.0))
+        d_k = jnp.zeros_like(k)
+        d_exponent = jnp.zeros_like(carrier)
+    # Z = gamma_C U + Y (K * tail)
     d_u = g_last * d_z
     d_b_last += g_last * jnp.sum(blk["kt_p"] * d_z)
-    d_x = dot(d_z, k * blk["tail"][:, None], ((1,), (1,)))
-    xt_dz = dot(whiten, d_z, ((0,), (0,)))
-    d_k = xt_dz * blk["tail"][:, None]
-    d_tail = jnp.sum(xt_dz * k, axis=1)
-    # gains = (gamma U + (X * R)(K alpha)) / pivots
+    d_mix = dot(d_z, k * blk["tail"][:, None], ((1,), (1,)))
+    yt_dz = dot(mix, d_z, ((0,), (0,)))
+    d_k += yt_dz * blk["tail"][:, None]
+    d_tail = jnp.sum(yt_dz * k, axis=1)
+    # gains = (gamma U + (Y * R)(K c)) / pivots
     d_h = d_gains / pivots[:, None]
     d_pivots = -jnp.sum(d_gains * blk["gains"], axis=1) / pivots
     d_u += gamma[:, None] * d_h
     d_gamma = jnp.sum(d_h * blk["kt_p"], axis=1)
-    dh_ka = dot(d_h, blk["k_alpha"], ((1,), (1,)))
-    d_x += dh_ka * decay
-    d_decay = dh_ka * whiten
-    xr_dh = dot(whiten * decay, d_h, ((0,), (0,)))
-    d_k += xr_dh * alpha[:, None]
-    d_alpha = jnp.sum(xr_dh * k, axis=1)
-    # U = X M
-    d_x += dot(d_u, blk["kg_p"], ((1,), (1,)))
+    dh_kc = dot(d_h, blk["k_carrier"], ((1,), (1,)))
+    d_mix += dh_kc * decay
+    d_decay = dh_kc * mix
+    yr_dh = dot(mix * decay, d_h, ((0,), (0,)))
+    d_k += yr_dh * carrier[:, None]
+    d_carrier = jnp.sum(yr_dh * k, axis=1)
+    # tail = R_C. c
+    d_carrier += d_tail * to_end
+    d_exponent += d_tail * blk["tail"]
+    # U = X M, and Y = X Rg (key noise) or X
+    d_x = dot(d_u, blk["kg_p"], ((1,), (1,)))
     d_m = dot(whiten, d_u, ((0,), (0,)))
+    if key_noise:
+        d_x += dot(d_mix, blk["rg"], ((1,), (1,)))
+        d_rg = dot(whiten, d_mix, ((0,), (0,)))
+    else:
+        d_x += d_mix
     # X = L^{-1}, pivots = diag(L), L L^T = Sigma
     d_x = jnp.where(lower, d_x, 0.0)
     factor = jnp.where(lower, dot(blk["sigma"], whiten, ((1,), (1,))), 0.0)
@@ -215,12 +262,27 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
     phi = jnp.where(c < r, phi, jnp.where(r == c, 0.5 * phi, 0.0))
     d_sigma = dot(dot(whiten, phi, ((0,), (0,))), whiten)
     d_sigma = 0.5 * (d_sigma + d_sigma.T)
-    # Sigma = M G^T + E * (K K^T) + diag(1 / beta)
+    # Sigma = M G^T + (noise part) + diag(1 / beta)
     d_inv_beta = jnp.sum(jnp.where(r == c, d_sigma, 0.0), axis=1)
     d_m += dot(d_sigma, blk["k_gamma"])
     d_g = dot(d_sigma, blk["kg_p"])
-    d_k += 2.0 * dot(d_sigma * blk["spread"], k)
-    d_spread = d_sigma * blk["gram"]
+    if key_noise:
+        # Rg diag(q) Rg^T (dSigma symmetric), then Rg = R * (K K^T)
+        ds_rg = dot(d_sigma, blk["rg"])
+        d_rg += 2.0 * ds_rg * noise[None, :]
+        d_noise += d_carrier + jnp.sum(ds_rg * blk["rg"], axis=0)
+        d_decay += d_rg * blk["gram"]
+        d_gram = d_rg * decay
+        d_k += dot(d_gram, k) + dot(d_gram, k, ((0,), (0,)))
+    else:
+        # E * (K K^T), E = R alpha_j below the diagonal and its mirror above (dE symmetric: the lower part
+        # counts twice); alpha_C; alpha_i = sum_{m <= i} q_m R_im^2
+        d_k += 2.0 * dot(d_sigma * blk["spread"], k)
+        twice = jnp.where(c < r, 2.0, jnp.where(r == c, 1.0, 0.0)) * d_sigma * blk["gram"]
+        d_decay += twice * alpha[None, :]
+        d_alpha = d_carrier + jnp.sum(twice * decay, axis=0) + jnp.where(last, d_alpha_last, 0.0)
+        d_noise = jnp.sum(d_alpha[:, None] * decay * decay, axis=0)
+        d_decay += 2.0 * d_alpha[:, None] * noise[None, :] * decay
     # M = G P_c (P_c symmetric), G = K gamma
     d_g += dot(d_m, cov())
     # symmetrized as two products rather than a K x K transpose (dP_{c+1} is symmetric already)
@@ -228,19 +290,8 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
                                                 + dot(d_m, blk["k_gamma"], ((0,), (0,))))
     d_k += d_g * gamma[:, None]
     d_gamma += jnp.sum(d_g * k, axis=1)
-    # E = R alpha_j below the diagonal and its mirror above (dE symmetric: the lower part counts twice)
-    twice = jnp.where(c < r, 2.0, jnp.where(r == c, 1.0, 0.0)) * d_spread
-    d_decay += twice * alpha[None, :]
-    d_alpha += jnp.sum(twice * decay, axis=0)
-    # tail = exp(b_C - b) alpha, alpha_C
-    e = jnp.exp(blk["b_last"] - blk["b"])
-    d_alpha += d_tail * e + jnp.where(last, d_alpha_last, 0.0)
-    d_exponent = d_tail * alpha * e
+    # R_C. = exp(b_C - b), R_ij = exp(b_i - b_j), gamma = exp(b), b = cumsum(log a)
     d_b_last += jnp.sum(d_exponent)
-    # alpha_i = sum_{m <= i} q_m R_im^2
-    d_noise = jnp.sum(d_alpha[:, None] * decay * decay, axis=0)
-    d_decay += 2.0 * d_alpha[:, None] * noise[None, :] * decay
-    # R_ij = exp(b_i - b_j), gamma = exp(b), b = cumsum(log a)
     d_exp = d_decay * decay
     d_b = (jnp.sum(d_exp, axis=1) - jnp.sum(d_exp, axis=0) + d_gamma * gamma - d_exponent
            + jnp.where(last, d_b_last, 0.0))
@@ -249,7 +300,7 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
 
 
 def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *ckpt_refs,
-                       size, in_memory, factor, dot, interpret):
+                       size, in_memory, factor, dot, key_noise, interpret):
     n = k_ref.shape[0] // size
     whitening = _whitening(factor, dot)
     barrier = (lambda: None) if interpret else pltriton.debug_barrier
@@ -270,17 +321,15 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
         t0 = pl.multiple_of(i * size, size)
         k = rows(k_ref, t0, size).astype(F32)
         blk = _block(k, rows(ld_ref, t0, size), rows(noise_ref, t0, size), rows(inv_beta_ref, t0, size), cov,
-                     scale, dot=dot, whitening=whitening)
+                     scale, dot=dot, whitening=whitening, key_noise=key_noise)
         gains_ref[pl.ds(t0, size), :] = blk["gains"]
         if ckpt_refs:
             ckpt_refs[1][i] = blk["whiten"]
             ckpt_refs[2][i] = blk["pivots"]
-        end = jnp.exp(2.0 * blk["b_last"])
-        scale = end * scale + blk["alpha_last"]
-        z = blk["z"]
+        scale = jnp.exp(2.0 * blk["b_last"]) * scale + blk["alpha_last"]
         if not in_memory:
-            return end * cov - dot(z, z, ((0,), (0,))), scale
-        new = end * pf_ref[...] - dot(z, z, ((0,), (0,)))   # P reloaded: not held through the block
+            return _next_covariance(blk, k, cov, dot=dot), scale
+        new = _next_covariance(blk, k, pf_ref[...], dot=dot)   # P reloaded: not held through the block
         barrier()                                 # every thread has read P before any overwrites it
         pf_ref[...] = new
         barrier()                                 # the next block reads what this one stored
@@ -299,7 +348,7 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
 
 def _covariance_backward_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, ckpt_ref, whiten_ref, pivots_ref, dgains_ref,
                                 dpf_ref, dk_ref, dld_ref, dnoise_ref, dinv_beta_ref, dp0_ref, *, size, in_memory, dot,
-                                interpret):
+                                key_noise, interpret):
     """The blocks in reverse: each recomputed from its checkpoints (``P_c``, and ``X = L^{-1}`` and the
     pivots, which the forward kernel stored: no factorization here), then `_block_backward` turns the
     cotangent of ``P_{c+1}`` and of the block's gains into the block's input cotangents and that of
@@ -315,7 +364,7 @@ def _covariance_backward_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, ckpt_ref
         noise = rows(noise_ref, t0, size)
         cov = lambda: ckpt_ref[i]
         blk = _block(k, rows(ld_ref, t0, size), noise, rows(inv_beta_ref, t0, size), cov(), 0.0, dot=dot,
-                     whitening=lambda sigma: (whiten_ref[i], pivots_ref[i]))
+                     whitening=lambda sigma: (whiten_ref[i], pivots_ref[i]), key_noise=key_noise)
         d_k, d_ld, d_noise, d_inv_beta, d_cov = _block_backward(
             blk, k, noise, cov, rows(dgains_ref, t0, size), (lambda: dp0_ref[...]) if in_memory else (lambda: d_next),
             dot=dot)
@@ -375,13 +424,13 @@ def _specs(k, size):
 
 
 def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", checkpoints=False,
-                      interpret=False):
+                      key_noise=False, interpret=False):
     """``k [B,T,H,K]``, ``log_decay, noise, inv_beta [B,T,H]`` float32 (T a multiple of the block size,
     `block_size`), ``p0 [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``,
     float32, and with ``checkpoints`` a third result for the backward kernel: every block's starting
     covariance ``[B,H,T/block,K,K]``, the inverse ``X [B,H,T/block,C,C]`` of its Sigma's Cholesky factor and
-    that factor's diagonal ``[B,H,T/block,C]``.
-    ``products``: ``"tf32x3"`` or ``"ieee"`` (`_products`), each with its own launch and form in
+    that factor's diagonal ``[B,H,T/block,C]``. ``key_noise``: ``noise`` is ``q_t`` of ``Q_t = q_t k_t k_t^T``
+    rather than of ``q_t I``. ``products``: ``"tf32x3"`` or ``"ieee"`` (`_products`), each with its own launch and form in
     `TUNING` (``KERNEL_NAMES``: the two were measured best at different settings)."""
     _check_products(products)
     batch, time, heads, key_dim = k.shape
@@ -390,7 +439,7 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", c
     kernel = functools.partial(
         _covariance_kernel, size=size, in_memory=tuning(KERNEL_NAMES[products], "carry") == "memory",
         factor=tuning(KERNEL_NAMES[products], "factor") or "two_loops",
-        dot=_products(products, interpret), interpret=interpret)
+        dot=_products(products, interpret), key_noise=key_noise, interpret=interpret)
     outs = launch(
         kernel, grid=(batch, heads),
         in_specs=[seq(key_dim), seq(), seq(), seq(), cov],
@@ -405,7 +454,7 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", c
 
 
 def covariance_backward_kernel(k, log_decay, noise, inv_beta, checkpoints, d_gains, d_final, *,
-                               products="tf32x3", interpret=False):
+                               products="tf32x3", key_noise=False, interpret=False):
     """The cotangents ``(dk [B,T,H,K], d log_decay, d noise, d inv_beta [B,T,H], dP_0 [B,H,K,K])`` of
     `covariance_kernel`'s inputs from those of its gains and final covariance, given its
     ``checkpoints`` (its third result): one program per head walks the blocks backwards
@@ -416,7 +465,7 @@ def covariance_backward_kernel(k, log_decay, noise, inv_beta, checkpoints, d_gai
     seq, cov, ckpt = _specs(k, size)
     name = BACKWARD_NAMES[products]
     kernel = functools.partial(_covariance_backward_kernel, size=size, in_memory=tuning(name, "carry") == "memory",
-                               dot=_products(products, interpret), interpret=interpret)
+                               dot=_products(products, interpret), key_noise=key_noise, interpret=interpret)
     return launch(
         kernel, grid=(batch, heads),
         in_specs=[seq(key_dim), seq(), seq(), seq(), *ckpt, seq(key_dim), cov],
@@ -433,7 +482,7 @@ def _padded(k, log_decay, noise, precision, multiple):
 
 
 @functools.lru_cache(maxsize=None)
-def _pass(chunk: int, products: str, interpret: bool, settings: tuple):
+def _pass(chunk: int, products: str, interpret: bool, key_noise: bool, settings: tuple):
     """The pass as a `jax.custom_vjp` of ``(k, log_decay, noise, precision, P_0)``: forward and backward
     kernels on CUDA (or in the interpreter), the chunked reference and its derivative elsewhere. By
     default (``TUNING[...backward]["checkpoints"] = "rerun"``) the backward pass reruns the forward kernel
@@ -448,16 +497,17 @@ def _pass(chunk: int, products: str, interpret: bool, settings: tuple):
 
     def reference(k, log_decay, noise, precision, p0):
         return chunked.covariance_pass(k, k, log_decay, noise, precision, p0, chunk_size=chunk,
-                                       variance=False)[:2]
+                                       variance=False, key_noise=key_noise)[:2]
 
     def kernels(k, log_decay, noise, precision, p0, interpret=False):
         gains, final = covariance_kernel(*_padded(k, log_decay, noise, precision, multiple), p0,
-                                         products=products, interpret=interpret)
+                                         products=products, key_noise=key_noise, interpret=interpret)
         return gains[:, :k.shape[1]], final
 
     def kernels_keeping(k, log_decay, noise, precision, p0, interpret=False):
         gains, final, checkpoints = covariance_kernel(*_padded(k, log_decay, noise, precision, multiple), p0,
-                                                      products=products, checkpoints=True, interpret=interpret)
+                                                      products=products, checkpoints=True, key_noise=key_noise,
+                                                      interpret=interpret)
         return (gains[:, :k.shape[1]], final), checkpoints
 
     def reference_keeping(k, log_decay, noise, precision, p0):
@@ -469,10 +519,11 @@ def _pass(chunk: int, products: str, interpret: bool, settings: tuple):
         time = k.shape[1]
         padded = _padded(k, log_decay, noise, precision, multiple)
         if checkpoints is None:
-            checkpoints = covariance_kernel(*padded, p0, products=products, checkpoints=True,
+            checkpoints = covariance_kernel(*padded, p0, products=products, checkpoints=True, key_noise=key_noise,
                                             interpret=interpret)[2]
         d_k, d_log_decay, d_noise, d_inv_beta, d_p0 = covariance_backward_kernel(
-            *padded, checkpoints, pad_time(d_gains, multiple), d_final, products=products, interpret=interpret)
+            *padded, checkpoints, pad_time(d_gains, multiple), d_final, products=products, key_noise=key_noise,
+            interpret=interpret)
         grads = (d_k[:, :time], d_log_decay[:, :time], d_noise[:, :time],
                  -d_inv_beta[:, :time] / (precision * precision), d_p0)
         return tuple(g.astype(a.dtype) for g, a in zip(grads, (k, log_decay, noise, precision, p0)))
@@ -503,10 +554,12 @@ def _pass(chunk: int, products: str, interpret: bool, settings: tuple):
 
 
 def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, chunk_size=64,
-                    variance: bool = False, dot_precision: str = "default", interpret: bool = False):
+                    variance: bool = False, key_noise: bool = False, dot_precision: str = "default",
+                    interpret: bool = False):
     """The gains ``Kg [B,T,H,K]`` and the final covariance ``[B,H,K,K]`` (float32) of the exact family
     with a scalar or no decay (``log_decay`` None or ``[B,T,H]``) and isotropic process noise ``noise_t
-    I`` (``[B,T,H]``, zeros without noise), precisions ``beta [B,T,H]``, from ``P_0 [B,H,K,K]``.
+    I`` (``[B,T,H]``, zeros without noise) or, with ``key_noise``, noise along the key ``noise_t k_t k_t^T``,
+    precisions ``beta [B,T,H]``, from ``P_0 [B,H,K,K]``.
 
     Same signature and results as its plain-JAX reference `filters.chunked.covariance_pass`, which runs
     off CUDA and gives the derivative. The kernel works in blocks of 16 steps, the reference in chunks of
@@ -525,6 +578,6 @@ def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, ch
     products = "ieee" if dot_precision == "highest" else "tf32x3"
     settings = tuple((name, tuple(sorted(TUNING.get(name, {}).items())))
                      for name in (KERNEL_NAMES[products], BACKWARD_NAMES[products]))
-    gains, final = _pass(chunk_size, products, interpret, settings)(k, log_decay, f32(noise), f32(precision),
-                                               f32(initial_covariance))
+    gains, final = _pass(chunk_size, products, interpret, key_noise, settings)(
+        k, log_decay, f32(noise), f32(precision), f32(initial_covariance))
     return gains, final, None

@@ -3,8 +3,8 @@
 Additive family: `delta_rule.additive` (scalar or no decay: linear attention, RetNet, Mamba-2 with its
 input scale folded into the keys) or `gla.additive` (channel-wise decay). Reset family: the delta rule
 with write key ``eta_t k_t`` (DeltaNet, Gated DeltaNet, Longhorn). Exact family (scalar or no decay,
-isotropic noise: the Bayesian Layer): `covariance.covariance_pass` for the gains, then the delta rule with
-write key ``Kg_t``.
+isotropic noise or noise along the key: the Bayesian Layer): `covariance.covariance_pass` for the gains,
+then the delta rule with write key ``Kg_t``.
 
 On CUDA the Triton kernels run; on any other platform their plain-JAX references (the same functions,
 chosen when the program is lowered, so a program traced on a CPU and lowered for ``"cuda"`` holds the
@@ -70,9 +70,6 @@ class Pallas(Lowering):
         reason = chunked.LOWERING.reason_not_applicable(structure)
         if reason:
             return reason
-        if structure.noise == "key":
-            return ("process noise along the key (KeyNoise, Q_t = q_t k_t k_t^T) has no Pallas kernel (the "
-                    "covariance kernel takes Q_t = q_t I); backend='chunked' runs it")
         if structure.family == "reset" and structure.transition == "diagonal":
             return ("a delta rule with a channel-wise decay (KDA-style) has no Pallas kernel yet "
                     "(backend='chunked' runs it)")
@@ -104,8 +101,9 @@ class Pallas(Lowering):
             y, mean = delta_rule.delta_rule(q, k, write, v, x.transition, state.mean, **options)
         else:
             gains, covariance_out, _ = covariance.covariance_pass(
-                q, k, x.transition, chunked._isotropic_noise(structure, x), x.precision, state.covariance,
-                chunk_size=chunk_size, dot_precision=precision, interpret=interpret)
+                q, k, x.transition, chunked.noise_variance(structure, x), x.precision, state.covariance,
+                chunk_size=chunk_size, key_noise=structure.noise == "key", dot_precision=precision,
+                interpret=interpret)
             y, mean = delta_rule.delta_rule(q, k, gains, v, x.transition, state.mean, **options)
         # y comes in the values' dtype, which the filter returns (no float32 round trip).
         return FilterOutput(y, FilterState(mean, covariance_out))
