@@ -57,7 +57,18 @@ MODELS = {
     "simple_gla": (_simple_gla, ("log_decay",), "chunk_simple_gla"),
     "gla": (dm.gla, ("log_decay_k",), "chunk_gla"),
     "bayesian": (functools.partial(dm.bayesian, process_noise=0.01), ("log_decay", "precision"), "chunk_mesa_net"),
+    # the Bayesian Layer with noise along the key (experiments.models's bayesian_key): --models only, and its
+    # fla peer is MesaNet as above (one fla timing: run it with --peers none beside bayesian)
+    "bayesian_key": (functools.partial(dm.bayesian, noise="key", process_noise=5.0), ("log_decay", "precision"),
+                     "chunk_mesa_net"),
 }
+DEFAULT_MODELS = ("gated_deltanet", "deltanet", "simple_gla", "gla", "bayesian")
+
+
+def fla_peer(name):
+    """The fla row a model's ratio is to: the Bayesian Layers' is fla's Gated DeltaNet (their target: at
+    most 1.5x), every other model's its own fla op."""
+    return "gated_deltanet" if name.startswith("bayesian") else name
 
 
 def parse_shape(text):
@@ -262,7 +273,7 @@ def floor_ms(name, shape, ceil):
     kk = vv = dim
     macs = {"simple_gla": 2 * kk * vv + CHUNK * (kk + vv), "gla": 2 * kk * vv + CHUNK * (kk + vv)}.get(
         name, 4 * kk * vv + CHUNK * (3 * kk + 2 * vv))
-    if name == "bayesian":
+    if name.startswith("bayesian"):
         macs += 3 * kk * kk + CHUNK * kk
     flops = 2 * macs * tokens
     return max(bytes_ / (ceil["bandwidth_GBps"] * 1e9), flops / (ceil["bf16_TFLOPs"] * 1e12)) * 1e3
@@ -354,7 +365,7 @@ def report(records, ceil, args):
     by_key = {(r["shape"], r["model"], r["impl"]): r for r in records}
     for r in records:
         # the Bayesian Layer's ratio is to fla's Gated DeltaNet (its target: at most 1.5x)
-        peer = by_key.get((r["shape"], "gated_deltanet" if r["model"] == "bayesian" else r["model"], "fla"))
+        peer = by_key.get((r["shape"], fla_peer(r["model"]), "fla"))
         ratio = lambda key: (f"{r[key] / peer[key]:.2f}" if peer and r.get(key) and not r["impl"].startswith("fla")
                              else "")
         fmt = lambda key, spec: "" if r.get(key) is None else format(r[key], spec)
@@ -366,7 +377,7 @@ def report(records, ceil, args):
               "shape. Against fla's MesaNet (`chunk_mesa_net`, also a K x K state):", ""]
     for r in records:
         mesa = by_key.get((r["shape"], "bayesian", "fla mesa_net"))
-        if r["model"] == "bayesian" and not r["impl"].startswith("fla") and mesa:
+        if r["model"].startswith("bayesian") and not r["impl"].startswith("fla") and mesa:
             lines.append(f"- {r['shape']}, {r['impl']}: MesaNet / ours = {mesa['fwd_ms'] / r['fwd_ms']:.2f}x "
                          f"forward, {mesa['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}x forward+backward")
     agreement = [r for r in records if "vs_fla" in r]
@@ -380,7 +391,7 @@ def report(records, ceil, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {', '.join(MODELS)}")
     parser.add_argument("--backends", default="pallas,chunked")
     parser.add_argument("--peers", default="fla,sdpa", help="fla, sdpa, or none")
     parser.add_argument("--repeats", type=int, default=20)
@@ -425,10 +436,11 @@ def main():
                 add(outputs[backend][1])
             if "fla" in peers:
                 timing, y = fla_op(name, inputs, args.repeats)
-                error = None if reference is None or name == "bayesian" else relative(y, reference)
-                add(dict(shape=shape_text, model=name, impl="fla" if name != "bayesian" else "fla mesa_net",
+                bayesian = name.startswith("bayesian")          # fla's peer is MesaNet, another filter
+                error = None if reference is None or bayesian else relative(y, reference)
+                add(dict(shape=shape_text, model=name, impl="fla mesa_net" if bayesian else "fla",
                          floor_ms=floor, error=error, **timing))
-                if name != "bayesian":
+                if not bayesian:
                     for ours_y, record in outputs.values():
                         record["vs_fla"] = relative(ours_y, y)
                 if args.out:

@@ -20,7 +20,8 @@
 #   headline   benchmarks/gpu_kernels.py, every model at 4x4096x16x128 beside fla (and MesaNet; $MODELS,
 #              $BACKENDS and $ORACLE narrow it)
 #   bayesian   the Bayesian Layer at 4x4096x16x128 with its error against float64, its covariance
-#              checkpoints rerun in the backward pass then kept from the forward, Gated DeltaNet beside it
+#              checkpoints rerun in the backward pass then kept from the forward, Gated DeltaNet beside it,
+#              then bayesian_key (noise along the key) through the kernels and the chunked form
 #   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128; $SHAPES: one of them per call, as fla
 #              autotunes every op anew at each)
 #   training   the MQAR training step at d_model 512 (benchmarks/training_throughput.py; $TRAIN_MODELS)
@@ -87,6 +88,10 @@ if want bayesian; then
             --models gated_deltanet --backends pallas --peers fla --oracle none --repeats 10 \
             --json "$OUT_DIR/gated_deltanet.jsonl" 2>&1 | grep -v -i deprecat | tail -2
     done
+    # noise along the key (bayesian_key): its kernels beside its chunked form
+    timeout "$(cap 200)" python3 benchmarks/gpu_kernels.py --shapes 4x4096x16x128 --models bayesian_key \
+        --backends pallas,chunked --peers none --oracle 4x4096x16x128 --repeats 10 \
+        --json "$OUT_DIR/bayesian_key.jsonl" 2>&1 | grep -v -i deprecat | tail -2
 fi
 want shapes && timeout "$(cap 540)" python3 benchmarks/gpu_kernels.py --shapes "${SHAPES:-8x2048x32x64,1x32768x8x128}" \
     ${MODELS:+--models "$MODELS"} \
