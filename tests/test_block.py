@@ -54,13 +54,17 @@ def test_a_block_step_is_each_runs_step_and_a_frozen_run_keeps_its_state():
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(training.unstack_states(both)[0])):
         np.testing.assert_array_equal(a, b)
-    # evaluation of every run at once: bit for bit each run's own
+    # evaluation of every run at once: each run's own, the accuracy exactly and the mean loss to round-off (the
+    # vectorized program may sum in another order: seen 1 ulp apart with jax 0.10.2 on this CPU)
     eval_block = training.make_block_eval_step(model, block, training.supervised_count(y))
     together = training.evaluate_block(eval_block, both.params, data, 16, block)
     eval_one = training.make_eval_step(model, one, training.supervised_count(y))
     for r in range(2):
         params = jax.device_put(training.unstack_states(both)[r].params)
-        assert together[r] == training.evaluate(eval_one, params, data, 16, one)
+        alone = training.evaluate(eval_one, params, data, 16, one)
+        assert together[r].keys() == alone.keys() and together[r]["accuracy"] == alone["accuracy"]
+        for key in alone:
+            np.testing.assert_allclose(together[r][key], alone[key], rtol=1e-6, err_msg=key)
 
 
 # ----------------------------------------------------------------------------------------------------
