@@ -139,7 +139,9 @@ def test_the_kernel_signatures_are_the_contract():
                                                                      "initial_state")] + [("chunk_size", "KEYWORD_ONLY")]
     assert names(chunked.covariance_pass) == [(n, positional) for n in (
         "q", "k", "log_decay", "noise", "precision", "initial_covariance")] + [
-        ("chunk_size", "KEYWORD_ONLY"), ("variance", "KEYWORD_ONLY")]
+        ("chunk_size", "KEYWORD_ONLY"), ("variance", "KEYWORD_ONLY"), ("key_noise", "KEYWORD_ONLY")]
+    from filters.pallas import covariance               # the kernel's: the reference's, then its own options
+    assert names(covariance.covariance_pass)[:9] == names(chunked.covariance_pass)
 
 
 def test_gradients_through_the_references_are_finite():
