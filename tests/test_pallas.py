@@ -217,10 +217,11 @@ def test_covariance_pass(monkeypatch, interpret, dot_precision, block, checkpoin
            _kalman_covariance, (k, log_decay, noise, beta, p0), symmetric=(4,), tol=tol)
 
 
-@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "reference"])
-def test_covariance_pass_with_key_noise(interpret):
-    """Process noise along the key (``Q_t = q_t k_t k_t^T``), some steps without any (``q_t = 0``): gains,
-    final covariance and every gradient against the float64 step-by-step recursion."""
+def test_covariance_pass_with_key_noise():
+    """Process noise along the key (``Q_t = q_t k_t k_t^T``), some steps without any (``q_t = 0``): the
+    kernels' gains, final covariance and every gradient against the float64 step-by-step recursion (the
+    reference, the chunked form, is tested so in tests/test_key_noise.py)."""
+    interpret = True
     _, k, _, _, log_decay, _ = _inputs()
     noise = RNG.uniform(0.0, 3.0, size=log_decay.shape) * (RNG.uniform(size=log_decay.shape) < 0.7)
     beta = RNG.uniform(0.5, 4.0, size=log_decay.shape)
