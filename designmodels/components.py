@@ -312,8 +312,8 @@ class KeyNoise:
     written ``n`` times the gain falls like ``1 / (beta n)``.)
 
     ``variance`` fixed ``q >= 0``, or ``None``: taken at run time as ``process_noise`` ``[B, T, H]``, as
-    `RandomWalk`'s. The sequential, associative and chunked lowerings take it (the chunked form with a
-    scalar or no decay: `filters.chunked`'s module doc); the Pallas kernels do not (``Q_t = q_t I`` only).
+    `RandomWalk`'s. Every lowering of the exact family takes it (the chunked form and its Pallas kernels
+    with a scalar or no decay: `filters.chunked`'s module doc).
     """
 
     variance: Optional[float] = None

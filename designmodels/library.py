@@ -98,8 +98,8 @@ def bayesian(prior_variance: float = 1.0, process_noise: Union[None, float, Lite
         (forgets certainty without shrinking the mean: with ``a = 1`` the gain settles at a constant);
         or ``"key"``: noise along the key about to be written, ``Q_t = q_t k_t k_t^T`` (`KeyNoise`), ``q_t``
         given at run time as ``process_noise`` ``[B,T,H]`` (a write replaces what the memory held at
-        ``k_t``: the gain along ``k_t`` tends to 1 as ``q_t`` grows; sequential, associative and chunked
-        lowerings);
+        ``k_t``: the gain along ``k_t`` tends to 1 as ``q_t`` grows; sequential, associative, chunked and
+        pallas lowerings);
         with ``noise="stationary"``, the stationary variance ``l_s^2`` in ``Q_t = l_s^2 (1 - a_t^2) I``
         (None: the prior variance, so the prior stays stationary).
       noise: ``"random_walk"``, ``"stationary"`` or ``"key"``: `KeyNoise`, ``Q_t = q k_t k_t^T`` with

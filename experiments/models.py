@@ -40,7 +40,7 @@ _WITH_CONV: dict[str, tuple[str, dict[str, Any]]] = {
     "longhorn": ("longhorn", {}),
     # The Bayesian Layer with fixed process noise along the key, Q_t = 5 k_t k_t^T: a write replaces what the
     # memory held at its key (gain >= 5 / (5 + 1 / beta)); as a convolution-free first layer it learned base
-    # MQAR where the stationary one did not (docs/results/mqar/no_conv.md). The chunked lowering runs it.
+    # MQAR where the stationary one did not (docs/results/mqar/no_conv.md). The chunked lowering and its Pallas kernels run it.
     "bayesian_key": ("bayesian", {"noise": "key", "process_noise": 5.0}),
     # The Bayesian Layer forgets towards its prior: stationary process noise Q_t = (1 - a_t^2) l^2 I beside the
     # decay a_t. With a decay and no noise, P_t = a_t^2 P_{t-1} contracts, the write gain vanishes and the

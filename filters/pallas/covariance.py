@@ -1,12 +1,12 @@
 """The Pallas GPU kernel of the exact family's covariance pass (the Bayesian Layer).
 
-With a scalar (or no) decay and isotropic noise ``Q_t = q_t I`` (or noise along the key, below) the covariance recursion never sees the
-values, so it runs first and hands the gains ``Kg_t`` to the delta-rule kernels (erase key ``k``, write
-key ``Kg``). One program carries one head's ``P [K, K]`` (float32, in registers or through its output
-block) through the sequence in blocks of 16 steps (or 32: ``TUNING[...]["block"]``, measured slower). For
-a block starting from ``P_c`` (``b_i`` the log decay accumulated in the block, ``gamma_i = exp(b_i)``,
-``R_ij = exp(b_i - b_j)`` for ``j <= i``, ``alpha_i = sum_{m<=i} q_m R_im^2`` the noise accumulated since
-the block start)::
+With a scalar (or no) decay and isotropic noise ``Q_t = q_t I`` (or noise along the key, below) the
+covariance recursion never sees the values, so it runs first and hands the gains ``Kg_t`` to the
+delta-rule kernels (erase key ``k``, write key ``Kg``). One program carries one head's ``P [K, K]``
+(float32, in registers or through its output block) through the sequence in blocks of 16 steps (or 32:
+``TUNING[...]["block"]``, measured slower). For a block starting from ``P_c`` (``b_i`` the log decay
+accumulated in the block, ``gamma_i = exp(b_i)``, ``R_ij = exp(b_i - b_j)`` for ``j <= i``, ``alpha_i =
+sum_{m<=i} q_m R_im^2`` the noise accumulated since the block start)::
 
     Sigma = (K gamma) P_c (K gamma)^T + E * (K K^T) + diag(1 / beta),  E_ij = R_max(i,j)min(i,j) alpha_min(i,j)
     Sigma = L L^T,  X = L^{-1}                         (the block's observations one by one)
@@ -17,10 +17,10 @@ the block start)::
 (the derivation is the chunked lowering's, `filters.chunked`). With process noise along the key, ``Q_t =
 q_t k_t k_t^T`` (`designmodels.KeyNoise`), the same kernels take ``Rg = R * (K K^T)``: Sigma's noise part
 is ``Rg diag(q) Rg^T``, ``X`` is followed by ``X Rg`` in the gains' and ``Z``'s noise parts, and ``alpha_C I``
-becomes ``K^T diag(q R_C.^2) K`` (`_block`). The 16 x 16 Cholesky factor and its
-inverse are computed in the kernel (column by column, then forward substitution; or, ``factor=
-"one_loop"``, in one elimination; or, ``"recursive"``, the inverse by `unit_lower_inverse_recursive`'s
-three levels of products instead of 15 substitution steps). This recursion is where precision is spent, so every product keeps
+becomes ``K^T diag(q R_C.^2) K`` (`_block`). The 16 x 16 Cholesky factor and its inverse are computed
+in the kernel (column by column, then forward substitution; or, ``factor="one_loop"``, in one elimination;
+or, ``"recursive"``, the inverse by `unit_lower_inverse_recursive`'s three levels of products instead of
+15 substitution steps). This recursion is where precision is spent, so every product keeps
 float32's accuracy: three TF32 products on the tensor cores (``a_hi b_hi + a_hi b_lo + a_lo b_hi``),
 measured as accurate as IEEE products here and 13x faster on an H200, or IEEE float32 products with
 ``precision="highest"``. `TUNING` holds the launch and form of each (docs/results/gpu_kernels.md).
@@ -217,9 +217,9 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
     if key_noise:
         k_dp = dot(k, d_next())
         d_k = 2.0 * k_dp * (noise * to_end * to_end)[:, None]
-        d_left = jnp.sum(k_dp * k, axis=1) * to_end * to_end                  # d(q R_C.^2) R_C.^2 / q
+        d_left = jnp.sum(k_dp * k, axis=1) * to_end * to_end      # d v * R_C.^2, v = q R_C.^2: q's share
         d_noise = d_left
-        d_exponent = 2.0 * d_left * noise
+        d_exponent = 2.0 * d_left * noise                            # and b_C - b's (R_C.^2 = exp(2 (b_C - b)))
     else:
         d_alpha_last = jnp.sum(jnp.where(rk == ck, d_next(), 0.0))
         d_k = jnp.zeros_like(k)
@@ -429,9 +429,9 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", c
     `block_size`), ``p0 [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``,
     float32, and with ``checkpoints`` a third result for the backward kernel: every block's starting
     covariance ``[B,H,T/block,K,K]``, the inverse ``X [B,H,T/block,C,C]`` of its Sigma's Cholesky factor and
-    that factor's diagonal ``[B,H,T/block,C]``. ``key_noise``: ``noise`` is ``q_t`` of ``Q_t = q_t k_t k_t^T``
-    rather than of ``q_t I``. ``products``: ``"tf32x3"`` or ``"ieee"`` (`_products`), each with its own launch and form in
-    `TUNING` (``KERNEL_NAMES``: the two were measured best at different settings)."""
+    that factor's diagonal ``[B,H,T/block,C]``. ``key_noise``: ``noise`` is ``q_t`` of ``Q_t = q_t k_t
+    k_t^T`` rather than of ``q_t I``. ``products``: ``"tf32x3"`` or ``"ieee"`` (`_products`), each with its
+    own launch and form in `TUNING` (``KERNEL_NAMES``: the two were measured best at different settings)."""
     _check_products(products)
     batch, time, heads, key_dim = k.shape
     size = block_size(products)
