@@ -50,6 +50,12 @@ def _simple_gla():
     return dm.DesignModel(transition=dm.ScalarDecay(None), observation=dm.LatentInput(), name="simple_gla")
 
 
+def _kda():
+    """The delta rule with a decay per key channel (KDA-style; fla's ``chunk_kda`` with its decay given)."""
+    return dm.DesignModel(transition=dm.DiagonalDecay(None), observation=dm.KeyValueObservation(None),
+                          covariance=dm.Reset(write_strength=True), name="kda")
+
+
 # name -> (our design model, its gates, the fla op, how fla takes the gates)
 MODELS = {
     "gated_deltanet": (dm.gated_deltanet, ("log_decay", "beta"), "chunk_gated_delta_rule"),
@@ -57,6 +63,8 @@ MODELS = {
     "simple_gla": (_simple_gla, ("log_decay",), "chunk_simple_gla"),
     "gla": (dm.gla, ("log_decay_k",), "chunk_gla"),
     "bayesian": (functools.partial(dm.bayesian, process_noise=0.01), ("log_decay", "precision"), "chunk_mesa_net"),
+    # KDA-style: --models only (its kernels are new on 2026-12-01; `auto` passes over them until timed)
+    "kda": (_kda, ("log_decay_k", "beta"), "chunk_kda"),
     # the Bayesian Layer with noise along the key (experiments.models's bayesian_key): --models only, and its
     # fla peer is MesaNet as above (one fla timing: run it with --peers none beside bayesian)
     "bayesian_key": (functools.partial(dm.bayesian, noise="key", process_noise=5.0), ("log_decay", "precision"),
@@ -159,7 +167,8 @@ def fla_op(name, inputs, repeats):
     from fla import ops
     op_name = MODELS[name][2]
     module = {"chunk_gated_delta_rule": "gated_delta_rule", "chunk_delta_rule": "delta_rule",
-              "chunk_simple_gla": "simple_gla", "chunk_gla": "gla", "chunk_mesa_net": "mesa_net"}[op_name]
+              "chunk_simple_gla": "simple_gla", "chunk_gla": "gla", "chunk_mesa_net": "mesa_net",
+              "chunk_kda": "kda"}[op_name]
     op = getattr(__import__(f"fla.ops.{module}", fromlist=[op_name]), op_name)
     del ops
     cuda = lambda x, dtype=torch.float32: torch.tensor(x, device="cuda").to(dtype)
@@ -167,9 +176,9 @@ def fla_op(name, inputs, repeats):
     tensors = dict(q=q, k=k, v=v)
     if op_name in ("chunk_gated_delta_rule", "chunk_simple_gla", "chunk_mesa_net"):
         tensors["g"] = cuda(inputs["log_decay"])
-    if op_name == "chunk_gla":
+    if op_name in ("chunk_gla", "chunk_kda"):
         tensors["g"] = cuda(inputs["log_decay_k"])
-    if op_name in ("chunk_gated_delta_rule", "chunk_delta_rule", "chunk_mesa_net"):
+    if op_name in ("chunk_gated_delta_rule", "chunk_delta_rule", "chunk_mesa_net", "chunk_kda"):
         tensors["beta"] = cuda(inputs["beta"])
     if op_name == "chunk_mesa_net":
         # MesaNet's ridge strength is one per head and key channel, [H, K] (fla 0.6 asserts the shape)

@@ -22,6 +22,9 @@
 #   bayesian   the Bayesian Layer at 4x4096x16x128 with its error against float64, its covariance
 #              checkpoints rerun in the backward pass then kept from the forward, Gated DeltaNet beside it,
 #              then bayesian_key (noise along the key) through the kernels and the chunked form
+#   kda        the delta rule with a channel-wise decay (KDA-style) at 4x4096x16x128: its kernels, its
+#              chunked form and fla's chunk_kda, with the error against float64 (`auto` takes the kernels
+#              once they are measured faster than the chunked form: filters/pallas/lowering.py)
 #   shapes     the other two shapes (8x2048x32x64, 1x32768x8x128; $SHAPES: one of them per call, as fla
 #              autotunes every op anew at each)
 #   training   the MQAR training step at d_model 512 (benchmarks/training_throughput.py; $TRAIN_MODELS)
@@ -37,7 +40,7 @@
 # (2026-12-01), more than a call returns; the autotuned configuration recompiles in seconds. It stops at
 # SECONDS (default 540), keeping what was measured (each step writes its files as it goes).
 set -u
-if [ $# -lt 1 ]; then sed -n 2,38p "$0"; exit 2; fi
+if [ $# -lt 1 ]; then sed -n 2,41p "$0"; exit 2; fi
 OUT_DIR=$1; BUDGET=${2:-540}; PHASES=,${3:-tests,kernels,headline},; START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 want() { [[ $PHASES == *,$1,* ]] && [ "$(left)" -gt 30 ]; }
@@ -97,6 +100,9 @@ if want bayesian; then
         --backends pallas,chunked --peers none --oracle 4x4096x16x128 --repeats 10 \
         --json "$OUT_DIR/bayesian_key.jsonl" 2>&1 | grep -v -i deprecat | tail -2
 fi
+want kda && timeout "$(cap 300)" python3 benchmarks/gpu_kernels.py --shapes 4x4096x16x128 --models kda \
+    --backends pallas,chunked --peers fla --oracle 4x4096x16x128 --repeats 10 --json "$OUT_DIR/kda.jsonl" 2>&1 \
+    | grep -v -i deprecat | tail -3
 want shapes && timeout "$(cap 540)" python3 benchmarks/gpu_kernels.py --shapes "${SHAPES:-8x2048x32x64,1x32768x8x128}" \
     ${MODELS:+--models "$MODELS"} --backends "${BACKENDS:-pallas,chunked}" \
     --oracle none --out "$OUT_DIR/gpu_kernels_shapes.md" --json "$OUT_DIR/gpu_kernels_shapes.jsonl" 2>&1 \

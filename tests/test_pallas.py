@@ -87,6 +87,18 @@ def test_delta_rule(interpret, decay):
     _check(ours, oracle, args)
 
 
+@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "reference"])
+def test_delta_rule_channelwise_decay(interpret):
+    """KDA-style (a decay per key channel): the state kernels with ``b [C, K]``, GLA's output and chunk
+    backward kernels on ``(Q, W, U)``, the prepare's derivative, against the float64 recurrence; chunks of
+    32 (two 16-row blocks of ``L`` and ``A``), the last one padded."""
+    q, k, v, beta, log_decay, s0 = _inputs(channelwise=True)
+    w = beta[..., None] * k
+    ours = lambda *a: delta_rule.delta_rule(*a, chunk_size=32, precision="highest", interpret=interpret)
+    oracle = lambda q_, k_, w_, v_, ld, s: _recurrence(q_, k_, w_, v_, ld, s, erase=True, channelwise=True)
+    _check(ours, oracle, (q, k, w, v, log_decay, s0))
+
+
 @pytest.mark.parametrize("reload, inverse", [(True, "substitution"), (False, "substitution"), (True, "recursive")],
                          ids=["through_memory", "in_registers", "recursive_diagonal_blocks"])
 def test_prepare_inverts_every_block_of_a_long_chunk(reload, inverse, monkeypatch):
@@ -378,6 +390,23 @@ def test_kernels_lower_for_cuda(monkeypatch):
     assert _triton_calls(jax.grad(covariance_loss, argnums=(0, 1, 2, 3, 4)), seq, gate, gate, gate, state) == 2
 
 
+def test_channelwise_delta_rule_lowers_for_cuda():
+    """KDA-style, traced on this CPU and lowered for CUDA: forward, L's attention kernel, the state pass
+    and GLA's two output kernels (4 Triton calls); with the gradient also A's attention kernel, the state
+    pass in reverse and GLA's chunk backward (7); no chunked reference left in their place."""
+    sd = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+    f32 = jnp.float32
+    b, t, h, d = 2, 192, 2, 64
+    seq, keys32, state = sd(b, t, h, d), sd(b, t, h, d, dtype=f32), sd(b, h, d, d, dtype=f32)
+
+    def delta(q, k, w, v, ld, s):
+        y, final = delta_rule.delta_rule(q, k, w, v, ld, s)
+        return jnp.sum(y) + jnp.sum(final)
+
+    assert _triton_calls(delta, seq, seq, keys32, seq, keys32, state) == 4
+    assert _triton_calls(jax.grad(delta, argnums=(0, 1, 2, 3, 4, 5)), seq, seq, keys32, seq, keys32, state) == 7
+
+
 def test_covariance_kernel_refuses_unknown_products_and_block_sizes(monkeypatch):
     args = [jnp.zeros((1, 16, 1, 16)), *([jnp.zeros((1, 16, 1))] * 3), jnp.eye(16)[None, None]]
     with pytest.raises(ValueError, match="products='tf32'.*accepted: 'tf32x3', 'ieee'"):
@@ -514,6 +543,8 @@ PALLAS_MODELS = {
     "deltanet": dm.deltanet(), "gated_deltanet": dm.gated_deltanet(), "longhorn": dm.longhorn(),
     "bayesian": dm.bayesian(process_noise=0.05), "bayesian_stationary": dm.bayesian(noise="stationary"),
     "bayesian_key_noise": dm.bayesian(process_noise="key"),
+    "kda_style": dm.DesignModel(transition=dm.DiagonalDecay(None), observation=dm.KeyValueObservation(None),
+                                covariance=dm.Reset(write_strength=True)),
 }
 
 

@@ -29,6 +29,16 @@ The backward pass mirrors it, with cotangents written ``dX``::
 and the log decays collect ``db_i`` from every exponent (a matrix ``M = dA * A`` gives
 ``db_i += sum_j M_ij - sum_j M_ji``), then ``d log a_m = sum_{i >= m in its chunk} db_i``.
 
+**A decay per key channel** (KDA-style, ``log_decay [B,T,H,K]``): ``b_i`` is a row ``[K]``, ``gamma_C``
+scales the state's rows, ``W * d`` and ``K * gamma`` are scaled per channel, and ``L``, ``A`` take
+``exp(b_ic - b_jc)`` inside the sum over channels. The state passes above take ``b [C, K]``; the output
+``Y = (Q * gamma) S_c + A U_c`` and the update ``S_{c+1}`` are GLA's chunk with keys ``W`` and values
+``U_c`` (`filters.pallas.gla`: its output kernel, and its chunk backward for ``dQ`` and the output's and
+update's ``dW``, ``db``); ``L = strict_lower(pairwise(K, W))`` is GLA's attention kernel; the inverse
+``T``, the products ``T (K * gamma)``, ``T V`` and the backward's per-chunk products ``(Q * gamma)^T dY``,
+``A^T dY``, ``-dU S_c^T`` run in XLA, and the prepare's backward is the derivative of its plain-JAX form
+(`_channel_prepare_reference`).
+
 `delta_rule` and `additive` have the signatures of their plain-JAX references, `filters.chunked.delta_rule`
 and `filters.chunked.additive`, which run on a platform without the kernels
 (`filters.pallas.common.on_gpu`); the kernels are differentiated by the backward kernels above. Products take their operands in
@@ -46,9 +56,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from filters import chunked
-from filters.pallas.common import (SUB, Dots, chunk_log_decay, exact_dot, iota2, launch, masked_exp, on_gpu,
-                                   pad_time, pltriton, rows, spec, tuning, value_block)
+from filters import chunked, linalg
+from filters.pallas import gla
+from filters.pallas.common import (SUB, TUNING, Dots, chunk_log_decay, exact_dot, iota2, launch, masked_exp,
+                                   on_gpu, pad_time, pltriton, rows, spec, tuning, value_block)
 
 F32 = jnp.float32
 
@@ -187,6 +198,10 @@ def _state_kernel(*refs, chunk, dots, erase):
             u = u - dots(rows(wp_ref, t0, chunk), state)
             u_ref[pl.ds(t0, chunk), :] = u.astype(u_ref.dtype)
         b = rows(b_ref, t0, chunk)
+        if b.ndim == 2:                                          # channel-wise: b [C, K]
+            b_last = jnp.min(b, axis=0)                          # per channel, non-increasing
+            w_to_end = rows(w_ref, t0, chunk).astype(F32) * jnp.exp(b_last[None, :] - b)
+            return jnp.exp(b_last)[:, None] * state + dots.tn(w_to_end, u)
         b_last = jnp.min(b)                                     # b is non-increasing: its last entry
         # (W * d)^T U = W^T (d * U): the decay scales the float32 innovations, W stays as stored
         return jnp.exp(b_last) * state + dots.tn(rows(w_ref, t0, chunk), u * jnp.exp(b_last - b)[:, None])
@@ -194,26 +209,27 @@ def _state_kernel(*refs, chunk, dots, erase):
     sf_ref[...] = lax.fori_loop(0, n, body, s0_ref[...].astype(F32))
 
 
-def _state_specs(time, key_dim, bv, n):
+def _state_specs(time, key_dim, bv, n, channels=False):
     seq = lambda d, j=False: spec((None, time, None, d), (lambda i, h, v: (i, 0, h, v)) if j
                                   else (lambda i, h, v: (i, 0, h, 0)))
     return dict(seq_k=seq(key_dim), seq_v=seq(bv, True),
                 state=spec((None, None, key_dim, bv), lambda i, h, v: (i, h, 0, v)),
                 states=spec((None, None, n * key_dim, bv), lambda i, h, v: (i, h, 0, v)),
-                b=spec((None, time, None), lambda i, h, v: (i, 0, h)))
+                b=seq(key_dim) if channels else spec((None, time, None), lambda i, h, v: (i, 0, h)))
 
 
 def state_kernel(wp, up, w, b, s0, *, chunk, dots, interpret=False):
     """The state pass. ``wp [B,T,H,K]`` (None: additive, ``U = U'``), ``up [B,T,H,V]``, ``w [B,T,H,K]``,
-    ``b [B,T,H]``, ``s0 [B,H,K,V]`` -> ``h [B,H,N,K,V]`` (the state at every chunk start, product
-    dtype), ``U [B,T,H,V]`` (None when additive) and the final state ``[B,H,K,V]`` float32."""
+    ``b [B,T,H]`` (or ``[B,T,H,K]``: a channel-wise decay), ``s0 [B,H,K,V]`` -> ``h [B,H,N,K,V]`` (the
+    state at every chunk start, product dtype), ``U [B,T,H,V]`` (None when additive) and the final state
+    ``[B,H,K,V]`` float32."""
     batch, time, heads, key_dim = w.shape
     value_dim = up.shape[-1]
     name = "delta_rule_state" if wp is not None else "additive_state"
     bv = value_block(name, value_dim, key_dim)
     n = time // chunk
     erase = wp is not None
-    s = _state_specs(time, key_dim, bv, n)
+    s = _state_specs(time, key_dim, bv, n, channels=b.ndim == 4)
     out = launch(
         functools.partial(_state_kernel, chunk=chunk, dots=dots, erase=erase),
         grid=(batch, heads, value_dim // bv),
@@ -241,11 +257,17 @@ def _state_backward_kernel(*refs, chunk, dots, erase):
         k0 = pl.multiple_of(c * key_dim, key_dim)
         g_ref[pl.ds(k0, key_dim), :] = grad.astype(g_ref.dtype)
         b = rows(b_ref, t0, chunk)
-        b_last = jnp.min(b)
-        w_to_end = rows(w_ref, t0, chunk).astype(F32) * jnp.exp(b_last - b)[:, None]
+        if b.ndim == 2:                                          # channel-wise: b [C, K]
+            b_last = jnp.min(b, axis=0)
+            w_to_end = rows(w_ref, t0, chunk).astype(F32) * jnp.exp(b_last[None, :] - b)
+            keep = jnp.exp(b_last)[:, None]
+        else:
+            b_last = jnp.min(b)
+            w_to_end = rows(w_ref, t0, chunk).astype(F32) * jnp.exp(b_last - b)[:, None]
+            keep = jnp.exp(b_last)
         ubar = rows(du_ref, t0, chunk).astype(F32) + dots(w_to_end, grad)
         ubar_ref[pl.ds(t0, chunk), :] = ubar.astype(ubar_ref.dtype)
-        new = jnp.exp(b_last) * grad + dh_ref[pl.ds(k0, key_dim), :].astype(F32)
+        new = keep * grad + dh_ref[pl.ds(k0, key_dim), :].astype(F32)
         if erase:
             new = new - dots.tn(rows(wp_ref, t0, chunk), ubar)
         return new
@@ -264,7 +286,7 @@ def state_backward_kernel(wp, w, b, dh, du, dsf, *, chunk, dots, interpret=False
     name = "delta_rule_state_backward" if erase else "additive_state_backward"
     bv = value_block(name, value_dim, key_dim)
     n = time // chunk
-    s = _state_specs(time, key_dim, bv, n)
+    s = _state_specs(time, key_dim, bv, n, channels=b.ndim == 4)
     g, ubar, ds0 = launch(
         functools.partial(_state_backward_kernel, chunk=chunk, dots=dots, erase=erase),
         grid=(batch, heads, value_dim // bv),
@@ -496,6 +518,101 @@ def _kernels(erase: bool, chunk: int, dots_key: tuple, interpret: bool):
     return recursion
 
 
+# ----------------------------------------------------------------------------------------------------
+# The delta rule with a channel-wise decay (KDA-style): ``b [B,T,H,K]``. The sequential passes are the
+# state kernels above (their decay per key channel), the output and the chunk backward are GLA's kernels
+# with ``W`` for the keys and ``U`` for the values (``S_{c+1} = diag(exp(b_C)) S_c + (W * exp(b_C - b))^T
+# U`` and ``Y = (Q * exp(b)) S_c + A U``, ``A = lower(pairwise(Q, W))``: GLA's chunk with those inputs),
+# the UT transform's ``L = strict_lower(pairwise(K, W))`` is GLA's attention kernel; the inverse ``T``,
+# the products ``T (K * exp(b))``, ``T V`` and the per-chunk products of the backward are XLA.
+
+
+def _chunks(x, chunk):
+    """``[B, T, H, D]`` -> ``[B, H, N, C, D]``."""
+    batch, time, heads, dim = x.shape
+    return x.reshape(batch, time // chunk, chunk, heads, dim).transpose(0, 3, 1, 2, 4)
+
+
+def _unchunks(x):
+    """``[B, H, N, C, D]`` -> ``[B, T, H, D]``."""
+    batch, heads, n, chunk, dim = x.shape
+    return x.transpose(0, 2, 3, 1, 4).reshape(batch, n * chunk, heads, dim)
+
+
+def _channel_products(inverse, k, v, b, chunk, dots):
+    """``W' = T (K * exp(b))`` and ``U' = T V`` per chunk (``inverse [B,H,N,C,C]`` float32), in the product
+    dtype."""
+    product = lambda t, x: jnp.einsum("bhnij,bhnjd->bhnid", t, x, precision=dots.precision,
+                                      preferred_element_type=F32)
+    keys = _chunks(k.astype(F32) * jnp.exp(b), chunk)
+    wp = product(inverse, keys)
+    up = product(inverse, _chunks(v.astype(F32), chunk))
+    return _unchunks(wp).astype(dots.dtype), _unchunks(up).astype(dots.dtype)
+
+
+def _channel_prepare_reference(k, w, v, b, *, chunk, dots):
+    """`_channel_prepare` in plain JAX (``L`` by `filters.chunked`'s pairwise product): its derivative is
+    the prepare's backward."""
+    pairwise = functools.partial(chunked._pairwise, strict=True)
+    strict = pairwise(_chunks(k.astype(F32), chunk), _chunks(w.astype(F32), chunk), _chunks(b, chunk))
+    return _channel_products(linalg.unit_lower_inverse(strict), k, v, b, chunk, dots)
+
+
+def _channel_prepare(k, w, v, b, *, chunk, dots, interpret):
+    """``W', U'`` with ``L`` from GLA's attention kernel (its diagonal, ``k_i . w_i``, removed)."""
+    lower = _chunks(gla.attention_kernel(k, w, b, chunk=chunk, dots=dots, interpret=interpret), chunk)
+    strict = jnp.tril(lower, -1)
+    return _channel_products(linalg.unit_lower_inverse(strict), k, v, b, chunk, dots)
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_kernels(chunk: int, dots_key: tuple, interpret: bool, settings: tuple):
+    """The channel-wise delta rule as a `jax.custom_vjp` of ``(q, k, w, v, b, s0)``, ``b [B,T,H,K]`` the
+    chunk's cumulative log decay, T a multiple of ``chunk`` (``settings``: `TUNING`, a cache key only, as
+    in `gla._kernels`).
+
+    Backward, in the module doc's symbols with ``D`` per channel: ``dS_c = (Q * exp(b))^T dY`` and ``dU_c =
+    A^T dY`` per chunk; the state pass in reverse (`state_backward_kernel`: ``G_{c+1}``, the total ``dU``);
+    GLA's chunk backward on ``(Q, W, U, b, S_c, G_{c+1}, dY)`` for ``dQ``, the ``dW`` and ``db`` of the
+    output and the state update; then ``dU' = dU``, ``dW' = -dU S_c^T`` through the prepare's derivative."""
+    dots = Dots(*dots_key)
+    opts = dict(chunk=chunk, dots=dots, interpret=interpret)
+
+    def forward(q, k, w, v, b, s0):
+        wp, up = _channel_prepare(k, w, v, b, **opts)
+        h, u, final = state_kernel(wp, up, w, b, s0, **opts)
+        return (gla.output_kernel(q, w, b, h, u, **opts), final), (wp, h, u)
+
+    @jax.custom_vjp
+    def recursion(q, k, w, v, b, s0):
+        return forward(q, k, w, v, b, s0)[0]
+
+    def fwd(q, k, w, v, b, s0):
+        out, (wp, h, u) = forward(q, k, w, v, b, s0)
+        return out, ((q, k, w, v, b, s0), (wp, h, u))
+
+    def bwd(saved, cotangents):
+        (q, k, w, v, b, s0), (wp, h, u) = saved
+        dy, dsf = cotangents
+        attend = _chunks(gla.attention_kernel(q, w, b, **opts), chunk)              # A [B,H,N,C,C]
+        dy_c = _chunks(dy.astype(F32), chunk)
+        dh = jnp.einsum("bhnck,bhncv->bhnkv", _chunks(q.astype(F32) * jnp.exp(b), chunk), dy_c,
+                        precision=dots.precision)
+        du = _unchunks(jnp.einsum("bhnij,bhniv->bhnjv", attend, dy_c, precision=dots.precision))
+        g_next, ubar, ds0 = state_backward_kernel(wp, w, b, dh, du, dsf, **opts)
+        dq, dw, _, db = gla.chunk_backward_kernel(q, w, u, b, h, g_next, dy, **opts)
+        dwp = -jnp.einsum("bhncv,bhnkv->bhnck", _chunks(ubar.astype(F32), chunk), h.astype(F32),
+                          precision=dots.precision)
+        _, prepare_vjp = jax.vjp(functools.partial(_channel_prepare_reference, chunk=chunk, dots=dots),
+                                 k, w, v, b)
+        dk, dw_prepare, dv, db_prepare = prepare_vjp((_unchunks(dwp).astype(dots.dtype), ubar))
+        grads = (dq, dk, dw + dw_prepare, dv, db + db_prepare, ds0)
+        return tuple(g.astype(a.dtype) for g, a in zip(grads, (q, k, w, v, b, s0)))
+
+    recursion.defvjp(fwd, bwd)
+    return recursion
+
+
 def _on_gpu(erase, q, k, w, v, log_decay, initial_state, chunk_size, precision, interpret):
     """The kernels on CUDA (or in the interpreter), `filters.chunked`'s reference elsewhere; ``y`` in the
     values' dtype either way."""
@@ -505,7 +622,11 @@ def _on_gpu(erase, q, k, w, v, log_decay, initial_state, chunk_size, precision, 
         batch, time, heads, _ = q.shape
         padded = -(-time // chunk_size) * chunk_size
         b = chunk_log_decay(pad_time(log_decay, chunk_size), batch, padded, heads, chunk_size)
-        recursion = _kernels(erase, chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)
+        if b.ndim == 4:                                  # a channel-wise decay
+            settings = tuple(sorted((name, tuple(sorted(values.items()))) for name, values in TUNING.items()))
+            recursion = _channel_kernels(chunk_size, (jnp.dtype(v.dtype).name, precision), interpret, settings)
+        else:
+            recursion = _kernels(erase, chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)
         if erase:
             # the write key enters only products: it travels in the product dtype, as k does
             args = (q, k, w.astype(dots.dtype), v)
@@ -533,7 +654,8 @@ def delta_rule(q, k, w, v, log_decay, initial_state, *, chunk_size=64, precision
     """``S_t = a_t S_{t-1} + w_t (v_t - (a_t S_{t-1})^T k_t)^T``, ``y_t = S_t^T q_t`` (module doc).
 
     Same signature and results as its plain-JAX reference `filters.chunked.delta_rule`, which runs off
-    CUDA: ``q, k, w [B,T,H,K]``, ``v [B,T,H,V]``, ``log_decay`` None or ``[B,T,H]``, ``initial_state
+    CUDA: ``q, k, w [B,T,H,K]``, ``v [B,T,H,V]``, ``log_decay`` None, ``[B,T,H]`` or ``[B,T,H,K]`` (a decay
+    per key channel, KDA-style), ``initial_state
     [B,H,K,V]``; returns ``y [B,T,H,V]`` in the values' dtype and the final state ``[B,H,K,V]`` float32.
     """
     return _on_gpu(True, q, k, w, v, log_decay, initial_state, chunk_size, precision, interpret)

@@ -2,7 +2,8 @@
 
 Additive family: `delta_rule.additive` (scalar or no decay: linear attention, RetNet, Mamba-2 with its
 input scale folded into the keys) or `gla.additive` (channel-wise decay). Reset family: the delta rule
-with write key ``eta_t k_t`` (DeltaNet, Gated DeltaNet, Longhorn). Exact family (scalar or no decay,
+with write key ``eta_t k_t`` (DeltaNet, Gated DeltaNet, Longhorn; with a channel-wise decay, KDA-style,
+its state passes and GLA's output and chunk-backward kernels). Exact family (scalar or no decay,
 isotropic noise or noise along the key: the Bayesian Layer): `covariance.covariance_pass` for the gains,
 then the delta rule with write key ``Kg_t``.
 
@@ -58,7 +59,8 @@ class Pallas(Lowering):
     name = "pallas"
     summary = ("fused Pallas GPU kernels (Triton) of the chunked forms: prepare (UT transform, in-kernel "
                "triangular inverse), state pass with the state in registers, output; backward kernels for the "
-               "scalar-decay delta rule and additive forms and for the channel-wise decay (GLA); exact family: a "
+               "scalar-decay delta rule and additive forms and for the channel-wise decay (GLA; with the delta "
+               "rule, KDA-style: state passes and GLA's output kernels, the UT transform's inverse in XLA); exact family: a "
                "covariance-pass kernel (in-kernel 16 x 16 Cholesky, P carried on chip, TF32x3 products) feeding "
                "the delta rule; the plain-JAX references off CUDA")
     options = {"chunk_size": check_chunk_size, "precision": check_precision, "interpret": check_interpret}
@@ -70,12 +72,18 @@ class Pallas(Lowering):
         reason = chunked.LOWERING.reason_not_applicable(structure)
         if reason:
             return reason
-        if structure.family == "reset" and structure.transition == "diagonal":
-            return ("a delta rule with a channel-wise decay (KDA-style) has no Pallas kernel yet "
-                    "(backend='chunked' runs it)")
         return None
 
-    # `auto` takes the kernels wherever they apply: on an H200 at B4 T4096 H16 K=V=128, bf16
+    def reason_auto_passes_over(self, structure):
+        if structure.family == "reset" and structure.transition == "diagonal":
+            # built 2026-12-01 from the state kernels and GLA's, tested in the interpreter and lowered for
+            # CUDA; `auto` takes it once benchmarks/gpu_kernels.py has timed it against the chunked form
+            return ("the channel-wise delta rule's kernels (KDA-style) are not yet measured faster than the "
+                    "chunked form on a GPU; backend='pallas' runs them")
+        return None
+
+    # `auto` takes the kernels wherever they apply (but the KDA-style form above): on an H200 at B4 T4096
+    # H16 K=V=128, bf16
     # (docs/results/gpu_kernels.md), every family's kernels were faster than the chunked lowering forward
     # and forward+backward (GLA 3.58 / 8.34 ms, the Bayesian Layer 6.52 / 44.8, Gated DeltaNet 0.75 / 2.81;
     # the chunked lowering 7.98 / 12.44, 19.2 / 54.8 and 4.70 / 13.25 in issue #14's earlier run, not the
