@@ -63,7 +63,7 @@ MODELS = {
     "simple_gla": (_simple_gla, ("log_decay",), "chunk_simple_gla"),
     "gla": (dm.gla, ("log_decay_k",), "chunk_gla"),
     "bayesian": (functools.partial(dm.bayesian, process_noise=0.01), ("log_decay", "precision"), "chunk_mesa_net"),
-    # KDA-style: --models only (its kernels are new on 2026-12-01; `auto` passes over them until timed)
+    # KDA-style: --models only (not one of issue #14's headline models; timed 2026-12-02)
     "kda": (_kda, ("log_decay_k", "beta"), "chunk_kda"),
     # the Bayesian Layer with noise along the key (experiments.models's bayesian_key): --models only, and its
     # fla peer is MesaNet as above (one fla timing: run it with --peers none beside bayesian)

@@ -73,6 +73,10 @@ def test_a_registered_lowering_is_compiled_explained_and_chosen_like_the_built_i
         filters.Filter(model, "doublin")
     # diagnostics: it reports none, so auto passes it over
     assert filters.Filter(model, "auto", diagnostics=True).backend == "sequential"
+    # a lowering that applies but asks auto to pass it over (measured slower, say) still runs by name
+    doubling.reason_auto_passes_over = lambda structure: "slower than chunked, for this test"
+    assert filters.Filter(model, "auto").backend == "chunked"
+    assert filters.Filter(model, "doubling").backend == "doubling"
 
 
 def test_auto_reads_the_preference_of_the_platform_and_skips_what_is_not_registered():

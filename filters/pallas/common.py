@@ -77,10 +77,10 @@ def exact_dot(a, b, contract=((1,), (0,))):
 # gpu_kernels.md): the state passes pipeline their loads over 3 stages; the prepare kernel, whose 16 x 16
 # substitutions reduce across warps, runs best on 2 warps and with T assembled through memory.
 TUNING = {
-    # "inverse": the 16 x 16 diagonal blocks of (I + L)^{-1} by substitution (15 dependent steps, each a
-    # reduction across the program) or "recursive" (delta_rule.unit_lower_inverse_recursive: 3 levels of
-    # two small products; as accurate; not yet timed).
-    "delta_rule_prepare": dict(num_warps=2, reload=True, inverse="substitution"),
+    # Its 16 x 16 diagonal blocks of (I + L)^{-1} are taken by substitution (15 dependent steps, each a
+    # reduction across the program): three levels of block products instead were slower (0.56-0.61 ms
+    # against 0.45, 2026-12-02) and are gone.
+    "delta_rule_prepare": dict(num_warps=2, reload=True),
     "delta_rule_state": dict(num_warps=4, num_stages=3, block_v=64),
     "additive_state": dict(num_warps=4, num_stages=3, block_v=64),
     "delta_rule_output": dict(num_warps=4, num_stages=2, block_v=128),
@@ -92,9 +92,8 @@ TUNING = {
     # process): with TF32x3 products 6.6 ms at 8 warps (10.7 at 4, 125 at 2; P through memory and the
     # one-loop factor 7.1 at 8); with IEEE products 85.6 ms at 4 warps (P in registers), 45.3 at 8 warps
     # with P through memory and the one-loop factor; the gains' error against float64 4.3-5.2e-7 in all.
-    # "factor": "two_loops" (Cholesky, then substitution), "one_loop" (one elimination) or "recursive"
-    # (Cholesky, then the recursive unit-lower inverse: 16 + 3 dependent steps where two_loops takes 16 +
-    # 15; 2026-12-01, not yet timed).
+    # "factor": "two_loops" (Cholesky, then substitution) or "one_loop" (one elimination): 6.18 and 5.79 ms
+    # on 2026-12-02, 6.6 and 7.1 on 2026-11-30 (with P through memory): within the run-to-run spread.
     "covariance_pass": dict(num_warps=8, carry="registers", factor="two_loops"),           # TF32x3
     "covariance_pass_ieee": dict(num_warps=8, carry="memory", factor="one_loop"),           # precision="highest"
     # Its backward kernel (the blocks in reverse from the checkpoints), 2026-12-01: with dP through memory
@@ -104,24 +103,31 @@ TUNING = {
     # the number of blocks but not the steps of the factorizations: 8.18 / 45.7 ms against 6.23 / 34.6 at
     # 16 (2026-12-01, benchmarks/gpu_session.sh bayesian), so 16 stays.
     # Since 2026-12-01 (morning) the backward kernel takes each block's X = L^{-1} and pivots from the
-    # checkpointing forward rather than factoring again (not yet timed): "factor" no longer applies to it.
+    # checkpointing forward rather than factoring again: "factor" no longer applies to it. (Forward+backward
+    # was 44.1 ms on 2026-12-02 against 34.6-36.0 before it and two other changes: not yet bisected,
+    # docs/performance.md.)
     # "checkpoints": "rerun" (the backward pass reruns the forward kernel to store them) or "forward" (the
     # forward pass stores them and keeps them for the backward: one pass less, T/16 K^2 floats per head
-    # held between the passes; not yet timed).
+    # held between the passes: 40.5 against 44.1 ms for 585 MiB more at B4 T4096 H16, 2026-12-02).
     "covariance_pass_backward": dict(num_warps=8, carry="memory", checkpoints="rerun"),
     "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", checkpoints="rerun"),
-    # The channel-wise output (B4 T4096 H16 K128, 2026-12-01, benchmarks/profile_kernels.py --variants, one
-    # process): in two passes (A through memory, then full-tile products) 2.95 ms with A's diagonal blocks
-    # over channel slices, 2.36 ms column by column (its attention kernel 2.43 -> 1.97 ms); "fused" (one
-    # kernel of 16-row products) 3.94 ms; 8 warps slower (attention 3.01 ms). The backward reruns the state
-    # pass (as flash-linear-attention does) rather than keeping the chunk states from the forward (False
-    # keeps them: one kernel less, 2 T K V / C more bytes held per head between the passes).
-    "gla_output": dict(diagonal="columns", form="two_pass"),
-    # A's kernel: one program per chunk, or per 16-row block of a chunk ("row_blocks"; not yet timed).
-    "gla_attention": dict(programs="chunks"),
-    # "programs": "chunks" (one per chunk, its 16-row blocks in two passes) or "row_blocks" (one per 16-row
-    # block, C / 16 times the programs, none waiting on another; not yet timed).
-    "gla_backward": dict(recompute_states=True, programs="chunks"),
+    # The channel-wise output (B4 T4096 H16 K128, benchmarks/profile_kernels.py --variants, one process).
+    # 2026-12-01: with one program per chunk, A through memory then full-tile readout products ("two_pass")
+    # took 2.95 ms with A's diagonal blocks over channel slices, 2.36 ms column by column; "fused" (one
+    # kernel of 16-row products) 3.94 ms; 8 warps slower. 2026-12-02: with one program per 16-row block
+    # ("row_blocks" below) the slices win: A's kernel 1.06 ms (slices) against 1.50 (columns) and 2.07
+    # (one program per chunk, columns), the output 1.29 against 1.66 and 2.13; GLA's forward / forward+
+    # backward 1.78 / 6.10 ms against 3.23 / 8.09 (benchmarks/gpu_kernels.py, docs/results/gpu_kernels.md).
+    # The backward reruns the state pass (as flash-linear-attention does) rather than keeping the chunk
+    # states from the forward (False keeps them: one kernel less, 2 T K V / C more bytes held per head
+    # between the passes).
+    "gla_output": dict(diagonal="slices", form="two_pass"),
+    # A's kernel: one program per 16-row block of a chunk ("row_blocks", C / 16 times the programs of
+    # "chunks", one per chunk).
+    "gla_attention": dict(programs="row_blocks"),
+    # "programs": "row_blocks" (one per 16-row block, none waiting on another: 4.40 ms, 2026-12-02) or
+    # "chunks" (one per chunk, its 16-row blocks in two passes: 7.03 ms).
+    "gla_backward": dict(recompute_states=True, programs="row_blocks"),
 }
 DEFAULT_TUNING = dict(num_warps=4, num_stages=1)
 

@@ -18,9 +18,8 @@ sum_{m<=i} q_m R_im^2`` the noise accumulated since the block start)::
 q_t k_t k_t^T`` (`designmodels.KeyNoise`), the same kernels take ``Rg = R * (K K^T)``: Sigma's noise part
 is ``Rg diag(q) Rg^T``, ``X`` is followed by ``X Rg`` in the gains' and ``Z``'s noise parts, and ``alpha_C I``
 becomes ``K^T diag(q R_C.^2) K`` (`_block`). The 16 x 16 Cholesky factor and its inverse are computed
-in the kernel (column by column, then forward substitution; or, ``factor="one_loop"``, in one elimination;
-or, ``"recursive"``, the inverse by `unit_lower_inverse_recursive`'s three levels of products instead of
-15 substitution steps). This recursion is where precision is spent, so every product keeps
+in the kernel (column by column, then forward substitution; or, ``factor="one_loop"``, in one
+elimination). This recursion is where precision is spent, so every product keeps
 float32's accuracy: three TF32 products on the tensor cores (``a_hi b_hi + a_hi b_lo + a_lo b_hi``),
 measured as accurate as IEEE products here and 13x faster on an H200, or IEEE float32 products with
 ``precision="highest"``. `TUNING` holds the launch and form of each (docs/results/gpu_kernels.md).
@@ -49,7 +48,7 @@ from jax.experimental import pallas as pl
 from filters import chunked
 from filters.pallas.common import (SUB, TUNING, exact_dot, iota2, launch, masked_exp,
                                    on_gpu, pad_time, pltriton, rows, spec, tuning)
-from filters.pallas.delta_rule import unit_lower_inverse_recursive, unit_lower_inverse_tile
+from filters.pallas.delta_rule import unit_lower_inverse_tile
 
 F32 = jnp.float32
 
@@ -107,23 +106,21 @@ def whitening_tile(matrix):
     return whiten, pivots
 
 
-def _whitening_two_loops(matrix, inverse=unit_lower_inverse_tile):
-    """`whitening_tile`'s results from `cholesky_tile` and ``inverse`` of the unit factor (by substitution,
-    or `unit_lower_inverse_recursive`)."""
+def _whitening_two_loops(matrix):
+    """`whitening_tile`'s results from `cholesky_tile` and the unit factor's inverse by substitution."""
     r, c = iota2(matrix.shape[0])
     factor = cholesky_tile(matrix)
     pivots = jnp.sum(jnp.where(r == c, factor, 0.0), axis=1)
     unit = factor / pivots[:, None]
-    return inverse(jnp.where(c < r, unit, 0.0)) / pivots[None, :], pivots
+    return unit_lower_inverse_tile(jnp.where(c < r, unit, 0.0)) / pivots[None, :], pivots
 
 
-def _whitening(factor: str, dot):
+def _whitening(factor: str):
     """The kernel's ``Sigma -> (L^{-1}, diag(L))`` for ``TUNING[...]["factor"]``: ``"one_loop"``
-    (`whitening_tile`), ``"two_loops"`` (Cholesky, then substitution) or ``"recursive"`` (Cholesky, then
-    `unit_lower_inverse_recursive` in ``dot``'s products: half the dependent steps)."""
-    forms = {"one_loop": whitening_tile, "two_loops": _whitening_two_loops,
-             "recursive": functools.partial(_whitening_two_loops,
-                                            inverse=functools.partial(unit_lower_inverse_recursive, dot=dot))}
+    (`whitening_tile`) or ``"two_loops"`` (Cholesky, then substitution). (A third, the unit factor's
+    inverse by three levels of block products instead of 15 substitution steps, was no faster on an H200
+    (6.11 against 6.18 ms, 2026-12-02): the 16 Cholesky steps hold the block; removed.)"""
+    forms = {"one_loop": whitening_tile, "two_loops": _whitening_two_loops}
     if factor not in forms:
         raise ValueError(f"TUNING covariance factor={factor!r}; accepted: {', '.join(map(repr, forms))}")
     return forms[factor]
@@ -302,7 +299,7 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
 def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *ckpt_refs,
                        size, in_memory, factor, dot, key_noise, interpret):
     n = k_ref.shape[0] // size
-    whitening = _whitening(factor, dot)
+    whitening = _whitening(factor)
     barrier = (lambda: None) if interpret else pltriton.debug_barrier
     key_dim = p0_ref.shape[-1]
 

@@ -93,27 +93,7 @@ def unit_lower_inverse_tile(strict):
     return lax.fori_loop(1, size, body, (r == c).astype(strict.dtype))
 
 
-def unit_lower_inverse_recursive(strict, dot):
-    """`unit_lower_inverse_tile`'s result without its ``n - 1`` dependent steps: the inverse of every 2 x 2
-    diagonal block (``I - N`` there), then blocks of twice the size, each ``[[A, 0], [C, B]]`` inverted as
-    ``Y - Y C Y`` from ``Y = diag(A^{-1}, B^{-1})``: ``log2(n) - 1`` levels of two products (``n`` a power of
-    2). Unlike the product ``(I - N)(I + N^2)(I + N^4)...`` (a Neumann series: its powers of ``N`` grow
-    like binomial coefficients when ``N`` is near a lower triangle of ones, as repeated keys make it), it
-    is as accurate as substitution: in float32 on ``I + 0.9 * tril(ones, -1)``, 4e-8 against the
-    substitution's 3e-8 (the Neumann product 6e-5 at n = 16, 1.0 at n = 32). ``dot``: the products'
-    precision."""
-    size = strict.shape[0]
-    r, c = iota2(size)
-    inverse = (r == c).astype(strict.dtype) - jnp.where(r // 2 == c // 2, strict, 0.0)
-    half = 2
-    while half < size:
-        corner = jnp.where((r // (2 * half) == c // (2 * half)) & (r // half != c // half), strict, 0.0)
-        inverse = inverse - dot(dot(inverse, corner), inverse)
-        half *= 2
-    return inverse
-
-
-def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots, reload, recursive, interpret):
+def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots, reload, interpret):
     chunk = k_ref.shape[0]
     n = chunk // SUB
     # Sub-blocks are loaded where they are used (cheap reloads from the cache) rather than held: the
@@ -130,8 +110,7 @@ def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots
     # T = (I + L)^{-1}: diagonal blocks by substitution, then T_ij = -T_ii sum_{j<=m<i} L_im T_mj.
     inv = {}
     for i in range(n):
-        inv[i, i] = (unit_lower_inverse_recursive(lower[i, i], exact_dot) if recursive
-                     else unit_lower_inverse_tile(lower[i, i]))
+        inv[i, i] = unit_lower_inverse_tile(lower[i, i])
         for j in range(i - 1, -1, -1):
             acc = exact_dot(lower[i, j], inv[j, j])
             for m in range(j + 1, i):
@@ -167,8 +146,7 @@ def prepare_kernel(k, w, v, b, *, chunk, dots, interpret=False):
     block = lambda d: spec((None, chunk, None, d), lambda i, h, n: (i, n, h, 0))
     reload = bool(tuning("delta_rule_prepare", "reload"))
     return launch(
-        functools.partial(_prepare_kernel, dots=dots, reload=reload,
-                          recursive=tuning("delta_rule_prepare", "inverse") == "recursive", interpret=interpret),
+        functools.partial(_prepare_kernel, dots=dots, reload=reload, interpret=interpret),
         grid=(batch, heads, time // chunk),
         in_specs=[block(key_dim), block(key_dim), block(value_dim),
                   spec((None, chunk, None), lambda i, h, n: (i, n, h))],

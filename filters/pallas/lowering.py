@@ -74,20 +74,11 @@ class Pallas(Lowering):
             return reason
         return None
 
-    def reason_auto_passes_over(self, structure):
-        if structure.family == "reset" and structure.transition == "diagonal":
-            # built 2026-12-01 from the state kernels and GLA's, tested in the interpreter and lowered for
-            # CUDA; `auto` takes it once benchmarks/gpu_kernels.py has timed it against the chunked form
-            return ("the channel-wise delta rule's kernels (KDA-style) are not yet measured faster than the "
-                    "chunked form on a GPU; backend='pallas' runs them")
-        return None
-
-    # `auto` takes the kernels wherever they apply (but the KDA-style form above): on an H200 at B4 T4096
-    # H16 K=V=128, bf16
+    # `auto` takes the kernels wherever they apply: on an H200 at B4 T4096 H16 K=V=128, bf16
     # (docs/results/gpu_kernels.md), every family's kernels were faster than the chunked lowering forward
-    # and forward+backward (GLA 3.58 / 8.34 ms, the Bayesian Layer 6.52 / 44.8, Gated DeltaNet 0.75 / 2.81;
-    # the chunked lowering 7.98 / 12.44, 19.2 / 54.8 and 4.70 / 13.25 in issue #14's earlier run, not the
-    # same process).
+    # and forward+backward (2026-12-02: GLA 1.78 / 6.10 ms, the KDA-style delta rule 5.70 / 20.1 against
+    # its chunked 11.5 / 29.7 in one process; the Bayesian Layer 6.35 / 44.1, Gated DeltaNet 0.77 / 2.43;
+    # the chunked lowering 7.98 / 12.44, 19.2 / 54.8 and 4.70 / 13.25 in issue #14's earlier run).
 
     def run(self, structure, x, state, *, diagnostics, chunk_size=chunked.DEFAULT_CHUNK_SIZE,
             precision="default", interpret=False):
