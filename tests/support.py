@@ -99,7 +99,8 @@ def run_on_cpu_devices(script: str, devices: int, *args: str, **env) -> dict:
     """Run ``script`` (python source) in a fresh process whose jax sees ``devices`` simulated CPU devices
     (a process's device count is fixed when jax starts), with ``env`` added to its environment; returns
     the JSON the script printed after ``RESULT``."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]), **env}
     proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)

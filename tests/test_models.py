@@ -140,17 +140,19 @@ def test_input_dependent_random_walk_noise_gives_a_constant_gain_at_any_decay(a,
     eye = jnp.eye(time, dtype=jnp.float64)[None, :, None, :]
     full = lambda value: jnp.full((1, time, 1), value, jnp.float64)
     gates = {"log_decay": full(np.log(a)), "beta": full(beta)}
-    w = np.asarray(filters.compile(dm.bayesian(process_noise="input"), backend=backend)(
+    options = {"chunk_size": 16} if backend == "chunked" else {}     # 4 chunks: their boundaries crossed
+    w = np.asarray(filters.compile(dm.bayesian(process_noise="input"), backend=backend, **options)(
         c, c, eye, process_noise=full(q), **gates)[0])[0, :, 0]                      # [t, s]
     g = _random_walk_steady_gain(a, beta, q)
     assert 0 < g < 1
     lags = np.arange(16)
     np.testing.assert_allclose(w[-1, time - 1 - lags], g * (a * (1 - g)) ** lags, rtol=1e-6)
     if a == 1.0:    # no decay at all: the same readout, and stationary noise has no floor there
-        w_none = np.asarray(filters.compile(dm.bayesian(process_noise="input", decay="none"), backend=backend)(
+        w_none = np.asarray(filters.compile(dm.bayesian(process_noise="input", decay="none"), backend=backend,
+                                            **options)(
             c, c, eye, process_noise=full(q), beta=full(beta))[0])[0, :, 0]
         np.testing.assert_allclose(w_none, w, rtol=1e-10, atol=1e-14)
-        w_stat = np.asarray(filters.compile(dm.bayesian(noise="stationary"), backend=backend)(
+        w_stat = np.asarray(filters.compile(dm.bayesian(noise="stationary"), backend=backend, **options)(
             c, c, eye, **gates)[0])[0, :, 0]
         np.testing.assert_allclose(w_stat[-1, :], beta / (1 + beta * time), rtol=1e-6)
 
