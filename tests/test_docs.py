@@ -55,11 +55,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # in-process in the test named beside them, and here their flags are parsed and checked only.
 SMOKE_SECONDS = {
     "collision": 5,       # also tests/test_dynamics.py
-    "crowding": 7,        # also tests/test_dynamics.py
+    "crowding": 17,       # tests/test_dynamics.py runs it (17 s with the process start, 2026-12-02)
     "recall": 15,         # tests/test_training.py::test_recall_smoke_end_to_end
     "mqar": 20,           # tests/test_training.py::test_mqar_smoke_end_to_end
     "mqar_figure4": 25,   # tests/test_mqar_figure4.py::test_smoke_end_to_end
-    "unification": 59,    # tests/test_unification.py::test_experiment_writes_the_table
+    "unification": 18,    # tests/test_unification.py::test_experiment_writes_the_table
 }
 SMOKE_RUN_MAX_S = 10      # keeps this whole file under a minute on 2 cores
 

@@ -114,11 +114,12 @@ def test_every_built_in_lowering_implements_the_interface(backend):
     model = dm.bayesian(process_noise=0.1)
     structure = filters.analyze(model)
     q, k, v, gates = random_inputs(model, time=5, seed=3)
-    f = filters.compile(model, backend=backend)
+    options = {"chunk_size": 4} if backend == "chunked" else {}   # 2 chunks; at 64 the program compiles for seconds
+    f = filters.compile(model, backend=backend, **options)
     from filters.checks import prepare
     x = prepare(structure, q, k, v, gates)
     state = f.init_state(2, 3, 4, 5, jnp.float64)
-    out = lowering.run(structure, x, state, diagnostics=lowering.supports_diagnostics(structure))
+    out = lowering.run(structure, x, state, diagnostics=lowering.supports_diagnostics(structure), **options)
     assert isinstance(out, filters.FilterOutput) and isinstance(out.state, filters.FilterState)
     assert out.y.shape == (2, 5, 3, 5) and out.state.mean.shape == (2, 3, 4, 5)
     assert (out.diagnostics is not None) == lowering.supports_diagnostics(structure)
