@@ -50,7 +50,8 @@ def _lowering(structure: Structure, backend: str, diagnostics: bool) -> Lowering
 def _check_options(options: dict, backend: str, lowering: Lowering) -> None:
     """Each option is checked by the lowering that will use it (`Lowering.options`; two lowerings may
     accept different values of one option, e.g. ``chunk_size``), or, when ``auto`` chose a lowering that
-    does not take it, by the lowerings that do."""
+    does not take it, by the lowerings that do: the value is kept if one of them accepts it (``auto``
+    may pick that one on another platform) and refused with each one's reason if none does."""
     for name, value in options.items():
         owners = [l for l in LOWERINGS.values() if name in l.options]
         if not owners:
@@ -63,8 +64,20 @@ def _check_options(options: dict, backend: str, lowering: Lowering) -> None:
                                f"lowering{'s' if len(names) > 1 else ''}, which backend={backend!r} does not "
                                f"use; accepted: backend={' or '.join(names)} (or "
                                f"'auto'), or drop {name}.")
-        for owner in ([lowering] if lowering in owners else owners):
-            owner.options[name](value)
+        if lowering in owners:
+            lowering.options[name](value)
+            continue
+        reasons = []
+        for owner in owners:
+            try:
+                owner.options[name](value)
+            except BackendError as error:
+                reasons.append(str(error))
+            else:
+                break
+        else:
+            raise BackendError(" ".join(reasons) if len(reasons) == 1 else
+                               f"{name}={value!r}: no lowering that takes it accepts it: " + " ".join(reasons))
 
 
 class Filter:

@@ -124,3 +124,14 @@ def test_every_built_in_lowering_implements_the_interface(backend):
     assert out.y.shape == (2, 5, 3, 5) and out.state.mean.shape == (2, 3, 4, 5)
     assert (out.diagnostics is not None) == lowering.supports_diagnostics(structure)
     np.testing.assert_allclose(out.y, f(q, k, v, **gates)[0], rtol=1e-10)
+
+
+def test_an_option_auto_does_not_use_here_is_kept_if_a_lowering_that_takes_it_accepts_it():
+    """A dense transition: ``auto`` picks a lowering without ``chunk_size``. A size the chunked lowering
+    takes (4, which the kernels cannot tile) is kept; one that no lowering takes is refused with each
+    one's reason."""
+    dense = dm.DesignModel(transition=dm.DenseTransition(None))
+    assert filters.Filter(dense, "auto", options=(("chunk_size", 4),)).backend == "sequential"
+    with pytest.raises(filters.BackendError, match=r"chunk_size=0: no lowering that takes it accepts it: .*"
+                                                   r"a positive integer.*the pallas lowering takes 16, 32, 64"):
+        filters.Filter(dense, "auto", options=(("chunk_size", 0),))
