@@ -93,11 +93,8 @@ def runs(config, workdir: str) -> list[sweep.Run]:
 
 
 def run(config, workdir: str) -> list[dict]:
-    """Train every run of the grid that has not finished; return the records of the grid. A run folder that
-    holds a run of other settings is an error before anything trains (`sweep.check_runs`)."""
-    check(config)
-    sweep.quiet_orbax()
-    return sweep.run_all(runs(config, workdir), vectorize=config.vectorize, block_runs=config.block_runs)
+    """Train every run of the grid that has not finished; return the records of the grid (`sweep.train_grid`)."""
+    return sweep.train_grid(config, workdir, check, runs)
 
 
 def _score(record: dict) -> float:

@@ -150,6 +150,15 @@ def blocks(runs: Sequence[Run], block_runs: int = 0) -> list[list[Run]]:
     return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
+def train_grid(config, workdir: str, check, runs) -> list[dict]:
+    """A sweep's ``run``: ``check(config)`` (every error before anything trains), then train every run of
+    ``runs(config, workdir)`` that has not finished (a run folder holding a run of other settings is an
+    error, `check_runs`) and return the records of the grid."""
+    check(config)
+    quiet_orbax()
+    return run_all(runs(config, workdir), vectorize=config.vectorize, block_runs=config.block_runs)
+
+
 def run_all(runs: Sequence[Run], *, vectorize: bool = True, block_runs: int = 0, devices=None) -> list[dict]:
     """`check_runs`, then train every run that has not finished, and return the records of ``runs``, in order,
     each with its ``run_dir``. ``vectorize``: the unfinished runs that share a model, its data and every
