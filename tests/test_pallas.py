@@ -143,7 +143,7 @@ def test_additive_channelwise_decay(interpret):
 
 @pytest.mark.parametrize("dtype, key_dim, value_dim, chunk, keep_states, strongest, programs", [
     ("bfloat16", 32, 16, 16, True, 0.6, "chunks"), ("float32", 16, 256, 64, False, 4.0, "chunks"),
-    ("float32", 16, 256, 64, True, 4.0, "row_blocks")])
+    ("float32", 16, 256, 64, True, 4.0, "row_blocks"), ("float32", 16, 256, 64, False, 4.0, "split")])
 def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_dim, chunk, keep_states, strongest,
                                            programs):
     """The channel-wise kernels and their backward kernels in the interpreter, K != V (V = 256: value
@@ -151,11 +151,12 @@ def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_di
     the sub-blocks tile differently (1 block per chunk at 16, 4 at 64), the last chunk padded, against
     the float64 recurrence on the same (rounded) inputs; bf16 with the default products (bf16 on tensor
     cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed; the
-    backward kernel by one program per chunk or per 16-row block (and A's kernel likewise).
+    backward kernel by one program per chunk or per 16-row block (and A's kernel likewise), or split into
+    an inter-chunk kernel and the 16-row-block one.
     Decays down to exp(-4) per step: a chunk's decay reaches exp(-128), which a kernel that split
     exp(b_i - b_j) into exp(b_i) exp(-b_j) would overflow (float32 ends at exp(88))."""
     monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states, programs=programs))
-    monkeypatch.setitem(common.TUNING, "gla_attention", dict(programs=programs))
+    monkeypatch.setitem(common.TUNING, "gla_attention", dict(programs="row_blocks" if programs == "split" else programs))
     low = jnp.dtype(dtype) == jnp.bfloat16
     q, k = RNG.normal(size=(B, T, H, key_dim)), RNG.normal(size=(B, T, H, key_dim))
     v = RNG.normal(size=(B, T, H, value_dim))
@@ -481,6 +482,8 @@ def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
     monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, programs="row_blocks"))
     assert _triton_calls(lambda *a: loss(*a), *args) == 3    # A by one program per 16-row block
     assert _triton_calls(lambda *a: grad(*a), *args) == 6    # and the backward per 16-row block
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, programs="split"))
+    assert _triton_calls(lambda *a: grad(*a), *args) == 7    # its inter-chunk terms by a kernel of their own
 
 
 @pytest.mark.parametrize("output, programs", [

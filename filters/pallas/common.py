@@ -125,8 +125,10 @@ TUNING = {
     # A's kernel: one program per 16-row block of a chunk ("row_blocks", C / 16 times the programs of
     # "chunks", one per chunk).
     "gla_attention": dict(programs="row_blocks"),
-    # "programs": "row_blocks" (one per 16-row block, none waiting on another: 4.40 ms, 2026-12-02) or
-    # "chunks" (one per chunk, its 16-row blocks in two passes: 7.03 ms).
+    # "programs": "row_blocks" (one per 16-row block, none waiting on another: 4.40 ms, 2026-12-02),
+    # "chunks" (one per chunk, its 16-row blocks in two passes: 7.03 ms) or "split" (the products with
+    # S_c and G_{c+1} by a kernel of one program per chunk, then the 16-row blocks without them: fewer
+    # live registers where Nsight found row_blocks register-bound; built 2026-12-02, not yet timed).
     "gla_backward": dict(recompute_states=True, programs="row_blocks"),
 }
 DEFAULT_TUNING = dict(num_warps=4, num_stages=1)
