@@ -433,7 +433,8 @@ def test_covariance_checkpoints_kept_from_the_forward_pass_lower_for_cuda(monkey
     its rerun for the checkpoints); no reference. Off CUDA, the same gradients either way."""
     sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     shapes = (sd(2, 64, 2, 32), sd(2, 64, 2), sd(2, 64, 2), sd(2, 64, 2), sd(2, 2, 32, 32))
-    loss = lambda *a: sum(jnp.sum(x) for x in covariance.covariance_pass(None, *a)[:2])
+    # chunks of 16 for the reference (off CUDA): at the default 64 its gradient compiles for seconds
+    loss = lambda *a: sum(jnp.sum(x) for x in covariance.covariance_pass(None, *a, chunk_size=16)[:2])
     for checkpoints, calls in (("rerun", 3), ("forward", 2)):
         monkeypatch.setitem(common.TUNING, "covariance_pass_backward",
                             {**common.TUNING["covariance_pass_backward"], "checkpoints": checkpoints})
