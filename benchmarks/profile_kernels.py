@@ -83,7 +83,7 @@ def kernel_calls(shape, seed=0):
         "additive_state": (part(delta_rule.state_kernel, None, **opts), (v, k, b, s0)),
         "additive_output": (part(delta_rule.output_kernel, **opts), (q, k, b, h_add, v)),
         "gla_state": (part(gla.state_kernel, **opts), (k, v, bk, s0)),
-        "gla_output": (part(gla.output_kernel, **opts), (q, k, bk, h_gla, v)),    # attention + readout, or fused
+        "gla_output": (part(gla.output_kernel, **opts), (q, k, bk, h_gla, v)),    # attention + readout
         "gla_attention": (part(gla.attention_kernel, **opts), (q, k, bk)),
         "gla_readout": (part(gla.readout_kernel, **opts), (q, bk, h_gla, attend_gla, v)),
         "gla_state_backward": (part(gla.state_backward_kernel, **opts), (q, bk, dy, s0)),

@@ -151,12 +151,11 @@ def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_di
     the sub-blocks tile differently (1 block per chunk at 16, 4 at 64), the last chunk padded, against
     the float64 recurrence on the same (rounded) inputs; bf16 with the default products (bf16 on tensor
     cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed; the
-    backward kernel by one program per chunk or per 16-row block (and A's kernel likewise), or split into
-    an inter-chunk kernel and the 16-row-block one.
+    backward kernel by one program per chunk or per 16-row block, or split into an inter-chunk kernel and
+    the 16-row-block one.
     Decays down to exp(-4) per step: a chunk's decay reaches exp(-128), which a kernel that split
     exp(b_i - b_j) into exp(b_i) exp(-b_j) would overflow (float32 ends at exp(88))."""
     monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states, programs=programs))
-    monkeypatch.setitem(common.TUNING, "gla_attention", dict(programs="row_blocks" if programs == "split" else programs))
     low = jnp.dtype(dtype) == jnp.bfloat16
     q, k = RNG.normal(size=(B, T, H, key_dim)), RNG.normal(size=(B, T, H, key_dim))
     v = RNG.normal(size=(B, T, H, value_dim))
@@ -476,27 +475,17 @@ def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
     assert _triton_calls(grad, *args) == 6
     monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=False))
     assert _triton_calls(lambda *a: grad(*a), *args) == 5
-    monkeypatch.setitem(common.TUNING, "gla_output", dict(form="fused"))
-    assert _triton_calls(lambda *a: loss(*a), *args) == 2    # state pass, output with A in registers
-    monkeypatch.setitem(common.TUNING, "gla_output", dict(form="two_pass"))
-    monkeypatch.setitem(common.TUNING, "gla_attention", dict(programs="row_blocks"))
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, programs="row_blocks"))
-    assert _triton_calls(lambda *a: loss(*a), *args) == 3    # A by one program per 16-row block
-    assert _triton_calls(lambda *a: grad(*a), *args) == 6    # and the backward per 16-row block
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, programs="chunks"))
+    assert _triton_calls(lambda *a: grad(*a), *args) == 6    # the backward by one program per chunk
     monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, programs="split"))
     assert _triton_calls(lambda *a: grad(*a), *args) == 7    # its inter-chunk terms by a kernel of their own
 
 
-@pytest.mark.parametrize("output, programs", [
-    (dict(form="fused", diagonal="slices"), "chunks"), (dict(form="fused", diagonal="columns"), "chunks"),
-    (dict(form="two_pass", diagonal="slices"), "chunks"), (dict(form="two_pass", diagonal="columns"), "row_blocks"),
-    (dict(form="two_pass", diagonal="slices"), "row_blocks")])
-def test_gla_output_forms(monkeypatch, output, programs):
-    """Every form of the channel-wise output (A through memory or in registers; its diagonal blocks
-    over channel slices or column by column; A's kernel one program per chunk or per 16-row block) in the
-    interpreter against the float64 recurrence."""
-    monkeypatch.setitem(common.TUNING, "gla_output", output)
-    monkeypatch.setitem(common.TUNING, "gla_attention", dict(programs=programs))
+@pytest.mark.parametrize("diagonal", ["slices", "columns"])
+def test_gla_output_forms(monkeypatch, diagonal):
+    """Both forms of the channel-wise output (A's diagonal blocks over channel slices or column by
+    column) in the interpreter against the float64 recurrence."""
+    monkeypatch.setitem(common.TUNING, "gla_output", dict(diagonal=diagonal))
     q, k, v, _, log_decay, s0 = _inputs(channelwise=True)
     args = [jnp.asarray(x) for x in (q, k, v, log_decay, s0)]
     y, final = gla.additive(*(x.astype(jnp.float32) for x in args), chunk_size=32, precision="highest",

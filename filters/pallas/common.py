@@ -112,19 +112,17 @@ TUNING = {
     "covariance_pass_backward": dict(num_warps=8, carry="memory", checkpoints="rerun"),
     "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", checkpoints="rerun"),
     # The channel-wise output (B4 T4096 H16 K128, benchmarks/profile_kernels.py --variants, one process).
-    # 2026-12-01: with one program per chunk, A through memory then full-tile readout products ("two_pass")
-    # took 2.95 ms with A's diagonal blocks over channel slices, 2.36 ms column by column; "fused" (one
-    # kernel of 16-row products) 3.94 ms; 8 warps slower. 2026-12-02: with one program per 16-row block
-    # ("row_blocks" below) the slices win: A's kernel 1.06 ms (slices) against 1.50 (columns) and 2.07
-    # (one program per chunk, columns), the output 1.29 against 1.66 and 2.13; GLA's forward / forward+
-    # backward 1.78 / 6.10 ms against 3.23 / 8.09 (benchmarks/gpu_kernels.py, docs/results/gpu_kernels.md).
+    # 2026-12-01: with one program per chunk, A through memory then full-tile readout products took 2.95
+    # ms with A's diagonal blocks over channel slices, 2.36 ms column by column; A in registers in one
+    # kernel of 16-row products 3.94 ms (removed); 8 warps slower. 2026-12-02: with one program per 16-row
+    # block of A (now its only form) the slices win: A's kernel 1.06 ms (slices) against 1.50 (columns)
+    # and 2.07 (one program per chunk, columns; removed), the output 1.29 against 1.66 and 2.13; GLA's
+    # forward / forward+backward 1.78 / 6.10 ms against 3.23 / 8.09 (docs/results/gpu_kernels.md).
     # The backward reruns the state pass (as flash-linear-attention does) rather than keeping the chunk
     # states from the forward (False keeps them: one kernel less, 2 T K V / C more bytes held per head
     # between the passes).
-    "gla_output": dict(diagonal="slices", form="two_pass"),
-    # A's kernel: one program per 16-row block of a chunk ("row_blocks", C / 16 times the programs of
-    # "chunks", one per chunk).
-    "gla_attention": dict(programs="row_blocks"),
+    "gla_output": dict(diagonal="slices"),
+    "gla_attention": dict(),                                 # one program per 16-row block of a chunk
     # "programs": "row_blocks" (one per 16-row block, none waiting on another: 4.40 ms, 2026-12-02),
     # "chunks" (one per chunk, its 16-row blocks in two passes: 7.03 ms) or "split" (the products with
     # S_c and G_{c+1} by a kernel of one program per chunk, then the 16-row blocks without them: fewer

@@ -9,12 +9,12 @@ of ``b [C, K]``; ``b_C`` its last row) and ``S_c`` the state at the chunk start:
     Y = (Q * exp(b)) S_c + A V                                                    readout
 
 ``A`` has no matmul form over the whole chunk (the decay differs per channel), so it is built on 16-row
-blocks: a block below the diagonal is a product of ``Q`` and ``K`` decayed towards the first step ``r`` of
-the row block, ``(Q_i exp(b_i - b_r)) (K_j exp(b_r - b_j))^T`` (both exponents <= 0), and a diagonal block
-is summed directly, channel by channel (``TUNING["gla_output"]["diagonal"] = "columns"``, measured faster)
-or as ``[16, 16, 32]`` products over slices of the channels (``"slices"``). By default ``A`` goes through
-memory (its own kernel), so the readout is two full-tile products; ``TUNING["gla_output"]["form"] =
-"fused"`` keeps it in registers in one kernel of 16-row products.
+blocks, one program per row block: a block below the diagonal is a product of ``Q`` and ``K`` decayed
+towards the first step ``r`` of the row block, ``(Q_i exp(b_i - b_r)) (K_j exp(b_r - b_j))^T`` (both
+exponents <= 0), and a diagonal block is summed as ``[16, 16, 32]`` products over slices of the channels
+(``TUNING["gla_output"]["diagonal"] = "slices"``, measured faster with these programs) or channel by
+channel (``"columns"``). ``A`` goes through memory (its own kernel), so the readout is two full-tile
+products.
 
 The backward pass, with cotangents written ``dX`` and ``G_{c+1}`` the cotangent of ``S_{c+1}``::
 
@@ -32,8 +32,8 @@ db_i``, a reverse cumulative sum that JAX derives from `chunk_log_decay`. (The l
 ``rowsum(G_{c+1} * S_{c+1})``: the derivative of ``S_{c+1}`` in ``b_C``.) The products with ``S_c`` and
 ``G_{c+1}`` are full ``C``-row tiles; the sums over ``dA`` use the same 16-row blocks as ``A``, in two
 passes per chunk: by rows (``dq``), then by columns (``dk, dv``), the partial sums of each block through
-memory rather than all alive in registers; or (``TUNING["gla_backward"]["programs"] = "row_blocks"``, with
-``TUNING["gla_attention"]["programs"]`` its forward counterpart) one program per 16-row block ``r``, which
+memory rather than all alive in registers; or (``TUNING["gla_backward"]["programs"] = "row_blocks"``, the
+default, as ``A``'s kernel is split) one program per 16-row block ``r``, which
 owns ``dq`` of row block ``r`` and ``dk, dv`` of column block ``r``, so that no program waits on another,
 as flash-linear-attention splits its intra-chunk work; or (``"split"``) the products with ``S_c`` and
 ``G_{c+1}`` first, by a kernel of one program per chunk (full tiles), and the 16-row-block programs
@@ -137,42 +137,10 @@ def _diagonal_by_slices(q_ref, k_ref, b_ref, start, q, b, width=32):
     return diag
 
 
-def _attention_row(q_ref, k_ref, b_ref, i, dots, slices):
-    """The blocks ``A_i0, ..., A_ii`` (16 x 16 each) of row block ``i`` of ``A``: left of the diagonal
-    ``(Q_i exp(b_i - r)) (K_j exp(r - b_j))^T`` with ``r`` the block's first step, then the diagonal."""
-    q = rows(q_ref, i * SUB, SUB).astype(F32)
-    b = rows(b_ref, i * SUB, SUB)
-    ref = rows(b_ref, i * SUB, 1)                                       # b at the block's first step
-    q_rel = q * jnp.exp(b - ref)
-    blocks = [dots.nt(q_rel, rows(k_ref, j * SUB, SUB).astype(F32) * jnp.exp(ref - rows(b_ref, j * SUB, SUB)))
-              for j in range(i)]
-    diagonal = _diagonal_by_slices if slices else _diagonal_by_columns
-    return blocks + [diagonal(q_ref, k_ref, b_ref, i * SUB, q, b)]
-
-
-def _fused_output_kernel(q_ref, k_ref, b_ref, h_ref, v_ref, y_ref, *, dots, slices):
-    """``Y`` row block by row block: ``(Q_i exp(b_i)) S_c + sum_j A_ij V_j``, every product 16 rows."""
-    h = h_ref[...]
-    for i in range(q_ref.shape[0] // SUB):
-        acc = dots(rows(q_ref, i * SUB, SUB).astype(F32) * jnp.exp(rows(b_ref, i * SUB, SUB)), h)
-        for j, attend in enumerate(_attention_row(q_ref, k_ref, b_ref, i, dots, slices)):
-            acc = acc + dots(attend, rows(v_ref, j * SUB, SUB))
-        y_ref[pl.ds(i * SUB, SUB), :] = acc.astype(y_ref.dtype)
-
-
-def _attention_kernel(q_ref, k_ref, b_ref, a_ref, *, dots, slices):
-    n = q_ref.shape[0] // SUB
-    zero = jnp.zeros((SUB, SUB), F32)
-    for i in range(n):
-        blocks = _attention_row(q_ref, k_ref, b_ref, i, dots, slices)
-        for j in range(n):
-            a_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = blocks[j] if j <= i else zero
-
-
 def _attention_row_block_kernel(q_ref, k_ref, b_ref, a_ref, *, dots, slices):
     """Row block ``i = program_id(3)`` of a chunk's ``A`` (``a_ref``: its 16 rows): the blocks left of
-    the diagonal in a loop, then the diagonal, then zeros; `_attention_row`'s formulas at a dynamic
-    ``i``."""
+    the diagonal in a loop, ``(Q_i exp(b_i - r)) (K_j exp(r - b_j))^T`` with ``r`` the block's first
+    step, then the diagonal, then zeros."""
     n = k_ref.shape[0] // SUB
     i = pl.program_id(3)
     start = pl.multiple_of(i * SUB, SUB)
@@ -212,24 +180,17 @@ def _output_specs(chunk, key_dim, bv):
 
 def attention_kernel(q, k, b, *, chunk, dots, interpret=False):
     """``q, k, b [B,T,H,K]`` -> ``A [B,T,H,C]`` float32 (row ``i`` of each chunk's ``A``, zero above the
-    diagonal), computed once per chunk, whatever the value width: by one program per chunk, or
-    (``TUNING["gla_attention"]["programs"] = "row_blocks"``, as flash-linear-attention splits it) one per
-    16-row block of a chunk, C / 16 times the programs, each with a quarter of the work at C = 64 (the
-    last row block the most)."""
+    diagonal), computed once per chunk, whatever the value width, by one program per 16-row block of a
+    chunk (as flash-linear-attention splits it; one program per chunk walking its blocks was 2x slower on
+    an H200, 2026-12-02, and is gone)."""
     batch, time, heads, key_dim = q.shape
     s = _output_specs(chunk, key_dim, 1)
     slices = tuning("gla_output", "diagonal") != "columns"
-    if tuning("gla_attention", "programs") == "row_blocks":
-        per_chunk = chunk // SUB
-        return launch(
-            functools.partial(_attention_row_block_kernel, dots=dots, slices=slices),
-            grid=(batch, heads, time // chunk, per_chunk), in_specs=[s["k"]] * 3,
-            out_specs=spec((None, SUB, None, chunk), lambda i, hh, c, r: (i, c * per_chunk + r, hh, 0)),
-            out_shape=jax.ShapeDtypeStruct((batch, time, heads, chunk), F32),
-            interpret=interpret, name="gla_attention")(q, k, b)
+    per_chunk = chunk // SUB
     return launch(
-        functools.partial(_attention_kernel, dots=dots, slices=slices),
-        grid=(batch, heads, time // chunk, 1), in_specs=[s["k"]] * 3, out_specs=s["square"],
+        functools.partial(_attention_row_block_kernel, dots=dots, slices=slices),
+        grid=(batch, heads, time // chunk, per_chunk), in_specs=[s["k"]] * 3,
+        out_specs=spec((None, SUB, None, chunk), lambda i, hh, c, r: (i, c * per_chunk + r, hh, 0)),
         out_shape=jax.ShapeDtypeStruct((batch, time, heads, chunk), F32),
         interpret=interpret, name="gla_attention")(q, k, b)
 
@@ -251,26 +212,11 @@ def readout_kernel(q, b, h, attend, v, *, chunk, dots, interpret=False):
 
 def output_kernel(q, k, b, h, v, *, chunk, dots, interpret=False):
     """``q, k, b [B,T,H,K]``, ``h [B,H,N,K,V]``, ``v [B,T,H,V]`` -> ``y [B,T,H,V]`` in the values' dtype
-    (what the filter returns).
-
-    ``TUNING["gla_output"]["form"]``: ``"two_pass"`` (the default) computes ``A`` in its own kernel,
-    through memory (``[C, C]`` float32 per chunk), so that the readout is two full-tile products, as
-    flash-linear-attention's chunk_gla does; ``"fused"`` keeps ``A`` in registers, in one kernel of
-    16-row products."""
-    if tuning("gla_output", "form") != "fused":
-        attend = attention_kernel(q, k, b, chunk=chunk, dots=dots, interpret=interpret)
-        return readout_kernel(q, b, h, attend, v, chunk=chunk, dots=dots, interpret=interpret)
-    batch, time, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    n = time // chunk
-    bv = min(value_dim, tuning("gla_output", "block_v") or 128)
-    s = _output_specs(chunk, key_dim, bv)
-    slices = tuning("gla_output", "diagonal") != "columns"
-    return launch(
-        functools.partial(_fused_output_kernel, dots=dots, slices=slices), grid=(batch, heads, n, value_dim // bv),
-        in_specs=[s["k"], s["k"], s["k"], s["state"], s["v"]], out_specs=s["v"],
-        out_shape=jax.ShapeDtypeStruct((batch, time, heads, value_dim), v.dtype),
-        interpret=interpret, name="gla_output")(q, k, b, h.reshape(batch, heads, n * key_dim, value_dim), v)
+    (what the filter returns): ``A`` by its own kernel, through memory (``[C, C]`` float32 per chunk), so
+    that the readout is two full-tile products, as flash-linear-attention's chunk_gla does. (``A`` kept
+    in registers in one kernel of 16-row products was 1.7x slower on an H200, 2026-12-01, and is gone.)"""
+    attend = attention_kernel(q, k, b, chunk=chunk, dots=dots, interpret=interpret)
+    return readout_kernel(q, b, h, attend, v, chunk=chunk, dots=dots, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------------------------------
