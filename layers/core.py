@@ -84,6 +84,8 @@ class LayerSpec:
         (whose queries are then scaled by ``K^-1/2``).
       output_gate, output_norm: the SiLU output gate and the per-head RMSNorm.
       dtype: the dtype of the products (parameters stay float32).
+      chunk_size: the chunk length of the chunked and pallas lowerings (None: theirs, 64); checked by
+        `filters.compile` as its option of that name.
     """
 
     model: dm.DesignModel
@@ -97,6 +99,7 @@ class LayerSpec:
     output_gate: bool = True
     output_norm: bool = True
     dtype: Any = jnp.float32
+    chunk_size: Optional[int] = None
 
     def __post_init__(self):
         if not isinstance(self.model, dm.DesignModel):
@@ -113,6 +116,8 @@ class LayerSpec:
         if fixed is not None and fixed != self.key_dim:
             raise LayerError(f"DesignLayer.key_dim: got {self.key_dim}, but the design model fixes K = {fixed} "
                              f"(its prior covariance or transition has that size); accepted: key_dim={fixed}.")
+        if self.chunk_size is not None:
+            _ = self.filter                      # the lowering's own check of the chunk size, now
 
     @property
     def values_per_head(self) -> int:
@@ -124,7 +129,12 @@ class LayerSpec:
 
     @property
     def filter(self) -> filters.Filter:
-        return filters.compile(self.model, backend=self.backend)    # cached: one per (model, backend)
+        options = {} if self.chunk_size is None else {"chunk_size": self.chunk_size}
+        return filters.compile(self.model, backend=self.backend, **options)   # cached per (model, backend, options)
+
+    def attributes(self) -> dict:
+        """Every attribute by name (not `dataclasses.asdict`, which would copy the design model)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ with the same parameter tree.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
@@ -60,8 +61,8 @@ class ShortConv(nn.Module):
 class DesignLayer(nn.Module):
     """A sequence layer derived from a design model (linen). Its attributes are `layers.core.LayerSpec`'s,
     documented and checked there (``model``, ``d_model``, ``num_heads``, ``key_dim``, ``value_dim``,
-    ``backend``, ``conv_size``, ``normalize_qk``, ``output_gate``, ``output_norm``, ``dtype``); a linen module
-    declares them again as its own fields."""
+    ``backend``, ``conv_size``, ``normalize_qk``, ``output_gate``, ``output_norm``, ``dtype``,
+    ``chunk_size``); a linen module declares them again as its own fields."""
 
     model: dm.DesignModel
     d_model: int
@@ -74,6 +75,7 @@ class DesignLayer(nn.Module):
     output_gate: bool = True
     output_norm: bool = True
     dtype: Any = jnp.float32
+    chunk_size: Optional[int] = None
 
     def __post_init__(self):
         _ = self.spec                        # check the attributes now, with the message of each
@@ -82,9 +84,7 @@ class DesignLayer(nn.Module):
     @property
     def spec(self) -> core.LayerSpec:
         """The attributes as a `layers.core.LayerSpec` (what `layers.core` and the NNX layer take)."""
-        return core.LayerSpec(self.model, self.d_model, self.num_heads, self.key_dim, self.value_dim,
-                              self.backend, self.conv_size, self.normalize_qk, self.output_gate,
-                              self.output_norm, self.dtype)
+        return core.LayerSpec(**{field.name: getattr(self, field.name) for field in dataclasses.fields(core.LayerSpec)})
 
     def setup(self):
         # one submodule per top-level group, named as the group: the tree is `layers.core.parameter_tree`

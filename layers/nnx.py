@@ -82,7 +82,7 @@ class DesignLayer(nnx.Module):
     Args:
       model: the design model (any `designmodels.DesignModel`).
       d_model: input and output width ``D``.
-      num_heads, key_dim, value_dim, backend, conv_size, normalize_qk, output_gate, output_norm, dtype:
+      num_heads, key_dim, value_dim, backend, conv_size, normalize_qk, output_gate, output_norm, dtype, chunk_size:
         as the linen `layers.DesignLayer` (see `layers.core.LayerSpec`).
       rngs: an `nnx.Rngs` with a ``params`` stream (or a default one) for the initialization.
     """
@@ -90,9 +90,9 @@ class DesignLayer(nnx.Module):
     def __init__(self, model: dm.DesignModel, d_model: int, *, num_heads: int = 4, key_dim: int = 32,
                  value_dim: Optional[int] = None, backend: str = "auto", conv_size: int = 4,
                  normalize_qk: Optional[bool] = None, output_gate: bool = True, output_norm: bool = True,
-                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 dtype: Any = jnp.float32, chunk_size: Optional[int] = None, rngs: nnx.Rngs):
         self.spec = core.LayerSpec(model, d_model, num_heads, key_dim, value_dim, backend, conv_size,
-                                   normalize_qk, output_gate, output_norm, dtype)
+                                   normalize_qk, output_gate, output_norm, dtype, chunk_size)
         self.params = ParameterGroup(core.parameter_tree(self.spec), rngs)
 
     def __call__(self, x, cache=None, *, return_cache: bool = False, cu_seqlens=None, max_seqlen=None):
@@ -128,20 +128,14 @@ class DesignLayer(nnx.Module):
     def to_linen(self):
         """The linen `layers.DesignLayer` with the same attributes (its parameters: `linen_variables`)."""
         from layers.design_layer import DesignLayer as LinenDesignLayer
-        s = self.spec
-        return LinenDesignLayer(s.model, s.d_model, s.num_heads, s.key_dim, s.value_dim, s.backend, s.conv_size,
-                                s.normalize_qk, s.output_gate, s.output_norm, s.dtype)
+        return LinenDesignLayer(**self.spec.attributes())
 
     @classmethod
     def from_linen(cls, linen_layer, variables: Mapping) -> "DesignLayer":
         """The NNX layer with the attributes of ``linen_layer`` (a `layers.DesignLayer`) and the
         parameters ``variables`` (what its ``init`` returned)."""
-        s = linen_layer.spec
         # shapes only: the values come from ``variables``, so no random initialization is run
-        layer = nnx.eval_shape(lambda: cls(s.model, s.d_model, num_heads=s.num_heads, key_dim=s.key_dim,
-                                           value_dim=s.value_dim, backend=s.backend, conv_size=s.conv_size,
-                                           normalize_qk=s.normalize_qk, output_gate=s.output_gate,
-                                           output_norm=s.output_norm, dtype=s.dtype, rngs=nnx.Rngs(0)))
+        layer = nnx.eval_shape(lambda: cls(**linen_layer.spec.attributes(), rngs=nnx.Rngs(0)))
         return layer.load_linen_variables(variables)
 
 

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 
 import designmodels as dm
+import filters
 import layers
 from tests import contract
 from tests.support import LAYER_MODELS as MODELS, USER_EXACT_MODELS
 
 
-def _layer(model, backend, conv_size=4):
+def _layer(model, backend, conv_size=4, chunk_size=None):
     return layers.DesignLayer(model, d_model=12, num_heads=2, key_dim=4, value_dim=3, backend=backend,
-                              conv_size=conv_size)
+                              conv_size=conv_size, chunk_size=chunk_size)
 
 
 def _sequence_model(layer, params):
@@ -294,7 +295,7 @@ def test_prefill_in_two_calls_equals_one_call(name, backend):
     """The output and the final cache (filter state and convolution buffers) of ``x[:, :2]`` then
     ``x[:, 2:]`` with the cache passed between them equal one call over ``x``. The first part is shorter
     than the convolution's history (``conv_size - 1 = 3``), so the history must carry across calls."""
-    layer = _layer(MODELS[name], backend)
+    layer = _layer(MODELS[name], backend, chunk_size=4 if backend == "chunked" else None)   # 2 chunks of 7 steps
     x = jax.random.normal(jax.random.PRNGKey(10), (2, 7, 12), jnp.float32)
     params = layer.init(jax.random.PRNGKey(11), x)
     y, cache = layer.apply(params, x, return_cache=True)
@@ -315,3 +316,23 @@ def test_only_a_named_model_string_gets_the_named_model_hint():
         with pytest.raises(layers.LayerError, match="accepted: a designmodels.DesignModel") as error:
             layers.DesignLayer(wrong, d_model=8)
         assert "NAMED_MODELS" not in str(error.value)
+
+
+def test_the_chunk_size_reaches_the_filter_and_is_checked_at_construction():
+    """``chunk_size`` is the filter's compile option: the layer's filter takes it (the same output as the
+    default chunk, to round-off) and a size the lowering refuses is an error when the layer is built,
+    with the lowering's message; linen, NNX and the conversions between them keep it."""
+    from flax import nnx
+    import layers.nnx as lnnx
+    model = MODELS["gated_deltanet"]
+    small, default = _layer(model, "chunked", chunk_size=16), _layer(model, "chunked")
+    assert small.spec.filter.options == {"chunk_size": 16} and default.spec.filter.options == {}
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 20, 12), jnp.float32)
+    params = default.init(jax.random.PRNGKey(4), x)
+    np.testing.assert_allclose(small.apply(params, x), default.apply(params, x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(filters.BackendError, match=r"chunk_size=48: the pallas lowering takes 16, 32, 64 or 128"):
+        _layer(model, "pallas", chunk_size=48)
+    layer = lnnx.DesignLayer(model, 12, num_heads=2, key_dim=4, chunk_size=32, rngs=nnx.Rngs(0))
+    assert layer.spec.chunk_size == 32 and layer.to_linen().chunk_size == 32
+    linen = layer.to_linen()
+    assert lnnx.DesignLayer.from_linen(linen, linen.init(jax.random.PRNGKey(0), x)).spec.chunk_size == 32
