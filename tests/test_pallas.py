@@ -473,12 +473,15 @@ def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
     grad = lambda *a: jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a)
     assert _triton_calls(loss, *args) == 3                 # state pass, A, readout
     assert _triton_calls(grad, *args) == 6
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=False))
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=False, programs="row_blocks"))
     assert _triton_calls(lambda *a: grad(*a), *args) == 5
     monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, programs="chunks"))
     assert _triton_calls(lambda *a: grad(*a), *args) == 6    # the backward by one program per chunk
     monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, programs="split"))
     assert _triton_calls(lambda *a: grad(*a), *args) == 7    # its inter-chunk terms by a kernel of their own
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, programs="rows"))
+    with pytest.raises(ValueError, match="programs='rows'; accepted: 'chunks', 'row_blocks', 'split'"):
+        _triton_calls(lambda *a: grad(*a), *args)
 
 
 @pytest.mark.parametrize("diagonal", ["slices", "columns"])

@@ -331,19 +331,26 @@ def _chunk_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_
         db_ref[block, :] = db
 
 
+def _state_update_terms(k_ref, v_ref, b_ref, h_ref, g_ref, *, dots, value_blocks):
+    """The state update ``S_{c+1} = diag(exp(b_C)) S_c + (K * exp(b_C - b))^T V`` pulled back with ``G =
+    G_{c+1}``, over the whole chunk: ``(to_end = exp(b_C - b), k_end = K * to_end, dk_state = V G^T`` (the
+    cotangent of ``k_end``), ``end [1, K])``, ``end`` = db's terms of ``b_C`` for the chunk's last row, ``exp(b_C)
+    rowsum(G * S_c) + sum_j k_end_j * dk_state_j`` (together ``rowsum(G * S_{c+1})``, the derivative of
+    ``S_{c+1}`` in ``b_C``)."""
+    b_end = rows(b_ref, k_ref.shape[0] - 1, 1)                      # b_C, [1, K]
+    to_end = jnp.exp(b_end - b_ref[...])
+    k_end = k_ref[...].astype(F32) * to_end
+    dk_state = sum(dots.nt(v_ref[:, cols], g_ref[:, cols]) for cols in value_blocks)
+    g_h = sum(jnp.sum(g_ref[:, cols].astype(F32) * h_ref[:, cols].astype(F32), axis=1) for cols in value_blocks)
+    return to_end, k_end, dk_state, jnp.exp(b_end) * g_h[None, :] + jnp.sum(k_end * dk_state, axis=0)[None, :]
+
+
 def _inter_chunk_terms(k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, *, dots, value_blocks):
     """A chunk's products with ``S_c`` and ``G = G_{c+1}`` as full ``C``-row tiles: ``(dq, dk, [dv per
-    value block], end)`` below."""
-    b = b_ref[...]
-    b_end = rows(b_ref, k_ref.shape[0] - 1, 1)                      # b_C, [1, K]
-    to_end = jnp.exp(b_end - b)
-    k_end = k_ref[...].astype(F32) * to_end
-    dk_state = sum(dots.nt(v_ref[:, cols], g_ref[:, cols]) for cols in value_blocks)   # of K * exp(b_C - b)
-    g_h = sum(jnp.sum(g_ref[:, cols].astype(F32) * h_ref[:, cols].astype(F32), axis=1) for cols in value_blocks)
-    # db's terms of b_C, for the last row: exp(b_C) rowsum(G * S_c) + sum_j k_j * dk_j(state)
-    # (together rowsum(G * S_{c+1}), the derivative of S_{c+1} in b_C)
-    end = jnp.exp(b_end) * g_h[None, :] + jnp.sum(k_end * dk_state, axis=0)[None, :]
-    dq = sum(dots.nt(dy_ref[:, cols], h_ref[:, cols]) for cols in value_blocks) * jnp.exp(b)
+    value block], end)`` (`_inter_chunk_backward_kernel`)."""
+    to_end, k_end, dk_state, end = _state_update_terms(k_ref, v_ref, b_ref, h_ref, g_ref, dots=dots,
+                                                       value_blocks=value_blocks)
+    dq = sum(dots.nt(dy_ref[:, cols], h_ref[:, cols]) for cols in value_blocks) * jnp.exp(b_ref[...])
     return dq, dk_state * to_end, [dots(k_end, g_ref[:, cols]) for cols in value_blocks], end
 
 
@@ -356,8 +363,8 @@ def _inter_chunk_backward_kernel(k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_r
     program holds the ``K x V`` tiles and the 16-row blocks' sums at once (flash-linear-attention's
     split of its GLA backward)."""
     value_blocks = [pl.ds(j * block_v, block_v) for j in range(v_ref.shape[1] // block_v)]
-    dq_ref[...], dk_ref[...], dv, end_ref[...] = _inter_chunk_terms(k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dots=dots,
-                                                                    value_blocks=value_blocks)
+    terms = _inter_chunk_terms(k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dots=dots, value_blocks=value_blocks)
+    dq_ref[...], dk_ref[...], dv, end_ref[...] = terms
     for dv_c, cols in zip(dv, value_blocks):
         dv_ref[:, cols] = dv_c
 
@@ -430,16 +437,12 @@ def _row_block_backward_kernel(*refs, dots, block_v, inter_given):
 
     # db = q * dq - k * dk; on the chunk's last row also the derivative of S_{c+1} in b_C:
     # exp(b_C) rowsum(G * S_c) + sum_j k_j exp(b_C - b_j) (V G^T)_j, over the whole chunk
-    def end_terms():
-        k_end = k_ref[...].astype(F32) * jnp.exp(b_end - b_ref[...])
-        g_h = sum(jnp.sum(g_ref[:, cols].astype(F32) * h_ref[:, cols].astype(F32), axis=1) for cols in value_blocks)
-        state = sum(dots.nt(v_ref[:, cols], g_ref[:, cols]) for cols in value_blocks)
-        return jnp.exp(b_end) * g_h[None, :] + jnp.sum(k_end * state, axis=0)[None, :]
-
     if inter_given:
         end = jnp.where(r == n - 1, end_ref[...], 0.0)
     else:
-        end = lax.cond(r == n - 1, end_terms, lambda: jnp.zeros(b_end.shape, F32))
+        end = lax.cond(r == n - 1, lambda: _state_update_terms(k_ref, v_ref, b_ref, h_ref, g_ref, dots=dots,
+                                                               value_blocks=value_blocks)[3],
+                       lambda: jnp.zeros(b_end.shape, F32))
     last = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0) == SUB - 1
     db_ref[...] = q_r * dq - k_r * dk + jnp.where(last, end, 0.0)
 
@@ -459,7 +462,7 @@ def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, interpret=False)
     state = spec((None, None, key_dim, value_dim), lambda i, hh, c: (i, hh, c, 0))
     f32 = lambda x: jax.ShapeDtypeStruct(x.shape, F32)
     flat = lambda s: s.reshape(batch, heads, n * key_dim, value_dim)
-    programs = tuning("gla_backward", "programs") or "chunks"        # a TUNING entry without it: one per chunk
+    programs = tuning("gla_backward", "programs")
     if programs not in ("chunks", "row_blocks", "split"):
         raise ValueError(f"TUNING gla_backward programs={programs!r}; accepted: 'chunks', 'row_blocks', 'split'")
     per_chunk = chunk // SUB
