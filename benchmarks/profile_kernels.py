@@ -128,7 +128,7 @@ def main():
                         help="JSON list of --tune dicts, each timed in turn (one process, one set of inputs); "
                              "the covariance pass's rows also carry its error against float64")
     args = parser.parse_args()
-    common.TUNING.update(json.loads(args.tune))
+    common.tuning_from_environment(args.tune)        # merged into each kernel's settings, as MBD_PALLAS_TUNING is
     calls = kernel_calls(tuple(int(x) for x in args.shape.split("x")))
     base = {name: dict(settings) for name, settings in common.TUNING.items()}
     for variant in json.loads(args.variants):
