@@ -72,12 +72,10 @@ if want kernels; then
                      {"covariance_pass": {"carry": "memory", "factor": "one_loop"},
                       "covariance_pass_ieee": {"factor": "two_loops"}}]' > "$OUT_DIR/covariance.jsonl" 2>&1
 fi
-# The forms in TUNING beside the defaults (GLA's per-chunk backward and column-wise diagonal, slower on
-# 2026-12-02; the covariance pass's one-loop factor, within noise), to confirm or revisit a default;
-# GLA's backward split into an inter-chunk kernel and the 16-row blocks (built 2026-12-02, not timed).
-DEFAULT_VARIANTS='[{}, {"gla_backward": {"programs": "chunks"}, "gla_output": {"diagonal": "columns"},
-                        "covariance_pass": {"factor": "one_loop"}},
-                   {"gla_backward": {"programs": "split"}}]'
+# The forms in TUNING beside the defaults (GLA's column-wise diagonal, slower on 2026-12-02; the
+# covariance passes' one-loop factor, within noise), to confirm or revisit a default.
+DEFAULT_VARIANTS='[{}, {"gla_output": {"diagonal": "columns"}, "covariance_pass": {"factor": "one_loop"},
+                        "covariance_pass_backward": {"factor": "one_loop"}}]'
 want variants && timeout "$(cap 240)" python3 benchmarks/profile_kernels.py --time \
     --kernels "${KERNELS:-covariance_pass,covariance_pass_backward,gla_attention,gla_output,gla_chunk_backward,delta_rule_prepare}" \
     --variants "${VARIANTS:-$DEFAULT_VARIANTS}" > "$OUT_DIR/variants.jsonl" 2>&1

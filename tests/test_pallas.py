@@ -141,21 +141,17 @@ def test_additive_channelwise_decay(interpret):
            (q, k, v, log_decay, s0))
 
 
-@pytest.mark.parametrize("dtype, key_dim, value_dim, chunk, keep_states, strongest, programs", [
-    ("bfloat16", 32, 16, 16, True, 0.6, "chunks"), ("float32", 16, 256, 64, False, 4.0, "chunks"),
-    ("float32", 16, 256, 64, True, 4.0, "row_blocks"), ("float32", 16, 256, 64, False, 4.0, "split")])
-def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_dim, chunk, keep_states, strongest,
-                                           programs):
+@pytest.mark.parametrize("dtype, key_dim, value_dim, chunk, keep_states, strongest", [
+    ("bfloat16", 32, 16, 16, True, 0.6), ("float32", 16, 256, 64, False, 4.0), ("float32", 16, 256, 64, True, 4.0)])
+def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_dim, chunk, keep_states, strongest):
     """The channel-wise kernels and their backward kernels in the interpreter, K != V (V = 256: value
     blocks of 128 in the backward, 2 readout programs per chunk), chunk sizes
     the sub-blocks tile differently (1 block per chunk at 16, 4 at 64), the last chunk padded, against
     the float64 recurrence on the same (rounded) inputs; bf16 with the default products (bf16 on tensor
-    cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed; the
-    backward kernel by one program per chunk or per 16-row block, or split into an inter-chunk kernel and
-    the 16-row-block one.
+    cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed.
     Decays down to exp(-4) per step: a chunk's decay reaches exp(-128), which a kernel that split
     exp(b_i - b_j) into exp(b_i) exp(-b_j) would overflow (float32 ends at exp(88))."""
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states, programs=programs))
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states))
     low = jnp.dtype(dtype) == jnp.bfloat16
     q, k = RNG.normal(size=(B, T, H, key_dim)), RNG.normal(size=(B, T, H, key_dim))
     v = RNG.normal(size=(B, T, H, value_dim))
@@ -209,7 +205,7 @@ def _kalman_covariance(k, log_decay, noise, beta, p0, key_noise=False):
 def test_covariance_pass(monkeypatch, interpret, dot_precision, block, checkpoints):
     """Gains, final covariance and every gradient (the backward kernel's, through its checkpoints; T = 37
     with chunks of 32: the last padded) against the float64 step-by-step recursion. The two products
-    take their own TUNING forms; blocks of 16 or 32 steps; the checkpoints (P, X and pivots of every
+    take their own TUNING forms; blocks of 16 or 32 steps; the checkpoints (P at the start of every
     block) stored by a rerun of the forward kernel in the backward pass, or kept from the forward pass."""
     products = "ieee" if dot_precision == "highest" else "tf32x3"
     name, backward = covariance.KERNEL_NAMES[products], covariance.BACKWARD_NAMES[products]
@@ -473,15 +469,8 @@ def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
     grad = lambda *a: jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a)
     assert _triton_calls(loss, *args) == 3                 # state pass, A, readout
     assert _triton_calls(grad, *args) == 6
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=False, programs="row_blocks"))
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=False))
     assert _triton_calls(lambda *a: grad(*a), *args) == 5
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, programs="chunks"))
-    assert _triton_calls(lambda *a: grad(*a), *args) == 6    # the backward by one program per chunk
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, programs="split"))
-    assert _triton_calls(lambda *a: grad(*a), *args) == 7    # its inter-chunk terms by a kernel of their own
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, programs="rows"))
-    with pytest.raises(ValueError, match="programs='rows'; accepted: 'chunks', 'row_blocks', 'split'"):
-        _triton_calls(lambda *a: grad(*a), *args)
 
 
 @pytest.mark.parametrize("diagonal", ["slices", "columns"])

@@ -102,15 +102,14 @@ TUNING = {
     # Blocks of 32 steps (``"block": 32`` in covariance_pass; the backward follows its checkpoints) halve
     # the number of blocks but not the steps of the factorizations: 8.18 / 45.7 ms against 6.23 / 34.6 at
     # 16 (2026-12-01, benchmarks/gpu_session.sh bayesian), so 16 stays.
-    # Since 2026-12-01 (morning) the backward kernel takes each block's X = L^{-1} and pivots from the
-    # checkpointing forward rather than factoring again: "factor" no longer applies to it. (Forward+backward
-    # was 44.1 ms on 2026-12-02 against 34.6-36.0 before it and two other changes: not yet bisected,
-    # docs/performance.md.)
+    # It factors each block's Sigma again ("factor" as above): taking X = L^{-1} and the pivots stored by
+    # the checkpointing forward instead was 46.2 against 36.3 ms forward+backward (bisected over six trees
+    # in one H200 run, 2026-12-02; removed).
     # "checkpoints": "rerun" (the backward pass reruns the forward kernel to store them) or "forward" (the
     # forward pass stores them and keeps them for the backward: one pass less, T/16 K^2 floats per head
     # held between the passes: 40.5 against 44.1 ms for 585 MiB more at B4 T4096 H16, 2026-12-02).
-    "covariance_pass_backward": dict(num_warps=8, carry="memory", checkpoints="rerun"),
-    "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", checkpoints="rerun"),
+    "covariance_pass_backward": dict(num_warps=8, carry="memory", factor="two_loops", checkpoints="rerun"),
+    "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", factor="one_loop", checkpoints="rerun"),
     # The channel-wise output (B4 T4096 H16 K128, benchmarks/profile_kernels.py --variants, one process).
     # 2026-12-01: with one program per chunk, A through memory then full-tile readout products took 2.95
     # ms with A's diagonal blocks over channel slices, 2.36 ms column by column; A in registers in one
@@ -123,11 +122,9 @@ TUNING = {
     # between the passes).
     "gla_output": dict(diagonal="slices"),
     "gla_attention": dict(),                                 # one program per 16-row block of a chunk
-    # "programs": "row_blocks" (one per 16-row block, none waiting on another: 4.40 ms, 2026-12-02),
-    # "chunks" (one per chunk, its 16-row blocks in two passes: 7.03 ms) or "split" (the products with
-    # S_c and G_{c+1} by a kernel of one program per chunk, then the 16-row blocks without them: fewer
-    # live registers where Nsight found row_blocks register-bound; built 2026-12-02, not yet timed).
-    "gla_backward": dict(recompute_states=True, programs="row_blocks"),
+    # Its chunk backward is one program per 16-row block (4.42 ms; one per chunk 7.46, the inter-chunk
+    # products by a kernel of their own first 4.87: both removed, 2026-12-02, filters/pallas/gla.py).
+    "gla_backward": dict(recompute_states=True),
 }
 DEFAULT_TUNING = dict(num_warps=4, num_stages=1)
 

@@ -29,12 +29,13 @@ covariance carried through its output block (``TUNING carry="memory"``; in regis
 of the K = 128 kernel did not end within minutes on an H200). It needs every block's ``P_c``: the
 backward pass first reruns the forward kernel, which then also stores ``P_c`` at each block start
 (``[B, H, T/16, K, K]`` float32, held only during the backward pass; 1 GiB at B4 T4096 H16 K128), rather
-than keeping them from the forward pass, and the block's ``X = L^{-1}`` and pivots (``C x C`` and ``C``
-more per block): the 16 x 16 factorization, a chain of dependent steps that the forward kernel's time
-follows (docs/performance.md), then runs once per block in the backward pass, not twice. Each block is
-recomputed from these (`_block`) and differentiated by hand (`_block_backward`: the reverse of the
-formulas above, the Cholesky factor's by Murray's formula), so the kernel's derivative is exact, the same
-as JAX's of the block (tested in float64).
+than keeping them from the forward pass. Each block is recomputed from its ``P_c`` (`_block`, its 16 x 16
+factorization included) and differentiated by hand (`_block_backward`: the reverse of the formulas
+above, the Cholesky factor's by Murray's formula), so the kernel's derivative is exact, the same as
+JAX's of the block (tested in float64). Storing each block's ``X = L^{-1}`` and pivots in the forward
+kernel instead, so that the backward kernel does not factor again, was measured slower: 46.2 against
+36.3 ms forward+backward (B4 T4096 H16 K128, one H200 run, 2026-12-02): the stores and loads of the small
+tiles cost more than the factorization they save.
 """
 from __future__ import annotations
 
@@ -296,7 +297,7 @@ def _block_backward(blk, k, noise, cov, d_gains, d_next, *, dot):
     return d_k, d_log_decay, d_noise, d_inv_beta, d_cov
 
 
-def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *ckpt_refs,
+def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref, pf_ref, scale_ref, *ckpt_ref,
                        size, in_memory, factor, dot, key_noise, interpret):
     n = k_ref.shape[0] // size
     whitening = _whitening(factor)
@@ -306,23 +307,19 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
     # The carry is (P', s) with P = P' + s I: the noise enters as the scalar s, so that no K x K identity
     # occupies registers. P' is carried in registers (K^2 / threads of them per thread), or
     # (``in_memory``) in the output block itself, loaded where it is used and stored at the end of each
-    # block: the program's own stores are visible to its threads after a barrier. With ``ckpt_refs`` (the
-    # backward pass's checkpoints) every block's P_c is stored as it starts, and its X = L^{-1} and pivots
-    # diag(L) once computed, so that the backward kernel does not factor Sigma again.
+    # block: the program's own stores are visible to its threads after a barrier. With ``ckpt_ref`` (the
+    # backward pass's checkpoints) every block's P_c is stored as it starts.
     def body(i, cov, scale):
         if in_memory:
             cov = pf_ref[...]
-        if ckpt_refs:
+        if ckpt_ref:
             rk, ck = iota2(key_dim)
-            ckpt_refs[0][i] = cov + jnp.where(rk == ck, scale, 0.0)
+            ckpt_ref[0][i] = cov + jnp.where(rk == ck, scale, 0.0)
         t0 = pl.multiple_of(i * size, size)
         k = rows(k_ref, t0, size).astype(F32)
         blk = _block(k, rows(ld_ref, t0, size), rows(noise_ref, t0, size), rows(inv_beta_ref, t0, size), cov,
                      scale, dot=dot, whitening=whitening, key_noise=key_noise)
         gains_ref[pl.ds(t0, size), :] = blk["gains"]
-        if ckpt_refs:
-            ckpt_refs[1][i] = blk["whiten"]
-            ckpt_refs[2][i] = blk["pivots"]
         scale = jnp.exp(2.0 * blk["b_last"]) * scale + blk["alpha_last"]
         if not in_memory:
             return _next_covariance(blk, k, cov, dot=dot), scale
@@ -343,15 +340,15 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
     scale_ref[...] = jnp.full(scale_ref.shape, scale, F32)
 
 
-def _covariance_backward_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, ckpt_ref, whiten_ref, pivots_ref, dgains_ref,
-                                dpf_ref, dk_ref, dld_ref, dnoise_ref, dinv_beta_ref, dp0_ref, *, size, in_memory, dot,
-                                key_noise, interpret):
-    """The blocks in reverse: each recomputed from its checkpoints (``P_c``, and ``X = L^{-1}`` and the
-    pivots, which the forward kernel stored: no factorization here), then `_block_backward` turns the
-    cotangent of ``P_{c+1}`` and of the block's gains into the block's input cotangents and that of
+def _covariance_backward_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, ckpt_ref, dgains_ref, dpf_ref,
+                                dk_ref, dld_ref, dnoise_ref, dinv_beta_ref, dp0_ref, *, size, in_memory, factor,
+                                dot, key_noise, interpret):
+    """The blocks in reverse: each recomputed from its checkpoint ``P_c``, then `_block_backward` turns
+    the cotangent of ``P_{c+1}`` and of the block's gains into the block's input cotangents and that of
     ``P_c``. The cotangent ``dP`` is carried in registers, or (``in_memory``) in the output block ``dP_0``,
     loaded where it is used; ``P_c`` is loaded from the checkpoints where it is used."""
     n = k_ref.shape[0] // size
+    whitening = _whitening(factor)
     barrier = (lambda: None) if interpret else pltriton.debug_barrier
 
     def body(j, d_next):
@@ -361,7 +358,7 @@ def _covariance_backward_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, ckpt_ref
         noise = rows(noise_ref, t0, size)
         cov = lambda: ckpt_ref[i]
         blk = _block(k, rows(ld_ref, t0, size), noise, rows(inv_beta_ref, t0, size), cov(), 0.0, dot=dot,
-                     whitening=lambda sigma: (whiten_ref[i], pivots_ref[i]), key_noise=key_noise)
+                     whitening=whitening, key_noise=key_noise)
         d_k, d_ld, d_noise, d_inv_beta, d_cov = _block_backward(
             blk, k, noise, cov, rows(dgains_ref, t0, size), (lambda: dp0_ref[...]) if in_memory else (lambda: d_next),
             dot=dot)
@@ -404,19 +401,16 @@ def block_size(products: str) -> int:
     return size
 
 
-def _checkpoint_shapes(k, size):
+def _checkpoint_shape(k, size):
     batch, time, heads, key_dim = k.shape
-    return [(batch, heads, time // size, *d) for d in ((key_dim, key_dim), (size, size), (size,))]
+    return batch, heads, time // size, key_dim, key_dim
 
 
 def _specs(k, size):
     batch, time, heads, key_dim = k.shape
     seq = lambda *d: spec((None, time, None, *d), lambda i, h: (i, 0, h, *(0 for _ in d)))
     cov = spec((None, None, key_dim, key_dim), lambda i, h: (i, h, 0, 0))
-    n = time // size
-    ckpt = [spec((None, None, n, key_dim, key_dim), lambda i, h: (i, h, 0, 0, 0)),    # P_c
-            spec((None, None, n, size, size), lambda i, h: (i, h, 0, 0, 0)),          # X = L^{-1}
-            spec((None, None, n, size), lambda i, h: (i, h, 0, 0))]                   # diag(L)
+    ckpt = spec((None, None, time // size, key_dim, key_dim), lambda i, h: (i, h, 0, 0, 0))    # P_c
     return seq, cov, ckpt
 
 
@@ -425,8 +419,7 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", c
     """``k [B,T,H,K]``, ``log_decay, noise, inv_beta [B,T,H]`` float32 (T a multiple of the block size,
     `block_size`), ``p0 [B,H,K,K]`` -> the gains ``[B,T,H,K]`` and the final covariance ``[B,H,K,K]``,
     float32, and with ``checkpoints`` a third result for the backward kernel: every block's starting
-    covariance ``[B,H,T/block,K,K]``, the inverse ``X [B,H,T/block,C,C]`` of its Sigma's Cholesky factor and
-    that factor's diagonal ``[B,H,T/block,C]``. ``key_noise``: ``noise`` is ``q_t`` of ``Q_t = q_t k_t
+    covariance ``[B,H,T/block,K,K]``. ``key_noise``: ``noise`` is ``q_t`` of ``Q_t = q_t k_t
     k_t^T`` rather than of ``q_t I``. ``products``: ``"tf32x3"`` or ``"ieee"`` (`_products`), each with its
     own launch and form in `TUNING` (``KERNEL_NAMES``: the two were measured best at different settings)."""
     _check_products(products)
@@ -440,36 +433,36 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", c
     outs = launch(
         kernel, grid=(batch, heads),
         in_specs=[seq(key_dim), seq(), seq(), seq(), cov],
-        out_specs=[seq(key_dim), cov, spec((None, None, SUB), lambda i, h: (i, h, 0))] + ckpt * checkpoints,
+        out_specs=[seq(key_dim), cov, spec((None, None, SUB), lambda i, h: (i, h, 0))] + [ckpt] * checkpoints,
         out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(p0.shape, F32),
                    jax.ShapeDtypeStruct((batch, heads, SUB), F32)]
-                  + [jax.ShapeDtypeStruct(shape, F32) for shape in _checkpoint_shapes(k, size)] * checkpoints,
+                  + [jax.ShapeDtypeStruct(_checkpoint_shape(k, size), F32)] * checkpoints,
         interpret=interpret, name=KERNEL_NAMES[products])(k, log_decay, noise, inv_beta, p0)
     gains, final, scale = outs[:3]
     final = final + scale[..., :1, None] * jnp.eye(key_dim, dtype=F32)
-    return (gains, 0.5 * (final + jnp.swapaxes(final, -1, -2))) + ((tuple(outs[3:]),) if checkpoints else ())
+    return (gains, 0.5 * (final + jnp.swapaxes(final, -1, -2))) + tuple(outs[3:])
 
 
 def covariance_backward_kernel(k, log_decay, noise, inv_beta, checkpoints, d_gains, d_final, *,
                                products="tf32x3", key_noise=False, interpret=False):
     """The cotangents ``(dk [B,T,H,K], d log_decay, d noise, d inv_beta [B,T,H], dP_0 [B,H,K,K])`` of
     `covariance_kernel`'s inputs from those of its gains and final covariance, given its
-    ``checkpoints`` (its third result): one program per head walks the blocks backwards
+    ``checkpoints`` (its third result, ``P_c`` of every block): one program per head walks the blocks backwards
     (`_covariance_backward_kernel`)."""
     _check_products(products)
     batch, time, heads, key_dim = k.shape
-    size = checkpoints[1].shape[-1]                           # the forward kernel's blocks
+    size = time // checkpoints.shape[2]                       # the forward kernel's blocks
     seq, cov, ckpt = _specs(k, size)
     name = BACKWARD_NAMES[products]
     kernel = functools.partial(_covariance_backward_kernel, size=size, in_memory=tuning(name, "carry") == "memory",
-                               dot=_products(products, interpret), key_noise=key_noise, interpret=interpret)
+                               factor=tuning(name, "factor") or "two_loops", dot=_products(products, interpret), key_noise=key_noise, interpret=interpret)
     return launch(
         kernel, grid=(batch, heads),
-        in_specs=[seq(key_dim), seq(), seq(), seq(), *ckpt, seq(key_dim), cov],
+        in_specs=[seq(key_dim), seq(), seq(), seq(), ckpt, seq(key_dim), cov],
         out_specs=[seq(key_dim), seq(), seq(), seq(), cov],
         out_shape=[jax.ShapeDtypeStruct(k.shape, F32)] + [jax.ShapeDtypeStruct(noise.shape, F32)] * 3
                   + [jax.ShapeDtypeStruct((batch, heads, key_dim, key_dim), F32)],
-        interpret=interpret, name=name)(k, log_decay, noise, inv_beta, *checkpoints, d_gains, d_final)
+        interpret=interpret, name=name)(k, log_decay, noise, inv_beta, checkpoints, d_gains, d_final)
 
 
 def _padded(k, log_decay, noise, precision, multiple):
@@ -483,7 +476,7 @@ def _pass(chunk: int, products: str, interpret: bool, key_noise: bool, settings:
     """The pass as a `jax.custom_vjp` of ``(k, log_decay, noise, precision, P_0)``: forward and backward
     kernels on CUDA (or in the interpreter), the chunked reference and its derivative elsewhere. By
     default (``TUNING[...backward]["checkpoints"] = "rerun"``) the backward pass reruns the forward kernel
-    for its checkpoints (``P``, ``X`` and the pivots of every block) rather than keeping them between the
+    for its checkpoints (``P`` at every block start) rather than keeping them between the
     passes: the residuals are the inputs alone. With ``"forward"`` the forward pass stores them (``T/16 K^2``
     floats per head more, held until the backward pass: 1 GiB at B4 T4096 H16 K128) and the backward pass
     runs the backward kernel alone; off CUDA the reference then carries zeros of their shapes (it needs
@@ -509,7 +502,7 @@ def _pass(chunk: int, products: str, interpret: bool, key_noise: bool, settings:
 
     def reference_keeping(k, log_decay, noise, precision, p0):
         padded = _padded(k, log_decay, noise, precision, multiple)[0]
-        zeros = tuple(jnp.zeros(shape, F32) for shape in _checkpoint_shapes(padded, block_size(products)))
+        zeros = jnp.zeros(_checkpoint_shape(padded, block_size(products)), F32)
         return reference(k, log_decay, noise, precision, p0), zeros
 
     def kernels_vjp(k, log_decay, noise, precision, p0, d_gains, d_final, checkpoints=None, interpret=False):

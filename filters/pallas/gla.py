@@ -30,14 +30,12 @@ The backward pass, with cotangents written ``dX`` and ``G_{c+1}`` the cotangent 
 * dk``; ``b_C`` gathers the terms of the state update), and ``d log a_m = sum_{i >= m in its chunk}
 db_i``, a reverse cumulative sum that JAX derives from `chunk_log_decay`. (The last row's terms are
 ``rowsum(G_{c+1} * S_{c+1})``: the derivative of ``S_{c+1}`` in ``b_C``.) The products with ``S_c`` and
-``G_{c+1}`` are full ``C``-row tiles; the sums over ``dA`` use the same 16-row blocks as ``A``, in two
-passes per chunk: by rows (``dq``), then by columns (``dk, dv``), the partial sums of each block through
-memory rather than all alive in registers; or (``TUNING["gla_backward"]["programs"] = "row_blocks"``, the
-default, as ``A``'s kernel is split) one program per 16-row block ``r``, which
-owns ``dq`` of row block ``r`` and ``dk, dv`` of column block ``r``, so that no program waits on another,
-as flash-linear-attention splits its intra-chunk work; or (``"split"``) the products with ``S_c`` and
-``G_{c+1}`` first, by a kernel of one program per chunk (full tiles), and the 16-row-block programs
-without them. The chunk states are recomputed in the backward
+``G_{c+1}`` are taken on 16 rows at a time and the sums over ``dA`` use the same 16-row blocks as ``A``:
+one program per 16-row block ``r``, which owns ``dq`` of row block ``r`` and ``dk, dv`` of column block
+``r``, so that no program waits on another, as flash-linear-attention splits its intra-chunk work. (Two
+other forms were measured slower on an H200 and removed, 2026-12-02: one program per chunk walking its
+blocks in two passes, 7.46 ms against 4.42; and the products with ``S_c`` and ``G_{c+1}`` first by a
+kernel of full tiles, then the row blocks without them, 4.87 ms.) The chunk states are recomputed in the backward
 pass by the state kernel rather than kept (``TUNING["gla_backward"]["recompute_states"]``), as
 flash-linear-attention does: memory stays linear in T either way.
 
@@ -57,7 +55,7 @@ from jax.experimental import pallas as pl
 
 from filters import chunked
 from filters.pallas.common import (SUB, TUNING, Dots, chunk_log_decay, iota2, launch, masked_exp, on_gpu,
-                                   pad_time, pltriton, rows, spec, tuning, value_block)
+                                   pad_time, rows, spec, tuning, value_block)
 
 F32 = jnp.float32
 
@@ -277,112 +275,27 @@ def _diagonal_backward(q_ref, k_ref, b_ref, start, dattend):
     return lax.fori_loop(0, SUB, step, (jnp.zeros((SUB, SUB), F32), zero, zero))
 
 
-def _chunk_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_ref, dk_ref, dv_ref, db_ref,
-                           *, dots, block_v, interpret):
-    chunk = q_ref.shape[0]
-    n = chunk // SUB
-    at = lambda ref, i: rows(ref, i * SUB, SUB)
-    sync = (lambda: None) if interpret else pltriton.debug_barrier   # the program's stores, read back below
-    # The products with S_c and G = G_{c+1} as full tiles (C rows): the inter-chunk part of dq, and the
-    # state update S_{c+1} = diag(exp(b_C)) S_c + (K * exp(b_C - b))^T V pulled back with G.
-    # Contractions over V run over blocks of at most 128 columns (as the delta rule's backward does), so
-    # that no [K, V] tile larger than 128 x 128 is alive.
-    value_blocks = [pl.ds(j * block_v, block_v) for j in range(v_ref.shape[1] // block_v)]
-    dq_ref[...], dk_ref[...], dv, end = _inter_chunk_terms(k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dots=dots,
-                                                           value_blocks=value_blocks)
-    for dv_c, cols in zip(dv, value_blocks):
-        dv_ref[:, cols] = dv_c
-    sync()
-    # A's blocks left of the diagonal are decayed towards r, the first step of row block i (both
-    # exponents <= 0, as in the forward): A_ij = (Q_i exp(b_i - r)) (K_j exp(r - b_j))^T. Two passes
-    # over the 16-row blocks, the partial sums of each block through the outputs (not all alive in
-    # registers): by rows, dq (complete), the diagonal blocks' parts of dk and dv, and q * dq towards db;
-    # then by columns, dk, dv and db.
-    first = lambda i: rows(b_ref, i * SUB, 1)
-    q_rel = lambda i: at(q_ref, i).astype(F32) * jnp.exp(at(b_ref, i) - first(i))
-    k_rel = lambda j, i: at(k_ref, j).astype(F32) * jnp.exp(first(i) - at(b_ref, j))
-    for i in range(n):
-        block = pl.ds(i * SUB, SUB)
-        dy_i = at(dy_ref, i)
-        attend, dq, dk = _diagonal_backward(q_ref, k_ref, b_ref, i * SUB, dots.nt(dy_i, at(v_ref, i)))
-        dq_rel = jnp.zeros(dq.shape, F32)
-        for j in range(i):
-            dq_rel = dq_rel + dots(dots.nt(dy_i, at(v_ref, j)), k_rel(j, i))      # dA_ij K_j exp(r - b_j)
-        dq = dq_ref[block, :] + dq + dq_rel * jnp.exp(at(b_ref, i) - first(i))
-        dq_ref[block, :] = dq
-        db_ref[block, :] = at(q_ref, i).astype(F32) * dq
-        dk_ref[block, :] = dk_ref[block, :] + dk
-        dv_ref[block, :] = dv_ref[block, :] + dots.tn(attend, dy_i)
-    sync()
-    for j in range(n):
-        block = pl.ds(j * SUB, SUB)
-        v_j = at(v_ref, j)
-        dk, dv = dk_ref[block, :], dv_ref[block, :]
-        for i in range(j + 1, n):
-            dy_i = at(dy_ref, i)
-            dk = dk + dots.tn(dots.nt(dy_i, v_j), q_rel(i)) * jnp.exp(first(i) - at(b_ref, j))   # dA_ij^T
-            dv = dv + dots.tn(dots.nt(q_rel(i), k_rel(j, i)), dy_i)                               # A_ij^T dY_i
-        dk_ref[block, :] = dk
-        dv_ref[block, :] = dv
-        # db = q * dq - k * dk: every exponent is b_i - b_j (or b_i alone, for the queries)
-        db = db_ref[block, :] - at(k_ref, j).astype(F32) * dk
-        if j == n - 1:
-            db = jnp.where(lax.broadcasted_iota(jnp.int32, (SUB, 1), 0) == SUB - 1, db + end, db)
-        db_ref[block, :] = db
-
-
-def _state_update_terms(k_ref, v_ref, b_ref, h_ref, g_ref, *, dots, value_blocks):
-    """The state update ``S_{c+1} = diag(exp(b_C)) S_c + (K * exp(b_C - b))^T V`` pulled back with ``G =
-    G_{c+1}``, over the whole chunk: ``(to_end = exp(b_C - b), k_end = K * to_end, dk_state = V G^T`` (the
-    cotangent of ``k_end``), ``end [1, K])``, ``end`` = db's terms of ``b_C`` for the chunk's last row, ``exp(b_C)
-    rowsum(G * S_c) + sum_j k_end_j * dk_state_j`` (together ``rowsum(G * S_{c+1})``, the derivative of
-    ``S_{c+1}`` in ``b_C``)."""
+def _state_update_end(k_ref, v_ref, b_ref, h_ref, g_ref, *, dots, value_blocks):
+    """``db``'s terms of ``b_C`` on a chunk's last row, ``[1, K]``: the state update ``S_{c+1} =
+    diag(exp(b_C)) S_c + (K * exp(b_C - b))^T V`` pulled back with ``G = G_{c+1}`` over the whole chunk,
+    ``exp(b_C) rowsum(G * S_c) + sum_j k_j exp(b_C - b_j) (V G^T)_j`` (together ``rowsum(G * S_{c+1})``,
+    the derivative of ``S_{c+1}`` in ``b_C``)."""
     b_end = rows(b_ref, k_ref.shape[0] - 1, 1)                      # b_C, [1, K]
-    to_end = jnp.exp(b_end - b_ref[...])
-    k_end = k_ref[...].astype(F32) * to_end
+    k_end = k_ref[...].astype(F32) * jnp.exp(b_end - b_ref[...])
     dk_state = sum(dots.nt(v_ref[:, cols], g_ref[:, cols]) for cols in value_blocks)
     g_h = sum(jnp.sum(g_ref[:, cols].astype(F32) * h_ref[:, cols].astype(F32), axis=1) for cols in value_blocks)
-    return to_end, k_end, dk_state, jnp.exp(b_end) * g_h[None, :] + jnp.sum(k_end * dk_state, axis=0)[None, :]
+    return jnp.exp(b_end) * g_h[None, :] + jnp.sum(k_end * dk_state, axis=0)[None, :]
 
 
-def _inter_chunk_terms(k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, *, dots, value_blocks):
-    """A chunk's products with ``S_c`` and ``G = G_{c+1}`` as full ``C``-row tiles: ``(dq, dk, [dv per
-    value block], end)`` (`_inter_chunk_backward_kernel`)."""
-    to_end, k_end, dk_state, end = _state_update_terms(k_ref, v_ref, b_ref, h_ref, g_ref, dots=dots,
-                                                       value_blocks=value_blocks)
-    dq = sum(dots.nt(dy_ref[:, cols], h_ref[:, cols]) for cols in value_blocks) * jnp.exp(b_ref[...])
-    return dq, dk_state * to_end, [dots(k_end, g_ref[:, cols]) for cols in value_blocks], end
-
-
-def _inter_chunk_backward_kernel(k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_ref, dk_ref, dv_ref, end_ref, *,
-                                 dots, block_v):
-    """The inter-chunk part of one chunk's cotangents, as full ``C``-row tiles: ``dq = (dY S_c^T) *
-    exp(b)``, ``dk = (V G^T) * exp(b_C - b)``, ``dv = (K * exp(b_C - b)) G`` (``G = G_{c+1}``), and the
-    state update's terms of ``b_C`` for ``db``'s last row, ``exp(b_C) rowsum(G * S_c) + sum_j k_j *
-    dk_j``, into ``end [1, K]``. `_row_block_backward_kernel` adds the intra-chunk terms: split so, no
-    program holds the ``K x V`` tiles and the 16-row blocks' sums at once (flash-linear-attention's
-    split of its GLA backward)."""
-    value_blocks = [pl.ds(j * block_v, block_v) for j in range(v_ref.shape[1] // block_v)]
-    terms = _inter_chunk_terms(k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dots=dots, value_blocks=value_blocks)
-    dq_ref[...], dk_ref[...], dv, end_ref[...] = terms
-    for dv_c, cols in zip(dv, value_blocks):
-        dv_ref[:, cols] = dv_c
-
-
-def _row_block_backward_kernel(*refs, dots, block_v, inter_given):
-    """`_chunk_backward_kernel`'s cotangents for the 16 steps of block ``r = program_id(3)`` of a chunk
-    (the outputs' blocks are those 16 rows): ``dq`` of row block ``r`` (its blocks of ``dA`` left of the
-    diagonal), ``dk`` and ``dv`` of column block ``r`` (the blocks below it), the diagonal block's terms
-    and the products with ``S_c`` and ``G_{c+1}`` restricted to its rows (or, ``inter_given``, those
-    products' rows and ``b_C``'s terms from `_inter_chunk_backward_kernel`: the refs are then ``q, k, v, b,
-    dq0, dk0, dv0, end, dy`` and the outputs, else ``q, k, v, b, h, g, dy`` and the outputs). Every
+def _row_block_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_ref, dk_ref, dv_ref, db_ref, *,
+                               dots, block_v):
+    """A chunk's cotangents (the module doc's "chunk" formulas) for the 16 steps of block ``r =
+    program_id(3)`` (the outputs' blocks are those 16 rows): ``dq`` of row block ``r`` (its blocks of
+    ``dA`` left of the diagonal), ``dk`` and ``dv`` of column block ``r`` (the blocks below it), the
+    diagonal block's terms and the products with ``S_c`` and ``G_{c+1}`` restricted to its rows. Every
     program walks ``n - 1`` off-diagonal blocks (``r`` left, ``n - 1 - r`` below), and none needs
     another's results; the last block's program adds the state update's terms of ``b_C`` to ``db``'s last
     row."""
-    if inter_given:
-        q_ref, k_ref, v_ref, b_ref, dq0_ref, dk0_ref, dv0_ref, end_ref, dy_ref, dq_ref, dk_ref, dv_ref, db_ref = refs
-    else:
-        q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_ref, dk_ref, dv_ref, db_ref = refs
     chunk = q_ref.shape[0]
     n = chunk // SUB
     r = pl.program_id(3)
@@ -394,14 +307,12 @@ def _row_block_backward_kernel(*refs, dots, block_v, inter_given):
     to_end = jnp.exp(b_end - b)
     q_r, k_r = rows(q_ref, start, SUB).astype(F32), rows(k_ref, start, SUB).astype(F32)
     dy_r, v_r = rows(dy_ref, start, SUB), rows(v_ref, start, SUB)
-    # the products with S_c and G = G_{c+1}, on this block's rows
-    if inter_given:
-        dk, dq = dk0_ref[...], dq0_ref[...]
-        dv = [dv0_ref[:, cols] for cols in value_blocks]
-    else:
-        dk = sum(dots.nt(v_ref[own, cols], g_ref[:, cols]) for cols in value_blocks) * to_end
-        dv = [dots(k_r * to_end, g_ref[:, cols]) for cols in value_blocks]
-        dq = sum(dots.nt(dy_ref[own, cols], h_ref[:, cols]) for cols in value_blocks) * jnp.exp(b)
+    # the products with S_c and G = G_{c+1}, on this block's rows; contractions over V run over blocks
+    # of at most 128 columns (as the delta rule's backward does), so that no [K, V] tile larger than
+    # 128 x 128 is alive
+    dk = sum(dots.nt(v_ref[own, cols], g_ref[:, cols]) for cols in value_blocks) * to_end
+    dv = [dots(k_r * to_end, g_ref[:, cols]) for cols in value_blocks]
+    dq = sum(dots.nt(dy_ref[own, cols], h_ref[:, cols]) for cols in value_blocks) * jnp.exp(b)
     # the diagonal block
     attend, dq_diag, dk_diag = _diagonal_backward(q_ref, k_ref, b_ref, start, dots.nt(dy_r, v_r))
     dq, dk = dq + dq_diag, dk + dk_diag
@@ -437,12 +348,9 @@ def _row_block_backward_kernel(*refs, dots, block_v, inter_given):
 
     # db = q * dq - k * dk; on the chunk's last row also the derivative of S_{c+1} in b_C:
     # exp(b_C) rowsum(G * S_c) + sum_j k_j exp(b_C - b_j) (V G^T)_j, over the whole chunk
-    if inter_given:
-        end = jnp.where(r == n - 1, end_ref[...], 0.0)
-    else:
-        end = lax.cond(r == n - 1, lambda: _state_update_terms(k_ref, v_ref, b_ref, h_ref, g_ref, dots=dots,
-                                                               value_blocks=value_blocks)[3],
-                       lambda: jnp.zeros(b_end.shape, F32))
+    end = lax.cond(r == n - 1, lambda: _state_update_end(k_ref, v_ref, b_ref, h_ref, g_ref, dots=dots,
+                                                         value_blocks=value_blocks),
+                   lambda: jnp.zeros(b_end.shape, F32))
     last = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0) == SUB - 1
     db_ref[...] = q_r * dq - k_r * dk + jnp.where(last, end, 0.0)
 
@@ -450,59 +358,23 @@ def _row_block_backward_kernel(*refs, dots, block_v, inter_given):
 def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, interpret=False):
     """Per chunk, the cotangents of ``q, k [B,T,H,K]``, ``v [B,T,H,V]`` and the cumulative log decay
     ``b [B,T,H,K]`` (float32), from the chunk states ``h`` and their cotangents ``g`` (``[B,H,N,K,V]``,
-    `state_backward_kernel`'s) and ``dy [B,T,H,V]``: one program per chunk, or (``TUNING["gla_backward"]
-    ["programs"] = "row_blocks"``) one per 16-row block of a chunk (`_row_block_backward_kernel`), or
-    (``"split"``) the inter-chunk terms by one program per chunk (`_inter_chunk_backward_kernel`, full
-    tiles), then the rest by one per 16-row block."""
+    `state_backward_kernel`'s) and ``dy [B,T,H,V]``: one program per 16-row block of a chunk
+    (`_row_block_backward_kernel`)."""
     batch, time, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     n = time // chunk
-    block = spec((None, chunk, None, key_dim), lambda i, hh, c: (i, c, hh, 0))
-    block_v = spec((None, chunk, None, value_dim), lambda i, hh, c: (i, c, hh, 0))
-    state = spec((None, None, key_dim, value_dim), lambda i, hh, c: (i, hh, c, 0))
+    per_chunk = chunk // SUB
     f32 = lambda x: jax.ShapeDtypeStruct(x.shape, F32)
     flat = lambda s: s.reshape(batch, heads, n * key_dim, value_dim)
-    programs = tuning("gla_backward", "programs")
-    if programs not in ("chunks", "row_blocks", "split"):
-        raise ValueError(f"TUNING gla_backward programs={programs!r}; accepted: 'chunks', 'row_blocks', 'split'")
-    per_chunk = chunk // SUB
-    four = lambda i, hh, c, r: (i, c, hh, 0)
+    whole = lambda width: spec((None, chunk, None, width), lambda i, hh, c, r: (i, c, hh, 0))
     row = lambda width: spec((None, SUB, None, width), lambda i, hh, c, r: (i, c * per_chunk + r, hh, 0))
-    if programs == "split":
-        ends = jax.ShapeDtypeStruct((batch, heads, n, 1, key_dim), F32)
-        dq0, dk0, dv0, end = launch(
-            functools.partial(_inter_chunk_backward_kernel, dots=dots, block_v=min(value_dim, 128)),
-            grid=(batch, heads, n),
-            in_specs=[block, block_v, block, state, state, block_v],
-            out_specs=[block, block, block_v, spec((None, None, None, 1, key_dim), lambda i, hh, c: (i, hh, c, 0, 0))],
-            out_shape=[f32(q), f32(k), f32(v), ends],
-            interpret=interpret, name="gla_chunk_backward_inter")(k, v, b, flat(h), flat(g), dy)
-        return tuple(launch(
-            functools.partial(_row_block_backward_kernel, dots=dots, block_v=min(value_dim, 128), inter_given=True),
-            grid=(batch, heads, n, per_chunk),
-            in_specs=[spec((None, chunk, None, key_dim), four)] * 2 + [spec((None, chunk, None, value_dim), four),
-                      spec((None, chunk, None, key_dim), four), row(key_dim), row(key_dim), row(value_dim),
-                      spec((None, None, None, 1, key_dim), lambda i, hh, c, r: (i, hh, c, 0, 0)),
-                      spec((None, chunk, None, value_dim), four)],
-            out_specs=[row(key_dim), row(key_dim), row(value_dim), row(key_dim)],
-            out_shape=[f32(q), f32(k), f32(v), f32(b)],
-            interpret=interpret, name="gla_chunk_backward")(q, k, v, b, dq0, dk0, dv0, end, dy))
-    if programs == "row_blocks":
-        return tuple(launch(
-            functools.partial(_row_block_backward_kernel, dots=dots, block_v=min(value_dim, 128), inter_given=False),
-            grid=(batch, heads, n, per_chunk),
-            in_specs=[spec((None, chunk, None, key_dim), four)] * 2 + [spec((None, chunk, None, value_dim), four),
-                      spec((None, chunk, None, key_dim), four)]
-                     + [spec((None, None, key_dim, value_dim), lambda i, hh, c, r: (i, hh, c, 0))] * 2
-                     + [spec((None, chunk, None, value_dim), four)],
-            out_specs=[row(key_dim), row(key_dim), row(value_dim), row(key_dim)],
-            out_shape=[f32(q), f32(k), f32(v), f32(b)],
-            interpret=interpret, name="gla_chunk_backward")(q, k, v, b, flat(h), flat(g), dy))
+    state = spec((None, None, key_dim, value_dim), lambda i, hh, c, r: (i, hh, c, 0))
     return tuple(launch(
-        functools.partial(_chunk_backward_kernel, dots=dots, block_v=min(value_dim, 128), interpret=interpret),
-        grid=(batch, heads, n),
-        in_specs=[block, block, block_v, block, state, state, block_v],
-        out_specs=[block, block, block_v, block], out_shape=[f32(q), f32(k), f32(v), f32(b)],
+        functools.partial(_row_block_backward_kernel, dots=dots, block_v=min(value_dim, 128)),
+        grid=(batch, heads, n, per_chunk),
+        in_specs=[whole(key_dim), whole(key_dim), whole(value_dim), whole(key_dim), state, state, whole(value_dim)],
+        out_specs=[row(key_dim), row(key_dim), row(value_dim), row(key_dim)],
+        out_shape=[f32(q), f32(k), f32(v), f32(b)],
         interpret=interpret, name="gla_chunk_backward")(q, k, v, b, flat(h), flat(g), dy))
 
 
