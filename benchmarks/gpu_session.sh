@@ -74,8 +74,7 @@ if want kernels; then
 fi
 # The forms in TUNING beside the defaults (GLA's column-wise diagonal, slower on 2026-12-02; the
 # covariance passes' one-loop factor, within noise), to confirm or revisit a default.
-DEFAULT_VARIANTS='[{}, {"gla_output": {"diagonal": "columns"}, "covariance_pass": {"factor": "one_loop"},
-                        "covariance_pass_backward": {"factor": "one_loop"}}]'
+DEFAULT_VARIANTS='[{}, {"gla_output": {"diagonal": "columns"}, "covariance_pass": {"factor": "one_loop"}}]'
 want variants && timeout "$(cap 240)" python3 benchmarks/profile_kernels.py --time \
     --kernels "${KERNELS:-covariance_pass,covariance_pass_backward,gla_attention,gla_output,gla_chunk_backward,delta_rule_prepare}" \
     --variants "${VARIANTS:-$DEFAULT_VARIANTS}" > "$OUT_DIR/variants.jsonl" 2>&1

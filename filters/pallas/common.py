@@ -102,14 +102,15 @@ TUNING = {
     # Blocks of 32 steps (``"block": 32`` in covariance_pass; the backward follows its checkpoints) halve
     # the number of blocks but not the steps of the factorizations: 8.18 / 45.7 ms against 6.23 / 34.6 at
     # 16 (2026-12-01, benchmarks/gpu_session.sh bayesian), so 16 stays.
-    # It factors each block's Sigma again ("factor" as above): taking X = L^{-1} and the pivots stored by
-    # the checkpointing forward instead was 46.2 against 36.3 ms forward+backward (bisected over six trees
-    # in one H200 run, 2026-12-02; removed).
+    # It factors each block's Sigma again (Cholesky, then substitution): taking X = L^{-1} and the pivots
+    # stored by the checkpointing forward instead was 46.2 against 36.3 ms forward+backward (bisected over
+    # six trees in one H200 run, 2026-12-02; removed).
     # "checkpoints": "rerun" (the backward pass reruns the forward kernel to store them) or "forward" (the
     # forward pass stores them and keeps them for the backward: one pass less, T/16 K^2 floats per head
-    # held between the passes: 40.5 against 44.1 ms for 585 MiB more at B4 T4096 H16, 2026-12-02).
-    "covariance_pass_backward": dict(num_warps=8, carry="memory", factor="two_loops", checkpoints="rerun"),
-    "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", factor="one_loop", checkpoints="rerun"),
+    # held between the passes): at B4 T4096 H16, 40.3 against 35.8 ms for 573 MiB more (1805 -> 2378),
+    # 2026-12-02 after the revert above (44.1 against 40.5 before it): rerun stays, memory first.
+    "covariance_pass_backward": dict(num_warps=8, carry="memory", checkpoints="rerun"),
+    "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", checkpoints="rerun"),
     # The channel-wise output (B4 T4096 H16 K128, benchmarks/profile_kernels.py --variants, one process).
     # 2026-12-01: with one program per chunk, A through memory then full-tile readout products took 2.95
     # ms with A's diagonal blocks over channel slices, 2.36 ms column by column; A in registers in one

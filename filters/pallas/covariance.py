@@ -341,14 +341,18 @@ def _covariance_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, p0_ref, gains_ref
 
 
 def _covariance_backward_kernel(k_ref, ld_ref, noise_ref, inv_beta_ref, ckpt_ref, dgains_ref, dpf_ref,
-                                dk_ref, dld_ref, dnoise_ref, dinv_beta_ref, dp0_ref, *, size, in_memory, factor,
-                                dot, key_noise, interpret):
+                                dk_ref, dld_ref, dnoise_ref, dinv_beta_ref, dp0_ref, *, size, in_memory, dot,
+                                key_noise, interpret):
     """The blocks in reverse: each recomputed from its checkpoint ``P_c``, then `_block_backward` turns
     the cotangent of ``P_{c+1}`` and of the block's gains into the block's input cotangents and that of
     ``P_c``. The cotangent ``dP`` is carried in registers, or (``in_memory``) in the output block ``dP_0``,
     loaded where it is used; ``P_c`` is loaded from the checkpoints where it is used."""
     n = k_ref.shape[0] // size
-    whitening = _whitening(factor)
+    # Cholesky then substitution, whatever the forward kernel's "factor": the one-loop elimination here,
+    # with dP through memory and IEEE products, gave gradients 20% off on an H200 (2026-12-02,
+    # tests/test_pallas.py::test_covariance_pass[kernel_ieee]; right in the interpreter and with dP in
+    # registers), and was never measured faster.
+    whitening = _whitening_two_loops
     barrier = (lambda: None) if interpret else pltriton.debug_barrier
 
     def body(j, d_next):
@@ -455,7 +459,7 @@ def covariance_backward_kernel(k, log_decay, noise, inv_beta, checkpoints, d_gai
     seq, cov, ckpt = _specs(k, size)
     name = BACKWARD_NAMES[products]
     kernel = functools.partial(_covariance_backward_kernel, size=size, in_memory=tuning(name, "carry") == "memory",
-                               factor=tuning(name, "factor") or "two_loops", dot=_products(products, interpret), key_noise=key_noise, interpret=interpret)
+                               dot=_products(products, interpret), key_noise=key_noise, interpret=interpret)
     return launch(
         kernel, grid=(batch, heads),
         in_specs=[seq(key_dim), seq(), seq(), seq(), ckpt, seq(key_dim), cov],
