@@ -393,7 +393,7 @@ def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form, dot_precision
     products = "ieee" if dot_precision == "highest" else "tf32x3"
     name, backward = covariance.KERNEL_NAMES[products], covariance.BACKWARD_NAMES[products]
     monkeypatch.setitem(common.TUNING, name, {**common.TUNING[name], **form})
-    monkeypatch.setitem(common.TUNING, backward, {**common.TUNING[backward], **form})
+    monkeypatch.setitem(common.TUNING, backward, {**common.TUNING[backward], "carry": form["carry"]})
     sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     call = lambda k, ld, n, bt, p: covariance.covariance_pass(None, k, ld, n, bt, p, dot_precision=dot_precision)[:2]
     shapes = (sd(2, 64, 2, 128), sd(2, 64, 2), sd(2, 64, 2), sd(2, 64, 2), sd(2, 2, 128, 128))
