@@ -73,8 +73,10 @@ if want kernels; then
                       "covariance_pass_ieee": {"factor": "two_loops"}}]' > "$OUT_DIR/covariance.jsonl" 2>&1
 fi
 # The forms in TUNING beside the defaults (GLA's column-wise diagonal, slower on 2026-12-02; the
-# covariance passes' one-loop factor, within noise), to confirm or revisit a default.
-DEFAULT_VARIANTS='[{}, {"gla_output": {"diagonal": "columns"}, "covariance_pass": {"factor": "one_loop"}}]'
+# covariance passes' one-loop factor, within noise), to confirm or revisit a default; GLA's chunk backward
+# as three kernels (fla's split: built 2026-12-02, afternoon, not yet timed).
+DEFAULT_VARIANTS='[{}, {"gla_output": {"diagonal": "columns"}, "covariance_pass": {"factor": "one_loop"}},
+                   {"gla_backward": {"form": "three_kernels"}}]'
 want variants && timeout "$(cap 240)" python3 benchmarks/profile_kernels.py --time \
     --kernels "${KERNELS:-covariance_pass,covariance_pass_backward,gla_attention,gla_output,gla_chunk_backward,delta_rule_prepare}" \
     --variants "${VARIANTS:-$DEFAULT_VARIANTS}" > "$OUT_DIR/variants.jsonl" 2>&1

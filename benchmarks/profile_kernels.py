@@ -87,7 +87,9 @@ def kernel_calls(shape, seed=0):
         "gla_attention": (part(gla.attention_kernel, **opts), (q, k, bk)),
         "gla_readout": (part(gla.readout_kernel, **opts), (q, bk, h_gla, attend_gla, v)),
         "gla_state_backward": (part(gla.state_backward_kernel, **opts), (q, bk, dy, s0)),
-        "gla_chunk_backward": (part(gla.chunk_backward_kernel, **opts), (q, k, v, bk, h_gla, g_gla, dy)),
+        # A as the layer's backward has it (kept from the forward; the one-kernel form recomputes its blocks)
+        "gla_chunk_backward": (part(gla.chunk_backward_kernel, attend=attend_gla, **opts),
+                               (q, k, v, bk, h_gla, g_gla, dy)),
         "covariance_pass": (part(covariance.covariance_kernel, products="tf32x3", interpret=interpret), cov_args),
         "covariance_pass_ieee": (part(covariance.covariance_kernel, products="ieee", interpret=interpret), cov_args),
         "covariance_pass_backward": (covariance_backward, (*cov_args, d_gains, s0)),   # with its checkpointing forward

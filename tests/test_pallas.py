@@ -87,11 +87,13 @@ def test_delta_rule(interpret, decay):
     _check(ours, oracle, args)
 
 
-@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "reference"])
-def test_delta_rule_channelwise_decay(interpret):
+@pytest.mark.parametrize("interpret, form", [(True, "one_kernel"), (True, "three_kernels"), (False, "one_kernel")],
+                         ids=["kernel", "kernel_three_backward_kernels", "reference"])
+def test_delta_rule_channelwise_decay(monkeypatch, interpret, form):
     """KDA-style (a decay per key channel): the state kernels with ``b [C, K]``, GLA's output and chunk
-    backward kernels on ``(Q, W, U)``, the prepare's derivative, against the float64 recurrence; chunks of
-    32 (two 16-row blocks of ``L`` and ``A``), the last one padded."""
+    backward kernels (either form) on ``(Q, W, U)``, the prepare's derivative, against the float64
+    recurrence; chunks of 32 (two 16-row blocks of ``L`` and ``A``), the last one padded."""
+    monkeypatch.setitem(common.TUNING, "gla_backward", {**common.TUNING["gla_backward"], "form": form})
     q, k, v, beta, log_decay, s0 = _inputs(channelwise=True)
     w = beta[..., None] * k
     ours = lambda *a: delta_rule.delta_rule(*a, chunk_size=32, precision="highest", interpret=interpret)
@@ -141,17 +143,20 @@ def test_additive_channelwise_decay(interpret):
            (q, k, v, log_decay, s0))
 
 
-@pytest.mark.parametrize("dtype, key_dim, value_dim, chunk, keep_states, strongest", [
-    ("bfloat16", 32, 16, 16, True, 0.6), ("float32", 16, 256, 64, False, 4.0), ("float32", 16, 256, 64, True, 4.0)])
-def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_dim, chunk, keep_states, strongest):
+@pytest.mark.parametrize("dtype, key_dim, value_dim, chunk, keep_states, strongest, form", [
+    ("bfloat16", 32, 16, 16, True, 0.6, "one_kernel"), ("float32", 16, 256, 64, False, 4.0, "one_kernel"),
+    ("float32", 16, 256, 64, True, 4.0, "one_kernel"), ("bfloat16", 32, 16, 32, False, 0.6, "three_kernels"),
+    ("float32", 16, 256, 64, False, 4.0, "three_kernels")])
+def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_dim, chunk, keep_states, strongest,
+                                           form):
     """The channel-wise kernels and their backward kernels in the interpreter, K != V (V = 256: value
     blocks of 128 in the backward, 2 readout programs per chunk), chunk sizes
     the sub-blocks tile differently (1 block per chunk at 16, 4 at 64), the last chunk padded, against
     the float64 recurrence on the same (rounded) inputs; bf16 with the default products (bf16 on tensor
-    cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed.
+    cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed; the chunk backward as one kernel or three.
     Decays down to exp(-4) per step: a chunk's decay reaches exp(-128), which a kernel that split
     exp(b_i - b_j) into exp(b_i) exp(-b_j) would overflow (float32 ends at exp(88))."""
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states))
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states, form=form))
     low = jnp.dtype(dtype) == jnp.bfloat16
     q, k = RNG.normal(size=(B, T, H, key_dim)), RNG.normal(size=(B, T, H, key_dim))
     v = RNG.normal(size=(B, T, H, value_dim))
@@ -454,8 +459,8 @@ def test_covariance_checkpoints_kept_from_the_forward_pass_lower_for_cuda(monkey
                                                      (256, 256, 64)])
 def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
     """The channel-wise kernels lowered for CUDA on this CPU: forward (state pass, output), and with the
-    gradient the backward kernels (state pass in reverse, per-chunk backward) and the state pass again,
-    unless the chunk states are kept from the forward."""
+    gradient the backward kernels (state pass in reverse, the chunk backward as one kernel or three) and
+    the state pass again, unless the chunk states are kept from the forward."""
     sd = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
     b, t, h = 2, 200, 2
     args = (sd(b, t, h, key_dim), sd(b, t, h, key_dim), sd(b, t, h, value_dim),
@@ -469,8 +474,14 @@ def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
     grad = lambda *a: jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a)
     assert _triton_calls(loss, *args) == 3                 # state pass, A, readout
     assert _triton_calls(grad, *args) == 6
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=False))
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=False, form="one_kernel"))
     assert _triton_calls(lambda *a: grad(*a), *args) == 5
+    # dA, dv and dq / dk / db by kernels of their own, A kept from the forward
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, form="three_kernels"))
+    assert _triton_calls(lambda *a: grad(*a), *args) == 8
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, form="fused"))
+    with pytest.raises(ValueError, match="form='fused'; accepted: 'one_kernel', 'three_kernels'"):
+        _triton_calls(lambda *a: grad(*a), *args)
 
 
 @pytest.mark.parametrize("diagonal", ["slices", "columns"])

@@ -125,7 +125,13 @@ TUNING = {
     "gla_attention": dict(),                                 # one program per 16-row block of a chunk
     # Its chunk backward is one program per 16-row block (4.42 ms; one per chunk 7.46, the inter-chunk
     # products by a kernel of their own first 4.87: both removed, 2026-12-02, filters/pallas/gla.py).
-    "gla_backward": dict(recompute_states=True),
+    # "form": "one_kernel" (those programs compute dq, dk, dv, db) or "three_kernels" (as fla: dA per
+    # chunk through memory, dv by full tiles with A kept from the forward, then dq, dk, db by 16-row
+    # blocks without V-wide tiles in their loops; built 2026-12-02, not yet timed), with their launches.
+    "gla_backward": dict(recompute_states=True, form="one_kernel"),
+    "gla_dattend": dict(),
+    "gla_dvalues": dict(),
+    "gla_dkeys": dict(),
 }
 DEFAULT_TUNING = dict(num_warps=4, num_stages=1)
 

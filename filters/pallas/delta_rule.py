@@ -572,13 +572,14 @@ def _channel_kernels(chunk: int, dots_key: tuple, interpret: bool, settings: tup
     def bwd(saved, cotangents):
         (q, k, w, v, b, s0), (wp, h, u) = saved
         dy, dsf = cotangents
-        attend = _chunks(gla.attention_kernel(q, w, b, **opts), chunk)              # A [B,H,N,C,C]
+        attend_rows = gla.attention_kernel(q, w, b, **opts)                          # A [B,T,H,C]
+        attend = _chunks(attend_rows, chunk)                                          # A [B,H,N,C,C]
         dy_c = _chunks(dy.astype(F32), chunk)
         dh = jnp.einsum("bhnck,bhncv->bhnkv", _chunks(q.astype(F32) * jnp.exp(b), chunk), dy_c,
                         precision=dots.precision)
         du = _unchunks(jnp.einsum("bhnij,bhniv->bhnjv", attend, dy_c, precision=dots.precision))
         g_next, ubar, ds0 = state_backward_kernel(wp, w, b, dh, du, dsf, **opts)
-        dq, dw, _, db = gla.chunk_backward_kernel(q, w, u, b, h, g_next, dy, **opts)
+        dq, dw, _, db = gla.chunk_backward_kernel(q, w, u, b, h, g_next, dy, attend=attend_rows, **opts)
         dwp = -jnp.einsum("bhncv,bhnkv->bhnck", _chunks(ubar.astype(F32), chunk), h.astype(F32),
                           precision=dots.precision)
         _, prepare_vjp = jax.vjp(functools.partial(_channel_prepare_reference, chunk=chunk, dots=dots),

@@ -35,7 +35,11 @@ one program per 16-row block ``r``, which owns ``dq`` of row block ``r`` and ``d
 ``r``, so that no program waits on another, as flash-linear-attention splits its intra-chunk work. (Two
 other forms were measured slower on an H200 and removed, 2026-12-02: one program per chunk walking its
 blocks in two passes, 7.46 ms against 4.42; and the products with ``S_c`` and ``G_{c+1}`` first by a
-kernel of full tiles, then the row blocks without them, 4.87 ms.) The chunk states are recomputed in the backward
+kernel of full tiles, then the row blocks without them, 4.87 ms.) Or (``TUNING["gla_backward"]["form"] =
+"three_kernels"``, built and not yet timed) as flash-linear-attention splits it: ``dA`` per chunk
+through memory, ``dV`` by full-tile products with ``A`` kept from the forward pass, then ``dq, dk, db``
+by 16-row-block programs that read ``dA``'s 16 x 16 tiles and hold no V-wide tile in their loops (the
+one-kernel programs are register-bound: 255 registers, 12.5% occupancy). The chunk states are recomputed in the backward
 pass by the state kernel rather than kept (``TUNING["gla_backward"]["recompute_states"]``), as
 flash-linear-attention does: memory stays linear in T either way.
 
@@ -248,11 +252,12 @@ def state_backward_kernel(q, b, dy, dsf, *, chunk, dots, interpret=False):
                               interpret=interpret)
 
 
-def _diagonal_backward(q_ref, k_ref, b_ref, start, dattend):
+def _diagonal_backward(q_ref, k_ref, b_ref, start, dattend, *, with_attend=True):
     """On the diagonal 16 x 16 block (steps ``start..start+15``), from ``dA`` (its cotangent, lower
-    triangular entries used): ``A``, and the contributions ``dq_a = sum_{j<=a} dA_aj k_j exp(b_a - b_j)``
-    and ``dk_j = sum_{a>=j} dA_aj q_a exp(b_a - b_j)``, one step ``m`` of the block at a time (``A``'s
-    column ``m``, ``dq``'s terms of key ``m``, ``dk``'s terms of query ``m``)."""
+    triangular entries used): ``A`` (zeros unless ``with_attend``), and the contributions ``dq_a =
+    sum_{j<=a} dA_aj k_j exp(b_a - b_j)`` and ``dk_j = sum_{a>=j} dA_aj q_a exp(b_a - b_j)``, one step
+    ``m`` of the block at a time (``A``'s column ``m``, ``dq``'s terms of key ``m``, ``dk``'s terms of
+    query ``m``)."""
     r, c = iota2(SUB)
     row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
     q = rows(q_ref, start, SUB).astype(F32)
@@ -268,7 +273,8 @@ def _diagonal_backward(q_ref, k_ref, b_ref, start, dattend):
         column = jnp.sum(jnp.where(c == m, dattend, 0.0), axis=1)[:, None]   # dA[:, m]
         line = jnp.sum(jnp.where(r == m, dattend, 0.0), axis=0)[:, None]     # dA[m, :] as a column
         weighted = k_m * to_m
-        attend = jnp.where(c == m, jnp.sum(q * weighted, axis=1)[:, None], attend)
+        if with_attend:
+            attend = jnp.where(c == m, jnp.sum(q * weighted, axis=1)[:, None], attend)
         return attend, dq + column * weighted, dk + line * q_m * from_m
 
     zero = jnp.zeros(q.shape, F32)
@@ -355,27 +361,125 @@ def _row_block_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref,
     db_ref[...] = q_r * dq - k_r * dk + jnp.where(last, end, 0.0)
 
 
-def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, interpret=False):
+def _dattend_kernel(dy_ref, v_ref, da_ref, *, dots, block_v):
+    """``dA = lower(dY V^T)`` of one chunk, ``[C, C]`` float32 (diagonal included), the contraction over
+    V in blocks of at most 128 columns."""
+    r, c = iota2(dy_ref.shape[0])
+    da = sum(dots.nt(dy_ref[:, cols], v_ref[:, cols])
+             for cols in (pl.ds(j * block_v, block_v) for j in range(v_ref.shape[1] // block_v)))
+    da_ref[...] = jnp.where(c <= r, da, 0.0)
+
+
+def _dvalues_kernel(k_ref, b_ref, g_ref, a_ref, dy_ref, dv_ref, *, dots):
+    """``dV = A^T dY + (K * exp(b_C - b)) G_{c+1}`` of one chunk and value block: two full-tile products."""
+    b_end = rows(b_ref, k_ref.shape[0] - 1, 1)
+    k_end = k_ref[...].astype(F32) * jnp.exp(b_end - b_ref[...])
+    dv_ref[...] = dots.tn(a_ref[...], dy_ref[...]) + dots(k_end, g_ref[...])
+
+
+def _dkeys_row_block_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, da_ref, dq_ref, dk_ref, db_ref, *,
+                            dots, block_v):
+    """``dq``, ``dk`` and ``db`` of the 16 steps of block ``r = program_id(3)`` of a chunk, with ``dA``
+    read from memory (`_dattend_kernel`'s): the products with ``S_c`` and ``G_{c+1}`` on its rows, the
+    diagonal block, ``dA``'s blocks left of it (``dq``) and below it (``dk``), each a 16 x 16 tile times a
+    16 x K one; no V-wide tile is alive in the loops (`_row_block_backward_kernel` does the same with
+    ``dv`` and ``dA`` computed in place)."""
+    chunk = q_ref.shape[0]
+    n = chunk // SUB
+    r = pl.program_id(3)
+    start = pl.multiple_of(r * SUB, SUB)
+    value_blocks = [pl.ds(j * block_v, block_v) for j in range(v_ref.shape[1] // block_v)]
+    own = pl.ds(start, SUB)
+    b = rows(b_ref, start, SUB)
+    b_end = rows(b_ref, chunk - 1, 1)
+    dk = sum(dots.nt(v_ref[own, cols], g_ref[:, cols]) for cols in value_blocks) * jnp.exp(b_end - b)
+    dq = sum(dots.nt(dy_ref[own, cols], h_ref[:, cols]) for cols in value_blocks) * jnp.exp(b)
+    _, dq_diag, dk_diag = _diagonal_backward(q_ref, k_ref, b_ref, start, da_ref[own, pl.ds(start, SUB)],
+                                             with_attend=False)
+    dq, dk = dq + dq_diag, dk + dk_diag
+    ref = rows(b_ref, start, 1)
+
+    def left(j, dq_rel):                          # dA_rj (K_j exp(ref - b_j)), then exp(b_r - ref)
+        cols = pl.multiple_of(j * SUB, SUB)
+        k_rel = rows(k_ref, cols, SUB).astype(F32) * jnp.exp(ref - rows(b_ref, cols, SUB))
+        return dq_rel + dots(da_ref[own, pl.ds(cols, SUB)], k_rel)
+
+    dq = dq + lax.fori_loop(0, r, left, jnp.zeros(dq.shape, F32)) * jnp.exp(b - ref)
+
+    def below(i, dk):                             # dA_ir^T (Q_i exp(b_i - first_i)) exp(first_i - b_r)
+        t = pl.multiple_of(i * SUB, SUB)
+        first = rows(b_ref, t, 1)
+        q_rel = rows(q_ref, t, SUB).astype(F32) * jnp.exp(rows(b_ref, t, SUB) - first)
+        return dk + dots.tn(da_ref[pl.ds(t, SUB), pl.ds(start, SUB)], q_rel) * jnp.exp(first - b)
+
+    dk = lax.fori_loop(r + 1, n, below, dk)
+    dq_ref[...] = dq
+    dk_ref[...] = dk
+    end = lax.cond(r == n - 1, lambda: _state_update_end(k_ref, v_ref, b_ref, h_ref, g_ref, dots=dots,
+                                                         value_blocks=value_blocks),
+                   lambda: jnp.zeros(b_end.shape, F32))
+    last = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0) == SUB - 1
+    db_ref[...] = (rows(q_ref, start, SUB).astype(F32) * dq - rows(k_ref, start, SUB).astype(F32) * dk
+                   + jnp.where(last, end, 0.0))
+
+
+FORMS = ("one_kernel", "three_kernels")     # TUNING["gla_backward"]["form"]: `chunk_backward_kernel`
+
+
+def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, attend=None, interpret=False):
     """Per chunk, the cotangents of ``q, k [B,T,H,K]``, ``v [B,T,H,V]`` and the cumulative log decay
     ``b [B,T,H,K]`` (float32), from the chunk states ``h`` and their cotangents ``g`` (``[B,H,N,K,V]``,
-    `state_backward_kernel`'s) and ``dy [B,T,H,V]``: one program per 16-row block of a chunk
-    (`_row_block_backward_kernel`)."""
+    `state_backward_kernel`'s) and ``dy [B,T,H,V]``. ``TUNING["gla_backward"]["form"]``: ``"one_kernel"``
+    (the default: one program per 16-row block of a chunk computes all of them,
+    `_row_block_backward_kernel`) or ``"three_kernels"`` (as flash-linear-attention splits its GLA
+    backward: ``dA`` per chunk through memory, ``dv`` by full-tile products with ``A`` (``attend``,
+    `attention_kernel`'s ``[B,T,H,C]``, kept from the forward pass; computed again when not given), then
+    ``dq, dk, db`` by 16-row-block programs that hold no V-wide tile in their loops)."""
+    form = tuning("gla_backward", "form") or "one_kernel"
+    if form not in FORMS:
+        raise ValueError(f"TUNING gla_backward form={form!r}; accepted: {', '.join(map(repr, FORMS))}")
     batch, time, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     n = time // chunk
     per_chunk = chunk // SUB
+    block_v = min(value_dim, 128)
     f32 = lambda x: jax.ShapeDtypeStruct(x.shape, F32)
     flat = lambda s: s.reshape(batch, heads, n * key_dim, value_dim)
     whole = lambda width: spec((None, chunk, None, width), lambda i, hh, c, r: (i, c, hh, 0))
     row = lambda width: spec((None, SUB, None, width), lambda i, hh, c, r: (i, c * per_chunk + r, hh, 0))
     state = spec((None, None, key_dim, value_dim), lambda i, hh, c, r: (i, hh, c, 0))
-    return tuple(launch(
-        functools.partial(_row_block_backward_kernel, dots=dots, block_v=min(value_dim, 128)),
+    if form == "one_kernel":
+        return tuple(launch(
+            functools.partial(_row_block_backward_kernel, dots=dots, block_v=block_v),
+            grid=(batch, heads, n, per_chunk),
+            in_specs=[whole(key_dim), whole(key_dim), whole(value_dim), whole(key_dim), state, state,
+                      whole(value_dim)],
+            out_specs=[row(key_dim), row(key_dim), row(value_dim), row(key_dim)],
+            out_shape=[f32(q), f32(k), f32(v), f32(b)],
+            interpret=interpret, name="gla_chunk_backward")(q, k, v, b, flat(h), flat(g), dy))
+    if attend is None:
+        attend = attention_kernel(q, k, b, chunk=chunk, dots=dots, interpret=interpret)
+    per_chunk_spec = lambda width: spec((None, chunk, None, width), lambda i, hh, c: (i, c, hh, 0))
+    dattend = launch(
+        functools.partial(_dattend_kernel, dots=dots, block_v=block_v), grid=(batch, heads, n),
+        in_specs=[per_chunk_spec(value_dim)] * 2, out_specs=per_chunk_spec(chunk),
+        out_shape=jax.ShapeDtypeStruct((batch, time, heads, chunk), F32),
+        interpret=interpret, name="gla_dattend")(dy, v)
+    bv = min(value_dim, tuning("gla_dvalues", "block_v") or 128)
+    s = _output_specs(chunk, key_dim, bv)
+    dv = launch(
+        functools.partial(_dvalues_kernel, dots=dots), grid=(batch, heads, n, value_dim // bv),
+        in_specs=[s["k"], s["k"], s["state"], s["square"], s["v"]], out_specs=s["v"], out_shape=f32(v),
+        interpret=interpret, name="gla_dvalues")(k, b, flat(g), attend, dy)
+    dq, dk, db = launch(
+        functools.partial(_dkeys_row_block_kernel, dots=dots, block_v=block_v),
         grid=(batch, heads, n, per_chunk),
-        in_specs=[whole(key_dim), whole(key_dim), whole(value_dim), whole(key_dim), state, state, whole(value_dim)],
-        out_specs=[row(key_dim), row(key_dim), row(value_dim), row(key_dim)],
-        out_shape=[f32(q), f32(k), f32(v), f32(b)],
-        interpret=interpret, name="gla_chunk_backward")(q, k, v, b, flat(h), flat(g), dy))
+        in_specs=[whole(key_dim), whole(key_dim), whole(value_dim), whole(key_dim), state, state,
+                  whole(value_dim), whole(chunk)],
+        out_specs=[row(key_dim), row(key_dim), row(key_dim)],
+        out_shape=[f32(q), f32(k), f32(b)],
+        interpret=interpret, name="gla_dkeys")(q, k, v, b, flat(h), flat(g), dy, dattend)
+    return dq, dk, dv, db
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,33 +494,37 @@ def _kernels(chunk: int, dots_key: tuple, interpret: bool, settings: tuple):
 
     With ``TUNING["gla_backward"]["recompute_states"]`` (the default, as flash-linear-attention does),
     the backward pass reruns the state pass instead of keeping the chunk states ``[B,H,N,K,V]`` from the
-    forward: the residuals are the inputs alone.
+    forward: the residuals are the inputs alone. With ``TUNING["gla_backward"]["form"] =
+    "three_kernels"`` the forward's ``A`` (``[B,T,H,C]`` float32, ``T C`` floats per head) is kept for
+    the backward's ``dv``.
 
     ``settings`` is the kernels' `TUNING` when called: a key of the cache only, since JAX caches the
     traces of ``fwd`` and ``bwd`` (where the settings are read) by function."""
     recompute_states = bool(tuning("gla_backward", "recompute_states"))
+    keep_attend = tuning("gla_backward", "form") == "three_kernels"
     opts = dict(chunk=chunk, dots=Dots(*dots_key), interpret=interpret)
 
     def forward(q, k, v, b, s0):
         h, final = state_kernel(k, v, b, s0, **opts)
-        return (output_kernel(q, k, b, h, v, **opts), final), h
+        attend = attention_kernel(q, k, b, **opts)
+        return (readout_kernel(q, b, h, attend, v, **opts), final), (h, attend)
 
     @jax.custom_vjp
     def recursion(q, k, v, b, s0):
         return forward(q, k, v, b, s0)[0]
 
     def fwd(q, k, v, b, s0):
-        out, h = forward(q, k, v, b, s0)
-        return out, ((q, k, v, b, s0), None if recompute_states else h)
+        out, (h, attend) = forward(q, k, v, b, s0)
+        return out, ((q, k, v, b, s0), None if recompute_states else h, attend if keep_attend else None)
 
     def bwd(saved, cotangents):
-        args, h = saved
+        args, h, attend = saved
         q, k, v, b, s0 = args
         dy, dsf = cotangents
         if h is None:
             h, _ = state_kernel(k, v, b, s0, **opts)
         g, ds0 = state_backward_kernel(q, b, dy, dsf, **opts)
-        dq, dk, dv, db = chunk_backward_kernel(q, k, v, b, h, g, dy, **opts)
+        dq, dk, dv, db = chunk_backward_kernel(q, k, v, b, h, g, dy, attend=attend, **opts)
         return tuple(d.astype(a.dtype) for d, a in zip((dq, dk, dv, db, ds0), args))
 
     recursion.defvjp(fwd, bwd)
