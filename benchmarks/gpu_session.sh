@@ -74,9 +74,10 @@ if want kernels; then
 fi
 # The forms in TUNING beside the defaults (GLA's column-wise diagonal, slower on 2026-12-02; the
 # covariance passes' one-loop factor, within noise), to confirm or revisit a default; GLA's chunk backward
-# as three kernels (fla's split: built 2026-12-02, afternoon, not yet timed).
+# as three kernels (fla's split) and the delta rule's prepare with L by one full-tile product (both built
+# 2026-12-02, afternoon, not yet timed).
 DEFAULT_VARIANTS='[{}, {"gla_output": {"diagonal": "columns"}, "covariance_pass": {"factor": "one_loop"}},
-                   {"gla_backward": {"form": "three_kernels"}}]'
+                   {"gla_backward": {"form": "three_kernels"}, "delta_rule_prepare": {"gram": "full_tile"}}]'
 want variants && timeout "$(cap 240)" python3 benchmarks/profile_kernels.py --time \
     --kernels "${KERNELS:-covariance_pass,covariance_pass_backward,gla_attention,gla_output,gla_chunk_backward,delta_rule_prepare}" \
     --variants "${VARIANTS:-$DEFAULT_VARIANTS}" > "$OUT_DIR/variants.jsonl" 2>&1

@@ -101,12 +101,14 @@ def test_delta_rule_channelwise_decay(monkeypatch, interpret, form):
     _check(ours, oracle, (q, k, w, v, log_decay, s0))
 
 
-@pytest.mark.parametrize("reload", [True, False], ids=["through_memory", "in_registers"])
-def test_prepare_inverts_every_block_of_a_long_chunk(reload, monkeypatch):
+@pytest.mark.parametrize("reload, gram", [(True, "blocks"), (False, "blocks"), (True, "full_tile")],
+                         ids=["through_memory", "in_registers", "full_gram"])
+def test_prepare_inverts_every_block_of_a_long_chunk(reload, gram, monkeypatch):
     """The UT transform of a 64-step chunk (four 16 x 16 diagonal blocks and their block products), both
-    ways the kernel can assemble it, against ``(I + L)^{-1}`` computed densely in float64."""
+    ways the kernel can assemble it, with ``L`` by 16-row tiles or one full-tile product, against ``(I +
+    L)^{-1}`` computed densely in float64."""
     from filters.pallas import common
-    monkeypatch.setitem(common.TUNING, "delta_rule_prepare", dict(num_warps=2, reload=reload))
+    monkeypatch.setitem(common.TUNING, "delta_rule_prepare", dict(num_warps=2, reload=reload, gram=gram))
     chunk = time = 64                     # one head, one chunk: the interpreter is slow
     q, k, v, beta, log_decay, _ = (np.asarray(x)[:, :, :1] for x in _inputs())
     k, v = np.resize(k, (B, time, 1, K)), np.resize(v, (B, time, 1, V))
@@ -153,7 +155,8 @@ def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_di
     blocks of 128 in the backward, 2 readout programs per chunk), chunk sizes
     the sub-blocks tile differently (1 block per chunk at 16, 4 at 64), the last chunk padded, against
     the float64 recurrence on the same (rounded) inputs; bf16 with the default products (bf16 on tensor
-    cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed; the chunk backward as one kernel or three.
+    cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed; the
+    chunk backward as one kernel or three.
     Decays down to exp(-4) per step: a chunk's decay reaches exp(-128), which a kernel that split
     exp(b_i - b_j) into exp(b_i) exp(-b_j) would overflow (float32 ends at exp(88))."""
     monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states, form=form))
@@ -361,6 +364,21 @@ def test_kernels_lower_for_cuda():
         return jnp.sum(gains) + jnp.sum(final)
 
     assert _triton_calls(jax.grad(covariance_loss, argnums=(0, 1, 2, 3, 4)), seq, gate, gate, gate, state) == 2
+
+
+def test_prepare_with_one_gram_product_lowers_for_cuda(monkeypatch):
+    """The prepare kernel with ``L`` by one C x C product (``gram="full_tile"``) lowered for CUDA at the
+    headline's K = V = 128, chunks of 64, in the delta rule's forward; an unknown form is refused."""
+    sd = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+    b, t, h, d = 1, 128, 2, 128
+    seq, gate, state = sd(b, t, h, d), sd(b, t, h, dtype=jnp.float32), sd(b, h, d, d, dtype=jnp.float32)
+    call = lambda q, k, w, v, ld, s: delta_rule.delta_rule(q, k, w, v, ld, s)[0]
+    prepare = common.TUNING["delta_rule_prepare"]
+    monkeypatch.setitem(common.TUNING, "delta_rule_prepare", {**prepare, "gram": "full_tile"})
+    assert _triton_calls(lambda *a: call(*a), seq, seq, seq, seq, gate, state) == 3
+    monkeypatch.setitem(common.TUNING, "delta_rule_prepare", {**prepare, "gram": "dense"})
+    with pytest.raises(ValueError, match="gram='dense'; accepted: 'blocks', 'full_tile'"):
+        _triton_calls(lambda *a: call(*a), seq, seq, seq, seq, gate, state)
 
 
 def test_channelwise_delta_rule_lowers_for_cuda():

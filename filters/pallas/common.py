@@ -80,7 +80,11 @@ TUNING = {
     # Its 16 x 16 diagonal blocks of (I + L)^{-1} are taken by substitution (15 dependent steps, each a
     # reduction across the program): three levels of block products instead were slower (0.56-0.61 ms
     # against 0.45, 2026-12-02) and are gone.
-    "delta_rule_prepare": dict(num_warps=2, reload=True),
+    # "gram": "blocks" (L = (K W^T) * D by 16-row tile products, 10 at C = 64) or "full_tile" (one C x C
+    # product on the tensor cores through memory, as fla's fused kkT; built 2026-12-02, not yet timed:
+    # the kernel is register-bound, 255 registers at 2 warps, and the prepare is about half of the
+    # delta rule's forward).
+    "delta_rule_prepare": dict(num_warps=2, reload=True, gram="blocks"),
     "delta_rule_state": dict(num_warps=4, num_stages=3, block_v=64),
     "additive_state": dict(num_warps=4, num_stages=3, block_v=64),
     "delta_rule_output": dict(num_warps=4, num_stages=2, block_v=128),
