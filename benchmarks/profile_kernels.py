@@ -131,9 +131,12 @@ def main():
                              "the covariance pass's rows also carry its error against float64")
     args = parser.parse_args()
     common.tuning_from_environment(args.tune)        # merged into each kernel's settings, as MBD_PALLAS_TUNING is
+    variants = json.loads(args.variants)
+    for variant in variants:                         # every variant checked before any is timed
+        common.check_settings(variant, "--variants")
     calls = kernel_calls(tuple(int(x) for x in args.shape.split("x")))
     base = {name: dict(settings) for name, settings in common.TUNING.items()}
-    for variant in json.loads(args.variants):
+    for variant in variants:
         for name, settings in variant.items():
             common.TUNING[name] = {**base.get(name, {}), **settings}
         for name, (fn, call_args) in calls.items():

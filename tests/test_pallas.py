@@ -303,14 +303,18 @@ def test_covariance_kernel_forms(monkeypatch, form, dot_precision):
 
 
 def test_launch_settings_from_the_environment(monkeypatch):
-    """MBD_PALLAS_TUNING merges into the launch settings; a malformed value or an unknown kernel is
-    refused with what is accepted."""
+    """MBD_PALLAS_TUNING merges into the launch settings; a malformed value, an unknown kernel or a
+    setting the kernel does not read (a removed form's) is refused with what is accepted."""
     monkeypatch.setattr(common, "TUNING", {name: dict(v) for name, v in common.TUNING.items()})
     common.tuning_from_environment('{"covariance_pass": {"num_warps": 2}}')
     assert common.tuning("covariance_pass", "num_warps") == 2
     assert common.tuning("covariance_pass", "factor") == "two_loops"          # the others kept
+    common.tuning_from_environment('{"covariance_pass": {"block": 32}, "gla_output": {"block_v": 64}}')
+    assert common.tuning("covariance_pass", "block") == 32 and common.tuning("gla_output", "block_v") == 64
     for bad, phrase in [("{x", "accepted: JSON"), ('{"covariance": {}}', "unknown kernels ['covariance']"),
-                        ("[1]", "not an object of objects")]:
+                        ("[1]", "not an object of objects"),
+                        ('{"gla_backward": {"programs": "split"}}', "sets ['programs'] of 'gla_backward'"),
+                        ('{"covariance_pass_backward": {"factor": "one_loop"}}', "accepted: ['carry', 'checkpoints'")]:
         with pytest.raises(ValueError, match=re.escape(phrase)):
             common.tuning_from_environment(bad)
 

@@ -138,11 +138,20 @@ TUNING = {
     "gla_dkeys": dict(),
 }
 DEFAULT_TUNING = dict(num_warps=4, num_stages=1)
+# Settings a kernel reads without a default in `TUNING` (besides the launch's num_warps and num_stages).
+OPTIONAL_SETTINGS = {"covariance_pass": ("block",), "covariance_pass_ieee": ("block",), "gla_output": ("block_v",),
+                     "gla_dvalues": ("block_v",)}
+
+
+def accepted_settings(name: str) -> list:
+    """The settings ``TUNING[name]`` may hold: its defaults' names, the launch's, and `OPTIONAL_SETTINGS`."""
+    return sorted(set(TUNING[name]) | set(DEFAULT_TUNING) | set(OPTIONAL_SETTINGS.get(name, ())))
 
 
 def tuning_from_environment(text: str) -> None:
     """Merge ``MBD_PALLAS_TUNING`` (JSON ``{kernel: {setting: value}}``) into `TUNING`, so that a benchmark
-    or a training run can try other launch settings without an edit; unknown kernels are refused."""
+    or a training run can try other launch settings without an edit; unknown kernels and settings are
+    refused (a setting no kernel reads, such as a removed form's, would otherwise be ignored silently)."""
     try:
         settings = json.loads(text)
         if not (isinstance(settings, dict) and all(isinstance(v, dict) for v in settings.values())):
@@ -150,11 +159,21 @@ def tuning_from_environment(text: str) -> None:
     except ValueError as error:
         raise ValueError(f"MBD_PALLAS_TUNING={text!r}: {error}; accepted: JSON {{kernel: {{setting: value}}}}, "
                          f"e.g. '{{\"covariance_pass\": {{\"num_warps\": 2}}}}'") from None
-    unknown = sorted(set(settings) - set(TUNING))
-    if unknown:
-        raise ValueError(f"MBD_PALLAS_TUNING names unknown kernels {unknown}; accepted: {sorted(TUNING)}")
+    check_settings(settings, "MBD_PALLAS_TUNING")
     for name, values in settings.items():
         TUNING[name] = {**TUNING[name], **values}
+
+
+def check_settings(settings: dict, source: str) -> None:
+    """Refuse, naming ``source``, a kernel not in `TUNING` or a setting it does not read."""
+    unknown = sorted(set(settings) - set(TUNING))
+    if unknown:
+        raise ValueError(f"{source} names unknown kernels {unknown}; accepted: {sorted(TUNING)}")
+    for name, values in settings.items():
+        unknown = sorted(set(values) - set(accepted_settings(name)))
+        if unknown:
+            raise ValueError(f"{source} sets {unknown} of {name!r}, which it does not read; "
+                             f"accepted: {accepted_settings(name)}")
 
 
 if os.environ.get("MBD_PALLAS_TUNING"):
