@@ -18,7 +18,6 @@ import json
 import os
 import warnings
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
