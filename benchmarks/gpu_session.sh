@@ -30,6 +30,12 @@
 #   training   the MQAR training step at d_model 512 (benchmarks/training_throughput.py; $TRAIN_MODELS)
 #   profile    Nsight Compute on the kernels that miss their targets (registers, occupancy, spills, pipes;
 #              $NCU_KERNELS: which of them)
+#   trees      one model ($TREE_MODEL, default bayesian; pallas, no peers, median of 10) at the headline
+#              shape in each older tree carried as .device/tree_NAME.tgz, each with its own benchmarks
+#              (to bisect a regression on one machine; make them here with
+#              `git archive --format=tar REV -- filters designmodels layers benchmarks experiments configs
+#              pyproject.toml | gzip > .device/tree_REV.tgz`, .device listed in .git/info/exclude, and carry
+#              .device); the records go to OUT_DIR/tree_NAME.jsonl
 # It installs the carried wheels into /tmp/site, restores fla's autotuning results from
 # .cache/caches.tgz.* if present, else from benchmarks/fla_autotune_h200.tgz (committed: what the calls of
 # 2026-12-01 midday autotuned, fla 0.6.0 on Triton 3.6, the shapes 8x2048x32x64 and 1x32768x8x128; each op
@@ -40,7 +46,7 @@
 # (2026-12-01), more than a call returns; the autotuned configuration recompiles in seconds. It stops at
 # SECONDS (default 540), keeping what was measured (each step writes its files as it goes).
 set -u
-if [ $# -lt 1 ]; then sed -n 2,41p "$0"; exit 2; fi
+if [ $# -lt 1 ]; then sed -n '2,/^set -u$/{/^set -u$/!p}' "$0"; exit 2; fi
 OUT_DIR=$1; BUDGET=${2:-540}; PHASES=,${3:-tests,kernels,headline},; START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 want() { [[ $PHASES == *,$1,* ]] && [ "$(left)" -gt 30 ]; }
@@ -112,6 +118,16 @@ want shapes && timeout "$(cap 540)" python3 benchmarks/gpu_kernels.py --shapes "
 want training && timeout "$(cap 300)" python3 benchmarks/training_throughput.py --d-models 512 \
     --models "${TRAIN_MODELS:-mamba2,deltanet,gated_deltanet,bayesian}" --backends "${BACKENDS:-pallas,chunked}" \
     --out "$OUT_DIR/training_throughput.md" 2>&1 | tail -3
+if want trees; then
+    for tree in .device/tree_*.tgz; do
+        [ -f "$tree" ] && [ "$(left)" -gt 60 ] || continue
+        name=$(basename "$tree" .tgz); dir=/tmp/$name
+        mkdir -p "$dir" && tar -xzf "$tree" -C "$dir"
+        (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout "$(cap 90)" python3 benchmarks/gpu_kernels.py \
+            --shapes 4x4096x16x128 --models "${TREE_MODEL:-bayesian}" --backends pallas --peers none --oracle none \
+            --repeats 10 --json "$OUT_DIR/$name.jsonl" 2>&1 | grep -v -i deprecat | tail -1)
+    done
+fi
 # NCU_KERNELS narrows it (ncu replays every section's passes per launch: four kernels did not all fit in 240 s).
 PROFILED=${NCU_KERNELS:-gla_attention,gla_chunk_backward,covariance_pass,delta_rule_prepare}
 want profile && timeout "$(cap 240)" ncu --clock-control none -k regex:"${PROFILED//,/|}" \
