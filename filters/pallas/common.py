@@ -228,6 +228,12 @@ def rows(ref, start, size):
     return ref[pl.ds(start, size)] if len(ref.shape) == 1 else ref[pl.ds(start, size), :]
 
 
+def column_blocks(width: int, block: int) -> list:
+    """``pl.ds`` slices of ``block`` columns covering ``width`` (a multiple of it): the value blocks over
+    which the backward kernels contract V, so that no tile wider than ``block`` is alive."""
+    return [pl.ds(j * block, block) for j in range(width // block)]
+
+
 def masked_exp(diff, mask):
     """``exp(diff)`` where ``mask``, 0 elsewhere, with no overflow where the mask is off."""
     return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)

@@ -58,8 +58,8 @@ from jax.experimental import pallas as pl
 
 from filters import chunked, linalg
 from filters.pallas import gla
-from filters.pallas.common import (SUB, TUNING, Dots, chunk_log_decay, exact_dot, iota2, launch, masked_exp,
-                                   on_gpu, pad_time, pltriton, rows, spec, tuning, value_block)
+from filters.pallas.common import (SUB, TUNING, Dots, chunk_log_decay, column_blocks, exact_dot, iota2, launch,
+                                   masked_exp, on_gpu, pad_time, pltriton, rows, spec, tuning, value_block)
 
 F32 = jnp.float32
 
@@ -338,8 +338,7 @@ def _output_backward_kernel(q_ref, w_ref, b_ref, h_ref, u_ref, dy_ref,
     q_gamma = q.astype(F32) * gamma[:, None]
     dqh = jnp.zeros(q.shape, F32)
     dattend = jnp.zeros(attend.shape, F32)
-    for j in range(h_ref.shape[1] // block_v):      # value blocks: contractions over V accumulate
-        cols = pl.ds(j * block_v, block_v)
+    for cols in column_blocks(h_ref.shape[1], block_v):     # value blocks: contractions over V accumulate
         dy = dy_ref[:, cols]
         h = h_ref[:, cols]
         dh_ref[:, cols] = dots.tn(q_gamma, dy).astype(dh_ref.dtype)
@@ -385,7 +384,7 @@ def _chunk_backward_kernel(*refs, dots, erase, block_v):
         w_ref, v_ref, b_ref, h_ref, g_ref, dw_ref, db_ref = refs
     b = b_ref[...]
     chunk, key_dim = w_ref.shape
-    value_blocks = [pl.ds(j * block_v, block_v) for j in range(h_ref.shape[1] // block_v)]
+    value_blocks = column_blocks(h_ref.shape[1], block_v)
     db = jnp.zeros((chunk,), F32)
     dw = jnp.zeros((chunk, key_dim), F32)
     if erase:

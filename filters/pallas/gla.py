@@ -58,8 +58,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from filters import chunked
-from filters.pallas.common import (SUB, TUNING, Dots, chunk_log_decay, iota2, launch, masked_exp, on_gpu,
-                                   pad_time, rows, spec, tuning, value_block)
+from filters.pallas.common import (SUB, TUNING, Dots, chunk_log_decay, column_blocks, iota2, launch,
+                                   masked_exp, on_gpu, pad_time, rows, spec, tuning, value_block)
 
 F32 = jnp.float32
 
@@ -293,6 +293,31 @@ def _state_update_end(k_ref, v_ref, b_ref, h_ref, g_ref, *, dots, value_blocks):
     return jnp.exp(b_end) * g_h[None, :] + jnp.sum(k_end * dk_state, axis=0)[None, :]
 
 
+def _inter_chunk_rows(v_ref, dy_ref, b_ref, h_ref, g_ref, own, *, dots, value_blocks):
+    """The products with ``S_c`` and ``G = G_{c+1}`` on the rows ``own`` of a chunk: ``(dq, dk) = ((dY
+    S_c^T) * exp(b), (V G^T) * exp(b_C - b))``, the contractions over V in blocks of at most 128 columns
+    (as the delta rule's backward does), so that no [K, V] tile larger than 128 x 128 is alive."""
+    b = b_ref[own, :]
+    b_end = rows(b_ref, v_ref.shape[0] - 1, 1)
+    dq = sum(dots.nt(dy_ref[own, cols], h_ref[:, cols]) for cols in value_blocks) * jnp.exp(b)
+    dk = sum(dots.nt(v_ref[own, cols], g_ref[:, cols]) for cols in value_blocks) * jnp.exp(b_end - b)
+    return dq, dk
+
+
+def _row_block_db(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dq, dk, *, dots, value_blocks):
+    """``db = q * dq - k * dk`` on the program's 16 rows; the chunk's last block also adds, on its last
+    row, the derivative of ``S_{c+1}`` in ``b_C`` (`_state_update_end`)."""
+    n = q_ref.shape[0] // SUB
+    r = pl.program_id(3)
+    start = pl.multiple_of(r * SUB, SUB)
+    end = lax.cond(r == n - 1, lambda: _state_update_end(k_ref, v_ref, b_ref, h_ref, g_ref, dots=dots,
+                                                         value_blocks=value_blocks),
+                   lambda: jnp.zeros((1, k_ref.shape[1]), F32))
+    last = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0) == SUB - 1
+    return (rows(q_ref, start, SUB).astype(F32) * dq - rows(k_ref, start, SUB).astype(F32) * dk
+            + jnp.where(last, end, 0.0))
+
+
 def _row_block_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_ref, dk_ref, dv_ref, db_ref, *,
                                dots, block_v):
     """A chunk's cotangents (the module doc's "chunk" formulas) for the 16 steps of block ``r =
@@ -306,19 +331,16 @@ def _row_block_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref,
     n = chunk // SUB
     r = pl.program_id(3)
     start = pl.multiple_of(r * SUB, SUB)
-    value_blocks = [pl.ds(j * block_v, block_v) for j in range(v_ref.shape[1] // block_v)]
+    value_blocks = column_blocks(v_ref.shape[1], block_v)
     own = pl.ds(start, SUB)
     b = rows(b_ref, start, SUB)
     b_end = rows(b_ref, chunk - 1, 1)                               # b_C, [1, K]
     to_end = jnp.exp(b_end - b)
-    q_r, k_r = rows(q_ref, start, SUB).astype(F32), rows(k_ref, start, SUB).astype(F32)
+    k_r = rows(k_ref, start, SUB).astype(F32)
     dy_r, v_r = rows(dy_ref, start, SUB), rows(v_ref, start, SUB)
-    # the products with S_c and G = G_{c+1}, on this block's rows; contractions over V run over blocks
-    # of at most 128 columns (as the delta rule's backward does), so that no [K, V] tile larger than
-    # 128 x 128 is alive
-    dk = sum(dots.nt(v_ref[own, cols], g_ref[:, cols]) for cols in value_blocks) * to_end
+    # the products with S_c and G = G_{c+1}, on this block's rows
+    dq, dk = _inter_chunk_rows(v_ref, dy_ref, b_ref, h_ref, g_ref, own, dots=dots, value_blocks=value_blocks)
     dv = [dots(k_r * to_end, g_ref[:, cols]) for cols in value_blocks]
-    dq = sum(dots.nt(dy_ref[own, cols], h_ref[:, cols]) for cols in value_blocks) * jnp.exp(b)
     # the diagonal block
     attend, dq_diag, dk_diag = _diagonal_backward(q_ref, k_ref, b_ref, start, dots.nt(dy_r, v_r))
     dq, dk = dq + dq_diag, dk + dk_diag
@@ -351,22 +373,15 @@ def _row_block_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref,
     dk_ref[...] = dk
     for dv_c, cols in zip(dv, value_blocks):
         dv_ref[:, cols] = dv_c
-
-    # db = q * dq - k * dk; on the chunk's last row also the derivative of S_{c+1} in b_C:
-    # exp(b_C) rowsum(G * S_c) + sum_j k_j exp(b_C - b_j) (V G^T)_j, over the whole chunk
-    end = lax.cond(r == n - 1, lambda: _state_update_end(k_ref, v_ref, b_ref, h_ref, g_ref, dots=dots,
-                                                         value_blocks=value_blocks),
-                   lambda: jnp.zeros(b_end.shape, F32))
-    last = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0) == SUB - 1
-    db_ref[...] = q_r * dq - k_r * dk + jnp.where(last, end, 0.0)
+    db_ref[...] = _row_block_db(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dq, dk, dots=dots,
+                                value_blocks=value_blocks)
 
 
 def _dattend_kernel(dy_ref, v_ref, da_ref, *, dots, block_v):
     """``dA = lower(dY V^T)`` of one chunk, ``[C, C]`` float32 (diagonal included), the contraction over
     V in blocks of at most 128 columns."""
     r, c = iota2(dy_ref.shape[0])
-    da = sum(dots.nt(dy_ref[:, cols], v_ref[:, cols])
-             for cols in (pl.ds(j * block_v, block_v) for j in range(v_ref.shape[1] // block_v)))
+    da = sum(dots.nt(dy_ref[:, cols], v_ref[:, cols]) for cols in column_blocks(v_ref.shape[1], block_v))
     da_ref[...] = jnp.where(c <= r, da, 0.0)
 
 
@@ -388,12 +403,10 @@ def _dkeys_row_block_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, da
     n = chunk // SUB
     r = pl.program_id(3)
     start = pl.multiple_of(r * SUB, SUB)
-    value_blocks = [pl.ds(j * block_v, block_v) for j in range(v_ref.shape[1] // block_v)]
+    value_blocks = column_blocks(v_ref.shape[1], block_v)
     own = pl.ds(start, SUB)
     b = rows(b_ref, start, SUB)
-    b_end = rows(b_ref, chunk - 1, 1)
-    dk = sum(dots.nt(v_ref[own, cols], g_ref[:, cols]) for cols in value_blocks) * jnp.exp(b_end - b)
-    dq = sum(dots.nt(dy_ref[own, cols], h_ref[:, cols]) for cols in value_blocks) * jnp.exp(b)
+    dq, dk = _inter_chunk_rows(v_ref, dy_ref, b_ref, h_ref, g_ref, own, dots=dots, value_blocks=value_blocks)
     _, dq_diag, dk_diag = _diagonal_backward(q_ref, k_ref, b_ref, start, da_ref[own, pl.ds(start, SUB)],
                                              with_attend=False)
     dq, dk = dq + dq_diag, dk + dk_diag
@@ -415,12 +428,8 @@ def _dkeys_row_block_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, da
     dk = lax.fori_loop(r + 1, n, below, dk)
     dq_ref[...] = dq
     dk_ref[...] = dk
-    end = lax.cond(r == n - 1, lambda: _state_update_end(k_ref, v_ref, b_ref, h_ref, g_ref, dots=dots,
-                                                         value_blocks=value_blocks),
-                   lambda: jnp.zeros(b_end.shape, F32))
-    last = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0) == SUB - 1
-    db_ref[...] = (rows(q_ref, start, SUB).astype(F32) * dq - rows(k_ref, start, SUB).astype(F32) * dk
-                   + jnp.where(last, end, 0.0))
+    db_ref[...] = _row_block_db(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dq, dk, dots=dots,
+                                value_blocks=value_blocks)
 
 
 FORMS = ("one_kernel", "three_kernels")     # TUNING["gla_backward"]["form"]: `chunk_backward_kernel`
