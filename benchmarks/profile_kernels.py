@@ -27,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 from filters.pallas import common, covariance, delta_rule, gla  # noqa: E402
 
 CHUNK = 64
+ROUNDS = 15          # timed calls of each program (median reported, with the fastest and slowest)
 
 
 def kernel_calls(shape, seed=0):
@@ -123,7 +124,9 @@ def covariance_error(gains, final, k, log_decay, noise, inv_beta, p0, batch_entr
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="4x4096x16x128")
-    parser.add_argument("--time", action="store_true", help="print each kernel's median time alone")
+    parser.add_argument("--time", action="store_true",
+                        help="print each kernel's median time alone (every program compiled first, then timed "
+                             "in interleaved rounds)")
     parser.add_argument("--kernels", default=None, help="comma-separated names (default: all)")
     parser.add_argument("--tune", default="{}", help='JSON {kernel: {setting: value}} for filters.pallas.common.TUNING')
     parser.add_argument("--variants", default="[{}]",
@@ -136,6 +139,7 @@ def main():
         common.check_settings(variant, "--variants")
     calls = kernel_calls(tuple(int(x) for x in args.shape.split("x")))
     base = {name: dict(settings) for name, settings in common.TUNING.items()}
+    compiled = []                                    # (kernel, variant, program, arguments, outputs)
     for variant in variants:
         for name, settings in variant.items():
             common.TUNING[name] = {**base.get(name, {}), **settings}
@@ -144,28 +148,34 @@ def main():
                 continue
             try:
                 # a new function per variant: jit caches a trace by the function it traces
-                compiled = jax.jit(lambda *a, fn=fn: fn(*a)).lower(*call_args).compile()
-                out = jax.block_until_ready(compiled(*call_args))
+                program = jax.jit(lambda *a, fn=fn: fn(*a)).lower(*call_args).compile()
+                out = jax.block_until_ready(program(*call_args))
             except Exception as error:  # noqa: BLE001 (a variant the compiler refuses is reported, not fatal)
                 print(json.dumps(dict(kernel=name, variant=variant, error=f"{type(error).__name__}: {error}"[:400])),
                       flush=True)
                 continue
-            if not args.time:
-                continue
-            times = []
-            for _ in range(10):
-                start = time.perf_counter()
-                jax.block_until_ready(compiled(*call_args))
-                times.append(time.perf_counter() - start)
-            record = dict(kernel=name, ms=round(1e3 * statistics.median(times), 4))
-            if variant:
-                record["variant"] = variant
-            if name in covariance.KERNEL_NAMES.values():
-                record["error_gains"], record["error_final"] = covariance_error(*out, *call_args)
-            print(json.dumps(record), flush=True)
+            compiled.append((name, variant, program, call_args, out))
         common.TUNING.clear()
         common.TUNING.update({n: dict(v) for n, v in base.items()})
-
+    if not args.time:
+        return
+    # Timed in rounds, each program once per round, so that a drift of the GPU's clocks over the run (seen
+    # on an H200, 2026-12-02: the same kernel 28.4 ms early in a run, 34.6 later) weighs on every variant
+    # alike rather than on whichever ran last.
+    times = [[] for _ in compiled]
+    for _ in range(ROUNDS):
+        for spent, (_, _, program, call_args, _) in zip(times, compiled):
+            start = time.perf_counter()
+            jax.block_until_ready(program(*call_args))
+            spent.append(time.perf_counter() - start)
+    for spent, (name, variant, _, call_args, out) in zip(times, compiled):
+        record = dict(kernel=name, ms=round(1e3 * statistics.median(spent), 4),
+                      min_ms=round(1e3 * min(spent), 4), max_ms=round(1e3 * max(spent), 4))
+        if variant:
+            record["variant"] = variant
+        if name in covariance.KERNEL_NAMES.values():
+            record["error_gains"], record["error_final"] = covariance_error(*out, *call_args)
+        print(json.dumps(record), flush=True)
 
 if __name__ == "__main__":
     main()

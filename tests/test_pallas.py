@@ -87,13 +87,11 @@ def test_delta_rule(interpret, decay):
     _check(ours, oracle, args)
 
 
-@pytest.mark.parametrize("interpret, form", [(True, "one_kernel"), (True, "three_kernels"), (False, "one_kernel")],
-                         ids=["kernel", "kernel_three_backward_kernels", "reference"])
-def test_delta_rule_channelwise_decay(monkeypatch, interpret, form):
+@pytest.mark.parametrize("interpret", [True, False], ids=["kernel", "reference"])
+def test_delta_rule_channelwise_decay(interpret):
     """KDA-style (a decay per key channel): the state kernels with ``b [C, K]``, GLA's output and chunk
-    backward kernels (either form) on ``(Q, W, U)``, the prepare's derivative, against the float64
+    backward kernels on ``(Q, W, U)``, the prepare's derivative, against the float64
     recurrence; chunks of 32 (two 16-row blocks of ``L`` and ``A``), the last one padded."""
-    monkeypatch.setitem(common.TUNING, "gla_backward", {**common.TUNING["gla_backward"], "form": form})
     q, k, v, beta, log_decay, s0 = _inputs(channelwise=True)
     w = beta[..., None] * k
     ours = lambda *a: delta_rule.delta_rule(*a, chunk_size=32, precision="highest", interpret=interpret)
@@ -101,14 +99,13 @@ def test_delta_rule_channelwise_decay(monkeypatch, interpret, form):
     _check(ours, oracle, (q, k, w, v, log_decay, s0))
 
 
-@pytest.mark.parametrize("reload, gram", [(True, "blocks"), (False, "blocks"), (True, "full_tile")],
-                         ids=["through_memory", "in_registers", "full_gram"])
-def test_prepare_inverts_every_block_of_a_long_chunk(reload, gram, monkeypatch):
+@pytest.mark.parametrize("reload", [True, False], ids=["through_memory", "in_registers"])
+def test_prepare_inverts_every_block_of_a_long_chunk(reload, monkeypatch):
     """The UT transform of a 64-step chunk (four 16 x 16 diagonal blocks and their block products), both
     ways the kernel can assemble it, with ``L`` by 16-row tiles or one full-tile product, against ``(I +
     L)^{-1}`` computed densely in float64."""
     from filters.pallas import common
-    monkeypatch.setitem(common.TUNING, "delta_rule_prepare", dict(num_warps=2, reload=reload, gram=gram))
+    monkeypatch.setitem(common.TUNING, "delta_rule_prepare", dict(num_warps=2, reload=reload))
     chunk = time = 64                     # one head, one chunk: the interpreter is slow
     q, k, v, beta, log_decay, _ = (np.asarray(x)[:, :, :1] for x in _inputs())
     k, v = np.resize(k, (B, time, 1, K)), np.resize(v, (B, time, 1, V))
@@ -145,21 +142,18 @@ def test_additive_channelwise_decay(interpret):
            (q, k, v, log_decay, s0))
 
 
-@pytest.mark.parametrize("dtype, key_dim, value_dim, chunk, keep_states, strongest, form", [
-    ("bfloat16", 32, 16, 16, True, 0.6, "one_kernel"), ("float32", 16, 256, 64, False, 4.0, "one_kernel"),
-    ("float32", 16, 256, 64, True, 4.0, "one_kernel"), ("bfloat16", 32, 16, 32, False, 0.6, "three_kernels"),
-    ("float32", 16, 256, 64, False, 4.0, "three_kernels")])
-def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_dim, chunk, keep_states, strongest,
-                                           form):
+@pytest.mark.parametrize("dtype, key_dim, value_dim, chunk, keep_states, strongest", [
+    ("bfloat16", 32, 16, 16, True, 0.6), ("bfloat16", 32, 16, 32, False, 0.6),
+    ("float32", 16, 256, 64, False, 4.0), ("float32", 16, 256, 64, True, 4.0)])
+def test_gla_kernels_forward_and_gradients(monkeypatch, dtype, key_dim, value_dim, chunk, keep_states, strongest):
     """The channel-wise kernels and their backward kernels in the interpreter, K != V (V = 256: value
     blocks of 128 in the backward, 2 readout programs per chunk), chunk sizes
     the sub-blocks tile differently (1 block per chunk at 16, 4 at 64), the last chunk padded, against
     the float64 recurrence on the same (rounded) inputs; bf16 with the default products (bf16 on tensor
-    cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed; the
-    chunk backward as one kernel or three.
+    cores), float32 with TF32-free "highest"; the chunk states kept from the forward, or recomputed.
     Decays down to exp(-4) per step: a chunk's decay reaches exp(-128), which a kernel that split
     exp(b_i - b_j) into exp(b_i) exp(-b_j) would overflow (float32 ends at exp(88))."""
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states, form=form))
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=not keep_states))
     low = jnp.dtype(dtype) == jnp.bfloat16
     q, k = RNG.normal(size=(B, T, H, key_dim)), RNG.normal(size=(B, T, H, key_dim))
     v = RNG.normal(size=(B, T, H, value_dim))
@@ -370,25 +364,10 @@ def test_kernels_lower_for_cuda():
     assert _triton_calls(jax.grad(covariance_loss, argnums=(0, 1, 2, 3, 4)), seq, gate, gate, gate, state) == 2
 
 
-def test_prepare_with_one_gram_product_lowers_for_cuda(monkeypatch):
-    """The prepare kernel with ``L`` by one C x C product (``gram="full_tile"``) lowered for CUDA at the
-    headline's K = V = 128, chunks of 64, in the delta rule's forward; an unknown form is refused."""
-    sd = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
-    b, t, h, d = 1, 128, 2, 128
-    seq, gate, state = sd(b, t, h, d), sd(b, t, h, dtype=jnp.float32), sd(b, h, d, d, dtype=jnp.float32)
-    call = lambda q, k, w, v, ld, s: delta_rule.delta_rule(q, k, w, v, ld, s)[0]
-    prepare = common.TUNING["delta_rule_prepare"]
-    monkeypatch.setitem(common.TUNING, "delta_rule_prepare", {**prepare, "gram": "full_tile"})
-    assert _triton_calls(lambda *a: call(*a), seq, seq, seq, seq, gate, state) == 3
-    monkeypatch.setitem(common.TUNING, "delta_rule_prepare", {**prepare, "gram": "dense"})
-    with pytest.raises(ValueError, match="gram='dense'; accepted: 'blocks', 'full_tile'"):
-        _triton_calls(lambda *a: call(*a), seq, seq, seq, seq, gate, state)
-
-
 def test_channelwise_delta_rule_lowers_for_cuda():
     """KDA-style, traced on this CPU and lowered for CUDA: forward, L's attention kernel, the state pass
     and GLA's two output kernels (4 Triton calls); with the gradient also A's attention kernel, the state
-    pass in reverse and GLA's chunk backward (7); no chunked reference left in their place."""
+    pass in reverse and GLA's chunk backward's three (9); no chunked reference left in their place."""
     sd = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
     f32 = jnp.float32
     b, t, h, d = 2, 192, 2, 64
@@ -399,7 +378,7 @@ def test_channelwise_delta_rule_lowers_for_cuda():
         return jnp.sum(y) + jnp.sum(final)
 
     assert _triton_calls(delta, seq, seq, keys32, seq, keys32, state) == 4
-    assert _triton_calls(jax.grad(delta, argnums=(0, 1, 2, 3, 4, 5)), seq, seq, keys32, seq, keys32, state) == 7
+    assert _triton_calls(jax.grad(delta, argnums=(0, 1, 2, 3, 4, 5)), seq, seq, keys32, seq, keys32, state) == 9
 
 
 def test_covariance_kernel_refuses_unknown_products_and_block_sizes(monkeypatch):
@@ -495,15 +474,10 @@ def test_gla_kernels_lower_for_cuda(monkeypatch, key_dim, value_dim, chunk):
     # a new function for each setting: jit caches a trace by the function it traces
     grad = lambda *a: jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*a)
     assert _triton_calls(loss, *args) == 3                 # state pass, A, readout
-    assert _triton_calls(grad, *args) == 6
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=False, form="one_kernel"))
-    assert _triton_calls(lambda *a: grad(*a), *args) == 5
-    # dA, dv and dq / dk / db by kernels of their own, A kept from the forward
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, form="three_kernels"))
-    assert _triton_calls(lambda *a: grad(*a), *args) == 8
-    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=True, form="fused"))
-    with pytest.raises(ValueError, match="form='fused'; accepted: 'one_kernel', 'three_kernels'"):
-        _triton_calls(lambda *a: grad(*a), *args)
+    # the forward's three, the state pass again, the state backward, then dA, dv and dq / dk / db
+    assert _triton_calls(grad, *args) == 8
+    monkeypatch.setitem(common.TUNING, "gla_backward", dict(recompute_states=False))
+    assert _triton_calls(lambda *a: grad(*a), *args) == 7
 
 
 @pytest.mark.parametrize("diagonal", ["slices", "columns"])
@@ -596,7 +570,7 @@ def test_the_filter_lowered_for_cuda_holds_the_kernels():
 
     gla_args = args[:3] + (sd(2, 128, 2, 64, dtype=jnp.float32),)
     assert _triton_calls(gla_loss, *gla_args) == 3                                    # state, A, readout
-    assert _triton_calls(jax.grad(gla_loss, argnums=(0, 1, 2, 3)), *gla_args) == 6    # + state, reverse, chunk
+    assert _triton_calls(jax.grad(gla_loss, argnums=(0, 1, 2, 3)), *gla_args) == 8    # + state, reverse, dA, dv, dq/dk/db
 
     bayesian_filter = filters.compile(dm.bayesian(), backend="pallas")
 

@@ -79,11 +79,10 @@ TUNING = {
     # Its 16 x 16 diagonal blocks of (I + L)^{-1} are taken by substitution (15 dependent steps, each a
     # reduction across the program): three levels of block products instead were slower (0.56-0.61 ms
     # against 0.45, 2026-12-02) and are gone.
-    # "gram": "blocks" (L = (K W^T) * D by 16-row tile products, 10 at C = 64) or "full_tile" (one C x C
-    # product on the tensor cores through memory, as fla's fused kkT; built 2026-12-02, not yet timed:
-    # the kernel is register-bound, 255 registers at 2 warps, and the prepare is about half of the
-    # delta rule's forward).
-    "delta_rule_prepare": dict(num_warps=2, reload=True, gram="blocks"),
+    # L = (K W^T) * D by 16-row tile products (10 at C = 64): one C x C product on the tensor cores
+    # through memory instead (as fla's fused kkT) took 0.66 ms against 0.45-0.58 (2026-12-02, evening,
+    # each alone; removed).
+    "delta_rule_prepare": dict(num_warps=2, reload=True),
     "delta_rule_state": dict(num_warps=4, num_stages=3, block_v=64),
     "additive_state": dict(num_warps=4, num_stages=3, block_v=64),
     "delta_rule_output": dict(num_warps=4, num_stages=2, block_v=128),
@@ -126,12 +125,10 @@ TUNING = {
     # between the passes).
     "gla_output": dict(diagonal="slices"),
     "gla_attention": dict(),                                 # one program per 16-row block of a chunk
-    # Its chunk backward is one program per 16-row block (4.42 ms; one per chunk 7.46, the inter-chunk
-    # products by a kernel of their own first 4.87: both removed, 2026-12-02, filters/pallas/gla.py).
-    # "form": "one_kernel" (those programs compute dq, dk, dv, db) or "three_kernels" (as fla: dA per
-    # chunk through memory, dv by full tiles with A kept from the forward, then dq, dk, db by 16-row
-    # blocks without V-wide tiles in their loops; built 2026-12-02, not yet timed), with their launches.
-    "gla_backward": dict(recompute_states=True, form="one_kernel"),
+    # Its chunk backward is three kernels as fla splits it (dA per chunk, dv by full tiles, dq dk db by
+    # 16-row blocks): 2.91 ms against 4.39 for one kernel of 16-row blocks (2026-12-02, evening, each
+    # alone; earlier forms 4.87 and 7.46: all removed, filters/pallas/gla.py).
+    "gla_backward": dict(recompute_states=True),
     "gla_dattend": dict(),
     "gla_dvalues": dict(),
     "gla_dkeys": dict(),

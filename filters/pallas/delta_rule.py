@@ -93,7 +93,7 @@ def unit_lower_inverse_tile(strict):
     return lax.fori_loop(1, size, body, (r == c).astype(strict.dtype))
 
 
-def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots, reload, full_gram, interpret):
+def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots, reload, interpret):
     chunk = k_ref.shape[0]
     n = chunk // SUB
     barrier = (lambda: None) if interpret else pltriton.debug_barrier
@@ -101,20 +101,10 @@ def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots
     # kernel is bound by registers, not by loads.
     k_at = lambda i: rows(k_ref, i * SUB, SUB)
     b_at = lambda i: rows(b_ref, i * SUB, SUB)
-    # L in 16 x 16 blocks (i >= j): each a product of 16-row tiles, or (``full_gram``, as fla's fused kkT)
-    # one C x C product on the tensor cores, through the T output block (the program's own stores, read
-    # back after a barrier; overwritten by T below) and read back in blocks.
+    # L in 16 x 16 blocks (i >= j), each a product of 16-row tiles
     lower = {}
-    if full_gram:
-        r, c = iota2(chunk)
-        b = b_ref[...]
-        inv_ref[...] = dots.nt(k_ref[...], w_ref[...]) * masked_exp(b[:, None] - b[None, :], c < r)
-        barrier()
     for i in range(n):
         for j in range(i + 1):
-            if full_gram:
-                lower[i, j] = inv_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)]
-                continue
             decay = (_lower_terms(b_at(i), b_at(j), True) if i == j
                      else jnp.exp(b_at(i)[:, None] - b_at(j)[None, :]))
             lower[i, j] = dots.nt(k_at(i), rows(w_ref, j * SUB, SUB)) * decay
@@ -128,8 +118,6 @@ def _prepare_kernel(k_ref, w_ref, v_ref, b_ref, wp_ref, up_ref, inv_ref, *, dots
                 acc = acc + exact_dot(lower[i, m], inv[m, j])
             inv[i, j] = -exact_dot(inv[i, i], acc)
     zero = jnp.zeros((SUB, SUB), F32)
-    if full_gram:
-        barrier()                                 # every thread has read L before T overwrites it
     for i in range(n):
         for j in range(n):
             inv_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = inv[i, j] if j <= i else zero
@@ -157,12 +145,8 @@ def prepare_kernel(k, w, v, b, *, chunk, dots, interpret=False):
     value_dim = v.shape[-1]
     block = lambda d: spec((None, chunk, None, d), lambda i, h, n: (i, n, h, 0))
     reload = bool(tuning("delta_rule_prepare", "reload"))
-    gram = tuning("delta_rule_prepare", "gram") or "blocks"
-    if gram not in ("blocks", "full_tile"):
-        raise ValueError(f"TUNING delta_rule_prepare gram={gram!r}; accepted: 'blocks', 'full_tile'")
     return launch(
-        functools.partial(_prepare_kernel, dots=dots, reload=reload, full_gram=gram == "full_tile",
-                          interpret=interpret),
+        functools.partial(_prepare_kernel, dots=dots, reload=reload, interpret=interpret),
         grid=(batch, heads, time // chunk),
         in_specs=[block(key_dim), block(key_dim), block(value_dim),
                   spec((None, chunk, None), lambda i, h, n: (i, n, h))],

@@ -30,16 +30,15 @@ The backward pass, with cotangents written ``dX`` and ``G_{c+1}`` the cotangent 
 * dk``; ``b_C`` gathers the terms of the state update), and ``d log a_m = sum_{i >= m in its chunk}
 db_i``, a reverse cumulative sum that JAX derives from `chunk_log_decay`. (The last row's terms are
 ``rowsum(G_{c+1} * S_{c+1})``: the derivative of ``S_{c+1}`` in ``b_C``.) The products with ``S_c`` and
-``G_{c+1}`` are taken on 16 rows at a time and the sums over ``dA`` use the same 16-row blocks as ``A``:
-one program per 16-row block ``r``, which owns ``dq`` of row block ``r`` and ``dk, dv`` of column block
-``r``, so that no program waits on another, as flash-linear-attention splits its intra-chunk work. (Two
-other forms were measured slower on an H200 and removed, 2026-12-02: one program per chunk walking its
-blocks in two passes, 7.46 ms against 4.42; and the products with ``S_c`` and ``G_{c+1}`` first by a
-kernel of full tiles, then the row blocks without them, 4.87 ms.) Or (``TUNING["gla_backward"]["form"] =
-"three_kernels"``, built and not yet timed) as flash-linear-attention splits it: ``dA`` per chunk
-through memory, ``dV`` by full-tile products with ``A`` kept from the forward pass, then ``dq, dk, db``
-by 16-row-block programs that read ``dA``'s 16 x 16 tiles and hold no V-wide tile in their loops (the
-one-kernel programs are register-bound: 255 registers, 12.5% occupancy). The chunk states are recomputed in the backward
+``G_{c+1}`` are taken on 16 rows at a time, and the work is split in three kernels as
+flash-linear-attention splits it: ``dA`` per chunk through memory; ``dV`` by full-tile products with
+``A`` kept from the forward pass; then ``dq, dk, db`` by one program per 16-row block ``r`` (``dq`` of row
+block ``r`` from ``dA``'s 16 x 16 tiles left of the diagonal, ``dk`` of column block ``r`` from those
+below it), no program waiting on another and no V-wide tile alive in their loops. On an H200
+(2026-12-02, 4x4096x16x128, each alone): 2.91 ms; one kernel of 16-row-block programs computing ``dA``
+and ``dv`` in place as well 4.39 (register-bound: 255 registers, 12.5% occupancy), one program per chunk
+7.46, the products with ``S_c`` and ``G_{c+1}`` by a separate full-tile kernel 4.87 (all three removed).
+The chunk states are recomputed in the backward
 pass by the state kernel rather than kept (``TUNING["gla_backward"]["recompute_states"]``), as
 flash-linear-attention does: memory stays linear in T either way.
 
@@ -252,19 +251,17 @@ def state_backward_kernel(q, b, dy, dsf, *, chunk, dots, interpret=False):
                               interpret=interpret)
 
 
-def _diagonal_backward(q_ref, k_ref, b_ref, start, dattend, *, with_attend=True):
+def _diagonal_backward(q_ref, k_ref, b_ref, start, dattend):
     """On the diagonal 16 x 16 block (steps ``start..start+15``), from ``dA`` (its cotangent, lower
-    triangular entries used): ``A`` (zeros unless ``with_attend``), and the contributions ``dq_a =
-    sum_{j<=a} dA_aj k_j exp(b_a - b_j)`` and ``dk_j = sum_{a>=j} dA_aj q_a exp(b_a - b_j)``, one step
-    ``m`` of the block at a time (``A``'s column ``m``, ``dq``'s terms of key ``m``, ``dk``'s terms of
-    query ``m``)."""
+    triangular entries used): the contributions ``dq_a = sum_{j<=a} dA_aj k_j exp(b_a - b_j)`` and ``dk_j
+    = sum_{a>=j} dA_aj q_a exp(b_a - b_j)``, one step ``m`` of the block at a time (``dq``'s terms of key
+    ``m``, ``dk``'s terms of query ``m``)."""
     r, c = iota2(SUB)
     row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
-    q = rows(q_ref, start, SUB).astype(F32)
     b = rows(b_ref, start, SUB)
 
     def step(m, carry):
-        attend, dq, dk = carry
+        dq, dk = carry
         q_m = rows(q_ref, start + m, 1).astype(F32)
         k_m = rows(k_ref, start + m, 1).astype(F32)
         b_m = rows(b_ref, start + m, 1)
@@ -272,13 +269,10 @@ def _diagonal_backward(q_ref, k_ref, b_ref, start, dattend, *, with_attend=True)
         from_m = masked_exp(b_m - b, row <= m)                       # exp(b_m - b_j), j <= m
         column = jnp.sum(jnp.where(c == m, dattend, 0.0), axis=1)[:, None]   # dA[:, m]
         line = jnp.sum(jnp.where(r == m, dattend, 0.0), axis=0)[:, None]     # dA[m, :] as a column
-        weighted = k_m * to_m
-        if with_attend:
-            attend = jnp.where(c == m, jnp.sum(q * weighted, axis=1)[:, None], attend)
-        return attend, dq + column * weighted, dk + line * q_m * from_m
+        return dq + column * k_m * to_m, dk + line * q_m * from_m
 
-    zero = jnp.zeros(q.shape, F32)
-    return lax.fori_loop(0, SUB, step, (jnp.zeros((SUB, SUB), F32), zero, zero))
+    zero = jnp.zeros((SUB, k_ref.shape[1]), F32)
+    return lax.fori_loop(0, SUB, step, (zero, zero))
 
 
 def _state_update_end(k_ref, v_ref, b_ref, h_ref, g_ref, *, dots, value_blocks):
@@ -318,65 +312,6 @@ def _row_block_db(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dq, dk, *, dots, val
             + jnp.where(last, end, 0.0))
 
 
-def _row_block_backward_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, dq_ref, dk_ref, dv_ref, db_ref, *,
-                               dots, block_v):
-    """A chunk's cotangents (the module doc's "chunk" formulas) for the 16 steps of block ``r =
-    program_id(3)`` (the outputs' blocks are those 16 rows): ``dq`` of row block ``r`` (its blocks of
-    ``dA`` left of the diagonal), ``dk`` and ``dv`` of column block ``r`` (the blocks below it), the
-    diagonal block's terms and the products with ``S_c`` and ``G_{c+1}`` restricted to its rows. Every
-    program walks ``n - 1`` off-diagonal blocks (``r`` left, ``n - 1 - r`` below), and none needs
-    another's results; the last block's program adds the state update's terms of ``b_C`` to ``db``'s last
-    row."""
-    chunk = q_ref.shape[0]
-    n = chunk // SUB
-    r = pl.program_id(3)
-    start = pl.multiple_of(r * SUB, SUB)
-    value_blocks = column_blocks(v_ref.shape[1], block_v)
-    own = pl.ds(start, SUB)
-    b = rows(b_ref, start, SUB)
-    b_end = rows(b_ref, chunk - 1, 1)                               # b_C, [1, K]
-    to_end = jnp.exp(b_end - b)
-    k_r = rows(k_ref, start, SUB).astype(F32)
-    dy_r, v_r = rows(dy_ref, start, SUB), rows(v_ref, start, SUB)
-    # the products with S_c and G = G_{c+1}, on this block's rows
-    dq, dk = _inter_chunk_rows(v_ref, dy_ref, b_ref, h_ref, g_ref, own, dots=dots, value_blocks=value_blocks)
-    dv = [dots(k_r * to_end, g_ref[:, cols]) for cols in value_blocks]
-    # the diagonal block
-    attend, dq_diag, dk_diag = _diagonal_backward(q_ref, k_ref, b_ref, start, dots.nt(dy_r, v_r))
-    dq, dk = dq + dq_diag, dk + dk_diag
-    dv = [dv_c + dots.tn(attend, dy_ref[own, cols]) for dv_c, cols in zip(dv, value_blocks)]
-    # left of the diagonal (row block r): dq += dA_rj K_j exp(ref - b_j) exp(b_r - ref), ref = b at step start
-    ref = rows(b_ref, start, 1)
-
-    def left(j, dq_rel):
-        cols = pl.multiple_of(j * SUB, SUB)
-        k_rel = rows(k_ref, cols, SUB).astype(F32) * jnp.exp(ref - rows(b_ref, cols, SUB))
-        return dq_rel + dots(dots.nt(dy_r, rows(v_ref, cols, SUB)), k_rel)
-
-    dq = dq + lax.fori_loop(0, r, left, jnp.zeros(dq.shape, F32)) * jnp.exp(b - ref)
-
-    # below the diagonal (column block r): dk += dA_ir^T Q_i-terms, dv += A_ir^T dY_i, decayed towards
-    # each row block's first step (both exponents <= 0, as in the forward)
-    def below(i, carry):
-        dk, *dv = carry
-        t = pl.multiple_of(i * SUB, SUB)
-        first = rows(b_ref, t, 1)
-        q_rel = rows(q_ref, t, SUB).astype(F32) * jnp.exp(rows(b_ref, t, SUB) - first)
-        dy_i = rows(dy_ref, t, SUB)
-        back = jnp.exp(first - b)
-        dk = dk + dots.tn(dots.nt(dy_i, v_r), q_rel) * back
-        attend_ir = dots.nt(q_rel, k_r * back)
-        return (dk, *(dv_c + dots.tn(attend_ir, dy_ref[pl.ds(t, SUB), cols]) for dv_c, cols in zip(dv, value_blocks)))
-
-    dk, *dv = lax.fori_loop(r + 1, n, below, (dk, *dv))
-    dq_ref[...] = dq
-    dk_ref[...] = dk
-    for dv_c, cols in zip(dv, value_blocks):
-        dv_ref[:, cols] = dv_c
-    db_ref[...] = _row_block_db(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dq, dk, dots=dots,
-                                value_blocks=value_blocks)
-
-
 def _dattend_kernel(dy_ref, v_ref, da_ref, *, dots, block_v):
     """``dA = lower(dY V^T)`` of one chunk, ``[C, C]`` float32 (diagonal included), the contraction over
     V in blocks of at most 128 columns."""
@@ -397,8 +332,7 @@ def _dkeys_row_block_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, da
     """``dq``, ``dk`` and ``db`` of the 16 steps of block ``r = program_id(3)`` of a chunk, with ``dA``
     read from memory (`_dattend_kernel`'s): the products with ``S_c`` and ``G_{c+1}`` on its rows, the
     diagonal block, ``dA``'s blocks left of it (``dq``) and below it (``dk``), each a 16 x 16 tile times a
-    16 x K one; no V-wide tile is alive in the loops (`_row_block_backward_kernel` does the same with
-    ``dv`` and ``dA`` computed in place)."""
+    16 x K one; no V-wide tile is alive in the loops."""
     chunk = q_ref.shape[0]
     n = chunk // SUB
     r = pl.program_id(3)
@@ -407,8 +341,7 @@ def _dkeys_row_block_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, da
     own = pl.ds(start, SUB)
     b = rows(b_ref, start, SUB)
     dq, dk = _inter_chunk_rows(v_ref, dy_ref, b_ref, h_ref, g_ref, own, dots=dots, value_blocks=value_blocks)
-    _, dq_diag, dk_diag = _diagonal_backward(q_ref, k_ref, b_ref, start, da_ref[own, pl.ds(start, SUB)],
-                                             with_attend=False)
+    dq_diag, dk_diag = _diagonal_backward(q_ref, k_ref, b_ref, start, da_ref[own, pl.ds(start, SUB)])
     dq, dk = dq + dq_diag, dk + dk_diag
     ref = rows(b_ref, start, 1)
 
@@ -432,21 +365,13 @@ def _dkeys_row_block_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, g_ref, dy_ref, da
                                 value_blocks=value_blocks)
 
 
-FORMS = ("one_kernel", "three_kernels")     # TUNING["gla_backward"]["form"]: `chunk_backward_kernel`
-
-
 def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, attend=None, interpret=False):
     """Per chunk, the cotangents of ``q, k [B,T,H,K]``, ``v [B,T,H,V]`` and the cumulative log decay
     ``b [B,T,H,K]`` (float32), from the chunk states ``h`` and their cotangents ``g`` (``[B,H,N,K,V]``,
-    `state_backward_kernel`'s) and ``dy [B,T,H,V]``. ``TUNING["gla_backward"]["form"]``: ``"one_kernel"``
-    (the default: one program per 16-row block of a chunk computes all of them,
-    `_row_block_backward_kernel`) or ``"three_kernels"`` (as flash-linear-attention splits its GLA
-    backward: ``dA`` per chunk through memory, ``dv`` by full-tile products with ``A`` (``attend``,
-    `attention_kernel`'s ``[B,T,H,C]``, kept from the forward pass; computed again when not given), then
-    ``dq, dk, db`` by 16-row-block programs that hold no V-wide tile in their loops)."""
-    form = tuning("gla_backward", "form") or "one_kernel"
-    if form not in FORMS:
-        raise ValueError(f"TUNING gla_backward form={form!r}; accepted: {', '.join(map(repr, FORMS))}")
+    `state_backward_kernel`'s) and ``dy [B,T,H,V]``, in three kernels, as flash-linear-attention splits
+    its GLA backward: ``dA`` per chunk through memory, ``dv`` by full-tile products with ``A``
+    (``attend``, `attention_kernel`'s ``[B,T,H,C]``, kept from the forward pass; computed again when not
+    given), then ``dq, dk, db`` by 16-row-block programs that hold no V-wide tile in their loops."""
     batch, time, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     n = time // chunk
@@ -457,15 +382,6 @@ def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, attend=None, int
     whole = lambda width: spec((None, chunk, None, width), lambda i, hh, c, r: (i, c, hh, 0))
     row = lambda width: spec((None, SUB, None, width), lambda i, hh, c, r: (i, c * per_chunk + r, hh, 0))
     state = spec((None, None, key_dim, value_dim), lambda i, hh, c, r: (i, hh, c, 0))
-    if form == "one_kernel":
-        return tuple(launch(
-            functools.partial(_row_block_backward_kernel, dots=dots, block_v=block_v),
-            grid=(batch, heads, n, per_chunk),
-            in_specs=[whole(key_dim), whole(key_dim), whole(value_dim), whole(key_dim), state, state,
-                      whole(value_dim)],
-            out_specs=[row(key_dim), row(key_dim), row(value_dim), row(key_dim)],
-            out_shape=[f32(q), f32(k), f32(v), f32(b)],
-            interpret=interpret, name="gla_chunk_backward")(q, k, v, b, flat(h), flat(g), dy))
     if attend is None:
         attend = attention_kernel(q, k, b, chunk=chunk, dots=dots, interpret=interpret)
     per_chunk_spec = lambda width: spec((None, chunk, None, width), lambda i, hh, c: (i, c, hh, 0))
@@ -503,14 +419,12 @@ def _kernels(chunk: int, dots_key: tuple, interpret: bool, settings: tuple):
 
     With ``TUNING["gla_backward"]["recompute_states"]`` (the default, as flash-linear-attention does),
     the backward pass reruns the state pass instead of keeping the chunk states ``[B,H,N,K,V]`` from the
-    forward: the residuals are the inputs alone. With ``TUNING["gla_backward"]["form"] =
-    "three_kernels"`` the forward's ``A`` (``[B,T,H,C]`` float32, ``T C`` floats per head) is kept for
-    the backward's ``dv``.
+    forward: the residuals are the inputs and the forward's ``A`` (``[B,T,H,C]`` float32, ``T C`` floats
+    per head, for the backward's ``dv``).
 
     ``settings`` is the kernels' `TUNING` when called: a key of the cache only, since JAX caches the
     traces of ``fwd`` and ``bwd`` (where the settings are read) by function."""
     recompute_states = bool(tuning("gla_backward", "recompute_states"))
-    keep_attend = tuning("gla_backward", "form") == "three_kernels"
     opts = dict(chunk=chunk, dots=Dots(*dots_key), interpret=interpret)
 
     def forward(q, k, v, b, s0):
@@ -524,7 +438,7 @@ def _kernels(chunk: int, dots_key: tuple, interpret: bool, settings: tuple):
 
     def fwd(q, k, v, b, s0):
         out, (h, attend) = forward(q, k, v, b, s0)
-        return out, ((q, k, v, b, s0), None if recompute_states else h, attend if keep_attend else None)
+        return out, ((q, k, v, b, s0), None if recompute_states else h, attend)
 
     def bwd(saved, cotangents):
         args, h, attend = saved
