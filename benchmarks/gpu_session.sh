@@ -15,7 +15,8 @@
 #   kernels    every kernel alone (the GLA ones included), the covariance pass in several of its forms
 #              (other launch settings for any phase: MBD_PALLAS_TUNING, filters/pallas/common.py)
 #   variants   the kernels in $KERNELS (default: the covariance passes, GLA's attention, output and chunk
-#              backward, the delta rule's prepare) alone under each launch setting or form of $VARIANTS (a JSON list of TUNING dicts)
+#              backward, the delta rule's prepare) alone under each launch setting or form of $VARIANTS (a JSON list of TUNING dicts),
+#              at $SHAPE (default 4x4096x16x128; the MQAR training step's is 256x128x8x64)
 #   sweep      the delta rule's launch settings
 #   headline   benchmarks/gpu_kernels.py, every model at 4x4096x16x128 beside fla (and MesaNet; $MODELS,
 #              $BACKENDS and $ORACLE narrow it)
@@ -83,7 +84,7 @@ fi
 # passes on 4 warps (the training step's K = 64 may favour fewer).
 DEFAULT_VARIANTS='[{}, {"gla_output": {"diagonal": "columns"}, "covariance_pass": {"factor": "one_loop"}},
                    {"covariance_pass": {"num_warps": 4}, "covariance_pass_backward": {"num_warps": 4}}]'
-want variants && timeout "$(cap 240)" python3 benchmarks/profile_kernels.py --time \
+want variants && timeout "$(cap 240)" python3 benchmarks/profile_kernels.py --time --shape "${SHAPE:-4x4096x16x128}" \
     --kernels "${KERNELS:-covariance_pass,covariance_pass_backward,gla_attention,gla_output,gla_chunk_backward,delta_rule_prepare}" \
     --variants "${VARIANTS:-$DEFAULT_VARIANTS}" > "$OUT_DIR/variants.jsonl" 2>&1
 want sweep && timeout "$(cap 150)" python3 benchmarks/gpu_kernels.py --sweep --shapes 4x4096x16x128 \
