@@ -201,14 +201,14 @@ def _kalman_covariance(k, log_decay, noise, beta, p0, key_noise=False):
 
 
 @pytest.mark.parametrize("interpret, dot_precision, block, checkpoints", [
-    (True, "default", 16, "rerun"), (True, "highest", 16, "rerun"), (True, "default", 32, "rerun"),
-    (True, "default", 16, "forward"), (False, "default", 16, "rerun")],
-    ids=["kernel", "kernel_ieee", "kernel_blocks_of_32", "kernel_checkpoints_kept", "reference"])
+    (True, "default", 16, "forward"), (True, "highest", 16, "forward"), (True, "default", 32, "forward"),
+    (True, "default", 16, "rerun"), (False, "default", 16, "forward")],
+    ids=["kernel", "kernel_ieee", "kernel_blocks_of_32", "kernel_checkpoints_rerun", "reference"])
 def test_covariance_pass(monkeypatch, interpret, dot_precision, block, checkpoints):
     """Gains, final covariance and every gradient (the backward kernel's, through its checkpoints; T = 37
     with chunks of 32: the last padded) against the float64 step-by-step recursion. The two products
     take their own TUNING forms; blocks of 16 or 32 steps; the checkpoints (P at the start of every
-    block) stored by a rerun of the forward kernel in the backward pass, or kept from the forward pass."""
+    block) kept from the forward pass, or stored by a rerun of the forward kernel in the backward pass."""
     products = "ieee" if dot_precision == "highest" else "tf32x3"
     name, backward = covariance.KERNEL_NAMES[products], covariance.BACKWARD_NAMES[products]
     monkeypatch.setitem(common.TUNING, name, {**common.TUNING[name], "block": block})
@@ -311,6 +311,25 @@ def test_launch_settings_from_the_environment(monkeypatch):
                         ('{"covariance_pass_backward": {"factor": "one_loop"}}', "accepted: ['carry', 'checkpoints'")]:
         with pytest.raises(ValueError, match=re.escape(phrase)):
             common.tuning_from_environment(bad)
+
+
+def test_warps_by_key_width(monkeypatch):
+    """``num_warps`` as ``{largest K: warps}`` (the covariance kernels': 4 at K <= 64, 8 above) picks the
+    entry of the smallest bound at least K, the largest bound's above all; it reaches the compiled call
+    (the CUDA lowering's ``num_warps``); a malformed one is refused, saying what is accepted."""
+    by_width = {"64": 4, "128": 8}
+    monkeypatch.setitem(common.TUNING, "covariance_pass", {**common.TUNING["covariance_pass"], "num_warps": by_width})
+    assert [common.num_warps("covariance_pass", d) for d in (16, 64, 65, 128, 256)] == [4, 4, 8, 8, 8]
+    sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    for key_dim, warps in ((64, 4), (128, 8)):
+        shapes = (sd(1, 32, 2, key_dim), sd(1, 32, 2), sd(1, 32, 2), sd(1, 32, 2), sd(1, 2, key_dim, key_dim))
+        text = jax.jit(lambda *a: covariance.covariance_kernel(*a)).trace(*shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert re.findall(r"num_warps = (\d+)", text) == [str(warps)], key_dim
+    for bad in ({}, {"wide": 4}):
+        monkeypatch.setitem(common.TUNING, "covariance_pass", {**common.TUNING["covariance_pass"], "num_warps": bad})
+        with pytest.raises(ValueError, match=re.escape("accepted: a number of warps or {largest key dim: warps}")):
+            common.num_warps("covariance_pass", 64)
 
 
 def test_bf16_products_stay_within_bf16_error():
@@ -416,7 +435,7 @@ def test_covariance_kernel_forms_lower_for_cuda(monkeypatch, form, dot_precision
 
 def test_covariance_kernels_with_key_noise_lower_for_cuda():
     """Key noise's kernels (the same kernels, with ``Rg``) lowered for CUDA on this CPU at K = 128, forward
-    and gradient: the forward kernel, its rerun for the checkpoints and the backward kernel; no reference."""
+    and gradient: the forward kernel storing the checkpoints and the backward kernel; no reference."""
     sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     shapes = (sd(2, 64, 2, 128), sd(2, 64, 2), sd(2, 64, 2), sd(2, 64, 2), sd(2, 2, 128, 128))
     call = lambda *a: covariance.covariance_pass(None, *a, key_noise=True)[:2]
@@ -578,11 +597,11 @@ def test_the_filter_lowered_for_cuda_holds_the_kernels():
         return jnp.sum(bayesian_filter(q, k, v, log_decay=log_decay, beta=beta, validate=False)[0].astype(jnp.float32))
 
     assert _triton_calls(bayesian_loss, *args) == 4      # the covariance pass, then the delta rule's three
-    # the gradient: the covariance pass rerun for its checkpoints and its backward kernel, the delta rule's
+    # the gradient: the covariance pass storing its checkpoints and its backward kernel, the delta rule's
     # six and its forward's prepare; no Cholesky factor of the reference's
     lowered = jax.jit(jax.grad(bayesian_loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
-    assert lowered.count("xla.gpu.triton") == 9 and 'name = "covariance_pass_backward"' in lowered
+    assert lowered.count("xla.gpu.triton") == 8 and 'name = "covariance_pass_backward"' in lowered
     assert "potrf" not in lowered and "stablehlo.triangular_solve" not in lowered
 
 

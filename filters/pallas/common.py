@@ -96,7 +96,10 @@ TUNING = {
     # with P through memory and the one-loop factor; the gains' error against float64 4.3-5.2e-7 in all.
     # "factor": "two_loops" (Cholesky, then substitution) or "one_loop" (one elimination): 6.18 and 5.79 ms
     # on 2026-12-02, 6.6 and 7.1 on 2026-11-30 (with P through memory): within the run-to-run spread.
-    "covariance_pass": dict(num_warps=8, carry="registers", factor="two_loops"),           # TF32x3
+    # At the MQAR training step's K = 64 (256x128x8x64, 2026-12-02, evening, interleaved rounds) 4 warps
+    # beat 8: the pass 1.31 against 2.18 ms, its backward (with its checkpointing forward) 4.52 against
+    # 6.50; the training step at d_model 512 20.4 against 25.6 ms. At K = 128, 8 (above).
+    "covariance_pass": dict(num_warps={"64": 4, "128": 8}, carry="registers", factor="two_loops"),  # TF32x3
     "covariance_pass_ieee": dict(num_warps=8, carry="memory", factor="one_loop"),           # precision="highest"
     # Its backward kernel (the blocks in reverse from the checkpoints), 2026-12-01: with dP through memory
     # the Bayesian Layer's program compiles in 28 s and runs 6.23 / 36.0 ms forward / forward+backward;
@@ -110,9 +113,11 @@ TUNING = {
     # "checkpoints": "rerun" (the backward pass reruns the forward kernel to store them) or "forward" (the
     # forward pass stores them and keeps them for the backward: one pass less, T/16 K^2 floats per head
     # held between the passes): at B4 T4096 H16, 40.3 against 35.8 ms for 573 MiB more (1805 -> 2378),
-    # 2026-12-02 after the revert above (44.1 against 40.5 before it): rerun stays, memory first.
-    "covariance_pass_backward": dict(num_warps=8, carry="memory", checkpoints="rerun"),
-    "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", checkpoints="rerun"),
+    # 2026-12-02 after the revert above (44.1 against 40.5 before it); the MQAR training step at d_model
+    # 512 (4 warps) 18.6 against 20.4 ms. "forward" is the default: only a differentiated pass holds them
+    # (inference never does), and training is where the time goes; "rerun" for memory.
+    "covariance_pass_backward": dict(num_warps={"64": 4, "128": 8}, carry="memory", checkpoints="forward"),
+    "covariance_pass_backward_ieee": dict(num_warps=8, carry="memory", checkpoints="forward"),
     # The channel-wise output (B4 T4096 H16 K128, benchmarks/profile_kernels.py --variants, one process).
     # 2026-12-01: with one program per chunk, A through memory then full-tile readout products took 2.95
     # ms with A's diagonal blocks over channel slices, 2.36 ms column by column; A in registers in one
@@ -176,6 +181,13 @@ if os.environ.get("MBD_PALLAS_TUNING"):
     tuning_from_environment(os.environ["MBD_PALLAS_TUNING"])
 
 
+def settings_key(names=None) -> str:
+    """The `TUNING` of the kernels ``names`` (all when None) as one hashable text: a cache key of the
+    kernels' traces (a setting may be a dict, as `num_warps` by key width)."""
+    return json.dumps({name: TUNING[name] for name in (TUNING if names is None else names) if name in TUNING},
+                      sort_keys=True)
+
+
 def tuning(name: str, key: str):
     return TUNING.get(name, {}).get(key, DEFAULT_TUNING.get(key))
 
@@ -189,11 +201,31 @@ def value_block(name: str, value_dim: int, key_dim: int) -> int:
     return block
 
 
-def launch(kernel, *, grid, in_specs, out_specs, out_shape, interpret: bool, name: str):
-    """``pl.pallas_call`` for the Triton lowering, with the kernel's `TUNING`; the deprecation warning of
-    the Triton lowering in jax 0.11 is expected and silenced."""
+def num_warps(name: str, key_dim: int | None = None) -> int:
+    """The kernel's warps per program: ``TUNING[name]["num_warps"]``, a number or, for kernels whose best
+    launch depends on the key width, ``{largest K: warps}`` (JSON keys are strings), the entry of the
+    smallest bound at least ``key_dim`` (the largest bound's above all of them)."""
+    warps = tuning(name, "num_warps")
+    if not isinstance(warps, dict):
+        return warps
+    try:
+        bounds = sorted((int(bound), int(count)) for bound, count in warps.items())
+    except (TypeError, ValueError):
+        bounds = []
+    if not bounds:
+        raise ValueError(f"TUNING[{name!r}]['num_warps'] = {warps!r}; accepted: a number of warps or "
+                         f"{{largest key dim: warps}}, e.g. {{\"64\": 4, \"128\": 8}}")
+    if key_dim is None:
+        raise ValueError(f"TUNING[{name!r}]['num_warps'] is by key dim, and this kernel has none")
+    return next((count for bound, count in bounds if key_dim <= bound), bounds[-1][1])
+
+
+def launch(kernel, *, grid, in_specs, out_specs, out_shape, interpret: bool, name: str, key_dim: int | None = None):
+    """``pl.pallas_call`` for the Triton lowering, with the kernel's `TUNING` (``key_dim`` picks its warps
+    where they are set by key width, `num_warps`); the deprecation warning of the Triton lowering in jax
+    0.11 is expected and silenced."""
     params = {} if pltriton is None else {"compiler_params": pltriton.CompilerParams(
-        num_warps=tuning(name, "num_warps"), num_stages=tuning(name, "num_stages"))}
+        num_warps=num_warps(name, key_dim), num_stages=tuning(name, "num_stages"))}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Triton backend is deprecated.*")
         return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,

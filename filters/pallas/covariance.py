@@ -26,10 +26,11 @@ measured as accurate as IEEE products here and 13x faster on an H200, or IEEE fl
 
 The backward kernel walks the blocks in reverse, one program per head, the cotangent ``dP`` of the
 covariance carried through its output block (``TUNING carry="memory"``; in registers, Triton's compile
-of the K = 128 kernel did not end within minutes on an H200). It needs every block's ``P_c``: the
-backward pass first reruns the forward kernel, which then also stores ``P_c`` at each block start
-(``[B, H, T/16, K, K]`` float32, held only during the backward pass; 1 GiB at B4 T4096 H16 K128), rather
-than keeping them from the forward pass. Each block is recomputed from its ``P_c`` (`_block`, its 16 x 16
+of the K = 128 kernel did not end within minutes on an H200). It needs every block's ``P_c``: by default
+the differentiated forward pass stores them (``[B, H, T/16, K, K]`` float32, held until the backward
+pass: 1 GiB at B4 T4096 H16 K128; a pass that is not differentiated stores none), or
+(``TUNING[...backward]["checkpoints"] = "rerun"``, memory first) the backward pass reruns the forward
+kernel to store them. Each block is recomputed from its ``P_c`` (`_block`, its 16 x 16
 factorization included) and differentiated by hand (`_block_backward`: the reverse of the formulas
 above, the Cholesky factor's by Murray's formula), so the kernel's derivative is exact, the same as
 JAX's of the block (tested in float64). Storing each block's ``X = L^{-1}`` and pivots in the forward
@@ -47,8 +48,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from filters import chunked
-from filters.pallas.common import (SUB, TUNING, exact_dot, iota2, launch, masked_exp,
-                                   on_gpu, pad_time, pltriton, rows, spec, tuning)
+from filters.pallas.common import (SUB, exact_dot, iota2, launch, masked_exp,
+                                   on_gpu, pad_time, pltriton, rows, settings_key, spec, tuning)
 from filters.pallas.delta_rule import unit_lower_inverse_tile
 
 F32 = jnp.float32
@@ -441,7 +442,7 @@ def covariance_kernel(k, log_decay, noise, inv_beta, p0, *, products="tf32x3", c
         out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(p0.shape, F32),
                    jax.ShapeDtypeStruct((batch, heads, SUB), F32)]
                   + [jax.ShapeDtypeStruct(_checkpoint_shape(k, size), F32)] * checkpoints,
-        interpret=interpret, name=KERNEL_NAMES[products])(k, log_decay, noise, inv_beta, p0)
+        interpret=interpret, name=KERNEL_NAMES[products], key_dim=key_dim)(k, log_decay, noise, inv_beta, p0)
     gains, final, scale = outs[:3]
     final = final + scale[..., :1, None] * jnp.eye(key_dim, dtype=F32)
     return (gains, 0.5 * (final + jnp.swapaxes(final, -1, -2))) + tuple(outs[3:])
@@ -466,7 +467,7 @@ def covariance_backward_kernel(k, log_decay, noise, inv_beta, checkpoints, d_gai
         out_specs=[seq(key_dim), seq(), seq(), seq(), cov],
         out_shape=[jax.ShapeDtypeStruct(k.shape, F32)] + [jax.ShapeDtypeStruct(noise.shape, F32)] * 3
                   + [jax.ShapeDtypeStruct((batch, heads, key_dim, key_dim), F32)],
-        interpret=interpret, name=name)(k, log_decay, noise, inv_beta, checkpoints, d_gains, d_final)
+        interpret=interpret, name=name, key_dim=key_dim)(k, log_decay, noise, inv_beta, checkpoints, d_gains, d_final)
 
 
 def _padded(k, log_decay, noise, precision, multiple):
@@ -476,16 +477,15 @@ def _padded(k, log_decay, noise, precision, multiple):
 
 
 @functools.lru_cache(maxsize=None)
-def _pass(chunk: int, products: str, interpret: bool, key_noise: bool, settings: tuple):
+def _pass(chunk: int, products: str, interpret: bool, key_noise: bool, settings: str):
     """The pass as a `jax.custom_vjp` of ``(k, log_decay, noise, precision, P_0)``: forward and backward
     kernels on CUDA (or in the interpreter), the chunked reference and its derivative elsewhere. By
-    default (``TUNING[...backward]["checkpoints"] = "rerun"``) the backward pass reruns the forward kernel
-    for its checkpoints (``P`` at every block start) rather than keeping them between the
-    passes: the residuals are the inputs alone. With ``"forward"`` the forward pass stores them (``T/16 K^2``
-    floats per head more, held until the backward pass: 1 GiB at B4 T4096 H16 K128) and the backward pass
-    runs the backward kernel alone; off CUDA the reference then carries zeros of their shapes (it needs
-    none). ``settings``: the kernels' `TUNING` when called, a key of the cache only (JAX caches the traces
-    of ``fwd`` and ``bwd``)."""
+    default (``TUNING[...backward]["checkpoints"] = "forward"``) the forward pass stores the checkpoints
+    (``P`` at every block start, ``T/16 K^2`` floats per head, held until the backward pass: 1 GiB at B4
+    T4096 H16 K128) and the backward pass runs the backward kernel alone; off CUDA the reference then
+    carries zeros of their shapes (it needs none). With ``"rerun"`` the backward pass reruns the forward
+    kernel for them instead: the residuals are the inputs alone. ``settings``: the kernels' `TUNING` when
+    called, a key of the cache only (JAX caches the traces of ``fwd`` and ``bwd``)."""
     multiple = max(chunk, block_size(products))
     keep = tuning(BACKWARD_NAMES[products], "checkpoints") == "forward"
 
@@ -570,8 +570,7 @@ def covariance_pass(q, k, log_decay, noise, precision, initial_covariance, *, ch
     f32 = lambda x: x.astype(F32)
     log_decay = jnp.zeros(k.shape[:3], F32) if log_decay is None else f32(log_decay)
     products = "ieee" if dot_precision == "highest" else "tf32x3"
-    settings = tuple((name, tuple(sorted(TUNING.get(name, {}).items())))
-                     for name in (KERNEL_NAMES[products], BACKWARD_NAMES[products]))
+    settings = settings_key((KERNEL_NAMES[products], BACKWARD_NAMES[products]))
     gains, final = _pass(chunk_size, products, interpret, key_noise, settings)(
         k, log_decay, f32(noise), f32(precision), f32(initial_covariance))
     return gains, final, None

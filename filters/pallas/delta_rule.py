@@ -58,8 +58,9 @@ from jax.experimental import pallas as pl
 
 from filters import chunked, linalg
 from filters.pallas import gla
-from filters.pallas.common import (SUB, TUNING, Dots, chunk_log_decay, column_blocks, exact_dot, iota2, launch,
-                                   masked_exp, on_gpu, pad_time, pltriton, rows, spec, tuning, value_block)
+from filters.pallas.common import (SUB, Dots, chunk_log_decay, column_blocks, exact_dot, iota2, launch,
+                                   masked_exp, on_gpu, pad_time, pltriton, rows, settings_key, spec, tuning,
+                                   value_block)
 
 F32 = jnp.float32
 
@@ -543,7 +544,7 @@ def _channel_prepare(k, w, v, b, *, chunk, dots, interpret):
 
 
 @functools.lru_cache(maxsize=None)
-def _channel_kernels(chunk: int, dots_key: tuple, interpret: bool, settings: tuple):
+def _channel_kernels(chunk: int, dots_key: tuple, interpret: bool, settings: str):
     """The channel-wise delta rule as a `jax.custom_vjp` of ``(q, k, w, v, b, s0)``, ``b [B,T,H,K]`` the
     chunk's cumulative log decay, T a multiple of ``chunk`` (``settings``: `TUNING`, a cache key only, as
     in `gla._kernels`).
@@ -601,7 +602,7 @@ def _on_gpu(erase, q, k, w, v, log_decay, initial_state, chunk_size, precision, 
         padded = -(-time // chunk_size) * chunk_size
         b = chunk_log_decay(pad_time(log_decay, chunk_size), batch, padded, heads, chunk_size)
         if b.ndim == 4:                                  # a channel-wise decay
-            settings = tuple(sorted((name, tuple(sorted(values.items()))) for name, values in TUNING.items()))
+            settings = settings_key()
             recursion = _channel_kernels(chunk_size, (jnp.dtype(v.dtype).name, precision), interpret, settings)
         else:
             recursion = _kernels(erase, chunk_size, (jnp.dtype(v.dtype).name, precision), interpret)

@@ -58,7 +58,7 @@ from jax.experimental import pallas as pl
 
 from filters import chunked
 from filters.pallas.common import (SUB, TUNING, Dots, chunk_log_decay, column_blocks, iota2, launch,
-                                   masked_exp, on_gpu, pad_time, rows, spec, tuning, value_block)
+                                   masked_exp, on_gpu, pad_time, rows, settings_key, spec, tuning, value_block)
 
 F32 = jnp.float32
 
@@ -412,7 +412,7 @@ def chunk_backward_kernel(q, k, v, b, h, g, dy, *, chunk, dots, attend=None, int
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(chunk: int, dots_key: tuple, interpret: bool, settings: tuple):
+def _kernels(chunk: int, dots_key: tuple, interpret: bool, settings: str):
     """The kernels of one configuration as a `jax.custom_vjp` of ``(q, k, v, b, s0)``, ``b`` the chunk's
     cumulative log decay ``[B,T,H,K]``, T a multiple of ``chunk``; the derivative of the cumulative sum
     (a reverse cumulative sum of ``db`` in each chunk) is left to JAX outside.
@@ -462,8 +462,7 @@ def additive(q, k, v, log_decay, initial_state, *, chunk_size=64, precision="def
     if chunk_size % SUB:
         raise ValueError(f"chunk_size={chunk_size}: the channel-wise kernels need a multiple of {SUB}")
     dots_key = (jnp.dtype(v.dtype).name, precision)
-    settings = tuple(sorted((name, tuple(sorted(values.items()))) for name, values in TUNING.items()
-                            if name.startswith("gla")))
+    settings = settings_key([name for name in TUNING if name.startswith("gla")])
 
     def kernels(q, k, v, log_decay, s0, interpret=False):
         batch, time, heads, _ = q.shape
