@@ -353,7 +353,9 @@ def sweep(shape, repeats):
 
 
 def report(records, ceil, args):
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    # "-dirty" where the tree differs from the commit (on the lent GPU the copy's git is the session's
+    # first commit, whatever was committed since: the reader must not take the name alone for the code)
+    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
     lines = [
         "# GPU kernels: ours beside flash-linear-attention", "",

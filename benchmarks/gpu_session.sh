@@ -38,9 +38,10 @@
 #              pyproject.toml | gzip > .device/tree_REV.tgz`, .device listed in .git/info/exclude, and carry
 #              .device); the records go to OUT_DIR/tree_NAME.jsonl
 # It installs the carried wheels into /tmp/site, restores fla's autotuning results from
-# .cache/caches.tgz.* if present, else from benchmarks/fla_autotune_h200.tgz (committed: what the calls of
-# 2026-12-01 midday autotuned, fla 0.6.0 on Triton 3.6, the shapes 8x2048x32x64 and 1x32768x8x128; each op
-# and shape autotuned anew costs 70-140 s of device time), and saves them into OUT_DIR/caches.tgz.00, .01,
+# .cache/caches.tgz.* if present, else from benchmarks/fla_autotune_h200.tgz (committed: what the calls up to
+# 2026-12-02, evening, autotuned, fla 0.6.0 on Triton 3.6: the headline shape's GLA, KDA, simple GLA, DeltaNet,
+# Gated DeltaNet and MesaNet ops, and the shapes 8x2048x32x64 and 1x32768x8x128; each op and shape
+# autotuned anew costs 70-140 s of device time), and saves them into OUT_DIR/caches.tgz.00, .01,
 # ... (parts of 15 MB: the device returns files up to 16 MB; copy them to .cache/ for the next call, and
 # over benchmarks/fla_autotune_h200.tgz when it holds more: Triton keys them by op, shape and version). Only Triton's
 # *.autotune.json files are kept: with the compiled kernels and JAX's cache the caches grew to 420 MB
